@@ -1,0 +1,1 @@
+"""lcq: Parameter Golf submission harness (train -> GPTQ -> LCQ -> artifact gate -> eval -> submit)."""

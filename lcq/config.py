@@ -1,0 +1,266 @@
+"""One frozen config for a run: presets, overrides from the environment and the command line, validation.
+
+Precedence (lowest to highest): field defaults < preset < environment (FIELD_NAME) < --field_name=value.
+The preset itself comes from --preset NAME or PRESET=NAME and defaults to `record`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass, field, fields
+
+
+class ConfigError(ValueError):
+    """A knob with a value that does not parse or is out of range."""
+
+
+@dataclass(frozen=True)
+class Config:
+    # --- run identity and files ---
+    preset: str = "record"
+    run_id: str = ""  # empty -> a timestamp, filled in by resolve()
+    seed: int = 1337
+    data_path: str = "./data/datasets/fineweb10B_sp1024"
+    tokenizer_path: str = "./data/tokenizers/fineweb_1024_bpe.model"
+    vocab_size: int = 1024
+    log_dir: str = "logs"
+    # build the embedded demo dataset if data_path is missing (demo/tiny presets only)
+    auto_build_demo: bool = False
+
+    # --- budgets ---
+    max_wallclock_seconds: float = 600.0  # the challenge's training cap (train + GPTQ + LCQ + serialize)
+    # seconds of the cap kept back from main training for the post-training stages (GPTQ, LCQ, serialize)
+    train_reserve_seconds: float = 80.0
+    eval_budget_seconds: float = 600.0
+
+    # --- training ---
+    iterations: int = 20000
+    warmup_steps: int = 20  # compile/warm-up steps on synthetic tokens; state is restored afterwards, not charged
+    lr_warmup_steps: int = 0
+    warmdown_frac: float = 0.45  # final fraction of the (step or wallclock) progress over which the LR decays to 0
+    train_seq_len: int = 2048
+    train_batch_tokens: int = 786_432  # global tokens per optimizer step, all ranks and micro-steps together
+    grad_accum_steps: int = 1
+    val_loss_every: int = 0  # 0: only the final evaluation
+    train_log_every: int = 50
+
+    # --- model ---
+    num_layers: int = 11
+    model_dim: int = 512
+    num_heads: int = 8
+    num_kv_heads: int = 4
+    mlp_mult: float = 4.0
+    mlp_act: str = "leaky_relu2"  # relu2 (baseline) | leaky_relu2
+    leaky_relu_slope: float = 0.5
+    rope_dims: int = 16  # partial RoPE: rotate only this many of each head's dims (0 = head_dim, full RoPE)
+    rope_base: float = 10000.0
+    qk_norm: bool = True
+    qk_gain_init: float = 1.5
+    unet_skips: bool = True
+    smear_gate: bool = True
+    logit_softcap: float = 30.0  # 0 disables
+    tied_embed_init_std: float = 0.005
+    attention_backend: str = "auto"  # auto | fa3 | fa2 | sdpa
+    compile: bool = True  # torch.compile the model on CUDA (ignored on CPU)
+
+    # --- optimizer ---
+    matrix_lr: float = 0.025
+    embed_lr: float = 0.035
+    scalar_lr: float = 0.025
+    muon_momentum: float = 0.99
+    muon_momentum_warmup_start: float = 0.85
+    muon_momentum_warmup_steps: int = 500
+    muon_backend_steps: int = 5
+    muon_weight_decay: float = 0.04
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    grad_clip_norm: float = 0.3  # 0 disables
+    ema_decay: float = 0.997  # 0 disables; the EMA weights become the final model
+
+    # --- evaluation ---
+    eval_seq_len: int = 0  # sliding window length; 0 -> train_seq_len
+    eval_stride: int = 64
+    eval_batch_tokens: int = 131_072  # tokens per forward pass per rank during evaluation
+    val_max_tokens: int = 0  # 0: the whole val split; >0: only the first N tokens (demo/tests)
+
+    def __post_init__(self) -> None:
+        def need(cond: bool, name: str, msg: str) -> None:
+            if not cond:
+                raise ConfigError(f"{name.upper()}={getattr(self, name)!r}: {msg}")
+
+        need(self.preset in PRESETS, "preset", f"unknown preset; choose one of {sorted(PRESETS)}")
+        need(self.vocab_size > 0, "vocab_size", "must be > 0")
+        need(self.max_wallclock_seconds > 0, "max_wallclock_seconds", "must be > 0")
+        need(0 <= self.train_reserve_seconds < self.max_wallclock_seconds, "train_reserve_seconds",
+             "must be >= 0 and less than MAX_WALLCLOCK_SECONDS (main training needs some time)")
+        need(self.eval_budget_seconds > 0, "eval_budget_seconds", "must be > 0")
+        need(self.iterations > 0, "iterations", "must be > 0")
+        need(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        need(self.lr_warmup_steps >= 0, "lr_warmup_steps", "must be >= 0")
+        need(0.0 <= self.warmdown_frac <= 1.0, "warmdown_frac", "must be in [0, 1]")
+        need(self.train_seq_len >= 2, "train_seq_len", "must be >= 2")
+        need(self.grad_accum_steps >= 1, "grad_accum_steps", "must be >= 1")
+        need(self.train_batch_tokens >= self.train_seq_len * self.grad_accum_steps, "train_batch_tokens",
+             "must be at least TRAIN_SEQ_LEN * GRAD_ACCUM_STEPS (one sequence per micro-step)")
+        need(self.val_loss_every >= 0, "val_loss_every", "must be >= 0 (0 disables)")
+        need(self.train_log_every >= 1, "train_log_every", "must be >= 1")
+        need(self.num_layers >= 1, "num_layers", "must be >= 1")
+        need(self.num_heads >= 1 and self.model_dim % self.num_heads == 0, "model_dim",
+             f"must be divisible by NUM_HEADS={self.num_heads}")
+        need(self.num_kv_heads >= 1 and self.num_heads % self.num_kv_heads == 0, "num_kv_heads",
+             f"must divide NUM_HEADS={self.num_heads}")
+        head_dim = self.model_dim // self.num_heads
+        need(head_dim % 2 == 0, "model_dim", "MODEL_DIM / NUM_HEADS must be even for RoPE")
+        need(0 <= self.rope_dims <= head_dim and self.rope_dims % 2 == 0, "rope_dims",
+             f"must be even and in [0, head_dim={head_dim}] (0 = full RoPE)")
+        need(self.mlp_mult > 0, "mlp_mult", "must be > 0")
+        need(self.mlp_act in ("relu2", "leaky_relu2"), "mlp_act", "choose relu2 or leaky_relu2")
+        need(self.logit_softcap >= 0, "logit_softcap", "must be >= 0 (0 disables)")
+        need(self.attention_backend in ("auto", "fa3", "fa2", "sdpa"), "attention_backend",
+             "choose auto, fa3, fa2 or sdpa")
+        for name in ("matrix_lr", "embed_lr", "scalar_lr"):
+            need(getattr(self, name) >= 0, name, "must be >= 0")
+        need(0 <= self.muon_momentum < 1, "muon_momentum", "must be in [0, 1)")
+        need(0 <= self.muon_momentum_warmup_start < 1, "muon_momentum_warmup_start", "must be in [0, 1)")
+        need(self.muon_backend_steps >= 1, "muon_backend_steps", "must be >= 1")
+        need(0 <= self.adam_beta1 < 1, "adam_beta1", "must be in [0, 1)")
+        need(0 <= self.adam_beta2 < 1, "adam_beta2", "must be in [0, 1)")
+        need(self.grad_clip_norm >= 0, "grad_clip_norm", "must be >= 0 (0 disables)")
+        need(0 <= self.ema_decay < 1, "ema_decay", "must be in [0, 1) (0 disables)")
+        need(self.eval_seq_len >= 0, "eval_seq_len", "must be >= 0 (0 = TRAIN_SEQ_LEN)")
+        need(1 <= self.eval_stride <= self.window, "eval_stride", f"must be in [1, eval window={self.window}]")
+        need(self.eval_batch_tokens >= self.window, "eval_batch_tokens",
+             f"must hold at least one eval window ({self.window} tokens)")
+        need(self.val_max_tokens >= 0, "val_max_tokens", "must be >= 0 (0 = all)")
+
+    @property
+    def window(self) -> int:
+        return self.eval_seq_len or self.train_seq_len
+
+    @property
+    def train_budget_seconds(self) -> float:
+        """Wall seconds main training may use: the cap minus the reserve for post-training stages."""
+        return self.max_wallclock_seconds - self.train_reserve_seconds
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+
+_DEMO_DATA = "./data/demo/datasets/demo_sp1024"
+_DEMO_TOKENIZER = "./data/demo/tokenizers/demo_sp1024.model"
+
+# Presets override field defaults. `record` is the 8xH100 submission configuration.
+PRESETS: dict[str, dict] = {
+    "record": {},
+    # CPU, a few minutes end to end on the embedded demo corpus.
+    "demo": dict(
+        data_path=_DEMO_DATA, tokenizer_path=_DEMO_TOKENIZER, auto_build_demo=True,
+        max_wallclock_seconds=150.0, train_reserve_seconds=20.0, iterations=400, warmup_steps=2,
+        train_seq_len=256, train_batch_tokens=8192, train_log_every=25,
+        num_layers=4, model_dim=192, num_heads=6, num_kv_heads=3, rope_dims=16,
+        matrix_lr=0.04, embed_lr=0.05, scalar_lr=0.04, muon_momentum_warmup_steps=50,
+        ema_decay=0.99, eval_stride=64, eval_batch_tokens=16384, val_max_tokens=60_000, compile=False,
+    ),
+    # Tests: seconds on CPU.
+    "tiny": dict(
+        data_path=_DEMO_DATA, tokenizer_path=_DEMO_TOKENIZER, auto_build_demo=True,
+        max_wallclock_seconds=60.0, train_reserve_seconds=10.0, iterations=12, warmup_steps=1,
+        train_seq_len=64, train_batch_tokens=1024, train_log_every=4,
+        num_layers=2, model_dim=64, num_heads=4, num_kv_heads=2, rope_dims=8,
+        muon_momentum_warmup_steps=5, ema_decay=0.9, eval_stride=32, eval_batch_tokens=2048,
+        val_max_tokens=4096, compile=False,
+    ),
+}
+
+_FIELDS = {f.name: f for f in fields(Config)}
+
+
+def _parse(name: str, raw: str, source: str):
+    typ = _FIELDS[name].type
+    try:
+        if typ in ("bool", bool):
+            low = raw.strip().lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError("expected one of 1/0/true/false/yes/no/on/off")
+        if typ in ("int", int):
+            return int(raw.replace("_", ""))
+        if typ in ("float", float):
+            return float(raw)
+        return raw
+    except ValueError as e:
+        raise ConfigError(f"{source}: cannot parse {raw!r} as {typ}: {e}") from None
+
+
+def parse_args(argv: list[str]) -> tuple[dict, list[str]]:
+    """Split argv into config overrides (--field=value / --field value) and the rest (flags the caller handles)."""
+    overrides: dict[str, str] = {}
+    rest: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--"):
+            key, eq, value = arg[2:].partition("=")
+            key = key.replace("-", "_")
+            if key in _FIELDS:
+                if not eq:
+                    if _FIELDS[key].type in ("bool", bool) and (i + 1 >= len(argv) or argv[i + 1].startswith("--")):
+                        value = "1"
+                    elif i + 1 < len(argv):
+                        i += 1
+                        value = argv[i]
+                    else:
+                        raise ConfigError(f"--{key}: missing value")
+                overrides[key] = value
+                i += 1
+                continue
+        rest.append(arg)
+        i += 1
+    return overrides, rest
+
+
+def resolve(argv: list[str] | None = None, env: dict | None = None, allow_extra: tuple[str, ...] = ()) -> tuple[Config, list[str]]:
+    """Build the Config from preset, environment and argv. Returns (config, leftover argv).
+
+    Leftover arguments must be in allow_extra (their names, e.g. '--eval_only'); anything else is an error, so a typo in a
+    knob name never silently runs with the default."""
+    env = dict(os.environ if env is None else env)
+    argv = list(argv or [])
+    cli, rest = parse_args(argv)
+    for arg in rest:
+        if arg.split("=", 1)[0] not in allow_extra:
+            raise ConfigError(f"unknown argument {arg!r}; knobs are --field_name=value with fields: {', '.join(sorted(_FIELDS))}")
+    preset = cli.get("preset") or env.get("PRESET") or "record"
+    if preset not in PRESETS:
+        raise ConfigError(f"PRESET={preset!r}: unknown preset; choose one of {sorted(PRESETS)}")
+    values: dict = dict(PRESETS[preset])
+    values["preset"] = preset
+    for name in _FIELDS:
+        if name == "preset":
+            continue
+        if name.upper() in env and env[name.upper()] != "":
+            values[name] = _parse(name, env[name.upper()], f"environment variable {name.upper()}")
+        if name in cli:
+            values[name] = _parse(name, cli[name], f"--{name}")
+    if not values.get("run_id"):
+        values["run_id"] = time.strftime("%Y%m%d_%H%M%S") + f"_{preset}"
+    return Config(**values), rest
+
+
+def replace(cfg: Config, **changes) -> Config:
+    return dataclasses.replace(cfg, **changes)
+
+
+def make_config(preset: str = "tiny", **overrides) -> Config:
+    """A config from a preset plus explicit overrides, ignoring the environment (for tests and benchmarks)."""
+    values = dict(PRESETS[preset], preset=preset, **overrides)
+    values.setdefault("run_id", f"{preset}_run")
+    return Config(**values)

@@ -1,0 +1,215 @@
+"""Token shards in the challenge's format, per-rank train streams, val tokens, document boundaries.
+
+Shard format (DESIGN.md): 256 little-endian int32 header ints ([0]=magic 20240520, [1]=version 1,
+[2]=num_tokens), then num_tokens little-endian uint16 token ids.
+"""
+from __future__ import annotations
+
+import contextlib
+import glob
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+MAGIC = 20240520
+VERSION = 1
+HEADER_INTS = 256
+HEADER_BYTES = HEADER_INTS * 4
+
+
+class ShardError(ValueError):
+    """A shard file that is not in the challenge's format."""
+
+
+# Every shard read goes through read_shard; observers registered here see each path. Tests use
+# this to prove that calibration and distillation never open a val shard.
+_read_observers: list[list[str]] = []
+
+
+@contextlib.contextmanager
+def record_reads():
+    """Collect the path of every shard read inside the block (a list filled as reads happen)."""
+    seen: list[str] = []
+    _read_observers.append(seen)
+    try:
+        yield seen
+    finally:
+        _read_observers.remove(seen)
+
+
+def write_shard(path: str | os.PathLike, tokens) -> None:
+    """Write tokens as a shard, atomically (temp file, then rename)."""
+    arr = np.asarray(tokens)
+    if arr.ndim != 1:
+        raise ValueError(f"write_shard({path}): tokens must be 1-D, got shape {arr.shape}")
+    if arr.size and (arr.min() < 0 or arr.max() >= 2**16):
+        raise ValueError(f"write_shard({path}): token ids must fit in uint16 (0..65535)")
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[0], header[1], header[2] = MAGIC, VERSION, arr.size
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(header.tobytes())
+        f.write(arr.astype("<u2").tobytes())
+    os.replace(tmp, path)
+
+
+def read_header(path: str | os.PathLike) -> int:
+    """Validate a shard's header and size; return its token count."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size < HEADER_BYTES:
+        raise ShardError(f"{path}: {size} bytes is shorter than the {HEADER_BYTES}-byte shard header; "
+                         "the file is truncated or not a token shard")
+    header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
+    if header[0] != MAGIC:
+        raise ShardError(f"{path}: bad magic {int(header[0])} (expected {MAGIC}); not a token shard")
+    if header[1] != VERSION:
+        raise ShardError(f"{path}: unsupported shard version {int(header[1])} (expected {VERSION})")
+    n = int(header[2])
+    expected = HEADER_BYTES + 2 * n
+    if size != expected:
+        raise ShardError(f"{path}: header says {n} tokens ({expected} bytes) but the file has {size} bytes; "
+                         "re-download or rebuild it")
+    return n
+
+
+def read_shard(path: str | os.PathLike) -> np.ndarray:
+    """Return the shard's tokens as a read-only uint16 memmap."""
+    n = read_header(path)
+    for seen in _read_observers:
+        seen.append(str(path))
+    if n == 0:
+        return np.zeros(0, dtype=np.uint16)
+    return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(n,))
+
+
+def list_shards(pattern: str, what: str) -> list[str]:
+    files = sorted(glob.glob(pattern))
+    if not files:
+        raise FileNotFoundError(
+            f"no {what} shards match {pattern!r}. Set DATA_PATH to the folder holding fineweb_{what}_*.bin, "
+            "build the demo data (`python -m lcq.corpus demo`) or fetch the official data "
+            "(`python -m lcq.corpus download`)")
+    return files
+
+
+def train_pattern(data_path: str) -> str:
+    return os.path.join(data_path, "fineweb_train_*.bin")
+
+
+def val_pattern(data_path: str) -> str:
+    return os.path.join(data_path, "fineweb_val_*.bin")
+
+
+def file_sha256(path: str, limit: int | None = None) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        remaining = limit
+        while True:
+            chunk = f.read(1 << 20 if remaining is None else min(1 << 20, remaining))
+            if not chunk:
+                break
+            h.update(chunk)
+            if remaining is not None:
+                remaining -= len(chunk)
+                if remaining <= 0:
+                    break
+    return h.hexdigest()
+
+
+def load_val_tokens(data_path: str, max_tokens: int = 0) -> np.ndarray:
+    """All val shards concatenated (optionally only the first max_tokens, cut at a document start)."""
+    parts = [np.asarray(read_shard(f)) for f in list_shards(val_pattern(data_path), "val")]
+    tokens = np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint16)
+    if max_tokens and tokens.size > max_tokens:
+        tokens = tokens[:max_tokens]
+    return tokens
+
+
+class TokenStream:
+    """Reads train shards in order, forever, wrapping around. Records which files it opened."""
+
+    def __init__(self, pattern: str):
+        self.files = list_shards(pattern, "train")
+        self.files_read: list[str] = []
+        self._file_idx = -1
+        self._tokens = np.zeros(0, dtype=np.uint16)
+        self._pos = 0
+
+    def _advance(self) -> None:
+        self._file_idx = (self._file_idx + 1) % len(self.files)
+        path = self.files[self._file_idx]
+        self._tokens = read_shard(path)
+        if path not in self.files_read:
+            self.files_read.append(path)
+        self._pos = 0
+
+    def take(self, n: int) -> np.ndarray:
+        out = []
+        while n > 0:
+            if self._pos >= self._tokens.size:
+                self._advance()
+                if self._tokens.size == 0:
+                    continue
+            k = min(n, self._tokens.size - self._pos)
+            out.append(np.asarray(self._tokens[self._pos:self._pos + k]))
+            self._pos += k
+            n -= k
+        return np.concatenate(out) if out else np.zeros(0, dtype=np.uint16)
+
+
+def segment_bounds(x: torch.Tensor, bos_id: int, max_seqlen: int) -> torch.Tensor:
+    """cu_seqlens for a flat token row: a segment starts at 0, at every BOS and every max_seqlen tokens.
+
+    Attention never crosses a segment start, so packed documents never see each other and no
+    segment is longer than max_seqlen."""
+    n = x.numel()
+    starts = torch.zeros(n, dtype=torch.bool, device=x.device)
+    starts[0] = True
+    starts |= x == bos_id
+    starts[::max_seqlen] = True
+    idx = torch.nonzero(starts, as_tuple=False).flatten()
+    # A BOS inside a chunk splits it; re-split any segment that is still too long.
+    bounds = torch.cat([idx, torch.tensor([n], device=x.device)])
+    lens = bounds[1:] - bounds[:-1]
+    if int(lens.max()) > max_seqlen:
+        extra = [torch.arange(s, e, max_seqlen, device=x.device) for s, e in zip(bounds[:-1].tolist(), bounds[1:].tolist())]
+        bounds = torch.cat(extra + [torch.tensor([n], device=x.device)])
+    return bounds.to(torch.int32)
+
+
+class TrainLoader:
+    """Each rank takes a disjoint slice of the same global chunk of the stream every step."""
+
+    def __init__(self, pattern: str, rank: int, world_size: int, device: torch.device):
+        self.stream = TokenStream(pattern)
+        self.rank, self.world_size, self.device = rank, world_size, device
+
+    @property
+    def files_read(self) -> list[str]:
+        return self.stream.files_read
+
+    def next_batch(self, local_tokens: int, seq_len: int, bos_id: int):
+        """Return (x, y, cu_seqlens) for this rank: x, y flat int64 of local_tokens tokens."""
+        span = local_tokens + 1
+        chunk = self.stream.take(span * self.world_size)
+        local = torch.from_numpy(chunk[self.rank * span:(self.rank + 1) * span].astype(np.int64))
+        x, y = local[:-1], local[1:]
+        cu = segment_bounds(x, bos_id, seq_len)
+        nb = self.device.type == "cuda"
+        return (x.to(self.device, non_blocking=nb), y.to(self.device, non_blocking=nb),
+                cu.to(self.device, non_blocking=nb))
+
+
+def doc_starts(tokens: np.ndarray, bos_id: int) -> np.ndarray:
+    """Start offsets of the documents in a flat token array (a document begins at each BOS; leading
+    tokens before the first BOS form a document of their own)."""
+    starts = np.flatnonzero(tokens == bos_id)
+    if tokens.size and (starts.size == 0 or starts[0] != 0):
+        starts = np.concatenate([[0], starts])
+    return starts.astype(np.int64)

@@ -1,0 +1,75 @@
+"""torchrun environment -> a small frozen record; process group set-up (NCCL on GPU, gloo on CPU)."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_master(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def init_dist(env: dict | None = None) -> DistInfo:
+    """Read RANK/WORLD_SIZE/LOCAL_RANK (torchrun) and join the process group when world_size > 1."""
+    env = os.environ if env is None else env
+    rank = int(env.get("RANK", 0))
+    world = int(env.get("WORLD_SIZE", 1))
+    local_rank = int(env.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        kwargs = {"device_id": device} if device.type == "cuda" else {}
+        dist.init_process_group(backend=backend, rank=rank, world_size=world, timeout=timedelta(minutes=30), **kwargs)
+    return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device)
+
+
+def is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def barrier() -> None:
+    if is_dist():
+        dist.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if is_dist():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    if is_dist():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
+def sync(device: torch.device) -> None:
+    """Wait for queued device work so that wall-clock readings mean what they say."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def shutdown() -> None:
+    if is_dist():
+        dist.destroy_process_group()

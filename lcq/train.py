@@ -1,0 +1,149 @@
+"""Wallclock-budgeted training: warm-up on synthetic tokens (state restored, not charged), then Muon + Adam steps until
+the train budget (MAX_WALLCLOCK_SECONDS minus TRAIN_RESERVE_SECONDS) or ITERATIONS runs out; EMA weights at the end."""
+from __future__ import annotations
+
+import contextlib
+import copy
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from . import dist as D
+from .config import Config
+from .data import TrainLoader, segment_bounds, train_pattern
+from .optim import EMA, apply_schedule, build_optimizers
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    train_time_s: float
+    step_avg_ms: float
+    tokens_per_step: int
+    stopped_by: str
+    final_train_loss: float
+    files_read: list[str] = field(default_factory=list)
+
+
+def local_batch_tokens(cfg: Config, world_size: int) -> int:
+    per = cfg.train_batch_tokens // (world_size * cfg.grad_accum_steps)
+    if per < 2:
+        raise ValueError(f"TRAIN_BATCH_TOKENS={cfg.train_batch_tokens} is too small for {world_size} ranks x "
+                         f"{cfg.grad_accum_steps} accumulation steps")
+    return per
+
+
+def all_reduce_grads(params: list[nn.Parameter], world_size: int) -> None:
+    """Average gradients over ranks in one flat buffer (one collective per step instead of one per tensor)."""
+    if world_size == 1:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    flat = _flatten_dense_tensors(grads)
+    D.all_reduce_sum(flat)
+    flat /= world_size
+    for g, synced in zip(grads, _unflatten_dense_tensors(flat, grads)):
+        g.copy_(synced)
+
+
+def autocast_for(device: torch.device):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def train(model: nn.Module, cfg: Config, dinfo: D.DistInfo, log, bos_id: int,
+          eval_fn=None) -> TrainResult:
+    """Train `model` in place and load the EMA weights into it at the end.
+
+    eval_fn(step) -> str, if given, runs every VAL_LOSS_EVERY steps for monitoring; its time is not charged."""
+    device = dinfo.device
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizers = build_optimizers(model, cfg)
+    local_tokens = local_batch_tokens(cfg, dinfo.world_size)
+    fwd = torch.compile(model.loss, dynamic=True) if (cfg.compile and device.type == "cuda") else model.loss
+    autocast = autocast_for(device)
+
+    def step_on(batches) -> torch.Tensor:
+        total = torch.zeros((), device=device)
+        for x, y, cu in batches:
+            with autocast:
+                loss = fwd(x, y, cu, cfg.train_seq_len) / cfg.grad_accum_steps
+            loss.backward()
+            total += loss.detach()
+        all_reduce_grads(params, dinfo.world_size)
+        if cfg.grad_clip_norm:
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip_norm)
+        for opt in optimizers:
+            opt.step()
+        model.zero_grad(set_to_none=True)
+        return total
+
+    # Warm-up (compilation, allocator, kernels) on synthetic tokens: never val tokens, and the initial weights and
+    # optimizer state are restored afterwards, so these steps neither train the model nor count against the budget.
+    if cfg.warmup_steps:
+        t_w = time.perf_counter()
+        init_model = copy.deepcopy(model.state_dict())
+        init_opts = [copy.deepcopy(o.state_dict()) for o in optimizers]
+        gen = torch.Generator().manual_seed(cfg.seed + dinfo.rank)
+        for _ in range(cfg.warmup_steps):
+            batches = []
+            for _ in range(cfg.grad_accum_steps):
+                toks = torch.randint(0, cfg.vocab_size, (local_tokens + 1,), generator=gen)
+                toks[:: max(2, cfg.train_seq_len // 3)] = bos_id  # exercise multi-document segments
+                x, y = toks[:-1], toks[1:]
+                batches.append((x.to(device), y.to(device), segment_bounds(x, bos_id, cfg.train_seq_len).to(device)))
+            step_on(batches)
+        model.load_state_dict(init_model)
+        for o, s in zip(optimizers, init_opts):
+            o.load_state_dict(s)
+        D.sync(device)
+        log.stage("warmup", time.perf_counter() - t_w, steps=cfg.warmup_steps, charged="no")
+
+    torch.manual_seed(cfg.seed)
+    loader = TrainLoader(train_pattern(cfg.data_path), dinfo.rank, dinfo.world_size, device)
+    ema = EMA(model, cfg.ema_decay) if cfg.ema_decay else None
+    budget_s = cfg.train_budget_seconds
+    tokens_per_step = local_tokens * dinfo.world_size * cfg.grad_accum_steps
+    D.barrier()
+    D.sync(device)
+    train_time = 0.0
+    t0 = time.perf_counter()
+    step, stopped_by, last_loss = 0, "iterations", float("nan")
+    stop_flag = torch.zeros((), device=device)
+    while step < cfg.iterations:
+        elapsed = train_time + (time.perf_counter() - t0)
+        apply_schedule(optimizers, step, elapsed, cfg)
+        batches = [loader.next_batch(local_tokens, cfg.train_seq_len, bos_id) for _ in range(cfg.grad_accum_steps)]
+        loss = step_on(batches)
+        if ema is not None:
+            ema.update(model)
+        step += 1
+        elapsed = train_time + (time.perf_counter() - t0)
+        step_avg = elapsed / step
+        # Stop when the next step would cross the budget. Ranks agree through a MAX all-reduce, so no rank steps alone.
+        stop_flag.fill_(1.0 if elapsed + step_avg > budget_s else 0.0)
+        D.all_reduce_max(stop_flag)
+        stop = bool(stop_flag.item()) and step < cfg.iterations
+        last_step = stop or step == cfg.iterations
+        if step % cfg.train_log_every == 0 or last_step or step <= 2:
+            D.sync(device)
+            last_loss = float(loss.item())
+            elapsed = train_time + (time.perf_counter() - t0)
+            log(f"step:{step}/{cfg.iterations} train_loss:{last_loss:.4f} train_time:{elapsed * 1000:.0f}ms "
+                f"step_avg:{elapsed * 1000 / step:.2f}ms tok/s:{step * tokens_per_step / elapsed:.0f}")
+        if eval_fn is not None and cfg.val_loss_every and (step % cfg.val_loss_every == 0 or last_step):
+            D.sync(device)
+            train_time += time.perf_counter() - t0
+            log(eval_fn(step))
+            t0 = time.perf_counter()
+        if stop:
+            stopped_by = "wallclock"
+            break
+    D.sync(device)
+    train_time += time.perf_counter() - t0
+    if ema is not None:
+        ema.copy_to(model)
+    return TrainResult(steps=step, train_time_s=train_time, step_avg_ms=1000 * train_time / max(step, 1),
+                       tokens_per_step=tokens_per_step, stopped_by=stopped_by, final_train_loss=last_loss,
+                       files_read=list(loader.files_read))
