@@ -161,9 +161,9 @@ PRESETS: dict[str, dict] = {
     # CPU, a few minutes end to end on the embedded demo corpus.
     "demo": dict(
         data_path=_DEMO_DATA, tokenizer_path=_DEMO_TOKENIZER, auto_build_demo=True,
-        max_wallclock_seconds=150.0, train_reserve_seconds=20.0, iterations=400, warmup_steps=2,
-        train_seq_len=256, train_batch_tokens=8192, train_log_every=25,
-        num_layers=4, model_dim=192, num_heads=6, num_kv_heads=3, rope_dims=16,
+        max_wallclock_seconds=150.0, train_reserve_seconds=30.0, iterations=3000, warmup_steps=2,
+        train_seq_len=256, train_batch_tokens=4096, train_log_every=25,
+        num_layers=4, model_dim=128, num_heads=4, num_kv_heads=2, rope_dims=16,
         matrix_lr=0.04, embed_lr=0.05, scalar_lr=0.04, muon_momentum_warmup_steps=50,
         ema_decay=0.99, eval_stride=64, eval_batch_tokens=16384, val_max_tokens=60_000, compile=False,
     ),
