@@ -1,0 +1,349 @@
+"""Known-answer tests for lcq/lora.py: wrapper, attach/merge, shipped factors, closed-form inits, rank allocation."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lcq import lora
+
+
+# ---- a small stand-in with the real model's module names and tied head -------------------------------------------
+
+class _Attn(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.c_q, self.c_k, self.c_v, self.proj = (nn.Linear(d, d, bias=False) for _ in range(4))
+
+    def forward(self, x):
+        return self.proj(torch.tanh(self.c_q(x)) * self.c_v(x) + self.c_k(x))
+
+
+class _MLP(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.fc, self.proj = nn.Linear(d, 3 * d, bias=False), nn.Linear(3 * d, d, bias=False)
+
+    def forward(self, x):
+        return self.proj(F.relu(self.fc(x)).square())
+
+
+class _Block(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.attn, self.mlp = _Attn(d), _MLP(d)
+        self.attn_scale = nn.Parameter(torch.ones(d))
+
+    def forward(self, x):
+        x = x + self.attn_scale * self.attn(F.rms_norm(x, (x.size(-1),)))
+        return x + self.mlp(F.rms_norm(x, (x.size(-1),)))
+
+
+class _TinyGPT(nn.Module):
+    def __init__(self, vocab=40, d=16, layers=2):
+        super().__init__()
+        self.tok_emb = nn.Embedding(vocab, d)
+        self.blocks = nn.ModuleList(_Block(d) for _ in range(layers))
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+        self.lm_head.weight = self.tok_emb.weight
+
+    def forward(self, ids):
+        x = self.tok_emb(ids)
+        for b in self.blocks:
+            x = b(x)
+        return self.lm_head(F.rms_norm(x, (x.size(-1),)))
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return _TinyGPT()
+
+
+def _randomize_factors(model, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    for m in lora.lora_modules(model).values():
+        m.set_factors(0.3 * torch.randn(m.lora_B.shape, generator=g), torch.randn(m.lora_A.shape, generator=g))
+
+
+IDS = torch.arange(40).repeat(2)
+
+
+# ---- the wrapper --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_wrapper_equals_base_at_init(dtype):
+    torch.manual_seed(0)
+    base = nn.Linear(24, 10, bias=True).to(dtype)
+    w = lora.LoRALinear(base, rank=4, alpha=8.0)
+    x = torch.randn(7, 24).to(dtype)
+    assert torch.equal(w(x), base(x))
+    assert w(x).dtype == dtype and w.lora_A.dtype == w.lora_B.dtype == torch.float32
+    assert w.scale == 2.0 and not base.weight.requires_grad and not base.bias.requires_grad
+    # peft's Kaiming-uniform (a = sqrt(5)) is U(-1/sqrt(in), 1/sqrt(in)); B is exactly zero.
+    bound = 1 / math.sqrt(24)
+    assert w.lora_A.abs().max() <= bound and w.lora_A.abs().max() > 0.8 * bound
+    assert torch.count_nonzero(w.lora_B) == 0
+
+
+def test_forward_equals_merged_weight():
+    torch.manual_seed(0)
+    base = nn.Linear(12, 9, bias=False)
+    w = lora.LoRALinear(base, rank=3, alpha=6.0)
+    B, A = torch.randn(9, 3), torch.randn(3, 12)
+    w.set_factors(B, A)
+    x = torch.randn(5, 12)
+    assert torch.allclose(w.delta_weight(), 2.0 * B @ A)
+    assert torch.allclose(w(x), x @ (base.weight + 2.0 * B @ A).T, atol=1e-5)
+    assert torch.allclose(w.merged_weight(), base.weight + 2.0 * B @ A)
+    with pytest.raises(ValueError, match="want B"):
+        w.set_factors(A, B)
+
+
+def test_only_factors_get_gradients():
+    m = _model()
+    wrappers = lora.attach_lora(m, list(lora.DEFAULT_TARGETS) + ["lm_head"], rank=2, alpha=4.0)
+    assert len(wrappers) == 2 * 6 + 1 and isinstance(m.lm_head, lora.LoRALinear)
+    assert m.lm_head.base.weight is m.tok_emb.weight  # still tied while wrapped
+    m(IDS).logsumexp(-1).mean().backward()
+    factor_ids = {id(p) for p in lora.lora_parameters(m)}
+    assert len(factor_ids) == 2 * len(wrappers)
+    for name, p in m.named_parameters():
+        if id(p) in factor_ids:
+            assert p.requires_grad and p.grad is not None, name
+        else:
+            assert not p.requires_grad and p.grad is None, name
+    # With B = 0 the gradient reaches B (A's is exactly zero): the first step can move.
+    assert all(w.lora_B.grad.abs().sum() > 0 for w in wrappers.values())
+
+
+def test_attach_errors_and_rank_dict():
+    with pytest.raises(ValueError, match=r"blocks\.\*\.attn\.c_z"):
+        lora.attach_lora(_model(), ["blocks.*.attn.c_q", "blocks.*.attn.c_z"], 2, 4.0)
+    with pytest.raises(TypeError, match=r"'blocks\.0\.attn' .* _Attn"):
+        lora.attach_lora(_model(), ["blocks.0.attn"], 2, 4.0)
+    with pytest.raises(ValueError, match="missing"):
+        lora.attach_lora(_model(), ["blocks.*.mlp.fc"], {"blocks.0.mlp.fc": 2}, 4.0)
+    with pytest.raises(ValueError, match="not matched"):
+        lora.attach_lora(_model(), ["blocks.0.mlp.fc"], {"blocks.0.mlp.fc": 2, "lm_head": 2}, 4.0)
+    with pytest.raises(ValueError, match=">= 0"):
+        lora.attach_lora(_model(), ["lm_head"], -1, 4.0)
+    m = _model()
+    lora.attach_lora(m, ["blocks.0.mlp.fc"], 2, 4.0)
+    with pytest.raises(TypeError, match="only once"):
+        lora.attach_lora(m, ["blocks.0.mlp.fc"], 2, 4.0)
+
+    m = _model()
+    ranks = {"blocks.0.mlp.fc": 4, "blocks.1.mlp.fc": 0}
+    wrappers = lora.attach_lora(m, ["blocks.*.mlp.fc"], ranks, alpha=8.0)
+    assert list(wrappers) == ["blocks.0.mlp.fc"]
+    assert wrappers["blocks.0.mlp.fc"].lora_A.shape == (4, 16) and wrappers["blocks.0.mlp.fc"].scale == 2.0
+    assert type(m.blocks[1].mlp.fc) is nn.Linear
+
+
+def test_state_roundtrip_and_detach():
+    m = _model()
+    ref = m(IDS).detach()
+    lora.attach_lora(m, lora.DEFAULT_TARGETS, 3, 6.0)
+    assert torch.equal(m(IDS), ref)  # B = 0: the whole model is unchanged
+    _randomize_factors(m)
+    out = m(IDS).detach()
+    assert not torch.allclose(out, ref)
+    state = lora.lora_state(m)
+    subs = ("attn.c_q", "attn.c_k", "attn.c_v", "attn.proj", "mlp.fc", "mlp.proj")
+    assert set(state) == {f"blocks.{i}.{s}.lora_{f}" for i in range(2) for s in subs for f in "AB"}
+
+    m2 = _model()
+    lora.attach_lora(m2, lora.DEFAULT_TARGETS, 3, 6.0)
+    lora.load_lora_state(m2, state)
+    assert torch.equal(m2(IDS), out)
+    with pytest.raises(ValueError, match="missing"):
+        lora.load_lora_state(m2, {k: v for k, v in state.items() if "blocks.0" not in k})
+
+    lora.detach_lora(m)
+    assert not lora.lora_modules(m) and type(m.blocks[0].attn.c_q) is nn.Linear
+    assert torch.equal(m(IDS), ref)
+
+
+def test_merge_matches_wrapped_and_keeps_embedding():
+    m = _model()
+    emb_before = m.tok_emb.weight.detach().clone()
+    lora.attach_lora(m, list(lora.DEFAULT_TARGETS) + ["lm_head"], 2, 4.0)
+    _randomize_factors(m)
+    wrapped = m(IDS).detach()
+    head_merged = m.lm_head.merged_weight().detach()
+    q_merged = m.blocks[0].attn.c_q.merged_weight().detach()
+    lora.merge_lora(m)
+    assert not lora.lora_modules(m)
+    assert torch.allclose(m(IDS), wrapped, rtol=1e-4, atol=1e-4)
+    assert torch.equal(m.tok_emb.weight, emb_before)
+    assert m.lm_head.weight is not m.tok_emb.weight and torch.equal(m.lm_head.weight, head_merged)
+    assert torch.equal(m.blocks[0].attn.c_q.weight, q_merged)
+
+
+# ---- shipped factors ----------------------------------------------------------------------------------------------
+
+def test_quantize_factors_roundtrip():
+    g = torch.Generator().manual_seed(0)
+    A, B = torch.randn(8, 64, generator=g), 0.01 * torch.randn(48, 8, generator=g)
+    packed = lora.quantize_factors(A, B, bits=8)
+    assert packed["A_q"].dtype == packed["Bt_q"].dtype == torch.int8
+    assert packed["A_q"].shape == (8, 64) and packed["Bt_q"].shape == (8, 48)
+    assert packed["A_scale"].dtype == packed["Bt_scale"].dtype == torch.float16
+    A2, B2 = lora.dequantize_factors(packed)
+    assert A2.dtype == B2.dtype == torch.float32 and A2.shape == A.shape and B2.shape == B.shape
+    # Balanced: component k of both factors has max-abs sqrt(max|A[k]| * max|B[:, k]|).
+    geo = (A.abs().amax(1) * B.abs().amax(0)).sqrt()
+    assert torch.allclose(A2.abs().amax(1), geo, rtol=3e-3) and torch.allclose(B2.abs().amax(0), geo, rtol=3e-3)
+    # Bound: every balanced entry is within half a step (its stored scale; clamping at qmax costs less, 2^-11 of the
+    # row max), so |B2 A2 - B A| <= sum_k hb_k |A2[k]| + (|B2[:, k]| + hb_k) ha_k with ha, hb the half steps.
+    ha = 0.5 * packed["A_scale"].float() * (1 + 1e-3)
+    hb = 0.5 * packed["Bt_scale"].float() * (1 + 1e-3)
+    bound = (hb[None, :] @ A2.abs()) + (B2.abs() + hb[None, :]) @ ha[:, None]
+    err = (B2 @ A2 - B @ A).abs()
+    assert (err <= bound + 1e-7).all()
+    assert err.max() < 0.01 * (B @ A).abs().max()
+    A3, B3 = lora.dequantize_factors(lora.quantize_factors(A, B, bits=8))
+    assert torch.equal(A2, A3) and torch.equal(B2, B3)
+    # A B that is 1e-4 of A's size (freshly trained from zero) would need a step below fp16's range; balancing keeps
+    # the error the same as for the evenly scaled pair.
+    A5, B5 = lora.dequantize_factors(lora.quantize_factors(A * 100, B * 1e-2, bits=8))
+    assert math.isclose((B5 @ A5 - B @ A).norm().item(), (B2 @ A2 - B @ A).norm().item(), rel_tol=0.05)
+    A4, B4 = lora.dequantize_factors(lora.quantize_factors(A, B, bits=4))
+    assert (B4 @ A4 - B @ A).norm() > 4 * (B2 @ A2 - B @ A).norm()
+    with pytest.raises(ValueError, match="want A"):
+        lora.quantize_factors(B, A, 8)
+
+
+# ---- closed-form inits --------------------------------------------------------------------------------------------
+
+def _correlated_inputs(n=600, d=24, seed=0):
+    """Inputs whose channels are mixed by a random matrix, with a few high-variance channels (like LLM outliers)."""
+    g = torch.Generator().manual_seed(seed)
+    Z = torch.randn(n, d, generator=g, dtype=torch.float64)
+    Z[:, :3] *= 12.0
+    return Z @ torch.randn(d, d, generator=g, dtype=torch.float64)
+
+
+def _err(seed=1, out=20, d=24):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(out, d, generator=g, dtype=torch.float64)
+
+
+def _act_loss(X, E, B, A, scale):
+    return (X @ (E - scale * B.double() @ A.double()).T).norm().item()
+
+
+def test_init_svd_exact_at_full_rank_and_truncates():
+    E = _err()
+    B, A = lora.init_svd(E, 20, scale=0.5)
+    assert B.dtype == A.dtype == torch.float32 and B.shape == (20, 20) and A.shape == (20, 24)
+    assert torch.allclose(0.5 * B.double() @ A.double(), E, atol=1e-5)
+    U, S, Vh = torch.linalg.svd(E, full_matrices=False)
+    for r in (1, 5):
+        B, A = lora.init_svd(E, r, scale=2.0)
+        assert torch.allclose(2.0 * B.double() @ A.double(), (U[:, :r] * S[:r]) @ Vh[:r], atol=1e-5)
+        # sqrt split: column norms of B equal row norms of A.
+        assert torch.allclose(B.norm(dim=0), A.norm(dim=1), rtol=1e-5)
+    with pytest.raises(ValueError, match="rank r"):
+        lora.init_svd(E, 21, 1.0)
+
+
+def test_init_act_svd_beats_svd_and_hits_eckart_young():
+    X, E = _correlated_inputs(), _err()
+    H = X.T @ X / X.shape[0]
+    tail = torch.linalg.eigvalsh(E @ H @ E.T).flip(0).clamp(min=0)  # weighted energies, descending
+    for r in (1, 2, 4, 8, 12):
+        B, A = lora.init_act_svd(E, H, r, scale=0.25, eps=0.0)
+        Bs, As = lora.init_svd(E, r, scale=0.25)
+        act = _act_loss(X, E, B, A, 0.25)
+        assert act < _act_loss(X, E, Bs, As, 0.25)
+        # The optimum's loss is the energy outside the top r weighted directions (Eckart-Young).
+        assert math.isclose(act ** 2 / X.shape[0], tail[r:].sum().item(), rel_tol=1e-4)
+    B, A = lora.init_act_svd(E, H, 20, scale=0.25, eps=0.0)
+    assert torch.allclose(0.25 * B.double() @ A.double(), E, atol=1e-4)
+
+
+def test_init_act_svd_singular_hessian():
+    """Fewer samples than channels: H is singular; with eps = 0 the eigen factor still gives the optimum."""
+    X, E = _correlated_inputs(n=10), _err()
+    H = X.T @ X / X.shape[0]
+    tail = torch.linalg.eigvalsh(E @ H @ E.T).flip(0).clamp(min=0)
+    for eps in (0.0, 1e-6):
+        B, A = lora.init_act_svd(E, H, 4, scale=1.0, eps=eps)
+        assert torch.isfinite(A).all()
+        assert math.isclose(_act_loss(X, E, B, A, 1.0) ** 2 / 10, tail[4:].sum().item(), rel_tol=1e-3)
+
+
+def test_init_grail_reduces_to_act_svd_and_beats_it_under_input_shift():
+    X, g = _correlated_inputs(), torch.Generator().manual_seed(5)
+    W = torch.randn(20, 24, generator=g, dtype=torch.float64)
+    W_hat = W + 0.1 * torch.randn(20, 24, generator=g, dtype=torch.float64)
+    n = X.shape[0]
+    H = X.T @ X / n
+    for r in (2, 8):
+        Bg, Ag = lora.init_grail(W, W_hat, H, H, r, scale=0.5, ridge=0.0, eps=0.0)
+        Ba, Aa = lora.init_act_svd(W - W_hat, H, r, scale=0.5, eps=0.0)
+        assert torch.allclose(Bg @ Ag, Ba @ Aa, atol=1e-4)
+
+    # The student's inputs drift from the teacher's by a correlated perturbation.
+    X_hat = X + 0.2 * X @ torch.randn(24, 24, generator=g, dtype=torch.float64)
+    H_hat, C = X_hat.T @ X_hat / n, X_hat.T @ X / n
+
+    def teacher_err(B, A):
+        return (X_hat @ (W_hat + 0.5 * B.double() @ A.double()).T - X @ W.T).norm().item()
+
+    for r in (2, 8):
+        Bg, Ag = lora.init_grail(W, W_hat, H_hat, C, r, scale=0.5, ridge=1e-8, eps=0.0)
+        Ba, Aa = lora.init_act_svd(W - W_hat, H_hat, r, scale=0.5, eps=0.0)
+        assert teacher_err(Bg, Ag) < 0.9 * teacher_err(Ba, Aa)
+    # Full rank, ridge 0: the least-squares map from the student's inputs to the teacher's outputs.
+    Bg, Ag = lora.init_grail(W, W_hat, H_hat, C, 20, scale=0.5, ridge=0.0, eps=0.0)
+    W_ls = torch.linalg.lstsq(X_hat, X @ W.T).solution.T
+    assert torch.allclose(W_hat + 0.5 * Bg.double() @ Ag.double(), W_ls, atol=1e-4)
+
+
+# ---- energy and rank allocation -----------------------------------------------------------------------------------
+
+def test_recoverable_energy():
+    # E S = diag(3, 2, 1) diag(1, 2, 1) = diag(3, 4, 1): energies 16, 9, 1 of 26.
+    E, H = torch.diag(torch.tensor([3.0, 2.0, 1.0])), torch.diag(torch.tensor([1.0, 4.0, 1.0]))
+    assert lora.recoverable_energy(E, H, 0) == 0.0
+    assert math.isclose(lora.recoverable_energy(E, H, 1), 16 / 26, rel_tol=1e-12)
+    assert math.isclose(lora.recoverable_energy(E, H, 2), 25 / 26, rel_tol=1e-12)
+    assert math.isclose(lora.recoverable_energy(E, H, 3), 1.0, rel_tol=1e-12)
+    X, E = _correlated_inputs(), _err()
+    H = X.T @ X / X.shape[0]
+    rho = [lora.recoverable_energy(E, H, r) for r in range(0, 21, 2)]
+    assert all(b > a for a, b in zip(rho, rho[1:])) and math.isclose(rho[-1], 1.0, rel_tol=1e-9)
+
+
+def test_allocate_ranks_budget_and_preference():
+    g = torch.Generator().manual_seed(0)
+    out, d = 32, 32
+    low = torch.randn(out, 2, generator=g) @ torch.randn(2, d, generator=g) + 0.05 * torch.randn(out, d, generator=g)
+    flat = torch.randn(out, d, generator=g)
+    flat *= low.norm() / flat.norm()  # same total energy; only its spread differs
+    eye = torch.eye(d)
+    errors = {"low": (low, eye), "flat": (flat, eye)}
+    ranks = lora.allocate_ranks(errors, 2 * (out + d) + 10, candidates=(0, 2, 4, 8, 16))
+    assert ranks == {"low": 2, "flat": 0}
+    # With more budget the low-rank tensor stops at its rank: its tail is faint noise, worth less than flat's top.
+    budget = 6 * (out + d)
+    ranks = lora.allocate_ranks(errors, budget, candidates=(0, 2, 4, 8, 16))
+    assert ranks == {"low": 2, "flat": 4} and sum(r * (out + d) for r in ranks.values()) <= budget
+    # Same spectrum shape, 9x the energy: the heavier tensor is served first.
+    noise = torch.randn(out, d, generator=g)
+    heavy = {"light": (flat, eye), "heavy": (3 * flat.norm() / noise.norm() * noise, eye)}
+    ranks = lora.allocate_ranks(heavy, 9 * (out + d), candidates=(0, 2, 4, 8, 16))
+    assert ranks == {"light": 0, "heavy": 8}
+    assert lora.allocate_ranks(errors, 0) == {"low": 0, "flat": 0}
+    # Identical tensors tie; the name that sorts first wins, whatever the dict order.
+    twins = {"b": (flat, eye), "a": (flat.clone(), eye)}
+    assert lora.allocate_ranks(twins, 2 * (out + d), candidates=(0, 2, 4)) == {"b": 0, "a": 2}
+    # Ranks stop at min(out, in) even when the budget allows more.
+    assert lora.allocate_ranks({"t": (low[:, :3], torch.eye(3))}, 10**6, candidates=(0, 2, 4)) == {"t": 2}
+    with pytest.raises(ValueError, match="candidates"):
+        lora.allocate_ranks(errors, budget, candidates=(2, 4))
