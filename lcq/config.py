@@ -86,6 +86,42 @@ class Config:
     eval_batch_tokens: int = 131_072  # tokens per forward pass per rank during evaluation
     val_max_tokens: int = 0  # 0: the whole val split; >0: only the first N tokens (demo/tests)
 
+    # --- quantization (GPTQ) ---
+    quant_method: str = "gptq"  # gptq | rtn (round-to-nearest: the baseline GPTQ must beat)
+    matrix_bits: int = 6
+    embed_bits: int = 8
+    # SDClip settings of public records (openai/parameter-golf PR #1394): clip rows at k standard deviations
+    matrix_clip_sigmas: float = 12.85
+    embed_clip_sigmas: float = 20.0
+    gptq_damp: float = 0.01
+    gptq_block_size: int = 128
+    gptq_act_order: bool = True
+    gptq_calib_tokens: int = 131_072  # train tokens per rank for the Hessians (never val)
+
+    # --- artifact and gate ---
+    compressor: str = "auto"  # auto (smallest of lzma/brotli) | lzma | brotli
+    artifact_cap_bytes: int = 16_000_000  # decimal bytes: code + model + LoRA
+    serialize_reserve_seconds: float = 20.0  # kept back from LCQ for writing the artifact
+
+    # --- LCQ: post-quantization LoRA distillation ---
+    lcq_rank: str = "8"  # rank per adapter; 0 turns LCQ off; auto = the largest rank that fits under the cap
+    lcq_alpha: float = 16.0  # LoRA scale = alpha / rank
+    lcq_init: str = "act_svd"  # zero | svd | act_svd | grail
+    lcq_merge: str = "side"  # side | fused | baked
+    lcq_targets: str = ""  # comma-separated module patterns (fnmatch); empty = lcq.lora.DEFAULT_TARGETS
+    lcq_rank_alloc: str = "uniform"  # uniform | rho (same parameter budget, ranks where the error is recoverable)
+    lcq_temperature: float = 1.0
+    lcq_lr: float = 1e-3
+    lcq_batch_tokens: int = 131_072  # global train tokens per distillation step
+    lcq_max_steps: int = 100_000  # 0 = closed-form init only, no training
+    lcq_seconds: float = 0.0  # 0: whatever GPTQ left of the reserve; > 0: at most this many seconds
+    lcq_safety_seconds: float = 5.0
+    lcq_factor_bits: int = 8
+    lcq_grail_ridge: float = 1e-3
+    lcq_grail_tokens: int = 16_384  # calibration tokens per rank for the grail init (holds every layer's inputs)
+    lcq_log_every: int = 25
+    lcq_auto_headroom_bytes: int = 20_000  # auto rank leaves this much under the cap
+
     def __post_init__(self) -> None:
         def need(cond: bool, name: str, msg: str) -> None:
             if not cond:
@@ -135,6 +171,36 @@ class Config:
         need(self.eval_batch_tokens >= self.window, "eval_batch_tokens",
              f"must hold at least one eval window ({self.window} tokens)")
         need(self.val_max_tokens >= 0, "val_max_tokens", "must be >= 0 (0 = all)")
+        need(self.quant_method in ("gptq", "rtn"), "quant_method", "choose gptq or rtn")
+        need(2 <= self.matrix_bits <= 8, "matrix_bits", "must be in 2..8")
+        need(2 <= self.embed_bits <= 8, "embed_bits", "must be in 2..8")
+        need(self.gptq_damp > 0, "gptq_damp", "must be > 0")
+        need(self.gptq_block_size >= 1, "gptq_block_size", "must be >= 1")
+        need(self.gptq_calib_tokens >= self.train_seq_len, "gptq_calib_tokens", "must hold at least one TRAIN_SEQ_LEN sequence")
+        need(self.compressor in ("auto", "lzma", "brotli"), "compressor", "choose auto, lzma or brotli")
+        need(self.artifact_cap_bytes > 0, "artifact_cap_bytes", "must be > 0")
+        need(self.serialize_reserve_seconds >= 0, "serialize_reserve_seconds", "must be >= 0")
+        need(self.lcq_rank == "auto" or (self.lcq_rank.isdigit() and int(self.lcq_rank) >= 0), "lcq_rank",
+             "must be an integer >= 0 (0 turns LCQ off) or auto")
+        need(self.lcq_alpha > 0, "lcq_alpha", "must be > 0")
+        need(self.lcq_init in ("zero", "svd", "act_svd", "grail"), "lcq_init", "choose zero, svd, act_svd or grail")
+        need(self.lcq_merge in ("side", "fused", "baked"), "lcq_merge", "choose side, fused or baked")
+        need(self.lcq_rank_alloc in ("uniform", "rho"), "lcq_rank_alloc", "choose uniform or rho")
+        need(self.lcq_temperature > 0, "lcq_temperature", "must be > 0")
+        need(self.lcq_lr >= 0, "lcq_lr", "must be >= 0")
+        need(self.lcq_batch_tokens >= self.train_seq_len, "lcq_batch_tokens", "must hold at least one TRAIN_SEQ_LEN sequence")
+        need(self.lcq_max_steps >= 0, "lcq_max_steps", "must be >= 0")
+        need(self.lcq_seconds >= 0, "lcq_seconds", "must be >= 0 (0 = what the reserve leaves)")
+        need(self.lcq_safety_seconds >= 0, "lcq_safety_seconds", "must be >= 0")
+        need(2 <= self.lcq_factor_bits <= 8, "lcq_factor_bits", "must be in 2..8")
+        need(self.lcq_grail_ridge >= 0, "lcq_grail_ridge", "must be >= 0")
+        need(self.lcq_grail_tokens >= 1, "lcq_grail_tokens", "must be >= 1")
+        need(self.lcq_log_every >= 1, "lcq_log_every", "must be >= 1")
+        need(self.lcq_auto_headroom_bytes >= 0, "lcq_auto_headroom_bytes", "must be >= 0")
+
+    @property
+    def lcq_enabled(self) -> bool:
+        return self.lcq_rank != "0"
 
     @property
     def window(self) -> int:
@@ -151,6 +217,11 @@ class Config:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
 
+
+# The fields that define the network: an artifact records them, and --eval_only rebuilds the model from them.
+MODEL_FIELDS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "mlp_act",
+                "leaky_relu_slope", "rope_dims", "rope_base", "qk_norm", "qk_gain_init", "unet_skips", "smear_gate",
+                "logit_softcap", "tied_embed_init_std")
 
 _DEMO_DATA = "./data/demo/datasets/demo_sp1024"
 _DEMO_TOKENIZER = "./data/demo/tokenizers/demo_sp1024.model"

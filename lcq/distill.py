@@ -1,0 +1,195 @@
+"""LCQ: distil the float (EMA) teacher into the dequantized model through LoRA factors, on train tokens, on a clock.
+
+Student = the model decoded from the GPTQ weights + LoRA; teacher = the pre-quantization model; loss = tau^2 *
+KL(teacher || student) over next-token distributions of train-shard tokens (never val). Only the factors train (AdamW);
+their gradients are all-reduced every step, so every rank holds the same factors at every step (a public attempt
+averaged per-rank factors once at the end, and the mean of products is not the product of means).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import dist as D
+from .config import Config
+from .data import TrainLoader, train_pattern
+from .gptq import collect_hessians
+from .lora import init_act_svd, init_grail, init_svd, lora_modules, lora_parameters, recoverable_energy
+from .train import all_reduce_grads, autocast_for
+
+
+@dataclass
+class DistillResult:
+    steps: int
+    seconds: float
+    tokens_per_step: int
+    kl_start: float  # held-out train batch, before any step (after the init)
+    kl_end: float
+    stopped_by: str
+
+
+def kl_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float) -> torch.Tensor:
+    """Mean over tokens of tau^2 * KL(softmax(t / tau) || softmax(s / tau)).
+
+    tau > 1 flattens both distributions, which up-weights the teacher's tail; the tau^2 factor keeps gradient size
+    comparable across temperatures (Hinton et al. 2015)."""
+    t = F.log_softmax(teacher_logits.float() / tau, dim=-1)
+    s = F.log_softmax(student_logits.float() / tau, dim=-1)
+    return (tau * tau) * (t.exp() * (t - s)).sum(-1).mean()
+
+
+@torch.no_grad()
+def heldout_kl(student: nn.Module, teacher: nn.Module, batch, cfg: Config, dinfo: D.DistInfo) -> float:
+    """KL on a fixed batch of train tokens, averaged over ranks."""
+    x, _, cu = batch
+    with autocast_for(dinfo.device):
+        kl = kl_divergence(student(x, cu, cfg.train_seq_len), teacher(x, cu, cfg.train_seq_len), cfg.lcq_temperature)
+    return float(D.all_reduce_sum(kl.detach().clone()).item()) / dinfo.world_size
+
+
+@torch.no_grad()
+def init_factors(student: nn.Module, teacher: nn.Module, method: str, hessians: dict[str, torch.Tensor],
+                 run_calibration, ridge: float) -> None:
+    """Closed-form LoRA init for every wrapper of the student (B = 0 stays for `zero`).
+
+    svd: top-r SVD of W - W_hat (LQER). act_svd: the same, weighted by the GPTQ Hessian of the layer's inputs (EoRA,
+    QERA, ASER). grail: ridge regression from the student's own layer inputs to the teacher's layer outputs, then the
+    rank-r part (after GRAIL), which also corrects error that earlier quantized layers pushed into this layer's inputs.
+    run_calibration(model) runs the given model on calibration train batches."""
+    wrappers = lora_modules(student)
+    teacher_mods = dict(teacher.named_modules())
+    if method == "zero":
+        return
+    if method in ("svd", "act_svd"):
+        for name, m in wrappers.items():
+            W = teacher_mods[name].weight.float()
+            E = W - m.base.weight.float()
+            if method == "svd":
+                B, A = init_svd(E, m.rank, m.scale)
+            else:
+                B, A = init_act_svd(E, hessians[f"{name}.weight"], m.rank, m.scale)
+            m.set_factors(B, A)
+        return
+    if method != "grail":
+        raise ValueError(f"LCQ_INIT={method!r}: choose zero, svd, act_svd or grail")
+    h_hat, cross = collect_paired_inputs(student, teacher, list(wrappers), run_calibration)
+    for name, m in wrappers.items():
+        B, A = init_grail(teacher_mods[name].weight.float(), m.base.weight.float(), h_hat[name], cross[name],
+                          m.rank, m.scale, ridge)
+        m.set_factors(B, A)
+
+
+@torch.no_grad()
+def collect_paired_inputs(student: nn.Module, teacher: nn.Module, names: list[str], run_calibration):
+    """Per module: H_hat = X_hat^T X_hat / n and C = X_hat^T X / n, X_hat the student's inputs and X the teacher's on the
+    same tokens. The teacher runs first on each batch and its inputs wait in memory until the student's pass."""
+    s_mods, t_mods = dict(student.named_modules()), dict(teacher.named_modules())
+    pending: dict[str, torch.Tensor] = {}
+    h_hat: dict[str, torch.Tensor] = {}
+    cross: dict[str, torch.Tensor] = {}
+    count = [0]
+
+    def grab_teacher(name):
+        def hook(_, inputs):
+            pending[name] = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
+        return hook
+
+    def grab_student(name):
+        def hook(_, inputs):
+            xh = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
+            x = pending.pop(name)
+            h_hat[name] = h_hat.get(name, 0) + xh.T @ xh
+            cross[name] = cross.get(name, 0) + xh.T @ x
+            if name == names[0]:
+                count[0] += xh.shape[0]
+        return hook
+
+    handles = []
+    try:
+        for n in names:
+            handles.append(t_mods[n].register_forward_pre_hook(grab_teacher(n)))
+            handles.append(s_mods[n].register_forward_pre_hook(grab_student(n)))
+        run_calibration(teacher, student)
+    finally:
+        for h in handles:
+            h.remove()
+    total = torch.tensor(float(count[0]), device=next(student.parameters()).device)
+    D.all_reduce_sum(total)
+    for n in names:
+        D.all_reduce_sum(h_hat[n])
+        D.all_reduce_sum(cross[n])
+        h_hat[n] /= total
+        cross[n] /= total
+    return h_hat, cross
+
+
+def energy_report(student: nn.Module, teacher: nn.Module, hessians: dict[str, torch.Tensor], ranks: dict[str, int]):
+    """Per targeted tensor: rho = share of its Hessian-weighted quantization error energy that its top-r directions hold."""
+    teacher_mods, student_mods = dict(teacher.named_modules()), dict(student.named_modules())
+    out = {}
+    for name, r in ranks.items():
+        base = student_mods[name]
+        base_w = base.base.weight if hasattr(base, "base") else base.weight
+        E = teacher_mods[name].weight.float() - base_w.float()
+        H = hessians[f"{name}.weight"]
+        energy = float(torch.einsum("oi,ij,oj->", E.double(), H.double(), E.double()))
+        out[name] = dict(rho=recoverable_energy(E, H, r), energy=energy, rank=r)
+    return out
+
+
+def distill(student: nn.Module, teacher: nn.Module, cfg: Config, dinfo: D.DistInfo, log, bos_id: int,
+            seconds: float) -> DistillResult:
+    """Train the student's LoRA factors for at most `seconds` of wall time (and LCQ_MAX_STEPS steps)."""
+    device = dinfo.device
+    params = lora_parameters(student)
+    opt = torch.optim.AdamW(params, lr=cfg.lcq_lr, betas=(0.9, 0.99), weight_decay=0.0)
+    local = max(2, cfg.lcq_batch_tokens // dinfo.world_size)
+    loader = TrainLoader(train_pattern(cfg.data_path), dinfo.rank, dinfo.world_size, device)
+    # A fixed held-out batch, taken from train shards before any training step, so a log shows whether KL moved.
+    heldout = loader.next_batch(local, cfg.train_seq_len, bos_id)
+    teacher.eval()
+    student.train()
+    kl_start = heldout_kl(student, teacher, heldout, cfg, dinfo)
+    log(f"lcq_step:0/{cfg.lcq_max_steps} heldout_kl:{kl_start:.6f} lcq_time:0ms")
+    autocast = autocast_for(device)
+    D.sync(device)
+    t0 = time.perf_counter()
+    step, stopped_by = 0, "max_steps" if seconds > 0 else "no_time"
+    stop_flag = torch.zeros((), device=device)
+    while step < cfg.lcq_max_steps and seconds > 0:
+        # Cosine decay over the time budget: the last steps are small whatever number of steps the clock allows.
+        frac = min(1.0, (time.perf_counter() - t0) / seconds)
+        for g in opt.param_groups:
+            g["lr"] = cfg.lcq_lr * 0.5 * (1 + math.cos(math.pi * frac))
+        x, _, cu = loader.next_batch(local, cfg.train_seq_len, bos_id)
+        with torch.no_grad(), autocast:
+            t_logits = teacher(x, cu, cfg.train_seq_len)
+        with autocast:
+            loss = kl_divergence(student(x, cu, cfg.train_seq_len), t_logits, cfg.lcq_temperature)
+        loss.backward()
+        all_reduce_grads(params, dinfo.world_size)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        elapsed = time.perf_counter() - t0
+        stop_flag.fill_(1.0 if elapsed + elapsed / step > seconds else 0.0)
+        D.all_reduce_max(stop_flag)
+        if step % cfg.lcq_log_every == 0 or bool(stop_flag.item()) or step == cfg.lcq_max_steps:
+            kl = heldout_kl(student, teacher, heldout, cfg, dinfo)
+            elapsed = time.perf_counter() - t0
+            log(f"lcq_step:{step}/{cfg.lcq_max_steps} train_kl:{loss.item():.6f} heldout_kl:{kl:.6f} "
+                f"lcq_time:{elapsed * 1000:.0f}ms step_avg:{elapsed * 1000 / step:.2f}ms")
+        if stop_flag.item():
+            stopped_by = "wallclock"
+            break
+    D.sync(device)
+    seconds_used = time.perf_counter() - t0
+    kl_end = heldout_kl(student, teacher, heldout, cfg, dinfo)
+    student.eval()
+    return DistillResult(steps=step, seconds=seconds_used, tokens_per_step=local * dinfo.world_size,
+                         kl_start=kl_start, kl_end=kl_end, stopped_by=stopped_by)
