@@ -1,7 +1,8 @@
-"""lcq entry point: config -> dist -> data -> train -> eval -> report.
+"""lcq entry point: config -> dist -> data -> train -> GPTQ -> LCQ -> artifact + gate -> eval of what ships -> report.
 
     torchrun --standalone --nproc_per_node=8 train_gpt.py          # record preset (8xH100)
     python train_gpt.py --preset demo                              # CPU demo on the embedded corpus
+    python train_gpt.py --eval_only --artifact logs/RUN.lcq        # score an artifact from the files alone
 Every config field is a knob: FIELD_NAME=value in the environment or --field_name=value.
 """
 import sys
@@ -9,7 +10,8 @@ import time
 
 from lcq import dist as D
 from lcq.config import ConfigError, resolve
-from lcq.pipeline import prepare_data, build, run_training, final_eval, finish
+from lcq.pipeline import (GATE_EXIT_CODE, build, eval_only, evaluate_shipped, finish, lcq, open_run, quantize,
+                          run_training, ship)
 
 
 def main(argv: list[str]) -> int:
@@ -21,10 +23,16 @@ def main(argv: list[str]) -> int:
         return 2
     dinfo = D.init_dist()
     try:
-        run = prepare_data(cfg, dinfo)
+        if cfg.eval_only:
+            return eval_only(cfg, dinfo, t_launch)
+        run = open_run(cfg, dinfo)
         build(run)
         run_training(run)
-        final_eval(run, stage="pre_quant")
+        quantize(run)
+        lcq(run)
+        if not ship(run):
+            return finish(run, t_launch, status=GATE_EXIT_CODE)
+        evaluate_shipped(run)
         return finish(run, t_launch)
     finally:
         D.shutdown()

@@ -26,6 +26,8 @@ class Config:
     tokenizer_path: str = "./data/tokenizers/fineweb_1024_bpe.model"
     vocab_size: int = 1024
     log_dir: str = "logs"
+    artifact_path: str = ""  # where the artifact is written (or read with --eval_only); empty = <log_dir>/<run_id>.lcq
+    eval_only: bool = False  # score an existing artifact (--eval_only --artifact PATH) instead of training
     # build the embedded demo dataset if data_path is missing (demo/tiny presets only)
     auto_build_demo: bool = False
 
@@ -199,6 +201,10 @@ class Config:
         need(self.lcq_auto_headroom_bytes >= 0, "lcq_auto_headroom_bytes", "must be >= 0")
 
     @property
+    def artifact_file(self) -> str:
+        return self.artifact_path or os.path.join(self.log_dir, f"{self.run_id}.lcq")
+
+    @property
     def lcq_enabled(self) -> bool:
         return self.lcq_rank != "0"
 
@@ -237,6 +243,8 @@ PRESETS: dict[str, dict] = {
         num_layers=4, model_dim=128, num_heads=4, num_kv_heads=2, rope_dims=16,
         matrix_lr=0.04, embed_lr=0.05, scalar_lr=0.04, muon_momentum_warmup_steps=50,
         ema_decay=0.99, eval_stride=64, eval_batch_tokens=16384, val_max_tokens=60_000, compile=False,
+        gptq_calib_tokens=16_384, serialize_reserve_seconds=5.0, lcq_safety_seconds=2.0, lcq_batch_tokens=4096,
+        lcq_lr=2e-3, lcq_log_every=10, lcq_grail_tokens=4096,
     ),
     # Tests: seconds on CPU.
     "tiny": dict(
@@ -246,10 +254,14 @@ PRESETS: dict[str, dict] = {
         num_layers=2, model_dim=64, num_heads=4, num_kv_heads=2, rope_dims=8,
         muon_momentum_warmup_steps=5, ema_decay=0.9, eval_stride=32, eval_batch_tokens=2048,
         val_max_tokens=4096, compile=False,
+        gptq_calib_tokens=2048, serialize_reserve_seconds=2.0, lcq_safety_seconds=1.0, lcq_batch_tokens=1024,
+        lcq_max_steps=10, lcq_log_every=5, lcq_lr=5e-3, lcq_grail_tokens=1024,
     ),
 }
 
 _FIELDS = {f.name: f for f in fields(Config)}
+# Short command-line spellings: --artifact PATH is --artifact_path PATH.
+_CLI_ALIASES = {"artifact": "artifact_path"}
 
 
 def _parse(name: str, raw: str, source: str):
@@ -281,6 +293,7 @@ def parse_args(argv: list[str]) -> tuple[dict, list[str]]:
         if arg.startswith("--"):
             key, eq, value = arg[2:].partition("=")
             key = key.replace("-", "_")
+            key = _CLI_ALIASES.get(key, key)
             if key in _FIELDS:
                 if not eq:
                     if _FIELDS[key].type in ("bool", bool) and (i + 1 >= len(argv) or argv[i + 1].startswith("--")):

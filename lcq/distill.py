@@ -128,15 +128,12 @@ def collect_paired_inputs(student: nn.Module, teacher: nn.Module, names: list[st
     return h_hat, cross
 
 
-def energy_report(student: nn.Module, teacher: nn.Module, hessians: dict[str, torch.Tensor], ranks: dict[str, int]):
-    """Per targeted tensor: rho = share of its Hessian-weighted quantization error energy that its top-r directions hold."""
-    teacher_mods, student_mods = dict(teacher.named_modules()), dict(student.named_modules())
+def energy_report(errors: dict[str, tuple[torch.Tensor, torch.Tensor]], ranks: dict[str, int]) -> dict[str, dict]:
+    """Per tensor: rho = share of its Hessian-weighted quantization error energy tr(E H E^T) that its top-r weighted
+    directions hold (what a rank-r correction can remove at best), the energy itself, and r."""
     out = {}
     for name, r in ranks.items():
-        base = student_mods[name]
-        base_w = base.base.weight if hasattr(base, "base") else base.weight
-        E = teacher_mods[name].weight.float() - base_w.float()
-        H = hessians[f"{name}.weight"]
+        E, H = errors[name]
         energy = float(torch.einsum("oi,ij,oj->", E.double(), H.double(), E.double()))
         out[name] = dict(rho=recoverable_energy(E, H, r), energy=energy, rank=r)
     return out
