@@ -21,6 +21,9 @@ def main(argv: list[str]) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    if cfg.print_config:
+        print(cfg.to_json())
+        return 0
     dinfo = D.init_dist()
     try:
         if cfg.eval_only:

@@ -30,7 +30,7 @@ class _Bundle(importlib.abc.MetaPathFinder,importlib.abc.Loader):
  def find_spec(s,name,path=None,target=None):
   if name in s.sources and name!="__entry__":return importlib.util.spec_from_loader(name,s,is_package=name=="lcq")
  def create_module(s,spec):return None
- def exec_module(s,m):exec(compile(s.sources[m.__name__],"<lcq-bundle>/"+m.__name__.replace(".","/")+".py","exec"),m.__dict__)
+ def exec_module(s,m):m.__file__="<lcq-bundle>/"+m.__name__.replace(".","/")+".py";exec(compile(s.sources[m.__name__],m.__file__,"exec"),m.__dict__)
 _b=_Bundle(__file__,b"{blob}")
 sys.meta_path.insert(0,_b)
 exec(compile(_b.sources["__entry__"],__file__,"exec"))

@@ -28,6 +28,13 @@ class Config:
     log_dir: str = "logs"
     artifact_path: str = ""  # where the artifact is written (or read with --eval_only); empty = <log_dir>/<run_id>.lcq
     eval_only: bool = False  # score an existing artifact (--eval_only --artifact PATH) instead of training
+    print_config: bool = False  # print the resolved config as JSON and exit (what the audit runs on a bundled script)
+    # submission.json identity (the record folder's metadata)
+    author: str = ""
+    github_id: str = ""
+    submission_name: str = ""  # empty -> derived from the run id
+    submission_blurb: str = ""
+    submission_json: str = "submission.json"  # every run (re)writes this file atomically; empty = do not write
     # build the embedded demo dataset if data_path is missing (demo/tiny presets only)
     auto_build_demo: bool = False
 
@@ -114,6 +121,7 @@ class Config:
     lcq_rank_alloc: str = "uniform"  # uniform | rho (same parameter budget, ranks where the error is recoverable)
     lcq_temperature: float = 1.0
     lcq_lr: float = 1e-3
+    lcq_warmdown_frac: float = 0.5  # LR decays linearly to 0 over this last fraction of the LCQ steps/time
     lcq_batch_tokens: int = 131_072  # global train tokens per distillation step
     lcq_max_steps: int = 100_000  # 0 = closed-form init only, no training
     lcq_seconds: float = 0.0  # 0: whatever GPTQ left of the reserve; > 0: at most this many seconds
@@ -190,6 +198,7 @@ class Config:
         need(self.lcq_rank_alloc in ("uniform", "rho"), "lcq_rank_alloc", "choose uniform or rho")
         need(self.lcq_temperature > 0, "lcq_temperature", "must be > 0")
         need(self.lcq_lr >= 0, "lcq_lr", "must be >= 0")
+        need(0 <= self.lcq_warmdown_frac <= 1, "lcq_warmdown_frac", "must be in [0, 1]")
         need(self.lcq_batch_tokens >= self.train_seq_len, "lcq_batch_tokens", "must hold at least one TRAIN_SEQ_LEN sequence")
         need(self.lcq_max_steps >= 0, "lcq_max_steps", "must be >= 0")
         need(self.lcq_seconds >= 0, "lcq_seconds", "must be >= 0 (0 = what the reserve leaves)")

@@ -7,7 +7,6 @@ averaged per-rank factors once at the end, and the mean of products is not the p
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 
@@ -159,10 +158,13 @@ def distill(student: nn.Module, teacher: nn.Module, cfg: Config, dinfo: D.DistIn
     step, stopped_by = 0, "max_steps" if seconds > 0 else "no_time"
     stop_flag = torch.zeros((), device=device)
     while step < cfg.lcq_max_steps and seconds > 0:
-        # Cosine decay over the time budget: the last steps are small whatever number of steps the clock allows.
-        frac = min(1.0, (time.perf_counter() - t0) / seconds)
+        t_step = time.perf_counter()
+        # Constant LR, then a linear decay to 0 over the last LCQ_WARMDOWN_FRAC of progress (the larger of the step and
+        # the time fraction). Early steps get exactly the base LR, so a step-bound run is reproducible.
+        progress = max(step / cfg.lcq_max_steps, (time.perf_counter() - t0) / seconds)
+        mult = min(1.0, max(0.0, (1.0 - progress) / cfg.lcq_warmdown_frac)) if cfg.lcq_warmdown_frac else 1.0
         for g in opt.param_groups:
-            g["lr"] = cfg.lcq_lr * 0.5 * (1 + math.cos(math.pi * frac))
+            g["lr"] = cfg.lcq_lr * mult
         x, _, cu = loader.next_batch(local, cfg.train_seq_len, bos_id)
         with torch.no_grad(), autocast:
             t_logits = teacher(x, cu, cfg.train_seq_len)
@@ -173,8 +175,10 @@ def distill(student: nn.Module, teacher: nn.Module, cfg: Config, dinfo: D.DistIn
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
-        elapsed = time.perf_counter() - t0
-        stop_flag.fill_(1.0 if elapsed + elapsed / step > seconds else 0.0)
+        now = time.perf_counter()
+        elapsed = now - t0
+        # Stop when the next step could overrun (the slower of the average and the last step), as in training.
+        stop_flag.fill_(1.0 if elapsed + max(elapsed / step, now - t_step) > seconds else 0.0)
         D.all_reduce_max(stop_flag)
         if step % cfg.lcq_log_every == 0 or bool(stop_flag.item()) or step == cfg.lcq_max_steps:
             kl = heldout_kl(student, teacher, heldout, cfg, dinfo)

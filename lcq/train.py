@@ -112,17 +112,20 @@ def train(model: nn.Module, cfg: Config, dinfo: D.DistInfo, log, bos_id: int,
     step, stopped_by, last_loss = 0, "iterations", float("nan")
     stop_flag = torch.zeros((), device=device)
     while step < cfg.iterations:
-        elapsed = train_time + (time.perf_counter() - t0)
+        t_step = time.perf_counter()
+        elapsed = train_time + (t_step - t0)
         apply_schedule(optimizers, step, elapsed, cfg)
         batches = [loader.next_batch(local_tokens, cfg.train_seq_len, bos_id) for _ in range(cfg.grad_accum_steps)]
         loss = step_on(batches)
         if ema is not None:
             ema.update(model)
         step += 1
-        elapsed = train_time + (time.perf_counter() - t0)
-        step_avg = elapsed / step
-        # Stop when the next step would cross the budget. Ranks agree through a MAX all-reduce, so no rank steps alone.
-        stop_flag.fill_(1.0 if elapsed + step_avg > budget_s else 0.0)
+        now = time.perf_counter()
+        elapsed = train_time + (now - t0)
+        last_step_s = now - t_step
+        # Stop when the next step could cross the budget (estimated by the slower of the average and the last step).
+        # Ranks agree through a MAX all-reduce, so no rank steps alone.
+        stop_flag.fill_(1.0 if elapsed + max(elapsed / step, last_step_s) > budget_s else 0.0)
         D.all_reduce_max(stop_flag)
         stop = bool(stop_flag.item()) and step < cfg.iterations
         last_step = stop or step == cfg.iterations

@@ -72,3 +72,7 @@ def test_two_ranks_match_one_rank(tmp_path, demo_data):
     # The two runs see the same global batches except for the one-token seam between rank slices, so training agrees
     # closely but not bit for bit.
     assert exact(log2, "pre_quant")[0] == pytest.approx(exact(log1, "pre_quant")[0], abs=0.02)
+    # LCQ with gradients all-reduced every step lands where the 1-rank run does (same seed, same global batches).
+    assert exact(log2, "quantized_lcq")[0] == pytest.approx(exact(log1, "quantized_lcq")[0], abs=0.02)
+    kl = [float(re.search(r"kl:[0-9.]+->([0-9.]+)", t).group(1)) for t in (log1, log2)]
+    assert kl[1] == pytest.approx(kl[0], rel=0.2)
