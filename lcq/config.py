@@ -9,7 +9,7 @@ import dataclasses
 import json
 import os
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 
 
 class ConfigError(ValueError):

@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from . import dist as D
 from .config import Config
 from .data import TrainLoader, train_pattern
-from .gptq import collect_hessians
 from .lora import init_act_svd, init_grail, init_svd, lora_modules, lora_parameters, recoverable_energy
 from .train import all_reduce_grads, autocast_for
 

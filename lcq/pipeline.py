@@ -7,6 +7,7 @@ the training clock stops.
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -24,8 +25,9 @@ from .data import TrainLoader, file_sha256, list_shards, load_val_tokens, train_
 from .distill import DistillResult, distill, energy_report, init_factors
 from .evaluate import EvalResult, evaluate
 from .gptq import QuantSpec, collect_hessians, dequantize_state, quant_error_report, quantize_state
-from .lora import DEFAULT_TARGETS, allocate_ranks, attach_lora, lora_modules, merge_lora
+from .lora import DEFAULT_TARGETS, allocate_ranks, attach_lora, merge_lora
 from .model import GPT, build_model, gptq_targets
+from .record import run_record, write_submission_json
 from .runlog import RunLog, atomic_write_text
 from .shipping import TIED, artifact_meta, group_of, load_shipped, model_from_state, pack_lora
 from .tokenizer import byte_tables, load_tokenizer
@@ -321,6 +323,8 @@ def ship(run: Run) -> bool:
         parts = artifact.tensor_bytes_breakdown(tensors, meta, used, group_of, base="model")
         lora_bytes = parts.get("lora", 0)
     lora_bytes = int(D.all_reduce_sum(torch.tensor(float(lora_bytes), device=dinfo.device)).item())
+    log(f"code: {len(script)} bytes sha256={hashlib.sha256(script).hexdigest()} "
+        f"(the single-file train_gpt.py that ships, written to {cfg.log_dir}/{cfg.run_id}.train_gpt.py)")
     run.size = artifact.SizeReport(code_bytes=len(script), model_bytes=file_bytes - lora_bytes, lora_bytes=lora_bytes,
                                    cap=cfg.artifact_cap_bytes)
     log(run.size.line())
@@ -430,5 +434,9 @@ def finish(run: Run, t_launch: float, status: int = 0) -> int:
     if run.size is not None:
         log(run.size.line())
     log.write_summary()
+    if cfg.submission_json and run.dinfo.is_master and not cfg.eval_only:
+        record = run_record(log.summary)
+        write_submission_json(cfg.submission_json, record)
+        log(f"wrote {cfg.submission_json} (track {record['track']})")
     log.close()
     return status

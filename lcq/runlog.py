@@ -50,8 +50,9 @@ class RunLog:
         self.cfg, self.dinfo = cfg, dinfo
         self.path = Path(cfg.log_dir) / f"{cfg.run_id}.txt"
         self.json_path = Path(cfg.log_dir) / f"{cfg.run_id}.json"
-        self.summary: dict = {"run_id": cfg.run_id, "config": cfg.to_dict(), "stages": {}}
         self.t_start = time.time()
+        self.summary: dict = {"run_id": cfg.run_id, "config": cfg.to_dict(), "stages": {},
+                              "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.t_start))}
         if dinfo.is_master:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if self.path.exists():

@@ -20,18 +20,16 @@ import os
 import re
 import shlex
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-# The competition's limits. The audit holds every run to these, whatever caps the run configured for itself.
-CAP_BYTES = 16_000_000
-TRAIN_SECONDS = 600.0
-EVAL_SECONDS = 600.0
-RECORD_TRACK, NON_RECORD_TRACK = "10min_16mb", "non_record_16mb"
+from .record import (CAP_BYTES, EVAL_SECONDS, RECORD_TRACK, TRAIN_SECONDS, SubmissionError, _within,
+                     combine,
+                     mean8, std8, write_submission_json)
+
 # Config fields that say where files were, not what was trained: seeds of one configuration may differ in these.
 LOCATION_FIELDS = frozenset({"run_id", "seed", "log_dir", "artifact_path", "submission_json", "data_path",
                              "tokenizer_path"})
@@ -39,156 +37,6 @@ REQUIRED_FILES = ("README.md", "submission.json", "train_gpt.py", "requirements.
 PIPELINE_ORDER = ("train", "gptq", "lcq", "serialize")
 # JSON keeps times to 3 decimals, the log prints 2: equal up to the log's rounding.
 TIME_TOLERANCE_S = 0.0051
-
-
-class SubmissionError(ValueError):
-    """A run or a folder that cannot become (or is not) a valid record folder."""
-
-
-# ---------------------------------------------------------------------------------------------- the record (pure)
-
-def _r8(x) -> float | None:
-    """A loss/bpb exactly as the log's 8-decimal `_exact` lines print it (None for missing, NaN or inf)."""
-    if not isinstance(x, (int, float)) or not math.isfinite(x):
-        return None
-    return float(f"{x:.8f}")
-
-
-def _finite(x):
-    """NaN/inf are not JSON; a number that is not finite becomes null."""
-    return x if isinstance(x, (int, float)) and math.isfinite(x) else None
-
-
-def mean8(values: list) -> float | None:
-    """Mean over seeds, rounded like the per-seed values; None if any seed has no value."""
-    return None if not values or any(v is None for v in values) else _r8(statistics.mean(values))
-
-
-def std8(values: list) -> float | None:
-    """Sample standard deviation over seeds (n-1), as the challenge's multi-seed records report it."""
-    return None if len(values) < 2 or any(v is None for v in values) else _r8(statistics.stdev(values))
-
-
-def _within(x, limit) -> bool:
-    return x is not None and limit is not None and x <= limit
-
-
-def seed_result(summary: dict) -> dict:
-    """One run's JSON summary (logs/<run_id>.json) -> its entry in seed_results."""
-    cfg = summary.get("config")
-    if not isinstance(cfg, dict) or "seed" not in cfg or "run_id" not in cfg:
-        raise SubmissionError("run summary has no config with seed and run_id; pass the logs/<run_id>.json of a run")
-    final, scores = summary.get("final") or {}, summary.get("scores") or {}
-    size, train, lcq = summary.get("bytes") or {}, summary.get("train") or {}, summary.get("lcq")
-    pre, quant = scores.get("pre_quant") or {}, scores.get("quantized") or {}
-    entry = dict(
-        run_id=cfg["run_id"], val_loss=_r8(final.get("val_loss")), val_bpb=_r8(final.get("val_bpb")),
-        final_stage=final.get("stage"), artifact_bytes=size.get("total"), bytes_code=size.get("code"),
-        bytes_model=size.get("model"), bytes_lora=size.get("lora"), steps=train.get("steps"),
-        step_avg_ms=train.get("step_avg_ms"),
-        # the charged training clock (train + GPTQ + LCQ + serialize): what the 600 s limit applies to
-        train_time_s=summary.get("train_clock_s"), train_loop_s=train.get("train_time_s"),
-        eval_time_s=final.get("eval_time_s"),
-        pre_quant_val_loss=_r8(pre.get("val_loss")), pre_quant_val_bpb=_r8(pre.get("val_bpb")),
-        quantized_val_loss=_r8(quant.get("val_loss")), quantized_val_bpb=_r8(quant.get("val_bpb")),
-        ledger=summary.get("ledger") or {}, status=summary.get("status"), command=summary.get("command"),
-        budgets={k: cfg.get(k) for k in ("max_wallclock_seconds", "eval_budget_seconds", "artifact_cap_bytes")},
-        lcq=None)
-    if lcq:
-        gap = None if entry["quantized_val_bpb"] is None or entry["pre_quant_val_bpb"] is None else \
-            _r8(entry["quantized_val_bpb"] - entry["pre_quant_val_bpb"])
-        entry["lcq"] = dict(rank=lcq.get("rank"), init=lcq.get("init"), merge=lcq.get("merge"), steps=lcq.get("steps"),
-                            seconds=lcq.get("seconds"), final_kl=_finite(lcq.get("kl_end")),
-                            lora_bytes=lcq.get("lora_bytes"), quant_gap_bpb=gap,
-                            recovered_fraction=_finite(lcq.get("recovered_fraction")))
-    budgets = entry["budgets"]
-    entry["compliance"] = dict(
-        train_under_600s=_within(entry["train_time_s"], TRAIN_SECONDS),
-        eval_under_600s=_within(entry["eval_time_s"], EVAL_SECONDS),
-        artifact_under_16mb=_within(entry["artifact_bytes"], CAP_BYTES),
-        within_run_budgets=(_within(entry["train_time_s"], budgets["max_wallclock_seconds"])
-                            and _within(entry["eval_time_s"], budgets["eval_budget_seconds"])
-                            and _within(entry["artifact_bytes"], budgets["artifact_cap_bytes"])),
-        gate_passed=entry["status"] == 0)
-    return entry
-
-
-def combine(summaries: list[dict], date: str) -> dict:
-    """submission.json for one or more runs (seeds) of one configuration. Pure: summaries + date -> record.
-
-    val_bpb/val_loss are the seed means of the `final` score (the eval of the decoded artifact, LCQ included);
-    bytes_total is the largest seed's total. The track is `10min_16mb` only if every seed kept both its own budgets
-    and the competition's limits and passed the gate."""
-    if not summaries:
-        raise SubmissionError("no runs to combine")
-    if not date:
-        raise SubmissionError("no date: pass date= (ISO 8601 UTC) or put started_utc in the run summary")
-    entries = [seed_result(s) for s in summaries]
-    seeds = [s["config"]["seed"] for s in summaries]
-    if len(set(seeds)) != len(seeds):
-        raise SubmissionError(f"seeds {seeds} repeat; combine runs of different seeds")
-    first, cfg = summaries[0], summaries[0]["config"]
-    versions = first.get("versions") or {}
-    compliance = {k: all(e["compliance"][k] for e in entries) for k in entries[0]["compliance"]}
-    totals = [e["artifact_bytes"] for e in entries]
-    worst = entries[totals.index(max(totals))] if None not in totals else {}
-    rec = dict(author=cfg.get("author", ""), github_id=cfg.get("github_id", ""),
-               name=cfg.get("submission_name") or cfg["run_id"], blurb=cfg.get("submission_blurb", ""), date=date,
-               track=RECORD_TRACK if all(compliance.values()) else NON_RECORD_TRACK,
-               val_loss=mean8([e["val_loss"] for e in entries]), val_bpb=mean8([e["val_bpb"] for e in entries]))
-    if len(entries) > 1:
-        rec.update(val_loss_std=std8([e["val_loss"] for e in entries]),
-                   val_bpb_std=std8([e["val_bpb"] for e in entries]))
-    rec.update(
-        seeds=seeds, seed_results={str(s): e for s, e in zip(seeds, entries)}, final_stage=entries[0]["final_stage"],
-        pre_quant_val_loss=mean8([e["pre_quant_val_loss"] for e in entries]),
-        pre_quant_val_bpb=mean8([e["pre_quant_val_bpb"] for e in entries]),
-        bytes_total=worst.get("artifact_bytes"), bytes_code=worst.get("bytes_code"),
-        bytes_model=worst.get("bytes_model"), bytes_lora=worst.get("bytes_lora"), bytes_cap=CAP_BYTES,
-        wallclock_seconds=_max([e["train_time_s"] for e in entries]),
-        eval_time_seconds=_max([e["eval_time_s"] for e in entries]),
-        hardware=first.get("device"), world_size=first.get("world_size"), pytorch_version=versions.get("torch"),
-        cuda_version=versions.get("cuda"), flash_attn_version=versions.get("flash_attn"),
-        flash_attn_interface_version=versions.get("flash_attn_interface"), python_version=versions.get("python"),
-        compliance=compliance, lcq=None)
-    if entries[0]["lcq"]:
-        runs = [e["lcq"] for e in entries]
-        steps = [r["steps"] for r in runs]
-        rec["lcq"] = dict(rank=runs[0]["rank"], init=runs[0]["init"], merge=runs[0]["merge"],
-                          steps=steps[0] if len(set(steps)) == 1 else statistics.mean(steps),
-                          recovered_fraction=_mean_or_none([r["recovered_fraction"] for r in runs]))
-    return rec
-
-
-def _max(values: list):
-    return None if not values or any(v is None for v in values) else max(values)
-
-
-def _mean_or_none(values: list):
-    return None if not values or any(v is None for v in values) else statistics.mean(values)
-
-
-def run_record(summary: dict, date: str | None = None) -> dict:
-    """submission.json for one run, from its JSON summary. Pure. The date is `date`, else summary['started_utc']."""
-    return combine([summary], date or summary.get("started_utc"))
-
-
-def write_submission_json(path: str | os.PathLike, record: dict) -> None:
-    """Write `record` as JSON via a temp file in the same folder and os.replace: a crash mid-write leaves the old
-    file whole (or no file), never a truncated one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(record, f, indent=2, allow_nan=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 # ---------------------------------------------------------------------------------------------- reading run logs
@@ -400,7 +248,7 @@ def render_readme(record: dict) -> str:
 # ---------------------------------------------------------------------------------------------- build
 
 @dataclass(frozen=True)
-class Run:
+class LoggedRun:
     name: str
     summary: dict
     log_text: str
@@ -408,7 +256,7 @@ class Run:
     script: bytes
 
 
-def load_run(run: str, log_dir: str | os.PathLike = "logs") -> Run:
+def load_run(run: str, log_dir: str | os.PathLike = "logs") -> LoggedRun:
     """A run id (files under log_dir) or a path to its .txt log -> the log, the JSON summary and the bundled script."""
     base = run[:-4] if run.endswith(".txt") else os.path.join(log_dir, run)
     paths = {ext: Path(base + ext) for ext in (".txt", ".json", ".train_gpt.py")}
@@ -420,7 +268,7 @@ def load_run(run: str, log_dir: str | os.PathLike = "logs") -> Run:
         summary = json.loads(paths[".json"].read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise SubmissionError(f"{paths['.json']}: not valid JSON ({e}); did the run finish?") from None
-    return Run(run, summary, paths[".txt"].read_text(encoding="utf-8"), paths[".txt"], paths[".train_gpt.py"].read_bytes())
+    return LoggedRun(run, summary, paths[".txt"].read_text(encoding="utf-8"), paths[".txt"], paths[".train_gpt.py"].read_bytes())
 
 
 def _slug(name: str) -> str:
@@ -647,7 +495,8 @@ def _check_script(script: Path, record: dict | None, parsed: dict[str, dict]) ->
         return "print_config", False, f"exit {proc.returncode}: {tail[0][:300]}"
     logged = parsed[seed]["config"] if seed else None
     if not recipe or not logged:
-        return "print_config", True, "imports and prints its config (no reproduce env to compare with the log)"
+        missing = "no reproduce env in submission.json" if not recipe else f"no config line in the seed {seed} log"
+        return "print_config", True, f"no lcq on the path; imports and prints its config ({missing} to compare)"
     diff = sorted(k for k in printed.keys() | logged.keys() if k != "print_config" and printed.get(k) != logged.get(k))
     return ("print_config", not diff, f"differs from the seed {seed} log in {diff}" if diff else
             f"no lcq on the path; the README's seed {seed} env resolves exactly the logged config")

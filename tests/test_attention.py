@@ -33,7 +33,6 @@ def test_sdpa_varlen_matches_naive(lengths, max_seqlen, heads):
 
 def test_sdpa_varlen_no_cross_document_influence():
     torch.manual_seed(1)
-    lengths = [10, 20, 15]
     cu = torch.tensor([0, 10, 30, 45], dtype=torch.int32)
     q, k, v = torch.randn(45, 2, 4), torch.randn(45, 2, 4), torch.randn(45, 2, 4)
     base = sdpa_varlen(q, k, v, cu, 20)

@@ -45,8 +45,8 @@ def test_bad_env_value_names_the_knob(env, knob):
 def test_unknown_cli_argument_rejected():
     with pytest.raises(ConfigError, match="--trian_seq_len"):
         resolve(["--trian_seq_len=5"], env={})
-    cfg, rest = resolve(["--eval_only", "--seed=3"], env={}, allow_extra=("--eval_only",))
-    assert rest == ["--eval_only"] and cfg.seed == 3
+    cfg, rest = resolve(["--verbose", "--seed=3", "--eval_only", "--artifact", "x.lcq"], env={}, allow_extra=("--verbose",))
+    assert rest == ["--verbose"] and cfg.seed == 3 and cfg.eval_only and cfg.artifact_file == "x.lcq"
 
 
 def test_frozen_and_json_round_trip():
