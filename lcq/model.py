@@ -85,7 +85,8 @@ class Attention(nn.Module):
         k = apply_rotary(k, cos, sin, self.rope_dims)
         if self.qk_norm:
             q = q * self.q_gain.to(q.dtype)[None, :, None]
-        y = varlen_attention(q, k, v, cu_seqlens, max_seqlen, backend)
+        # Autocast may run the norms in float32; flash-attn only takes bf16/fp16, so match the projections' dtype.
+        y = varlen_attention(q.to(v.dtype), k.to(v.dtype), v, cu_seqlens, max_seqlen, backend)
         return self.proj(y.reshape(n, self.num_heads * self.head_dim))
 
 

@@ -130,6 +130,13 @@ def run_training(run: Run) -> TrainResult:
         r = score(run, run.model, stride=cfg.window)
         return f"step:{step}/{cfg.iterations} val_loss:{r.val_loss:.4f} val_bpb:{r.val_bpb:.4f}"
 
+    post = cfg.train_reserve_seconds - cfg.serialize_reserve_seconds - cfg.lcq_safety_seconds
+    run.log(f"budget_split: MAX_WALLCLOCK_SECONDS {cfg.max_wallclock_seconds:.1f}s = train {cfg.train_budget_seconds:.1f}s "
+            f"+ GPTQ/LCQ {post:.1f}s (LCQ gets what GPTQ leaves) + serialize {cfg.serialize_reserve_seconds:.1f}s "
+            f"+ safety {cfg.lcq_safety_seconds:.1f}s")
+    if post <= 0:
+        run.log("warning: TRAIN_RESERVE_SECONDS leaves no time for GPTQ/LCQ after SERIALIZE_RESERVE_SECONDS and "
+                "LCQ_SAFETY_SECONDS")
     res = train(run.model, cfg, run.dinfo, run.log, run.bos_id, eval_fn=monitor)
     run.train_result = res
     run.charge("train", res.train_time_s, cfg.train_budget_seconds, steps=res.steps, stopped_by=res.stopped_by,
@@ -295,7 +302,7 @@ def lcq(run: Run) -> None:
                              bits=cfg.lcq_factor_bits)
     D.sync(dinfo.device)
     run.charge("lcq", time.perf_counter() - t0, lcq_budget, rank=cfg.lcq_rank if cfg.lcq_rank_alloc == "uniform" else "rho",
-               init=cfg.lcq_init, merge=cfg.lcq_merge, steps=res.steps, kl=f"{res.kl_start:.5f}->{res.kl_end:.5f}",
+               init=cfg.lcq_init, merge=cfg.lcq_merge, steps=res.steps, tokens_per_step=res.tokens_per_step, kl=f"{res.kl_start:.5f}->{res.kl_end:.5f}",
                stopped_by=res.stopped_by)
 
 
@@ -322,7 +329,7 @@ def ship(run: Run) -> bool:
             used = artifact.compressor_of(f.read(), path)
         parts = artifact.tensor_bytes_breakdown(tensors, meta, used, group_of, base="model")
         lora_bytes = parts.get("lora", 0)
-    lora_bytes = int(D.all_reduce_sum(torch.tensor(float(lora_bytes), device=dinfo.device)).item())
+    lora_bytes = int(D.all_reduce_sum(torch.tensor(lora_bytes, dtype=torch.int64, device=dinfo.device)).item())
     log(f"code: {len(script)} bytes sha256={hashlib.sha256(script).hexdigest()} "
         f"(the single-file train_gpt.py that ships, written to {cfg.log_dir}/{cfg.run_id}.train_gpt.py)")
     run.size = artifact.SizeReport(code_bytes=len(script), model_bytes=file_bytes - lora_bytes, lora_bytes=lora_bytes,

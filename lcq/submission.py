@@ -14,6 +14,7 @@ flash_attn_version and compliance (train_under_600s, eval_under_600s, artifact_u
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -81,6 +82,7 @@ def parse_log(text: str) -> dict:
     out["lcq"] = None if not lcq else dict(rank=lcq[0], init=lcq[1], merge=lcq[2], steps=int(lcq[3]),
                                            recovered_fraction=float(lcq[7]))
     out["gate_failed"] = "GATE FAILED" in text
+    out["code_sha256"] = last(r"^code: \d+ bytes sha256=([0-9a-f]{64}) ")
     return out
 
 
@@ -371,6 +373,7 @@ def audit(folder: str | os.PathLike) -> list[Check]:
 
     script = folder / "train_gpt.py"
     code_bytes = script.stat().st_size if script.is_file() else None
+    code_sha = hashlib.sha256(script.read_bytes()).hexdigest() if script.is_file() else None
     parsed = {_seed_of(p): parse_log(p.read_text(encoding="utf-8", errors="replace")) for p in logs}
 
     for seed, log in parsed.items():
@@ -392,6 +395,9 @@ def audit(folder: str | os.PathLike) -> list[Check]:
             continue
         add(f"code_bytes{tag}", code_bytes == log["code"],
             f"train_gpt.py {_fmt(code_bytes)} B vs logged code {log['code']} B")
+        # Same length is not same script: the log names the shipped script's sha256 too.
+        add(f"code_sha256{tag}", code_sha is not None and code_sha == log["code_sha256"],
+            f"train_gpt.py sha256 {(code_sha or '-')[:16]} vs logged {(log['code_sha256'] or 'none')[:16]}")
         recomputed = None if code_bytes is None else code_bytes + log["model"] + log["lora"]
         add(f"bytes_recomputed{tag}", recomputed == log["total"],
             f"{_fmt(code_bytes)} + model {log['model']} + lora {log['lora']} = {_fmt(recomputed)} vs logged total {log['total']}")

@@ -1,4 +1,5 @@
 """Quantize -> LCQ -> artifact -> gate -> eval of what ships, in process (tiny preset) and through train_gpt.py."""
+import json
 import os
 import re
 import subprocess
@@ -160,6 +161,25 @@ def test_raising_the_rank_until_the_cap_fails(tmp_path, demo_data):
     assert big.returncode == 3
     lora = [int(re.search(r"lora (\d+),", (tmp_path / "logs" / f"{r}.txt").read_text()).group(1)) for r in ("r2", "r16")]
     assert 0 < lora[0] < lora[1]
+    # auto: the largest rank that fits the same cap, and the run passes its gate.
+    auto = entry(tmp_path, demo_data, "rauto", extra_env={"LCQ_RANK": "auto", "ARTIFACT_CAP_BYTES": str(cap),
+                                                          "LCQ_AUTO_HEADROOM_BYTES": "0"})
+    assert auto.returncode == 0, auto.stderr[-2000:]
+    log = (tmp_path / "logs" / "rauto.txt").read_text()
+    rank = int(re.search(r"^lcq_auto_rank: .* rank (\d+)$", log, re.M).group(1))
+    assert 2 <= rank < 16 and total_bytes(log) <= cap
+
+
+def test_rho_rank_allocation_keeps_the_uniform_budget(tmp_path, demo_data):
+    proc = entry(tmp_path, demo_data, "rho", extra_env={"LCQ_RANK_ALLOC": "rho", "LCQ_RANK": "4"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads((tmp_path / "logs" / "rho.json").read_text())
+    ranks = summary["lcq"]["ranks"]
+    # in + out features of each tiny layer (dim 64, 4 heads, 2 KV heads of 16, MLP 256), two blocks
+    width = {"attn.c_q": 128, "attn.c_k": 96, "attn.c_v": 96, "attn.proj": 128, "mlp.fc": 320, "mlp.proj": 320}
+    used = sum(r * width[n.split(".", 2)[2]] for n, r in ranks.items())
+    assert 0 < used <= 4 * 2 * sum(width.values())
+    assert "lcq_rho: total" in (tmp_path / "logs" / "rho.txt").read_text()
 
 
 def test_eval_only_process_matches_the_in_process_score(tmp_path, demo_data):

@@ -231,7 +231,7 @@ def test_build_one_seed_then_audit_passes(runs, one_seed):
     proc = subprocess.run([sys.executable, "-m", "lcq.submission", "audit", str(one_seed)], cwd=REPO,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    for name in ("files", "code_bytes[seed 1]", "bytes_recomputed[seed 1]", "artifact_cap[seed 1]",
+    for name in ("files", "code_bytes[seed 1]", "code_sha256[seed 1]", "bytes_recomputed[seed 1]", "artifact_cap[seed 1]",
                  "train_time[seed 1]", "eval_time[seed 1]", "json_matches_log[seed 1]", "json_totals", "print_config"):
         assert re.search(rf"^PASS  {re.escape(name)} ", proc.stdout, re.M), proc.stdout
     assert "0 failed" in proc.stdout
@@ -295,7 +295,18 @@ def test_tampering_side_effects_are_the_expected_ones(one_seed, tmp_path):
     folder = tmp_path / one_seed.name
     shutil.copytree(one_seed, folder)
     tamper_script_larger(folder)
-    assert failed(S.audit(folder)) == {"code_bytes[seed 1]", "bytes_recomputed[seed 1]"}
+    assert failed(S.audit(folder)) == {"code_bytes[seed 1]", "code_sha256[seed 1]", "bytes_recomputed[seed 1]"}
+
+
+def test_same_length_different_script_fails_only_the_hash(one_seed, tmp_path):
+    folder = tmp_path / one_seed.name
+    shutil.copytree(one_seed, folder)
+    script = folder / "train_gpt.py"
+    data = script.read_bytes()
+    swapped = data.replace(b"regenerate it, do not edit it", b"regenerate it, DO NOT edit it", 1)
+    assert swapped != data and len(swapped) == len(data)
+    script.write_bytes(swapped)
+    assert failed(S.audit(folder)) == {"code_sha256[seed 1]"}
 
 
 def test_two_seeds_give_mean_and_std(runs, two_seeds):
