@@ -18,6 +18,8 @@ import os
 import sys
 from pathlib import Path
 
+from .runlog import atomic_write
+
 PACKAGE_DIR = Path(__file__).resolve().parent
 # Tooling that the training run never imports stays out of the shipped script (fewer code bytes).
 EXCLUDED = {"bench.py", "submission.py"}
@@ -99,11 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     if not os.path.exists(args.entry):
         ap.error(f"--entry {args.entry}: no such file")
     data = render(Path(args.entry).read_text(encoding="utf-8"), package_sources())
-    out = Path(args.out)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, out)
-    print(f"wrote {out}: {len(data)} bytes (code bytes counted by the gate)")
+    atomic_write(args.out, data)
+    print(f"wrote {args.out}: {len(data)} bytes (code bytes counted by the gate)")
     return 0
 
 

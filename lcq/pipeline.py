@@ -28,7 +28,7 @@ from .gptq import QuantSpec, collect_hessians, dequantize_state, quant_error_rep
 from .lora import DEFAULT_TARGETS, allocate_ranks, attach_lora, merge_lora
 from .model import GPT, build_model, gptq_targets
 from .record import run_record, write_submission_json
-from .runlog import RunLog, atomic_write_text
+from .runlog import RunLog, atomic_write
 from .shipping import TIED, artifact_meta, group_of, load_shipped, model_from_state, pack_lora
 from .tokenizer import byte_tables, load_tokenizer
 from .train import TrainResult, autocast_for, train
@@ -318,7 +318,7 @@ def ship(run: Run) -> bool:
     script = shipped_script()
     if dinfo.is_master:
         artifact.save(path, tensors, meta, cfg.compressor)
-        atomic_write_text(os.path.join(cfg.log_dir, f"{cfg.run_id}.train_gpt.py"), script.decode("utf-8"))
+        atomic_write(os.path.join(cfg.log_dir, f"{cfg.run_id}.train_gpt.py"), script)
     D.barrier()
     run.charge("serialize", time.perf_counter() - t0, cfg.serialize_reserve_seconds, compressor=cfg.compressor, path=path)
     # The training clock stops here; the rest is accounting.

@@ -10,7 +10,8 @@ import json
 import math
 import os
 import statistics
-from pathlib import Path
+
+from .runlog import atomic_write
 
 # The competition's limits. The audit holds every run to these, whatever caps the run configured for itself.
 CAP_BYTES = 16_000_000
@@ -151,18 +152,6 @@ def run_record(summary: dict, date: str | None = None) -> dict:
 
 
 def write_submission_json(path: str | os.PathLike, record: dict) -> None:
-    """Write `record` as JSON via a temp file in the same folder and os.replace: a crash mid-write leaves the old
-    file whole (or no file), never a truncated one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(record, f, indent=2, allow_nan=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """Write `record` as strict JSON (NaN refused before anything is written), atomically: a crash mid-write leaves
+    the old file whole (or no file), never a truncated one."""
+    atomic_write(path, json.dumps(record, indent=2, allow_nan=False) + "\n")

@@ -15,16 +15,21 @@ from .config import Config
 from .dist import DistInfo
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write via a temp file in the same folder and rename, so readers never see a half-written file."""
+def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:
+    """Write via a temp file in the same folder, fsync, rename: readers see the old file or the new one, never half of
+    one, and a failure leaves no temp file behind."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def versions() -> dict:
@@ -100,7 +105,7 @@ class RunLog:
 
     def write_summary(self) -> None:
         if self.dinfo.is_master:
-            atomic_write_text(self.json_path, json.dumps(self.summary, indent=2, sort_keys=True) + "\n")
+            atomic_write(self.json_path, json.dumps(self.summary, indent=2, sort_keys=True) + "\n")
 
     def close(self) -> None:
         if self.dinfo.is_master:

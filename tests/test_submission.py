@@ -133,19 +133,26 @@ def test_mean_and_std_known_answers():
 # ---------------------------------------------------------------------------------------------- atomic write
 
 
-def test_submission_json_survives_a_failure_mid_write(tmp_path):
+def test_submission_json_survives_a_failure_mid_write(tmp_path, monkeypatch):
     path = tmp_path / "submission.json"
     old = {"val_bpb": 1.5, "name": "old"}
     R.write_submission_json(path, old)
-    # json.dump streams: the keys before the bad value reach the file before the TypeError
-    bad = {"val_bpb": 1.2, "name": "new", "padding": "x" * 100_000, "broken": object()}
+    new = {"val_bpb": 1.2, "name": "new", "padding": "x" * 100_000}
+    # the process dies after the new bytes are written but before they are in place: fsync, then rename, fail
+    for target in ("fsync", "replace"):
+        with monkeypatch.context() as m:
+            m.setattr(f"lcq.runlog.os.{target}", lambda *a: (_ for _ in ()).throw(OSError(f"{target} failed")))
+            with pytest.raises(OSError, match=target):
+                R.write_submission_json(path, new)
+        assert json.loads(path.read_text()) == old
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["submission.json"]  # the temp file is gone
     with pytest.raises(TypeError):
-        R.write_submission_json(path, bad)
-    assert json.loads(path.read_text()) == old
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["submission.json"]  # the temp file is gone
+        R.write_submission_json(path, {"broken": object()})
     with pytest.raises(ValueError):
         R.write_submission_json(path, {"val_bpb": float("nan")})  # NaN is not JSON
     assert json.loads(path.read_text()) == old
+    R.write_submission_json(path, new)
+    assert json.loads(path.read_text()) == new
 
 
 # ---------------------------------------------------------------------------------------------- logs and helpers
