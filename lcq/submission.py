@@ -27,7 +27,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .record import (CAP_BYTES, EVAL_SECONDS, RECORD_TRACK, TRAIN_SECONDS, SubmissionError, _within,
+from .record import (CAP_BYTES, EVAL_SECONDS, RECORD_TRACK, TRAIN_SECONDS, SubmissionError, _within, on_record_hardware,
                      combine,
                      mean8, std8, write_submission_json)
 
@@ -83,6 +83,8 @@ def parse_log(text: str) -> dict:
                                            recovered_fraction=float(lcq[7]))
     out["gate_failed"] = "GATE FAILED" in text
     out["code_sha256"] = last(r"^code: \d+ bytes sha256=([0-9a-f]{64}) ")
+    dev = last(r"^device: (.*) world_size:(\d+)$")
+    out["device"], out["world_size"] = (dev[0], int(dev[1])) if dev else (None, None)
     return out
 
 
@@ -475,7 +477,7 @@ def _json_totals(record: dict, parsed: dict[str, dict]) -> list[str]:
             bad.append(f"{k} json {record.get(k)} != logs {v}")
     ok = all(_log_within_limits(parsed[s]) for s in seeds)
     if record.get("track") == RECORD_TRACK and not ok:
-        bad.append(f"track {RECORD_TRACK} but a log breaks a limit or its gate")
+        bad.append(f"track {RECORD_TRACK} but a log breaks a limit or its gate, or did not run on 8xH100")
     return bad
 
 
@@ -483,7 +485,7 @@ def _log_within_limits(log: dict) -> bool:
     cfg = log["config"] or {}
     train_s = _max_present(log["train_clock_s"], log["final_train_clock_s"])
     eval_s = _max_present(log["eval_s"].get(log["final_stage"]), log["final_eval_s"])
-    return (not log["gate_failed"] and log["val_bpb"] is not None
+    return (not log["gate_failed"] and log["val_bpb"] is not None and on_record_hardware(log["device"], log["world_size"])
             and _within(train_s, min(TRAIN_SECONDS, cfg.get("max_wallclock_seconds", TRAIN_SECONDS)))
             and _within(eval_s, min(EVAL_SECONDS, cfg.get("eval_budget_seconds", EVAL_SECONDS)))
             and _within(log["total"], min(CAP_BYTES, cfg.get("artifact_cap_bytes", CAP_BYTES))))

@@ -74,8 +74,10 @@ def test_run_record_from_a_real_summary(runs):
     assert total == code + model + lora
     assert (rec["author"], rec["github_id"], rec["name"]) == ("Ada Tester", "ada", "LCQ tiny test")
     assert rec["date"] == "2026-04-30T12:00:00Z" and rec["seeds"] == [1]
-    # the tiny run keeps its own 60 s clock, the 600 s eval budget and the cap, and passes the gate
-    assert rec["track"] == "10min_16mb" and all(rec["compliance"].values())
+    # the tiny run keeps its own 60 s clock, the 600 s eval budget and the cap, and passes the gate, but a CPU run is
+    # never a record
+    assert rec["track"] == "non_record_16mb" and not rec["compliance"]["hardware_8xh100"]
+    assert all(v for k, v in rec["compliance"].items() if k != "hardware_8xh100")
     e = rec["seed_results"]["1"]
     assert e["steps"] == summary["train"]["steps"] == 12 and e["artifact_bytes"] == total
     assert e["train_time_s"] == summary["train_clock_s"] and e["eval_time_s"] == summary["final"]["eval_time_s"]
@@ -89,6 +91,7 @@ def test_run_record_from_a_real_summary(runs):
 
 def test_track_follows_the_budgets(runs):
     base = json.loads((runs / "logs" / "seed1.json").read_text())
+    base.update(device="8x NVIDIA H100 80GB HBM3", world_size=8)  # as if the same run had been on the record box
 
     def track(**edit):
         s = copy.deepcopy(base)
@@ -107,6 +110,17 @@ def test_track_follows_the_budgets(runs):
     assert track(final__eval_time_s=600.5) == "non_record_16mb"
     assert track(bytes__total=16_000_001) == "non_record_16mb"
     assert track(status=3) == "non_record_16mb"
+    assert track(world_size=1, device="1x NVIDIA H100 80GB HBM3") == "non_record_16mb"
+    assert track(device="8x NVIDIA A100-SXM4-80GB") == "non_record_16mb"
+
+
+def test_audit_rejects_a_record_claim_off_8xh100(one_seed, tmp_path):
+    folder = tmp_path / one_seed.name
+    shutil.copytree(one_seed, folder)
+    rec = json.loads((folder / "submission.json").read_text())
+    rec["track"] = "10min_16mb"  # the tiny run was on a CPU
+    (folder / "submission.json").write_text(json.dumps(rec))
+    assert "json_totals" in failed(S.audit(folder))
 
 
 def test_gated_run_has_no_score_and_is_non_record(runs):
