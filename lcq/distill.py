@@ -18,7 +18,7 @@ from . import dist as D
 from .config import Config
 from .data import TrainLoader, train_pattern
 from .lora import init_act_svd, init_grail, init_svd, lora_modules, lora_parameters, recoverable_energy
-from .train import all_reduce_grads, autocast_for
+from .train import all_reduce_grads, autocast_for, out_of_time
 
 
 @dataclass
@@ -175,16 +175,13 @@ def distill(student: nn.Module, teacher: nn.Module, cfg: Config, dinfo: D.DistIn
         opt.zero_grad(set_to_none=True)
         step += 1
         now = time.perf_counter()
-        elapsed = now - t0
-        # Stop when the next step could overrun (the slower of the average and the last step), as in training.
-        stop_flag.fill_(1.0 if elapsed + max(elapsed / step, now - t_step) > seconds else 0.0)
-        D.all_reduce_max(stop_flag)
-        if step % cfg.lcq_log_every == 0 or bool(stop_flag.item()) or step == cfg.lcq_max_steps:
+        stop = out_of_time(stop_flag, now - t0, step, now - t_step, seconds)
+        if step % cfg.lcq_log_every == 0 or stop or step == cfg.lcq_max_steps:
             kl = heldout_kl(student, teacher, heldout, cfg, dinfo)
             elapsed = time.perf_counter() - t0
             log(f"lcq_step:{step}/{cfg.lcq_max_steps} train_kl:{loss.item():.6f} heldout_kl:{kl:.6f} "
                 f"lcq_time:{elapsed * 1000:.0f}ms step_avg:{elapsed * 1000 / step:.2f}ms")
-        if stop_flag.item():
+        if stop:
             stopped_by = "wallclock"
             break
     D.sync(device)

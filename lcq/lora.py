@@ -89,6 +89,20 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name), child, module)
 
 
+def match_targets(model: nn.Module, targets: list[str] | tuple[str, ...]) -> list[str]:
+    """Module names matching any fnmatch pattern (`*` also crosses dots), in pattern order, each once. A pattern that
+    matches nothing is an error: a typo must not silently shrink the adapter set."""
+    names = [n for n, _ in model.named_modules() if n]
+    matched: list[str] = []
+    for pattern in targets:
+        hits = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+        if not hits:
+            raise ValueError(f"target pattern {pattern!r} matches no module of the model (names look like "
+                             "blocks.0.attn.c_q, blocks.0.mlp.fc, lm_head)")
+        matched += [n for n in hits if n not in matched]
+    return matched
+
+
 def attach_lora(model: nn.Module, targets: list[str] | tuple[str, ...], rank: int | dict[str, int],
                 alpha: float) -> dict[str, LoRALinear]:
     """Wrap every nn.Linear whose qualified name matches a pattern of `targets` (fnmatch, `*` also crosses dots).
@@ -100,13 +114,7 @@ def attach_lora(model: nn.Module, targets: list[str] | tuple[str, ...], rank: in
         raise ValueError("attach_lora: targets is empty; pass patterns such as lcq.lora.DEFAULT_TARGETS")
     if not alpha > 0:
         raise ValueError(f"attach_lora: alpha must be > 0, got {alpha}")
-    names = [n for n, _ in model.named_modules() if n]
-    matched: list[str] = []
-    for pattern in targets:
-        hits = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
-        if not hits:
-            raise ValueError(f"attach_lora: target pattern {pattern!r} matches no module of the model")
-        matched += [n for n in hits if n not in matched]
+    matched = match_targets(model, targets)
     modules = dict(model.named_modules())
     for n in matched:
         if not isinstance(modules[n], nn.Linear):

@@ -6,7 +6,6 @@ the training clock stops.
 """
 from __future__ import annotations
 
-import fnmatch
 import hashlib
 import os
 import time
@@ -25,7 +24,7 @@ from .data import TrainLoader, file_sha256, list_shards, load_val_tokens, train_
 from .distill import DistillResult, distill, energy_report, init_factors
 from .evaluate import EvalResult, evaluate
 from .gptq import QuantSpec, collect_hessians, dequantize_state, quant_error_report, quantize_state
-from .lora import DEFAULT_TARGETS, allocate_ranks, attach_lora, merge_lora
+from .lora import DEFAULT_TARGETS, allocate_ranks, attach_lora, match_targets, merge_lora
 from .model import GPT, build_model, gptq_targets
 from .record import run_record, write_submission_json
 from .runlog import RunLog, atomic_write
@@ -196,18 +195,19 @@ def quantize(run: Run) -> None:
 
 def lcq_target_names(model: nn.Module, cfg: Config) -> list[str]:
     patterns = [p.strip() for p in cfg.lcq_targets.split(",") if p.strip()] or list(DEFAULT_TARGETS)
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    out = []
-    for p in patterns:
-        hits = [n for n in names if fnmatch.fnmatchcase(n, p)]
-        if not hits:
-            raise ValueError(f"LCQ_TARGETS pattern {p!r} matches no linear layer (names look like blocks.0.attn.c_q, "
-                             "blocks.0.mlp.fc, lm_head)")
-        out += [n for n in hits if n not in out]
-    if cfg.lcq_merge == "baked" and "lm_head" in out:
+    try:
+        names = match_targets(model, patterns)
+    except ValueError as e:
+        raise ValueError(f"LCQ_TARGETS: {e}") from None
+    mods = dict(model.named_modules())
+    not_linear = [n for n in names if not isinstance(mods[n], nn.Linear)]
+    if not_linear:
+        raise ValueError(f"LCQ_TARGETS matches modules that are not linear layers: {not_linear[:3]}; "
+                         "name linear layers such as blocks.*.attn.c_q")
+    if cfg.lcq_merge == "baked" and "lm_head" in names:
         raise ValueError("LCQ_MERGE=baked cannot target lm_head: its weight is the tied embedding; drop lm_head from "
                          "LCQ_TARGETS or use side/fused")
-    return out
+    return names
 
 
 def lora_bytes_per_rank(model: nn.Module, names: list[str], bits: int) -> float:

@@ -48,6 +48,14 @@ def all_reduce_grads(params: list[nn.Parameter], world_size: int) -> None:
         g.copy_(synced)
 
 
+def out_of_time(flag: torch.Tensor, elapsed: float, steps: int, last_step_s: float, budget_s: float) -> bool:
+    """True on every rank once the next step could cross the budget, estimated by the slower of the average and the
+    last step. Ranks agree through a MAX all-reduce of `flag`, so no rank steps alone."""
+    flag.fill_(1.0 if elapsed + max(elapsed / steps, last_step_s) > budget_s else 0.0)
+    D.all_reduce_max(flag)
+    return bool(flag.item())
+
+
 def autocast_for(device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
@@ -122,12 +130,7 @@ def train(model: nn.Module, cfg: Config, dinfo: D.DistInfo, log, bos_id: int,
         step += 1
         now = time.perf_counter()
         elapsed = train_time + (now - t0)
-        last_step_s = now - t_step
-        # Stop when the next step could cross the budget (estimated by the slower of the average and the last step).
-        # Ranks agree through a MAX all-reduce, so no rank steps alone.
-        stop_flag.fill_(1.0 if elapsed + max(elapsed / step, last_step_s) > budget_s else 0.0)
-        D.all_reduce_max(stop_flag)
-        stop = bool(stop_flag.item()) and step < cfg.iterations
+        stop = out_of_time(stop_flag, elapsed, step, now - t_step, budget_s) and step < cfg.iterations
         last_step = stop or step == cfg.iterations
         if step % cfg.train_log_every == 0 or last_step or step <= 2:
             D.sync(device)

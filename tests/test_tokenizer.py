@@ -108,7 +108,7 @@ def test_non_ascii_sentence_really_uses_byte_fallback(sp):
     assert len(ids) == 6 and all(sp.is_byte(i) for i in ids)
 
 
-def test_load_tokenizer_errors(tmp_path):
+def test_load_tokenizer_bad_paths(tmp_path):
     missing = tmp_path / "nope.model"
     with pytest.raises(FileNotFoundError, match="TOKENIZER_PATH") as e:
         load_tokenizer(missing)
