@@ -236,6 +236,7 @@ def render_readme(record: dict) -> str:
             f"- Code + model + LoRA <= 16,000,000 bytes on every seed: {yes(c['artifact_under_16mb'])} "
             f"(max {_fmt(record['bytes_total'], ',')})",
             f"- Within the run's own budgets, gate passed: {yes(c['within_run_budgets'])}, {yes(c['gate_passed'])}",
+            f"- Ran on 8xH100 (the record track's hardware): {yes(c['hardware_8xh100'])} ({record['hardware']})",
             "- GPTQ calibration and LCQ distillation read train shards only (see `data_calibration_read` in the logs).",
             "", "Check this folder with `python -m lcq.submission audit <folder>`.", "",
             "## Reproduce", "", "```bash", "pip install -r requirements.txt"]

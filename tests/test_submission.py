@@ -247,6 +247,7 @@ def test_build_one_seed_then_audit_passes(runs, one_seed):
     assert (rec["val_loss"], rec["val_bpb"]) == (loss, bpb)
     readme = (one_seed / "README.md").read_text()
     assert f"**val_bpb = {bpb:.8f}**" in readme and "## LCQ" in readme and "## Stage timings" in readme
+    assert "- Ran on 8xH100 (the record track's hardware): **NO** (1x cpu" in readme
     assert rec["reproduce"]["1"]["command"] in readme and "SEED=1 RUN_ID=seed1" in readme
     assert "AUTHOR='Ada Tester'" in readme  # the env the logged command did not show
     proc = subprocess.run([sys.executable, "-m", "lcq.submission", "audit", str(one_seed)], cwd=REPO,
