@@ -218,7 +218,10 @@ def lora_bytes_per_rank(model: nn.Module, names: list[str], bits: int) -> float:
 
 
 def auto_rank(run: Run, names: list[str], model: nn.Module) -> int:
-    """The largest uniform rank whose factors fit under the cap next to the code and the quantized model."""
+    """The largest uniform rank whose factors fit under the cap next to the code and the quantized model.
+
+    It compresses the quantized model once to know its real bytes (an estimate could overshoot the cap and fail the
+    gate at the end of a paid run); that compression is charged to LCQ's time."""
     cfg = run.cfg
     code = len(shipped_script())
     model_bytes = len(artifact.encode(run.qtensors, artifact_meta(cfg, run.bos_id, run.qmeta, None), cfg.compressor))
