@@ -286,13 +286,16 @@ def lcq(run: Run) -> None:
                  calibration_runner(run, cfg.lcq_grail_tokens), cfg.lcq_grail_ridge)
     elapsed = time.perf_counter() - t0
     seconds = run.clock_left - elapsed - cfg.serialize_reserve_seconds - cfg.lcq_safety_seconds
+    if cfg.lcq_merge == "baked":
+        # baked re-runs GPTQ on the merged weights after distillation: keep back what the first GPTQ took
+        seconds -= next(s for stage, s, _ in run.ledger if stage == "gptq")
     if cfg.lcq_seconds:
         seconds = min(seconds, cfg.lcq_seconds)
     seconds = max(0.0, seconds)
     run.log(f"lcq_budget: {seconds:.2f}s for distillation (clock left {run.clock_left - elapsed:.2f}s, serialize reserve "
             f"{cfg.serialize_reserve_seconds:.1f}s, safety {cfg.lcq_safety_seconds:.1f}s)")
     res = distill(student, teacher, cfg, dinfo, run.log, run.bos_id, seconds if cfg.lcq_max_steps else 0.0)
-    lcq_budget = elapsed + seconds + cfg.lcq_safety_seconds
+    lcq_budget = run.clock_left - cfg.serialize_reserve_seconds
     run.distill_result = res
     if cfg.lcq_merge == "baked":
         merge_lora(student)
@@ -304,8 +307,9 @@ def lcq(run: Run) -> None:
         run.lora_meta = dict(merge=cfg.lcq_merge, init=cfg.lcq_init, ranks=packed_ranks, alpha=alpha,
                              bits=cfg.lcq_factor_bits)
     D.sync(dinfo.device)
-    run.charge("lcq", time.perf_counter() - t0, lcq_budget, rank=cfg.lcq_rank if cfg.lcq_rank_alloc == "uniform" else "rho",
-               init=cfg.lcq_init, merge=cfg.lcq_merge, steps=res.steps, tokens_per_step=res.tokens_per_step, kl=f"{res.kl_start:.5f}->{res.kl_end:.5f}",
+    run.charge("lcq", time.perf_counter() - t0, lcq_budget,
+               rank=cfg.lcq_rank if cfg.lcq_rank_alloc == "uniform" else "rho", init=cfg.lcq_init, merge=cfg.lcq_merge,
+               steps=res.steps, tokens_per_step=res.tokens_per_step, kl=f"{res.kl_start:.5f}->{res.kl_end:.5f}",
                stopped_by=res.stopped_by)
 
 

@@ -218,3 +218,12 @@ def test_bundled_script_runs_with_the_repo_not_importable(tmp_path, demo_data):
     # The counted code bytes are the bytes of the script that ran, and it re-emits itself unchanged.
     assert re.search(rf"code {bundle.stat().st_size},", log)
     assert (run_dir / "logs" / "bundled.train_gpt.py").read_bytes() == bundle.read_bytes()
+
+
+def test_baked_ships_no_lora_bytes_and_still_scores_the_lcq_model(tmp_path, demo_data):
+    proc = entry(tmp_path, demo_data, "baked", extra_env={"LCQ_MERGE": "baked"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    log = (tmp_path / "logs" / "baked.txt").read_text()
+    assert re.search(r"lora 0, cap", log) and "quantized_lcq_exact" in log
+    tensors, meta = artifact.load(tmp_path / "logs" / "baked.lcq")
+    assert meta["lora"] is None and not any(k.startswith("lora.") for k in tensors)
