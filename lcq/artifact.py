@@ -363,7 +363,8 @@ def load(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
 # ---------------------------------------------------------------------------------------------- accounting
 
 def tensor_bytes_breakdown(tensors: Mapping[str, torch.Tensor], meta: dict, compressor: str,
-                           group: Callable[[str], str], base: str | None = None) -> dict[str, int]:
+                           group: Callable[[str], str], base: str | None = None,
+                           full: bytes | None = None) -> dict[str, int]:
     """Attribute the artifact's compressed bytes to groups of tensors (e.g. "model" vs "lora").
 
     Method: a group's share is its marginal cost, len(artifact) - len(artifact without that group's tensors),
@@ -374,7 +375,8 @@ def tensor_bytes_breakdown(tensors: Mapping[str, torch.Tensor], meta: dict, comp
     """
     if not tensors:
         raise ArtifactError("tensor_bytes_breakdown: no tensors to attribute")
-    full = encode(tensors, meta, compressor)  # first, so bad tensors get encode's error
+    if full is None:  # the caller may pass the artifact it already wrote: one fewer full compression
+        full = encode(tensors, meta, compressor)  # first, so bad tensors get encode's error
     labels = {name: group(name) for name in tensors}
     for name, g in labels.items():
         if not isinstance(g, str):

@@ -29,7 +29,7 @@ from .model import GPT, build_model, gptq_targets
 from .record import run_record, write_submission_json
 from .runlog import RunLog, atomic_write
 from .shipping import TIED, artifact_meta, group_of, load_shipped, model_from_state, pack_lora
-from .tokenizer import byte_tables, load_tokenizer
+from .tokenizer import ByteTables, byte_tables, load_tokenizer
 from .train import TrainResult, autocast_for, train
 
 # Train shards are hashed over their first 4 MiB: enough to identify the file, cheap for 100M-token shards.
@@ -43,7 +43,7 @@ class Run:
     dinfo: D.DistInfo
     log: RunLog
     bos_id: int
-    tables: tuple
+    tables: ByteTables
     val_tokens: np.ndarray
     model: GPT | None = None  # the float model; after training it holds the EMA weights (the LCQ teacher)
     train_result: TrainResult | None = None
@@ -333,8 +333,9 @@ def ship(run: Run) -> bool:
     lora_bytes = 0
     if run.lora_tensors and dinfo.is_master:
         with open(path, "rb") as f:
-            used = artifact.compressor_of(f.read(), path)
-        parts = artifact.tensor_bytes_breakdown(tensors, meta, used, group_of, base="model")
+            blob = f.read()
+        parts = artifact.tensor_bytes_breakdown(tensors, meta, artifact.compressor_of(blob, path), group_of,
+                                                base="model", full=blob)
         lora_bytes = parts.get("lora", 0)
     lora_bytes = int(D.all_reduce_sum(torch.tensor(lora_bytes, dtype=torch.int64, device=dinfo.device)).item())
     log(f"code: {len(script)} bytes sha256={hashlib.sha256(script).hexdigest()} "

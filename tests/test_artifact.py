@@ -408,6 +408,8 @@ def test_breakdown_adds_up_to_file_size(tmp_path, compressor):
     model_only = {n: v for n, v in t.items() if lora_group(n) == "model"}
     assert parts["lora"] == size - len(A.encode(model_only, {"cfg": 1}, resolved))  # marginal cost, by definition
     assert parts["lora"] > 0
+    written = (tmp_path / "m.lcq").read_bytes()
+    assert A.tensor_bytes_breakdown(t, {"cfg": 1}, resolved, lora_group, full=written) == parts  # no re-encode
     bigger = A.tensor_bytes_breakdown(model_with_lora(rank=16), {"cfg": 1}, compressor, lora_group)
     assert bigger["lora"] > parts["lora"]
 

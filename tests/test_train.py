@@ -33,7 +33,7 @@ def test_newton_schulz_orthogonalises():
     assert 0.6 < s.min() and s.max() < 1.3  # the quintic's band (Muon); a plain normalisation would spread widely
 
 
-def test_lcq_targets_errors_name_the_knob():
+def test_bad_lcq_targets_name_the_knob():
     model = GPT(make_config("tiny"), bos_id=1)
     assert len(lcq_target_names(model, make_config("tiny"))) == 12
     with pytest.raises(ValueError, match="LCQ_TARGETS.*blocks.\\*.atn.c_q"):
