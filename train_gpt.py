@@ -10,8 +10,8 @@ import time
 
 from lcq import dist as D
 from lcq.config import ConfigError, resolve
-from lcq.pipeline import (GATE_EXIT_CODE, build, eval_only, evaluate_shipped, finish, lcq, open_run, quantize,
-                          run_training, ship)
+from lcq.pipeline import (CONFIG_EXIT_CODE, GATE_EXIT_CODE, build, eval_only, evaluate_shipped, fail, finish,
+                          install_signal_handlers, lcq, open_run, quantize, run_training, ship)
 
 
 def main(argv: list[str]) -> int:
@@ -20,15 +20,17 @@ def main(argv: list[str]) -> int:
         cfg, _ = resolve(argv)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
-        return 2
+        return CONFIG_EXIT_CODE
     if cfg.print_config:
         print(cfg.to_json())
         return 0
+    install_signal_handlers()  # SIGTERM/SIGINT unwind: temp files removed, an `interrupted:` line in the log
     dinfo = D.init_dist()
+    run = None
     try:
+        run = open_run(cfg, dinfo)  # every start-up check runs here, before anything trains
         if cfg.eval_only:
-            return eval_only(cfg, dinfo, t_launch)
-        run = open_run(cfg, dinfo)
+            return eval_only(run, t_launch)
         build(run)
         run_training(run)
         quantize(run)
@@ -37,6 +39,8 @@ def main(argv: list[str]) -> int:
             return finish(run, t_launch, status=GATE_EXIT_CODE)
         evaluate_shipped(run)
         return finish(run, t_launch)
+    except BaseException as e:  # logged (an `error:` line, the JSON summary with status and error), then the status
+        return fail(run, e, t_launch)
     finally:
         D.shutdown()
 

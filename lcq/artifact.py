@@ -1,22 +1,39 @@
-"""The model artifact: one binary format (no pickle), compression, byte accounting, and the size gate.
+"""The model artifact: one binary format (no pickle) made of independently compressed sections, byte accounting per
+section, and the size gate.
 
-File layout (all integers little-endian):
+File layout (format version 2; all integers little-endian):
 
     offset  size  field
     0       4     magic b"LCQA"
-    4       2     format version (u16), currently 1
-    6       1     compressor id (u8): 0 none, 1 lzma, 2 brotli
-    7       8     raw length (u64): bytes of the uncompressed payload
-    15      8     payload length (u64): bytes of the compressed payload that follows the header
-    23      32    sha256 of bytes 0..23 of the header followed by the compressed payload
-    55      ...   compressed payload
+    4       2     format version (u16), currently 2
+    6       2     section count (u16, >= 1)
+    8       8     body length (u64): bytes after the 48-byte header
+    16      32    sha256 of bytes 0..16 followed by the body
+    48      ...   body: the sections back to back
 
-The uncompressed payload is a u32 manifest length, the manifest (UTF-8 JSON, sorted keys, compact separators),
-then the data region. The manifest is {"meta": <caller's dict>, "tensors": [entry, ...]} with entries in sorted
-name order, each {"name", "dtype", "shape", "layout", "offset", "nbytes"} (+ "bits" and "bias" for layout
-"bits"); offset is relative to the start of the data region, and tensors are stored back to back in that order.
-The checksum covers the header fields too, so a flipped byte anywhere after the magic is reported before any
-decompression or parsing happens.
+Section:
+
+    1       name length n (u8, 1..32), then n bytes of name ([a-z][a-z0-9_]*)
+    1       compressor id (u8): 0 none, 1 lzma, 2 brotli
+    8       raw length (u64): bytes of the uncompressed section payload
+    4       chunk count k (u32, >= 1)
+    16 k    chunk table: (raw length u64, stored length u64) per chunk
+    ...     the k stored chunks back to back, each compressed on its own
+
+A section's uncompressed payload (its chunks decompressed and joined) is a u32 manifest length, the manifest (UTF-8
+JSON, sorted keys, compact separators), then the data region. The manifest is {"meta": <caller's dict>,
+"tensors": [entry, ...]} with entries in sorted name order, each {"name", "dtype", "shape", "layout", "offset",
+"nbytes"} (+ "bits" and "bias" for layout "bits"); offset is relative to the start of the section's data region.
+decode() returns every section's tensors together (names are unique across sections) and one meta dict: the first
+section's meta, with each later section's meta under that section's name (the pipeline ships "model" then "lora",
+so meta["lora"] is the LoRA section's meta). The checksum covers the header fields too, so a flipped byte anywhere
+after the magic is reported before any decompression or parsing happens.
+
+Why sections (issue 8, DESIGN.md "Serialization"): the quantized base model is compressed on host threads while LCQ
+distils on the device, and after distillation only the LoRA is compressed. A section's bytes are its bytes, so the
+LoRA's share of the artifact is exact, with no attribution estimate. Why chunks: a chunk is compressed by its own
+thread, so a large payload uses the host's cores; the split point is fixed (CHUNK_BYTES), never the core count, so
+the bytes do not depend on the machine.
 
 Dtypes: int8, uint8, int16, int32, int64, float16, bfloat16, float32, float64, bool. Floats and bool are carried
 as same-size integers (bfloat16 viewed as int16), so NaN payloads and -0.0 survive bit for bit.
@@ -37,9 +54,10 @@ Layouts (chosen by encode from the dtype and the values, recorded per tensor so 
   order-0 entropy is 0.655).
 
 Compressors are fixed so the same input always gives the same bytes: "lzma" is a raw LZMA2 stream at
-preset 9 | PRESET_EXTREME (raw, because our header already carries length and checksum, which saves the 51-byte
-xz container); "brotli" is quality 11, lgwin 24; "none" is for debugging. Tuning lc/lp/pb moved int6 sizes by
-under 0.5% either way and a delta filter made them ~7% larger, so the preset's defaults stay.
+preset 9 | PRESET_EXTREME (raw, because our header already carries lengths and a checksum, which saves the 51-byte
+xz container); "brotli" is quality 11, lgwin 24; "none" is for debugging. Both are fed in fixed SLICE_BYTES slices
+(so a running job can report its progress) and flushed once at the end. Tuning lc/lp/pb moved int6 sizes by under 0.5%
+either way and a delta filter made them ~7% larger, so the preset's defaults stay.
 """
 from __future__ import annotations
 
@@ -49,9 +67,12 @@ import json
 import lzma
 import math
 import os
+import re
 import struct
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping
@@ -62,10 +83,25 @@ import torch
 
 ARTIFACT_CAP_BYTES = 16_000_000  # decimal bytes, the competition's cap on code + model
 MAGIC = b"LCQA"
-FORMAT_VERSION = 1
-_HEAD = struct.Struct("<4sHBQQ")
+FORMAT_VERSION = 2  # 2: sections of chunks (issue 8); 1 was one compressed payload
+_HEAD = struct.Struct("<4sHHQ")
 HEADER_BYTES = _HEAD.size + 32
+_SECTION = struct.Struct("<BQI")  # compressor id, raw length, chunk count (after the name)
+_CHUNK = struct.Struct("<QQ")  # raw length, stored length
 _MANIFEST_LEN = struct.Struct("<I")
+_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
+# A section is split into chunks of this many raw bytes, each compressed by its own thread. Fixed (never derived
+# from the core count) so the bytes are the same on every machine. Measured on the record-size int6 payload (32.4 MB;
+# BENCHMARKS.md, "Serialization"): two chunks instead of one stream cost brotli -0.0004% (13,741,407 -> 13,741,353
+# bytes) and lzma +0.11%; 4 MiB chunks of the 35.4 MB payload of the later record preset cost brotli -0.006%, far
+# under the 0.5% issue 8 allows: int6 codes are near-iid, so little context is lost at a cut. 9 chunks at record size.
+CHUNK_BYTES = 4 << 20
+# Weight of the newest slice in a job's moving average of seconds per byte.
+RATE_EMA = 0.1
+# Compressors are fed this many bytes at a time; a running job counts them to measure its rate. Small enough that a
+# first rate is measured within about a second even on a loaded host (brotli-11 took 0.4 s per 256 KiB slice of int6
+# codes on the 2-core CI machine under load); the bytes do not depend on it (same output at 1 MiB and 256 KiB).
+SLICE_BYTES = 256 << 10
 
 
 class ArtifactError(ValueError):
@@ -94,14 +130,51 @@ _INT_CARRIER = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 _PACK_WIDTHS = (1, 2, 4)
 
 _LZMA_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]
-_COMPRESSORS: dict[str, tuple[int, Callable[[bytes], bytes], Callable[[bytes], bytes]]] = {
-    "none": (0, bytes, bytes),
-    "lzma": (1, lambda b: lzma.compress(b, format=lzma.FORMAT_RAW, filters=_LZMA_FILTERS),
-             lambda b: lzma.decompress(b, format=lzma.FORMAT_RAW, filters=_LZMA_FILTERS)),
-    "brotli": (2, lambda b: brotli.compress(b, quality=11, lgwin=24), brotli.decompress),
+
+
+def _lzma_stream():
+    c = lzma.LZMACompressor(format=lzma.FORMAT_RAW, filters=_LZMA_FILTERS)
+    return c.compress, c.flush
+
+
+def _brotli_stream():
+    c = brotli.Compressor(quality=11, lgwin=24)
+    return c.process, c.finish
+
+
+# name -> (id, stream factory () -> (feed, finish), decompress)
+_COMPRESSORS: dict[str, tuple[int, Callable[[], tuple[Callable, Callable]], Callable[[bytes], bytes]]] = {
+    "none": (0, lambda: (bytes, bytes), bytes),
+    "lzma": (1, _lzma_stream, lambda b: lzma.decompress(b, format=lzma.FORMAT_RAW, filters=_LZMA_FILTERS)),
+    "brotli": (2, _brotli_stream, brotli.decompress),
 }
 _COMPRESSOR_BY_ID = {cid: name for name, (cid, _, _) in _COMPRESSORS.items()}
 AUTO_ORDER = ("lzma", "brotli")  # "auto" tries these; on equal sizes the earlier one wins
+
+
+def max_compressed_bytes(n: int) -> int:
+    """The most bytes one compressed chunk of n input bytes can take, whichever compressor wrote it.
+
+    Incompressible input is where compressors expand: raw LZMA2 then stores uncompressed chunks of at most 64 KiB
+    behind a 3-byte header and ends with a 1-byte marker (liblzma's lzma_block_buffer_bound); brotli stores
+    uncompressed meta-blocks and bounds its output by n + 2 + 4 * (n >> 14) + 3 + 1 (BrotliEncoderMaxCompressedSize,
+    brotli/encode.h). "none" stores the n bytes."""
+    return max(n + 3 * -(-n // 65536) + 1, n + 2 + 4 * (n >> 14) + 4)
+
+
+def _chunk_spans(n: int, chunk_bytes: int) -> list[tuple[int, int]]:
+    return [(lo, min(lo + chunk_bytes, n)) for lo in range(0, n, chunk_bytes)] or [(0, 0)]
+
+
+def _section_head_bytes(name: str, chunks: int) -> int:
+    return 1 + len(name) + _SECTION.size + chunks * _CHUNK.size
+
+
+def max_section_bytes(name: str, raw_bytes: int, chunk_bytes: int = CHUNK_BYTES) -> int:
+    """The most bytes a section of `raw_bytes` uncompressed payload can take in the file (header, chunk table, and
+    every chunk at max_compressed_bytes)."""
+    spans = _chunk_spans(raw_bytes, chunk_bytes)
+    return _section_head_bytes(name, len(spans)) + sum(max_compressed_bytes(hi - lo) for lo, hi in spans)
 
 
 # ---------------------------------------------------------------------------------------------- encode
@@ -181,58 +254,252 @@ def _payload(tensors: Mapping[str, torch.Tensor], meta: dict) -> bytes:
     return b"".join([_MANIFEST_LEN.pack(len(manifest)), manifest, *chunks])
 
 
-def _frame(raw: bytes, compressor: str) -> bytes:
-    if compressor not in _COMPRESSORS:
+def _check_name(name: str) -> None:
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise ArtifactError(f"section name {name!r}: use 1-32 characters [a-z0-9_] starting with a letter")
+
+
+def _check_compressor(compressor: str) -> None:
+    if compressor != "auto" and compressor not in _COMPRESSORS:
         raise ArtifactError(f"unknown compressor {compressor!r}; use one of {', '.join(_COMPRESSORS)} or 'auto'")
-    cid, compress, _ = _COMPRESSORS[compressor]
-    payload = compress(raw)
-    head = _HEAD.pack(MAGIC, FORMAT_VERSION, cid, len(raw), len(payload))
-    return head + hashlib.sha256(head + payload).digest() + payload
 
 
-def encode(tensors: Mapping[str, torch.Tensor], meta: dict, compressor: str) -> bytes:
-    """Serialize tensors + JSON meta into one artifact blob; compressor is "lzma", "brotli", "none" or "auto".
+@dataclass(frozen=True)
+class Section:
+    """One compressed section as it is stored: name, compressor, raw payload length and (raw length, stored bytes)
+    per chunk. `seconds` is the wall time its compression took (not stored)."""
 
-    meta comes back as JSON gives it (tuples as lists). "auto" compresses with each of AUTO_ORDER and keeps the
-    smallest. The compressors run in parallel threads (lzma and brotli both release the GIL), so auto costs the time
-    of the slower one, not the sum: on a 16 MB int6 payload on the 2-core CI machine, brotli took 31 s and lzma 17 s.
-    """
-    raw = _payload(tensors, meta)
-    if compressor == "auto":
-        with ThreadPoolExecutor(max_workers=len(AUTO_ORDER)) as pool:
-            framed = list(pool.map(lambda c: _frame(raw, c), AUTO_ORDER))
-        return min(framed, key=len)  # min keeps the first of equal sizes, in AUTO_ORDER
-    return _frame(raw, compressor)
+    name: str
+    compressor: str
+    raw_bytes: int
+    chunks: tuple[tuple[int, bytes], ...]
+    seconds: float = 0.0
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes this section takes in the file: what it costs under the cap."""
+        return _section_head_bytes(self.name, len(self.chunks)) + sum(len(c) for _, c in self.chunks)
+
+    def to_bytes(self) -> bytes:
+        name = self.name.encode("ascii")
+        head = bytes([len(name)]) + name + _SECTION.pack(_COMPRESSORS[self.compressor][0], self.raw_bytes,
+                                                         len(self.chunks))
+        table = b"".join(_CHUNK.pack(n, len(c)) for n, c in self.chunks)
+        return b"".join([head, table, *(c for _, c in self.chunks)])
+
+
+class SectionJob:
+    """A section being compressed on host threads (lzma and brotli release the GIL), started at construction.
+
+    The payload is built in the caller's thread (so the tensors may change afterwards), cut into CHUNK_BYTES chunks,
+    and every (chunk, candidate compressor) pair is compressed by a pool of `threads` threads (default: the host's
+    cores). "auto" compresses every chunk with each of AUTO_ORDER and keeps the compressor with the smaller section.
+    The job counts the bytes its compressors have consumed, so it can project when it will finish from the rate
+    measured in this process (the pipeline budgets LCQ with it)."""
+
+    def __init__(self, name: str, tensors: Mapping[str, torch.Tensor], meta: dict, compressor: str,
+                 threads: int | None = None, chunk_bytes: int = CHUNK_BYTES):
+        _check_name(name)
+        _check_compressor(compressor)
+        if chunk_bytes < 1:
+            raise ArtifactError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
+        self.name = name
+        self.started = time.perf_counter()
+        self._raw = _payload(tensors, meta)
+        self.raw_bytes = len(self._raw)
+        self._spans = _chunk_spans(self.raw_bytes, chunk_bytes)
+        self._candidates = AUTO_ORDER if compressor == "auto" else (compressor,)
+        self._fed = dict.fromkeys(self._candidates, 0)  # bytes consumed, per compressor
+        self._spb: dict[str, float] = {}  # seconds per byte of recent slices (moving average), per compressor
+        self._lock = threading.Lock()
+        self._cancelled = threading.Event()
+        tasks = [(c, lo, hi) for lo, hi in self._spans for c in self._candidates]
+        self.threads = max(1, min(threads or os.cpu_count() or 1, len(tasks)))
+        pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix=f"lcq-compress-{name}")
+        self._futures: list[Future] = [pool.submit(self._compress, *task) for task in tasks]
+        pool.shutdown(wait=False)  # the workers exit once the queue is drained
+        self._section: Section | None = None
+
+    def _compress(self, compressor: str, lo: int, hi: int) -> bytes | None:
+        feed, finish = _COMPRESSORS[compressor][1]()
+        view = memoryview(self._raw)
+        out = []
+        for at in range(lo, hi, SLICE_BYTES):
+            if self._cancelled.is_set():
+                return None
+            piece = view[at:min(at + SLICE_BYTES, hi)]
+            t = time.perf_counter()
+            out.append(feed(piece))
+            dt = time.perf_counter() - t
+            with self._lock:
+                self._fed[compressor] += len(piece)
+                if piece:
+                    spb = dt / len(piece)
+                    old = self._spb.get(compressor)
+                    self._spb[compressor] = spb if old is None else old + RATE_EMA * (spb - old)
+        out.append(finish())
+        return b"".join(out)
+
+    def done(self) -> bool:
+        return all(f.done() for f in self._futures)
+
+    def rates(self, wait_s: float = 0.0) -> dict[str, float] | None:
+        """Bytes per thread-second of each compressor over its recent slices (a moving average of seconds per byte;
+        None until every compressor has finished a slice; waits up to `wait_s` for that). Recent, because a chunk's
+        first slices compress faster than its later ones (brotli's window fills) and the load on a shared host
+        changes; wall time of the compressing threads, so it includes whatever else competes for the cores."""
+        deadline = time.perf_counter() + wait_s
+        while True:
+            with self._lock:
+                if all(self._spb.get(c, 0) > 0 for c in self._candidates):
+                    return {c: 1.0 / self._spb[c] for c in self._candidates}
+            if self.done() or time.perf_counter() >= deadline:
+                return None
+            time.sleep(0.01)
+
+    def thread_seconds(self, nbytes: int, wait_s: float = 0.0) -> float | None:
+        """Projected thread-seconds to compress `nbytes` more with every compressor of this job, at its measured
+        rates (None: nothing measured yet)."""
+        rates = self.rates(wait_s)
+        return None if rates is None else sum(nbytes / r for r in rates.values())
+
+    def seconds_left(self, wait_s: float = 0.0) -> float | None:
+        """Projected wall seconds until the job is done: the bytes each compressor has left at its measured rate,
+        spread over the job's threads (None: nothing measured yet)."""
+        if self.done():
+            return 0.0
+        rates = self.rates(wait_s)
+        if rates is None:
+            return None
+        with self._lock:
+            left = sum((self.raw_bytes - self._fed[c]) / rates[c] for c in self._candidates)
+        return left / self.threads
+
+    def cancel(self) -> None:
+        """Stop at the next slice (the inputs changed: e.g. baked LCQ re-quantized the model)."""
+        self._cancelled.set()
+
+    def result(self) -> Section:
+        """Wait for every chunk and return the section (raises what a compressor raised)."""
+        if self._section is None:
+            if self._cancelled.is_set():
+                raise ArtifactError(f"section {self.name!r}: the job was cancelled")
+            outs = [f.result() for f in self._futures]
+            k = len(self._candidates)
+            per = {c: [outs[i * k + j] for i in range(len(self._spans))] for j, c in enumerate(self._candidates)}
+            best = min(self._candidates, key=lambda c: sum(len(b) for b in per[c]))  # ties: the earlier one
+            self._section = Section(self.name, best, self.raw_bytes,
+                                    tuple((hi - lo, b) for (lo, hi), b in zip(self._spans, per[best])),
+                                    time.perf_counter() - self.started)
+            self._raw = b""
+        return self._section
+
+
+def compress_section(name: str, tensors: Mapping[str, torch.Tensor], meta: dict, compressor: str,
+                     threads: int | None = None, chunk_bytes: int = CHUNK_BYTES) -> Section:
+    """Compress one section now (see SectionJob)."""
+    return SectionJob(name, tensors, meta, compressor, threads, chunk_bytes).result()
+
+
+def assemble(sections: list[Section]) -> bytes:
+    """The artifact file: header + the sections in the given order."""
+    if not sections or len(sections) > 0xFFFF:
+        raise ArtifactError(f"an artifact holds 1..65535 sections, got {len(sections)}")
+    names = [sec.name for sec in sections]
+    if len(set(names)) != len(names):
+        raise ArtifactError(f"section names must be unique, got {names}")
+    body = b"".join(sec.to_bytes() for sec in sections)
+    head = _HEAD.pack(MAGIC, FORMAT_VERSION, len(sections), len(body))
+    return head + hashlib.sha256(head + body).digest() + body
+
+
+def encode(tensors: Mapping[str, torch.Tensor], meta: dict, compressor: str, threads: int | None = None) -> bytes:
+    """Serialize tensors + JSON meta into a one-section ("model") artifact; compressor is "lzma", "brotli", "none"
+    or "auto" (each of AUTO_ORDER, keep the smaller). meta comes back as JSON gives it (tuples as lists)."""
+    return assemble([compress_section("model", tensors, meta, compressor, threads)])
 
 
 # ---------------------------------------------------------------------------------------------- decode
 
-def _read_header(blob: bytes, source: str) -> tuple[str, int, memoryview]:
-    """Check everything the header promises; return (compressor, raw length, compressed payload)."""
+def _read_header(blob: bytes, source: str) -> tuple[int, memoryview]:
+    """Check everything the header promises; return (section count, body)."""
     if len(blob) < HEADER_BYTES:
         raise ArtifactError(f"{source}: truncated: {len(blob)} bytes is shorter than the {HEADER_BYTES}-byte "
                             "artifact header")
-    magic, version, cid, raw_len, pay_len = _HEAD.unpack_from(blob)
+    magic, version, count, body_len = _HEAD.unpack_from(blob)
     if magic != MAGIC:
         raise ArtifactError(f"{source}: bad magic {magic!r} (expected {MAGIC!r}); not an lcq artifact")
     if version != FORMAT_VERSION:
-        raise ArtifactError(f"{source}: unknown format version {version} (this lcq reads version "
-                            f"{FORMAT_VERSION}); re-export the artifact with this lcq")
-    if cid not in _COMPRESSOR_BY_ID:
-        raise ArtifactError(f"{source}: unknown compressor id {cid} (known: "
-                            f"{', '.join(f'{i}={n}' for i, n in sorted(_COMPRESSOR_BY_ID.items()))})")
+        old = " (one compressed payload, before sections)" if version == 1 else ""
+        raise ArtifactError(f"{source}: unknown format version {version}{old}; this lcq reads version "
+                            f"{FORMAT_VERSION} only: re-export the artifact with this lcq")
     have = len(blob) - HEADER_BYTES
-    if have < pay_len:
-        raise ArtifactError(f"{source}: truncated: header says {pay_len} payload bytes but only {have} follow")
-    if have > pay_len:
-        raise ArtifactError(f"{source}: {have - pay_len} trailing bytes after the {pay_len}-byte payload")
+    if have < body_len:
+        raise ArtifactError(f"{source}: truncated: header says {body_len} body bytes but only {have} follow")
+    if have > body_len:
+        raise ArtifactError(f"{source}: {have - body_len} trailing bytes after the {body_len}-byte body")
     view = memoryview(blob)
-    payload = view[HEADER_BYTES:]
+    body = view[HEADER_BYTES:]
     digest = hashlib.sha256(view[:_HEAD.size])
-    digest.update(payload)
+    digest.update(body)
     if digest.digest() != bytes(view[_HEAD.size:HEADER_BYTES]):
         raise ArtifactError(f"{source}: checksum mismatch: the artifact is corrupted")
-    return _COMPRESSOR_BY_ID[cid], raw_len, payload
+    if count < 1:
+        raise ArtifactError(f"{source}: bad header: 0 sections")
+    return count, body
+
+
+@dataclass(frozen=True)
+class SectionInfo:
+    """Where a section sits in a verified file and what it holds (from its header)."""
+
+    name: str
+    compressor: str
+    raw_bytes: int
+    nbytes: int  # bytes it takes in the file, header and chunk table included
+    chunks: tuple[tuple[int, memoryview], ...]  # (raw length, stored bytes)
+
+
+def _read_sections(blob: bytes, source: str) -> list[SectionInfo]:
+    count, body = _read_header(blob, source)
+    out, at = [], 0
+
+    def take(n: int, what: str) -> memoryview:
+        nonlocal at
+        if at + n > len(body):
+            raise ArtifactError(f"{source}: bad section #{len(out)}: {what} extends past the {len(body)}-byte body")
+        at += n
+        return body[at - n:at]
+
+    for _ in range(count):
+        start = at
+        name = bytes(take(take(1, "name length")[0], "name")).decode("ascii", "replace")
+        if not _NAME.fullmatch(name):
+            raise ArtifactError(f"{source}: bad section #{len(out)}: name {name!r} is not [a-z][a-z0-9_]*")
+        if any(sec.name == name for sec in out):
+            raise ArtifactError(f"{source}: section {name!r} appears twice")
+        cid, raw_len, k = _SECTION.unpack(take(_SECTION.size, "header"))
+        if cid not in _COMPRESSOR_BY_ID:
+            raise ArtifactError(f"{source}: section {name!r}: unknown compressor id {cid} (known: "
+                                f"{', '.join(f'{i}={n}' for i, n in sorted(_COMPRESSOR_BY_ID.items()))})")
+        if k < 1:
+            raise ArtifactError(f"{source}: section {name!r}: 0 chunks")
+        packed = take(_CHUNK.size * k, "chunk table")
+        table = [_CHUNK.unpack_from(packed, i * _CHUNK.size) for i in range(k)]
+        if sum(n for n, _ in table) != raw_len:
+            raise ArtifactError(f"{source}: section {name!r}: chunk lengths add up to {sum(n for n, _ in table)}, "
+                                f"not the raw length {raw_len}")
+        chunks = tuple((n, take(stored, f"chunk of {stored} bytes")) for n, stored in table)
+        out.append(SectionInfo(name, _COMPRESSOR_BY_ID[cid], raw_len, at - start, chunks))
+    if at != len(body):
+        raise ArtifactError(f"{source}: {len(body) - at} bytes after the last of {count} sections")
+    return out
+
+
+def sections_of(blob: bytes, source: str = "<bytes>") -> dict[str, SectionInfo]:
+    """The sections of a verified artifact blob, by name, in file order (their nbytes add up to len(blob) minus
+    HEADER_BYTES)."""
+    return {sec.name: sec for sec in _read_sections(blob, source)}
 
 
 def _field(entry: dict, key: str, kind: type, where: str):
@@ -313,29 +580,55 @@ def _parse(raw: bytes, source: str) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, manifest["meta"]
 
 
+def _decompress(sec: SectionInfo, source: str) -> bytes:
+    out = []
+    for i, (n, stored) in enumerate(sec.chunks):
+        try:
+            raw = _COMPRESSORS[sec.compressor][2](stored)
+        except Exception as e:  # lzma.LZMAError, brotli.error: wrap whatever the codec raises
+            raise ArtifactError(f"{source}: section {sec.name!r}: {sec.compressor} chunk {i} does not decompress "
+                                f"({e})") from e
+        if len(raw) != n:
+            raise ArtifactError(f"{source}: section {sec.name!r}: chunk {i} decompressed to {len(raw)} bytes but "
+                                f"the table says {n}")
+        out.append(raw)
+    return b"".join(out)
+
+
 def decode(blob: bytes, source: str = "<bytes>") -> tuple[dict[str, torch.Tensor], dict]:
-    """Verify and parse an artifact blob; every failure is an ArtifactError naming `source`."""
-    compressor, raw_len, payload = _read_header(blob, source)
-    try:
-        raw = _COMPRESSORS[compressor][2](payload)
-    except Exception as e:  # lzma.LZMAError, brotli.error: wrap whatever the codec raises
-        raise ArtifactError(f"{source}: {compressor} payload does not decompress ({e})") from e
-    if len(raw) != raw_len:
-        raise ArtifactError(f"{source}: payload decompressed to {len(raw)} bytes but the header says {raw_len}")
-    return _parse(raw, source)
+    """Verify and parse an artifact blob; every failure is an ArtifactError naming `source`.
+
+    Returns every section's tensors together and the first section's meta with each later section's meta under its
+    section name (the first section may only hold null there)."""
+    tensors: dict[str, torch.Tensor] = {}
+    meta: dict = {}
+    for i, sec in enumerate(_read_sections(blob, source)):
+        part, sec_meta = _parse(_decompress(sec, source), f"{source}: section {sec.name!r}")
+        clash = sorted(set(part) & set(tensors))
+        if clash:
+            raise ArtifactError(f"{source}: section {sec.name!r}: tensor {clash[0]!r} is also in an earlier section")
+        tensors.update(part)
+        if i == 0:
+            meta = sec_meta
+        elif meta.get(sec.name) is not None:
+            raise ArtifactError(f"{source}: section {sec.name!r}: the first section's meta already holds "
+                                f"{sec.name!r}")
+        else:
+            meta[sec.name] = sec_meta
+    return tensors, meta
 
 
 def compressor_of(blob: bytes, source: str = "<bytes>") -> str:
-    """Name of the compressor a (verified) artifact blob was written with."""
-    return _read_header(blob, source)[0]
+    """Name of the compressor the first section of a (verified) artifact blob was written with."""
+    return _read_sections(blob, source)[0].compressor
 
 
 # ---------------------------------------------------------------------------------------------- files
 
-def save(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], meta: dict, compressor: str) -> int:
-    """Encode and write atomically (temp file in the same directory, then os.replace); return bytes written."""
+def write(path: str | os.PathLike, blob: bytes) -> int:
+    """Write an artifact blob atomically (temp file in the same directory, fsync, then os.replace); return its
+    size."""
     path = Path(path)
-    blob = encode(tensors, meta, compressor)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -351,6 +644,11 @@ def save(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], meta: dic
     return len(blob)
 
 
+def save(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], meta: dict, compressor: str) -> int:
+    """Encode (one section) and write atomically; return bytes written."""
+    return write(path, encode(tensors, meta, compressor))
+
+
 def load(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
     """Read and decode an artifact file; errors name the path."""
     try:
@@ -360,43 +658,7 @@ def load(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
     return decode(blob, str(path))
 
 
-# ---------------------------------------------------------------------------------------------- accounting
-
-def tensor_bytes_breakdown(tensors: Mapping[str, torch.Tensor], meta: dict, compressor: str,
-                           group: Callable[[str], str], base: str | None = None,
-                           full: bytes | None = None) -> dict[str, int]:
-    """Attribute the artifact's compressed bytes to groups of tensors (e.g. "model" vs "lora").
-
-    Method: a group's share is its marginal cost, len(artifact) - len(artifact without that group's tensors),
-    all encoded with the compressor the full artifact used (so "auto" cannot switch codec between variants).
-    Shared costs (header, manifest, meta, and whatever the compressor saves across groups) are the residual;
-    it goes to `base` (default: the group with the most raw tensor bytes), which is listed first. A marginal
-    that compression noise makes negative counts as 0. The parts sum to len(encode(...)) exactly.
-    """
-    if not tensors:
-        raise ArtifactError("tensor_bytes_breakdown: no tensors to attribute")
-    if full is None:  # the caller may pass the artifact it already wrote: one fewer full compression
-        full = encode(tensors, meta, compressor)  # first, so bad tensors get encode's error
-    labels = {name: group(name) for name in tensors}
-    for name, g in labels.items():
-        if not isinstance(g, str):
-            raise ArtifactError(f"tensor_bytes_breakdown: group({name!r}) returned {g!r}; it must return a str")
-    raw_bytes: dict[str, int] = {}
-    for name, g in labels.items():
-        raw_bytes[g] = raw_bytes.get(g, 0) + tensors[name].numel() * tensors[name].element_size()
-    if base is None:
-        base = max(sorted(raw_bytes), key=raw_bytes.__getitem__)
-    elif base not in raw_bytes:
-        raise ArtifactError(f"tensor_bytes_breakdown: base group {base!r} has no tensors "
-                            f"(groups: {', '.join(sorted(raw_bytes))})")
-    resolved = compressor_of(full)
-    others = {}
-    for g in sorted(raw_bytes):
-        if g != base:
-            rest = {n: t for n, t in tensors.items() if labels[n] != g}
-            others[g] = max(0, len(full) - len(encode(rest, meta, resolved)))
-    return {base: len(full) - sum(others.values()), **others}
-
+# ---------------------------------------------------------------------------------------------- the gate
 
 @dataclass(frozen=True)
 class SizeReport:

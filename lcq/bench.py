@@ -2,7 +2,10 @@
 
     python -m lcq.bench quant    # GPTQ vs round-to-nearest: bpb gap ratio per bit width, bytes/param per compressor
     python -m lcq.bench lcq      # LCQ: recovered fraction per init / rank / training / shipping strategy, at int4 and int6
-    python -m lcq.bench ablate   # what LCQ buys at its price in training time: same seed, three budgets
+    python -m lcq.bench attribution  # does LCQ pay once the eval does TTT? three arms x training budgets, same seed
+    python -m lcq.bench features  # the record stack at demo scale: all features on, then each one off in turn
+    python -m lcq.bench sizing --preset record  # projected artifact bytes from measured bytes/param of its codes
+    python -m lcq.bench serialize  # record-size artifact: bytes and charged seconds, serial vs parallel vs overlapped
 
 Each trains the demo-preset model on the embedded corpus (or the preset/knobs given, e.g. --preset record on a GPU box),
 writes its run logs under LOG_DIR, prints a table and ends with one JSON line holding the figures.
@@ -10,8 +13,11 @@ writes its run logs under LOG_DIR, prints a table and ends with one JSON line ho
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import io
 import json
 import math
+import os
 import sys
 import time
 import zlib
@@ -20,10 +26,13 @@ import torch
 
 from . import artifact
 from . import dist as D
-from .config import Config, replace, resolve
+from .config import RECORD_FEATURES, Config, replace, resolve
+from .evaluate import EvalResult
 from .gptq import QuantSpec, dequantize_state, quantize_rtn, quantize_state
-from .pipeline import TIED, Run, build, evaluate_shipped, lcq, open_run, quantize, run_training, score, ship
-from .shipping import artifact_meta, load_shipped, model_from_state
+from .pipeline import (TIED, Run, build, evaluate_shipped, lcq, open_run, quantize, run_training, score, score_ttt,
+                       ship)
+from .runlog import atomic_write
+from .shipping import artifact_meta, load_shipped, model_from_state, pack_lora
 
 
 # Clip candidates in row standard deviations (0 = max-abs). The record default (12.85) is tuned for int6 and is far
@@ -192,44 +201,391 @@ def load_and_score(run: Run) -> float:
     return score(run, model).val_bpb
 
 
-def bench_ablate(cfg: Config, dinfo: D.DistInfo) -> dict:
-    """(a) the whole reserve goes to training (only GPTQ + serialization kept back), no LCQ; (b) the LCQ reserve cut,
-    no LCQ; (c) the reserve cut with LCQ. Same seed, full pipeline each time, scored from the decoded artifact."""
-    small_reserve = cfg.serialize_reserve_seconds + (cfg.train_reserve_seconds - cfg.serialize_reserve_seconds) / 4
-    arms = {"a_full_budget_no_lcq": replace(cfg, lcq_rank="0", train_reserve_seconds=small_reserve),
-            "b_reserve_cut_no_lcq": replace(cfg, lcq_rank="0"),
-            "c_reserve_cut_with_lcq": cfg}
-    out = {}
-    for tag, arm in arms.items():
-        run = trained_run(arm, dinfo, f"ablate_{tag}")
+def _arm_ttt(run: Run, init: str) -> EvalResult:
+    """Sliding + score-first TTT on the run's artifact, the adapter started as `init` (artifact | zero)."""
+    saved = run.cfg
+    run.cfg = replace(saved, ttt_init=init)
+    try:
+        return score_ttt(run, saved.artifact_file)
+    finally:
+        run.cfg = saved
+
+
+def attribution_arms(cfg: Config, budget: float) -> dict[str, tuple[Config, tuple[str, ...]]]:
+    """The three arms at one training clock, each with the TTT starts it is scored with. The reserve, its serialize
+    share and LCQ's safety margin scale with the budget as the preset's shares (demo: 30, 5 and 2 of 150 s); arm (a)
+    keeps back only serialization plus a quarter of the rest for GPTQ (at least 1.5 GPTQ_MIN_SECONDS), as the old
+    ablation did."""
+    share = budget / cfg.max_wallclock_seconds
+    reserve = cfg.train_reserve_seconds * share
+    serialize = cfg.serialize_reserve_seconds * share
+    small = serialize + max(1.5 * cfg.gptq_min_seconds, (reserve - serialize) / 4)
+    base = replace(cfg, max_wallclock_seconds=budget, train_reserve_seconds=reserve, serialize_reserve_seconds=serialize,
+                   lcq_safety_seconds=cfg.lcq_safety_seconds * share, ttt_enabled=False)
+    return {"a_full_budget_no_lcq": (replace(base, lcq_rank="0", train_reserve_seconds=small), ("zero",)),
+            "b_reserve_cut_lcq_side": (replace(base, lcq_merge="side"), ("artifact", "zero")),
+            "c_reserve_cut_lcq_baked": (replace(base, lcq_merge="baked"), ("zero",))}
+
+
+def bench_attribution(cfg: Config, dinfo: D.DistInfo, budgets: list[float], plot: str,
+                      only: list[str] | None = None) -> dict:
+    """Does a train-time LoRA still pay when the eval does TTT? Same seed and training clock per budget; every arm is
+    the full pipeline, scored from its decoded artifact by the sliding eval and by sliding + TTT, bytes counted."""
+    rows = []
+    for budget in budgets:
+        for tag, (arm, inits) in attribution_arms(cfg, budget).items():
+            if only and tag[0] not in only:
+                continue
+            run = trained_run(arm, dinfo, f"attr_{int(budget)}_{tag}")
+            quantize(run)
+            lcq(run)
+            ship(run)
+            evaluate_shipped(run)
+            shipped_stage = "quantized_lcq" if run.lora_meta else "quantized"
+            row = dict(budget_s=budget, arm=tag, train_reserve_s=arm.train_reserve_seconds,
+                       train_s=run.train_result.train_time_s, steps=run.train_result.steps,
+                       train_clock_s=run.clock_used, pre_quant_bpb=run.scores["pre_quant"].val_bpb,
+                       quantized_bpb=run.scores["quantized"].val_bpb, sliding_bpb=run.scores[shipped_stage].val_bpb,
+                       sliding_eval_s=run.scores[shipped_stage].seconds, total_bytes=run.size.total,
+                       lora_bytes=run.size.lora_bytes)
+            for init in inits:
+                res = _arm_ttt(run, init)
+                row[f"ttt_{init}_bpb"] = res.val_bpb
+                row[f"ttt_{init}_eval_s"] = res.seconds
+            rows.append(row)
+            run.log(f"bench {json.dumps(row)}")
+            run.log.close()
+    print(f"\nattribution on the {cfg.preset} preset (seed {cfg.seed}); bpb of the decoded artifact, bytes counted")
+    print(f"{'budget':>6} {'arm':<24} {'train s':>7} {'steps':>5} {'pre-quant':>9} {'quantized':>9} {'sliding':>8} "
+          f"{'ttt zero':>8} {'ttt lora':>8} {'bytes':>8} {'ttt eval s':>10}")
+    for r in rows:
+        lora = f"{r['ttt_artifact_bpb']:.5f}" if "ttt_artifact_bpb" in r else "-"
+        print(f"{r['budget_s']:>6.0f} {r['arm']:<24} {r['train_s']:>7.1f} {r['steps']:>5} {r['pre_quant_bpb']:>9.5f} "
+              f"{r['quantized_bpb']:>9.5f} {r['sliding_bpb']:>8.5f} {r['ttt_zero_bpb']:>8.5f} {lora:>8} "
+              f"{r['total_bytes']:>8} {r['ttt_zero_eval_s']:>10.1f}")
+    verdicts = []
+    for budget in budgets:
+        by = {r["arm"]: r for r in rows if r["budget_s"] == budget}
+        if len(by) < 3:
+            continue  # --arms ran a subset (a lever measured on one arm): no verdict
+        full = by["a_full_budget_no_lcq"]["ttt_zero_bpb"]
+        best_lcq = min(by["b_reserve_cut_lcq_side"]["ttt_artifact_bpb"], by["b_reserve_cut_lcq_side"]["ttt_zero_bpb"],
+                       by["c_reserve_cut_lcq_baked"]["ttt_zero_bpb"])
+        shipped = by["b_reserve_cut_lcq_side"]["ttt_artifact_bpb"]
+        verdicts.append(dict(budget_s=budget, full_budget_ttt_zero=full, lcq_side_ttt_from_lora=shipped,
+                             best_lcq_ttt=best_lcq, lora_ttt_minus_full=shipped - full))
+        print(f"budget {budget:.0f}s: TTT from the shipped LoRA {shipped:.5f} vs full budget + TTT from zero {full:.5f}: "
+              f"{'LCQ pays' if shipped < full else 'LCQ does not pay'} ({shipped - full:+.5f} bpb)")
+    plotted = write_plot(rows, budgets, plot) if plot and dinfo.is_master else None
+    return dict(bench="attribution", preset=cfg.preset, seed=cfg.seed, budgets=budgets, rows=rows, verdicts=verdicts,
+                plot=plotted)
+
+
+def write_plot(rows: list[dict], budgets: list[float], path: str) -> str | None:
+    """Final bpb (sliding + TTT, each arm's best start) against the training budget, one line per arm (PNG)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"plot skipped: matplotlib is not installed (pip install -e '.[plot]'); {path} not written")
+        return None
+    series = {"a_full_budget_no_lcq": ("ttt_zero_bpb", "(a) full budget, no LCQ, TTT from zero"),
+              "b_reserve_cut_lcq_side": ("ttt_artifact_bpb", "(b) reserve cut + LCQ side, TTT from the LoRA"),
+              "b_zero": ("ttt_zero_bpb", "(b) reserve cut + LCQ side, TTT from zero"),
+              "c_reserve_cut_lcq_baked": ("ttt_zero_bpb", "(c) reserve cut + LCQ baked, TTT from zero")}
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for key, (field, label) in series.items():
+        arm = "b_reserve_cut_lcq_side" if key == "b_zero" else key
+        pts = sorted((r["budget_s"], r[field]) for r in rows if r["arm"] == arm)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+    ax.set_xlabel("training clock (s)")
+    ax.set_ylabel("val_bpb, sliding + TTT (lower is better)")
+    ax.set_xticks(budgets)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    atomic_write(path, buf.getvalue())
+    print(f"wrote {path}")
+    return path
+
+
+def scaled_features(cfg: Config) -> dict[str, dict]:
+    """RECORD_FEATURES (written for 11 layers) mapped onto cfg's depth and width: XSA on every layer, the looped span
+    and the lane start at the same relative depth (3-5 and 8 of 11), the gate window capped at MODEL_DIM. A feature
+    whose layer constraints cannot hold at this depth (lanes need a decoder layer after the loop) is left out."""
+    n = cfg.num_layers
+    out = {k: dict(v) for k, v in RECORD_FEATURES.items()}
+    out["xsa"]["xsa_last_n"] = n
+    start = min(n - 1, round(3 * n / 11))
+    end = min(n - 1, max(start, round(5 * n / 11)))
+    out["recurrence"].update(recur_start_layer=start, recur_end_layer=end)
+    lane = max(round(8 * n / 11), n // 2 if cfg.unet_skips else 1, end + 1)
+    if lane < n:
+        out["parallel_lanes"]["parallel_start_layer"] = lane
+    else:
+        del out["parallel_lanes"]
+    out["sparse_attn_gate"]["attn_gate_window"] = min(12, cfg.model_dim)
+    return out
+
+
+def _field_default(name: str):
+    return Config.__dataclass_fields__[name].default
+
+
+# Features that change only how the trained weights are quantized: their arms re-quantize the all-on model instead of
+# training again (same weights, so the delta is the quantizer's alone).
+QUANT_ONLY_FEATURES = ("role_clips", "int7_embed", "lqer")
+
+
+def bench_features(cfg: Config, dinfo: D.DistInfo, clock: float, steps: int = 0, only: list[str] | None = None) -> dict:
+    """The record stack's features at this preset's scale: one arm with all of them on, then one arm per feature with
+    only that one switched back to its field default. Same seed for every arm, and the same training clock, or with
+    `steps` > 0 the same number of steps (on a machine other processes load, a clock buys each arm a different number
+    of steps). LCQ off, so each arm's score is the decoded GPTQ artifact (LQER included when on)."""
+    feats = scaled_features(cfg)
+    unknown = sorted(set(only or []) - set(feats))
+    if unknown:
+        raise ValueError(f"--features: unknown {unknown}; choose from {sorted(feats)}")
+    if steps:
+        clock = max(clock, 1e5)  # the step count binds
+    reserve = min(cfg.train_reserve_seconds, clock / 5)
+    base = replace(cfg, **{k: v for group in feats.values() for k, v in group.items()}, lcq_rank="0",
+                   max_wallclock_seconds=clock, train_reserve_seconds=reserve, iterations=steps or cfg.iterations,
+                   serialize_reserve_seconds=min(cfg.serialize_reserve_seconds, reserve / 2), ttt_enabled=False)
+    arms = [("all_on", base)] + [(f"no_{name}", replace(base, **{k: _field_default(k) for k in group}))
+                                 for name, group in feats.items() if not only or name in only]
+    rows, trained = [], None
+    for tag, arm in arms:
+        if tag[3:] in QUANT_ONLY_FEATURES:
+            state, params, res = trained
+            run = open_run(replace(arm, run_id=f"bench_feat_{tag}_{time.strftime('%Y%m%d_%H%M%S')}",
+                                   submission_json=""), dinfo)
+            run.model = model_from_state(run.cfg, run.bos_id, state, dinfo.device)
+            run.train_result = res
+            run.charge("train", res.train_time_s, run.cfg.train_budget_seconds, reused="all_on")
+        else:
+            run = trained_run(arm, dinfo, f"feat_{tag}")
+            params, res = sum(p.numel() for p in run.model.parameters()), run.train_result
+            if tag == "all_on":
+                trained = ({k: v.detach().clone() for k, v in run.model.state_dict().items()}, params, res)
         quantize(run)
         lcq(run)
         ship(run)
         evaluate_shipped(run)
-        final = list(run.scores)[-1]
-        out[tag] = dict(train_reserve_s=arm.train_reserve_seconds, train_s=run.train_result.train_time_s,
-                        steps=run.train_result.steps, pre_quant_bpb=run.scores["pre_quant"].val_bpb,
-                        final_stage=final, final_bpb=run.scores[final].val_bpb, total_bytes=run.size.total,
-                        train_clock_s=run.clock_used)
+        rows.append(dict(arm=tag, steps=res.steps, train_s=res.train_time_s, params=params,
+                         pre_quant_bpb=run.scores["pre_quant"].val_bpb, bpb=run.scores["quantized"].val_bpb,
+                         model_bytes=run.size.model_bytes, total_bytes=run.size.total))
+        run.log(f"bench {json.dumps(rows[-1])}")
         run.log.close()
-    print(f"\nablation on the {cfg.preset} preset (seed {cfg.seed}):")
-    print(f"{'arm':<24} {'reserve s':>9} {'train s':>8} {'steps':>6} {'pre-quant':>10} {'final bpb':>10} {'bytes':>9}")
-    for tag, r in out.items():
-        print(f"{tag:<24} {r['train_reserve_s']:>9.1f} {r['train_s']:>8.1f} {r['steps']:>6} {r['pre_quant_bpb']:>10.5f} "
-              f"{r['final_bpb']:>10.5f} {r['total_bytes']:>9}")
-    return dict(bench="ablate", preset=cfg.preset, seed=cfg.seed, arms=out)
+    on = rows[0]
+    for r in rows:
+        r["delta_bpb"] = r["bpb"] - on["bpb"]  # > 0: switching the feature off costs bpb, i.e. the feature helps
+        # Model bytes only: the code bytes are the same program in every arm.
+        r["delta_bytes"] = r["model_bytes"] - on["model_bytes"]
+    budget = f"{steps} steps per arm" if steps else f"{clock:.0f}s clock per arm ({clock - reserve:.0f}s training)"
+    print(f"\nrecord features at the {cfg.preset} preset's scale ({cfg.num_layers} layers, d={cfg.model_dim}), seed "
+          f"{cfg.seed}, {budget}, LCQ off; bpb of the decoded artifact; {', '.join(QUANT_ONLY_FEATURES)} re-quantize "
+          f"the all-on model. Demo-scale deltas do not predict record-scale ones.")
+    print(f"{'arm':<22} {'steps':>5} {'train s':>7} {'pre-quant':>9} {'bpb':>8} {'d bpb':>9} {'model B':>9} {'d bytes':>8}")
+    for r in rows:
+        print(f"{r['arm']:<22} {r['steps']:>5} {r['train_s']:>7.1f} {r['pre_quant_bpb']:>9.5f} {r['bpb']:>8.5f} "
+              f"{r['delta_bpb']:>+9.5f} {r['model_bytes']:>9} {r['delta_bytes']:>+8}")
+    print("d bpb = bpb with the feature off minus bpb with all on (> 0: the feature helps at this scale); "
+          "d bytes = model bytes likewise (< 0: the feature costs bytes)")
+    return dict(bench="features", preset=cfg.preset, seed=cfg.seed, clock_s=None if steps else clock,
+                steps=steps or None, features={k: v for k, v in feats.items()}, rows=rows)
+
+
+def bench_sizing(cfg: Config) -> dict:
+    """Projected artifact bytes of `cfg`'s model (the record preset by default) from measured bytes per parameter of
+    its codes: Gaussian rows (what Muon-trained matrices look like to a per-row std clip) quantized by the real scale
+    rule at each role's bits and clip, stored as the artifact stores them (int8 codes + float16 row scales), brotli-11.
+    One sample matrix per role and shape; control tensors at 2 bytes each, uncompressed; code = the shipped script."""
+    import brotli
+
+    from .bundle import shipped_script
+    from .gptq import clip_for, tensor_role
+    from .model import GPT
+    from .pipeline import quant_spec
+
+    spec = quant_spec(cfg)
+    with torch.device("meta"):
+        model = GPT(cfg, 1)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    per_shape: dict[tuple, float] = {}
+    rows, control = {}, 0
+    for name, p in model.named_parameters():
+        role = tensor_role(name, p)
+        if role == "raw":
+            control += 2 * p.numel()
+            continue
+        bits = spec.embed_bits if role == "embed" else spec.matrix_bits
+        key = (tuple(p.shape), bits, clip_for(spec, name, role))
+        if key not in per_shape:
+            q, s = quantize_rtn(torch.randn(*p.shape, generator=gen), bits, key[2])
+            per_shape[key] = len(brotli.compress(q.numpy().tobytes() + s.numpy().tobytes(), quality=11)) / p.numel()
+        group = "embed" if role == "embed" else ("attn" if ".attn." in name else "mlp")
+        r = rows.setdefault(group, dict(params=0, bytes=0.0, bits=bits, clip=key[2]))
+        r["params"] += p.numel()
+        r["bytes"] += per_shape[key] * p.numel()
+    code = len(shipped_script())
+    total = sum(r["bytes"] for r in rows.values()) + control + code
+    print(f"\nprojected artifact of the {cfg.preset} preset ({sum(r['params'] for r in rows.values()):,} quantized params, "
+          f"MLP {cfg.mlp_mult}x, vocab {cfg.vocab_size}); brotli-11 on Gaussian codes")
+    print(f"{'role':<6} {'params':>11} {'bits':>4} {'clip':>5} {'B/param':>8} {'bytes':>11}")
+    for g, r in rows.items():
+        print(f"{g:<6} {r['params']:>11,} {r['bits']:>4} {r['clip']:>5} {r['bytes'] / r['params']:>8.4f} {r['bytes']:>11,.0f}")
+    print(f"control tensors {control:,} B, code {code:,} B: total {total:,.0f} of {cfg.artifact_cap_bytes:,} "
+          f"({cfg.artifact_cap_bytes - total:+,.0f})")
+    return dict(bench="sizing", preset=cfg.preset, roles=rows, control_bytes=control, code_bytes=code,
+                projected_bytes=round(total), cap=cfg.artifact_cap_bytes)
+
+
+def serialize_payload(cfg: Config) -> tuple[dict, dict, dict, dict, int]:
+    """What a run of `cfg`'s preset ships, without training: a randomly initialised model of the preset with every
+    block matrix drawn N(0, 1/fan_in) (the zero-init output projections would quantize to all-zero codes, far more
+    compressible than trained weights), quantized by the real code (quantize_state: SDClip row scales at the preset's
+    bits; RTN, since a random model has no Hessians worth solving), and a LoRA of the preset's rank on its LCQ targets
+    with random factors, packed by the real code (pack_lora). Returns (base tensors, base meta, LoRA tensors, LoRA
+    meta, parameters quantized). The meta holds qmeta (not the tokenizer identity: no tokenizer file is needed)."""
+    from .gptq import tensor_role
+    from .lora import attach_lora, lora_modules
+    from .model import build_model
+    from .pipeline import lcq_target_names, quant_spec
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, 1, torch.device("cpu"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if tensor_role(name, p) == "matrix":
+                p.normal_(0.0, p.shape[1] ** -0.5)
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    params = sum(p.numel() for p in model.parameters())
+    spec = dataclasses.replace(quant_spec(cfg), method="rtn")
+    tensors, qmeta = quantize_state(state, None, spec, TIED)
+    rank = 8 if cfg.lcq_rank in ("auto", "0") else int(cfg.lcq_rank)
+    attach_lora(model, lcq_target_names(model, cfg), rank, cfg.lcq_alpha)
+    with torch.no_grad():
+        for m in lora_modules(model).values():
+            m.set_factors(torch.randn_like(m.lora_B) * 0.01, torch.randn_like(m.lora_A) * m.lora_A.shape[1] ** -0.5)
+    lora, ranks, alpha = pack_lora(model, cfg.lcq_factor_bits)
+    lora_meta = dict(merge="side", init="random", ranks=ranks, alpha=alpha, bits=cfg.lcq_factor_bits)
+    return tensors, {"bench": "serialize", "qmeta": qmeta, "lora": None}, lora, lora_meta, params
+
+
+SERIALIZE_STRATEGIES = ("serial", "parallel", "overlapped")
+
+
+def bench_serialize(cfg: Config, lcq_window: float | None, threads: int,
+                    strategies: tuple[str, ...] = SERIALIZE_STRATEGIES) -> dict:
+    """Bytes and seconds charged to the training clock per serialization strategy, on the preset's artifact:
+
+    serial: the whole artifact (model + LoRA) as one stream after LCQ, each compressor on one thread (the lcq of before
+      issue 8: `auto` ran lzma and brotli side by side);
+    parallel: the model and LoRA sections, cut into artifact.CHUNK_BYTES chunks on every thread, after LCQ;
+    overlapped: what the pipeline does: the model section starts on host threads when GPTQ ends, LCQ runs on the
+      device (the host thread waits out `lcq_window` seconds), then the LoRA section is compressed and the model
+      section awaited. Charged: from the end of LCQ to the artifact's bytes in memory.
+    The pipeline's projection (artifact.SectionJob.seconds_left after its first measured slices) is reported beside
+    what the model section really took, and each strategy's CPU seconds (all threads) beside its wall seconds: on a
+    shared host the wall time depends on the other load, the CPU time much less."""
+    if lcq_window is None:  # the GPTQ + LCQ share the preset's reserve split leaves
+        lcq_window = cfg.train_reserve_seconds - cfg.serialize_reserve_seconds - cfg.lcq_safety_seconds
+    tensors, meta, lora, lora_meta, params = serialize_payload(cfg)
+    comp, workers = cfg.compressor, threads or os.cpu_count() or 1
+    raw_base = len(artifact._payload(tensors, meta))
+    print(f"payload: {params:,} parameters quantized, model section {raw_base:,} raw bytes, LoRA "
+          f"{sum(t.numel() * t.element_size() for t in lora.values()):,} bytes of factors; compressor {comp}, "
+          f"{workers} threads, chunks of {artifact.CHUNK_BYTES:,} bytes, LCQ window {lcq_window:.1f}s", flush=True)
+    rows = {}
+    unknown = sorted(set(strategies) - set(SERIALIZE_STRATEGIES))
+    if unknown:
+        raise ValueError(f"--strategies: unknown {unknown}; choose from {','.join(SERIALIZE_STRATEGIES)}")
+
+    t0, c0 = time.perf_counter(), time.process_time()
+    one = None if "serial" not in strategies else artifact.compress_section("model", {**tensors, **lora}, dict(meta, lora=lora_meta), comp,
+                                    threads=len(artifact.AUTO_ORDER) if comp == "auto" else 1,
+                                    chunk_bytes=1 << 62)
+    if one is not None:
+        blob = artifact.assemble([one])
+        rows["serial"] = dict(bytes=len(blob), charged_seconds=time.perf_counter() - t0, compressor=one.compressor,
+                              cpu_seconds=time.process_time() - c0)
+        print(f"serial      {rows['serial']['bytes']:>11,} bytes  {rows['serial']['charged_seconds']:7.2f}s charged",
+              flush=True)
+
+    if "parallel" in strategies:
+        t0, c0 = time.perf_counter(), time.process_time()
+        base_job = artifact.SectionJob("model", tensors, meta, comp, workers)
+        lora_sec = artifact.compress_section("lora", lora, lora_meta, comp, workers)
+        blob = artifact.assemble([base_job.result(), lora_sec])
+        rows["parallel"] = dict(bytes=len(blob), charged_seconds=time.perf_counter() - t0,
+                                compressor=base_job.result().compressor, cpu_seconds=time.process_time() - c0)
+        print(f"parallel    {rows['parallel']['bytes']:>11,} bytes  {rows['parallel']['charged_seconds']:7.2f}s "
+              "charged", flush=True)
+    if "overlapped" in strategies:
+        rows["overlapped"] = _overlapped(tensors, meta, lora, lora_meta, comp, workers, lcq_window)
+    first = rows[next(iter(rows))]
+    for row in rows.values():
+        row["bytes_vs_first"] = row["bytes"] / first["bytes"] - 1
+    # CPU seconds of all threads: what the work costs regardless of what else shares the cores
+    print("cpu seconds: " + " ".join(f"{k} {r['cpu_seconds']:.1f}" for k, r in rows.items()))
+    print(f"bytes vs {next(iter(rows))}: " + " ".join(f"{k} {100 * r['bytes_vs_first']:+.3f}%" for k, r in rows.items()))
+    return dict(bench="serialize", preset=cfg.preset, compressor=comp, payload_params=params, raw_bytes=raw_base,
+                threads=workers, cores=os.cpu_count(), chunk_bytes=artifact.CHUNK_BYTES, lcq_window_s=lcq_window,
+                strategies=rows, bytes={k: r["bytes"] for k, r in rows.items()},
+                charged_seconds={k: round(r["charged_seconds"], 3) for k, r in rows.items()})
+
+
+def _overlapped(tensors: dict, meta: dict, lora: dict, lora_meta: dict, comp: str, workers: int,
+                lcq_window: float) -> dict:
+    """The pipeline's strategy (see bench_serialize); charged = from the end of the LCQ window to the bytes."""
+    c0 = time.process_time()
+    base_job = artifact.SectionJob("model", tensors, meta, comp, workers)
+    from .pipeline import RATE_WAIT_SECONDS
+    projected = base_job.seconds_left(RATE_WAIT_SECONDS)
+    projected_at = time.perf_counter() - base_job.started
+    lcq_end = base_job.started + lcq_window
+    time.sleep(max(0.0, lcq_end - time.perf_counter()))  # the device distils; the host thread only waits
+    t0 = time.perf_counter()
+    lora_job = artifact.SectionJob("lora", lora, lora_meta, comp, workers)
+    base = base_job.result()
+    blob = artifact.assemble([base, lora_job.result()])
+    base_s = base.seconds
+    row = dict(bytes=len(blob), charged_seconds=time.perf_counter() - t0, compressor=base.compressor,
+               base_section_seconds=base_s, projected_base_seconds=None if projected is None else
+               projected_at + projected, projected_after_s=projected_at, cpu_seconds=time.process_time() - c0)
+    print(f"overlapped  {row['bytes']:>11,} bytes  {row['charged_seconds']:7.2f}s charged (model section took "
+          f"{base_s:.1f}s of the {lcq_window:.1f}s LCQ window; projected "
+          + ("-" if projected is None else f"{projected_at + projected:.1f}s") + f" after {projected_at:.1f}s)",
+          flush=True)
+    return row
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m lcq.bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("kind", choices=("quant", "lcq", "ablate"))
+    ap.add_argument("kind", choices=("quant", "lcq", "attribution", "features", "sizing", "serialize"))
     ap.add_argument("--bits", default=None, help="comma-separated bit widths (quant: 4,5,6,8; lcq: 4,6)")
     ap.add_argument("--ranks", default="4,16,64", help="lcq: comma-separated LoRA ranks")
     ap.add_argument("--inits", default="zero,svd,act_svd,grail", help="lcq: comma-separated inits")
     ap.add_argument("--time-frac", type=float, default=0.15, help="lcq: distillation seconds as a fraction of training")
+    ap.add_argument("--budgets", default="60,120,240", help="attribution: comma-separated training clocks in seconds")
+    ap.add_argument("--plot", default="attribution.png", help="attribution: PNG path ('' = no plot)")
+    ap.add_argument("--arms", default="abc", help="attribution: which arms to run (letters of a, b, c; a lever on one arm)")
+    ap.add_argument("--clock", type=float, default=75.0, help="features: wallclock seconds per arm (train + GPTQ + serialize)")
+    ap.add_argument("--steps", type=int, default=0, help="features: > 0 = this many training steps per arm instead of a clock")
+    ap.add_argument("--features", default="", help="features: comma-separated subset to switch off (default: all)")
+    ap.add_argument("--lcq-window", type=float, default=None,
+                    help="serialize: seconds LCQ runs on the device while the model section compresses (default: "
+                         "TRAIN_RESERVE - SERIALIZE_RESERVE - LCQ_SAFETY of the preset)")
+    ap.add_argument("--threads", type=int, default=0, help="serialize: compression threads (0 = every core)")
+    ap.add_argument("--strategies", default=",".join(SERIALIZE_STRATEGIES),
+                    help="serialize: comma-separated subset of serial,parallel,overlapped")
     args, rest = ap.parse_known_args(argv)
-    cfg, _ = resolve(rest if any(a.startswith("--preset") for a in rest) else ["--preset", "demo", *rest])
+    default = "record" if args.kind == "serialize" else "demo"  # serialize: the record-size payload, no training
+    cfg, _ = resolve(rest if any(a.startswith("--preset") for a in rest) else ["--preset", default, *rest])
     dinfo = D.init_dist()
     try:
         if args.kind == "quant":
@@ -237,8 +593,15 @@ def main(argv: list[str] | None = None) -> int:
         elif args.kind == "lcq":
             result = bench_lcq(cfg, dinfo, [int(b) for b in (args.bits or "4,6").split(",")],
                                [int(r) for r in args.ranks.split(",")], args.inits.split(","), args.time_frac)
+        elif args.kind == "serialize":
+            result = bench_serialize(cfg, args.lcq_window, args.threads, tuple(args.strategies.split(",")))
+        elif args.kind == "sizing":
+            result = bench_sizing(cfg)
+        elif args.kind == "features":
+            result = bench_features(cfg, dinfo, args.clock, args.steps, args.features.split(",") if args.features else None)
         else:
-            result = bench_ablate(cfg, dinfo)
+            result = bench_attribution(cfg, dinfo, [float(b) for b in args.budgets.split(",")], args.plot,
+                                       list(args.arms))
         if dinfo.is_master:
             print(json.dumps(result, sort_keys=True))
         return 0

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import time
 from dataclasses import dataclass, fields
@@ -43,6 +44,9 @@ class Config:
     # seconds of the cap kept back from main training for the post-training stages (GPTQ, LCQ, serialize)
     train_reserve_seconds: float = 80.0
     eval_budget_seconds: float = 600.0
+    # issue 10: the start-up check wants TRAIN_RESERVE_SECONDS >= SERIALIZE_RESERVE_SECONDS + LCQ_SAFETY_SECONDS + this,
+    # so GPTQ never gets a negative share. A floor, not an estimate: the ledger's gptq row shows the real time
+    gptq_min_seconds: float = 1.0
 
     # --- training ---
     iterations: int = 20000
@@ -71,8 +75,24 @@ class Config:
     smear_gate: bool = True
     logit_softcap: float = 30.0  # 0 disables
     tied_embed_init_std: float = 0.005
+    # record-stack features (openai/parameter-golf #1855 and the PRs it stacks); the field defaults leave each one off
+    xsa_last_n: int = 0  # exclusive self-attention (output minus its own-value component) on the last N layers (#478)
+    ln_scale: bool = False  # scale each block's normed inputs by 1/sqrt(layer+1) (#315)
+    skip_gates: bool = False  # learned sigmoid gate between each U-Net skip and the residual stream (#289)
+    # depth recurrence (#1344): layers RECUR_START_LAYER..RECUR_END_LAYER run RECUR_PASSES times (weights stored once)
+    # once training progress reaches RECUR_FROM_PROGRESS; 1 = off
+    recur_passes: int = 1
+    recur_start_layer: int = 0
+    recur_end_layer: int = 0
+    recur_from_progress: float = 0.0
+    parallel_start_layer: int = 0  # two residual lanes (attention / MLP) with a learned mix from this layer on (#1530); 0 = off
+    attn_gate_window: int = 0  # sparse attention output gate: per-head sigmoid of the first N input dims (#1787); 0 = off
+    attn_gate_scale: float = 1.0  # pre-sigmoid scale of that gate (#1855: 0.5)
+    # auto = fa3, else fa2; on CUDA an error if neither imports (issue 8: a silent SDPA fallback ran much slower) | sdpa
     attention_backend: str = "auto"  # auto | fa3 | fa2 | sdpa
-    compile: bool = True  # torch.compile the model on CUDA (ignored on CPU)
+    compile: bool = True  # torch.compile the training loss and the eval forward on CUDA (ignored on CPU)
+    # bf16 autocast on CPU too (issue 8): runs on CPU the mixed precision CUDA always runs, for tests; slower on most CPUs
+    autocast_cpu_bf16: bool = False
 
     # --- optimizer ---
     matrix_lr: float = 0.025
@@ -82,7 +102,11 @@ class Config:
     muon_momentum_warmup_start: float = 0.85
     muon_momentum_warmup_steps: int = 500
     muon_backend_steps: int = 5
+    muon_ns_coeffs: str = "jordan"  # jordan (fixed quintic, modded-nanogpt) | polar_express (per-step tuples, #1344/#1787)
     muon_weight_decay: float = 0.04
+    embed_weight_decay: float = 0.0  # decoupled (AdamW) weight decay on the tied embedding (#1855: 0.085)
+    scalar_weight_decay: float = 0.0  # decoupled weight decay on gains, gates and mixes (#1855: 0.02)
+    min_lr_frac: float = 0.0  # warmdown floor: the LR multiplier never falls below this (#1787: 0.10)
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
     adam_eps: float = 1e-8
@@ -94,6 +118,24 @@ class Config:
     eval_stride: int = 64
     eval_batch_tokens: int = 131_072  # tokens per forward pass per rank during evaluation
     val_max_tokens: int = 0  # 0: the whole val split; >0: only the first N tokens (demo/tests)
+    # every scored stage writes its per-target records (doc, pos, target, nll, bytes) to PATH with the stage name before
+    # the suffix (dump.npz -> dump.quantized_lcq_ttt.npz): compare runs document by document (issue 9); empty = off
+    eval_dump: str = ""
+
+    # --- score-first test-time training at eval (lcq/ttt.py; the records' phased TTT, PRs #1626 -> #1736 -> #1855) ---
+    ttt_enabled: bool = False  # 1: one more scored stage, <as shipped>_ttt, after the sliding eval of what ships
+    ttt_init: str = "auto"  # artifact (continue the shipped LCQ LoRA) | zero (fresh adapter) | auto (artifact if it has one)
+    ttt_chunk_tokens: int = 48  # targets scored per chunk before the adapter steps on them (#1855: 48)
+    ttt_steps: int = 1  # adapter steps per chunk, each after the chunk is scored
+    ttt_rank: int = 80  # rank of a zero-started adapter (#1855: 80)
+    ttt_targets: str = ""  # module patterns of a zero-started adapter; empty = LCQ's defaults + lm_head (#1855)
+    ttt_lr: float = 1e-4  # Adam on the adapter (#1855: 1e-4)
+    ttt_beta1: float = 0.9
+    ttt_beta2: float = 0.999
+    ttt_weight_decay: float = 0.0  # decoupled (AdamW); it pulls a shipped start toward zero
+    ttt_phases: int = 0  # global SGD phases on the base weights over documents already scored (#1855: 3); 0 = none
+    ttt_phase_docs: int = 0  # documents scored before the last phase boundary (#1855: 2500); boundaries split it evenly
+    ttt_phase_lr: float = 1e-3  # SGD learning rate of the global phases
 
     # --- quantization (GPTQ) ---
     quant_method: str = "gptq"  # gptq | rtn (round-to-nearest: the baseline GPTQ must beat)
@@ -101,18 +143,38 @@ class Config:
     embed_bits: int = 8
     # SDClip settings of public records (openai/parameter-golf PR #1394): clip rows at k standard deviations
     matrix_clip_sigmas: float = 12.85
+    # per-role clips (#1855: attention 13.0, MLP 11.5); negative = MATRIX_CLIP_SIGMAS
+    attn_clip_sigmas: float = -1.0
+    mlp_clip_sigmas: float = -1.0
     embed_clip_sigmas: float = 20.0
     gptq_damp: float = 0.01
     gptq_block_size: int = 128
     gptq_act_order: bool = True
     gptq_calib_tokens: int = 131_072  # train tokens per rank for the Hessians (never val)
+    # > 0: calibrate on this many train batches of TRAIN_BATCH_TOKENS / world per rank instead (#1855: 16)
+    gptq_calib_batches: int = 0
+    # LQER (#1797): rank-LQER_RANK SVD of the quantization error of the LQER_TOP_K tensors with the largest error,
+    # factors stored as small integers next to the codes; 0 = off. asym: A int2 with one scale per tensor, B at
+    # LQER_FACTOR_BITS in groups of LQER_GROUP; otherwise both per row at LQER_FACTOR_BITS
+    lqer_rank: int = 0
+    lqer_top_k: int = 3
+    lqer_factor_bits: int = 4
+    lqer_group: int = 64
+    lqer_asym: bool = True
 
     # --- artifact and gate ---
-    compressor: str = "auto"  # auto (smallest of lzma/brotli) | lzma | brotli
+    # brotli | lzma | auto (both on every section, keep the smaller: twice the host work). brotli by default (issue 8):
+    # on the record-size int6 payload brotli gave 13,741,407 bytes and lzma 14,622,035, so auto's lzma half only
+    # takes host cores from the base section compressing beside LCQ
+    compressor: str = "brotli"
     artifact_cap_bytes: int = 16_000_000  # decimal bytes: code + model + LoRA
-    # kept back from LCQ for writing the artifact: brotli at quality 11 on a 16 MB payload took 31 s on the 2-core CI
-    # machine (lzma 17 s; `auto` runs both in parallel); check the serialize row of the ledger on your hardware
+    # planned for serialization before anything is measured (the budget split, GPTQ's share, the start-up check). LCQ's
+    # own budget keeps back what serialization is projected to need from the compression rate measured in the run
+    # (issue 8: the base section compresses during LCQ, the LoRA section after it); this is the fallback when no rate
+    # was measured. Whole-artifact brotli-11 on a 16 MB payload took 31 s on the 2-core CI machine.
     serialize_reserve_seconds: float = 35.0
+    # host threads that compress artifact sections (0 = every core); the bytes never depend on it (issue 8)
+    serialize_threads: int = 0
 
     # --- LCQ: post-quantization LoRA distillation ---
     lcq_rank: str = "8"  # rank per adapter; 0 turns LCQ off; auto = the largest rank that fits under the cap
@@ -145,6 +207,7 @@ class Config:
         need(0 <= self.train_reserve_seconds < self.max_wallclock_seconds, "train_reserve_seconds",
              "must be >= 0 and less than MAX_WALLCLOCK_SECONDS (main training needs some time)")
         need(self.eval_budget_seconds > 0, "eval_budget_seconds", "must be > 0")
+        need(self.gptq_min_seconds >= 0, "gptq_min_seconds", "must be >= 0")
         need(self.iterations > 0, "iterations", "must be > 0")
         need(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
         need(self.lr_warmup_steps >= 0, "lr_warmup_steps", "must be >= 0")
@@ -167,13 +230,33 @@ class Config:
         need(self.mlp_mult > 0, "mlp_mult", "must be > 0")
         need(self.mlp_act in ("relu2", "leaky_relu2"), "mlp_act", "choose relu2 or leaky_relu2")
         need(self.logit_softcap >= 0, "logit_softcap", "must be >= 0 (0 disables)")
+        need(0 <= self.xsa_last_n <= self.num_layers, "xsa_last_n", f"must be in [0, NUM_LAYERS={self.num_layers}]")
+        need(self.recur_passes >= 1, "recur_passes", "must be >= 1 (1 = no depth recurrence)")
+        if self.recur_passes > 1:
+            need(0 <= self.recur_start_layer <= self.recur_end_layer < self.num_layers, "recur_end_layer",
+                 f"need 0 <= RECUR_START_LAYER={self.recur_start_layer} <= RECUR_END_LAYER < NUM_LAYERS={self.num_layers}")
+        need(0 <= self.recur_from_progress <= 1, "recur_from_progress", "must be in [0, 1]")
+        if self.parallel_start_layer:
+            # Lanes only in the decoder half and after the looped span, so a lane never feeds an encoder skip or loop.
+            first = max(self.num_layers // 2 if self.unet_skips else 1,
+                        self.recur_end_layer + 1 if self.recur_passes > 1 else 1)
+            need(first <= self.parallel_start_layer < self.num_layers, "parallel_start_layer",
+                 f"must be 0 (off) or in [{first}, NUM_LAYERS={self.num_layers}): the decoder half, after any looped layer")
+        need(0 <= self.attn_gate_window <= self.model_dim, "attn_gate_window",
+             f"must be in [0, MODEL_DIM={self.model_dim}] (0 = off)")
+        need(math.isfinite(self.attn_gate_scale) and self.attn_gate_scale > 0, "attn_gate_scale", "must be > 0")
         need(self.attention_backend in ("auto", "fa3", "fa2", "sdpa"), "attention_backend",
              "choose auto, fa3, fa2 or sdpa")
+        need(isinstance(self.autocast_cpu_bf16, bool), "autocast_cpu_bf16", "must be 0 or 1")
         for name in ("matrix_lr", "embed_lr", "scalar_lr"):
             need(getattr(self, name) >= 0, name, "must be >= 0")
         need(0 <= self.muon_momentum < 1, "muon_momentum", "must be in [0, 1)")
         need(0 <= self.muon_momentum_warmup_start < 1, "muon_momentum_warmup_start", "must be in [0, 1)")
         need(self.muon_backend_steps >= 1, "muon_backend_steps", "must be >= 1")
+        need(self.muon_ns_coeffs in ("jordan", "polar_express"), "muon_ns_coeffs", "choose jordan or polar_express")
+        for name in ("embed_weight_decay", "scalar_weight_decay", "muon_weight_decay"):
+            need(getattr(self, name) >= 0, name, "must be >= 0")
+        need(0 <= self.min_lr_frac <= 1, "min_lr_frac", "must be in [0, 1] (0 = decay to zero)")
         need(0 <= self.adam_beta1 < 1, "adam_beta1", "must be in [0, 1)")
         need(0 <= self.adam_beta2 < 1, "adam_beta2", "must be in [0, 1)")
         need(self.grad_clip_norm >= 0, "grad_clip_norm", "must be >= 0 (0 disables)")
@@ -183,15 +266,41 @@ class Config:
         need(self.eval_batch_tokens >= self.window, "eval_batch_tokens",
              f"must hold at least one eval window ({self.window} tokens)")
         need(self.val_max_tokens >= 0, "val_max_tokens", "must be >= 0 (0 = all)")
+        need(self.ttt_init in ("auto", "artifact", "zero"), "ttt_init", "choose auto, artifact or zero")
+        need(self.ttt_chunk_tokens >= 1, "ttt_chunk_tokens", "must be >= 1")
+        need(self.ttt_steps >= 0, "ttt_steps", "must be >= 0 (0 = score only)")
+        need(self.ttt_rank >= 1, "ttt_rank", "must be >= 1")
+        need(self.ttt_lr >= 0, "ttt_lr", "must be >= 0")
+        need(0 <= self.ttt_beta1 < 1, "ttt_beta1", "must be in [0, 1)")
+        need(0 <= self.ttt_beta2 < 1, "ttt_beta2", "must be in [0, 1)")
+        need(self.ttt_weight_decay >= 0, "ttt_weight_decay", "must be >= 0")
+        need(self.ttt_phases >= 0, "ttt_phases", "must be >= 0 (0 = no global phase)")
+        need(self.ttt_phase_docs >= self.ttt_phases and (self.ttt_phases > 0 or self.ttt_phase_docs == 0),
+             "ttt_phase_docs", f"must be >= TTT_PHASES={self.ttt_phases} (one document per phase at least) when "
+             "TTT_PHASES > 0, and 0 when TTT_PHASES=0")
+        need(self.ttt_phase_lr >= 0, "ttt_phase_lr", "must be >= 0")
+        # Known before training: a start from the artifact needs shipped factors (fail now, not after a paid run).
+        need(self.eval_only or not self.ttt_enabled or self.ttt_init != "artifact"
+             or (self.lcq_rank != "0" and self.lcq_merge != "baked"), "ttt_init",
+             "artifact needs LoRA factors in the artifact: LCQ on (LCQ_RANK != 0) with LCQ_MERGE=side or fused; "
+             "or set TTT_INIT=zero/auto")
         need(self.quant_method in ("gptq", "rtn"), "quant_method", "choose gptq or rtn")
         need(2 <= self.matrix_bits <= 8, "matrix_bits", "must be in 2..8")
         need(2 <= self.embed_bits <= 8, "embed_bits", "must be in 2..8")
         need(self.gptq_damp > 0, "gptq_damp", "must be > 0")
         need(self.gptq_block_size >= 1, "gptq_block_size", "must be >= 1")
         need(self.gptq_calib_tokens >= self.train_seq_len, "gptq_calib_tokens", "must hold at least one TRAIN_SEQ_LEN sequence")
+        for name in ("matrix_clip_sigmas", "attn_clip_sigmas", "mlp_clip_sigmas", "embed_clip_sigmas"):
+            need(math.isfinite(getattr(self, name)), name, "must be a finite number of row standard deviations")
+        need(self.gptq_calib_batches >= 0, "gptq_calib_batches", "must be >= 0 (0 = use GPTQ_CALIB_TOKENS)")
+        need(self.lqer_rank >= 0, "lqer_rank", "must be >= 0 (0 = LQER off)")
+        need(self.lqer_top_k >= 1, "lqer_top_k", "must be >= 1")
+        need(2 <= self.lqer_factor_bits <= 8, "lqer_factor_bits", "must be in 2..8")
+        need(self.lqer_group >= 1, "lqer_group", "must be >= 1")
         need(self.compressor in ("auto", "lzma", "brotli"), "compressor", "choose auto, lzma or brotli")
         need(self.artifact_cap_bytes > 0, "artifact_cap_bytes", "must be > 0")
         need(self.serialize_reserve_seconds >= 0, "serialize_reserve_seconds", "must be >= 0")
+        need(self.serialize_threads >= 0, "serialize_threads", "must be >= 0 (0 = every core of the host)")
         need(self.lcq_rank == "auto" or (self.lcq_rank.isdigit() and int(self.lcq_rank) >= 0), "lcq_rank",
              "must be an integer >= 0 (0 turns LCQ off) or auto")
         need(self.lcq_alpha > 0, "lcq_alpha", "must be > 0")
@@ -228,6 +337,12 @@ class Config:
         """Wall seconds main training may use: the cap minus the reserve for post-training stages."""
         return self.max_wallclock_seconds - self.train_reserve_seconds
 
+    def gptq_calib_tokens_per_rank(self, world_size: int) -> int:
+        """Train tokens each rank feeds the GPTQ Hessians: GPTQ_CALIB_BATCHES local batches, else GPTQ_CALIB_TOKENS."""
+        if self.gptq_calib_batches:
+            return self.gptq_calib_batches * max(self.train_seq_len, self.train_batch_tokens // world_size)
+        return self.gptq_calib_tokens
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -238,14 +353,48 @@ class Config:
 # The fields that define the network: an artifact records them, and --eval_only rebuilds the model from them.
 MODEL_FIELDS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "mlp_act",
                 "leaky_relu_slope", "rope_dims", "rope_base", "qk_norm", "qk_gain_init", "unet_skips", "smear_gate",
-                "logit_softcap", "tied_embed_init_std")
+                "logit_softcap", "tied_embed_init_std", "xsa_last_n", "ln_scale", "skip_gates", "recur_passes",
+                "recur_start_layer", "recur_end_layer", "parallel_start_layer", "attn_gate_window", "attn_gate_scale")
 
 _DEMO_DATA = "./data/demo/datasets/demo_sp1024"
 _DEMO_TOKENIZER = "./data/demo/tokenizers/demo_sp1024.model"
 
+# The record stack's features (openai/parameter-golf #1855, val_bpb 1.0611, and the PRs named), one group per feature so
+# `python -m lcq.bench features` can switch each off in turn (off = the field default). Layer indices are for 11 layers.
+RECORD_FEATURES: dict[str, dict] = {
+    "xsa": dict(xsa_last_n=11),  # #478; #1855 uses it on all 11 layers
+    "ln_scale": dict(ln_scale=True),  # #315
+    "qk_gain_5": dict(qk_gain_init=5.0),  # #1276
+    "skip_gates": dict(skip_gates=True),  # #289
+    # #1344: layers 3-5 looped from 35% of training; #1855 runs them 3 times (NUM_LOOPS=2 extra passes)
+    "recurrence": dict(recur_passes=3, recur_start_layer=3, recur_end_layer=5, recur_from_progress=0.35),
+    "parallel_lanes": dict(parallel_start_layer=8),  # #1530
+    "sparse_attn_gate": dict(attn_gate_window=12, attn_gate_scale=0.5),  # #1787; scale 0.5 from #1855
+    "polar_express": dict(muon_ns_coeffs="polar_express"),  # #1344 -> #1787
+    "min_lr": dict(min_lr_frac=0.10),  # #1787
+    "role_clips": dict(attn_clip_sigmas=13.0, mlp_clip_sigmas=11.5),  # #1855
+    "int7_embed": dict(embed_bits=7, embed_clip_sigmas=14.0),  # int7 from #1586, 14 sigmas from #1855
+    "lqer": dict(lqer_rank=4, lqer_top_k=3, lqer_factor_bits=4, lqer_group=64, lqer_asym=True),  # #1797
+}
+
 # Presets override field defaults. `record` is the 8xH100 submission configuration.
 PRESETS: dict[str, dict] = {
-    "record": {},
+    "record": dict(
+        # sp8192 (#1855 used a CaseOps variant of it; this is the plain official export)
+        vocab_size=8192, data_path="./data/datasets/fineweb10B_sp8192",
+        tokenizer_path="./data/tokenizers/fineweb_8192_bpe.model",
+        **{k: v for group in RECORD_FEATURES.values() for k, v in group.items()},
+        # Sized for the cap: `python -m lcq.bench sizing --preset record` (brotli-11 on Gaussian codes at these bits
+        # and clips: 0.422 B/param int6 attention, 0.441 int6 MLP, 0.536 int7 embedding) projects #1855's 4x MLP
+        # (35.9 M params) to 16.15 MB, over the cap (#1855 fit only through its lrzip per-group compressor, ~280 KB),
+        # and MLP hidden 1984 (3.875x, 35.2 M params) to 15.84 MB with the code: under 16,000,000, above 15.5 MB.
+        mlp_mult=3.875,
+        # #1855's optimizer and schedule (its README's hyperparameter table and its train_gpt.py defaults)
+        matrix_lr=0.026, embed_lr=0.03, scalar_lr=0.02, muon_momentum=0.97, muon_momentum_warmup_start=0.92,
+        muon_momentum_warmup_steps=1500, muon_weight_decay=0.095, embed_weight_decay=0.085, scalar_weight_decay=0.02,
+        adam_beta2=0.99, warmdown_frac=0.85, ema_decay=0.9965,
+        gptq_calib_batches=16,  # #1855: GPTQ_CALIBRATION_BATCHES=16
+    ),
     # CPU, a few minutes end to end on the embedded demo corpus.
     "demo": dict(
         data_path=_DEMO_DATA, tokenizer_path=_DEMO_TOKENIZER, auto_build_demo=True,
@@ -256,6 +405,7 @@ PRESETS: dict[str, dict] = {
         ema_decay=0.99, eval_stride=64, eval_batch_tokens=16384, val_max_tokens=60_000, compile=False,
         gptq_calib_tokens=16_384, serialize_reserve_seconds=5.0, lcq_safety_seconds=2.0, lcq_batch_tokens=4096,
         lcq_lr=2e-3, lcq_log_every=10, lcq_grail_tokens=4096,
+        ttt_chunk_tokens=64, ttt_rank=8, ttt_lr=1e-3,
     ),
     # Tests: seconds on CPU.
     "tiny": dict(
@@ -267,6 +417,7 @@ PRESETS: dict[str, dict] = {
         val_max_tokens=4096, compile=False,
         gptq_calib_tokens=2048, serialize_reserve_seconds=2.0, lcq_safety_seconds=1.0, lcq_batch_tokens=1024,
         lcq_max_steps=10, lcq_log_every=5, lcq_lr=5e-3, lcq_grail_tokens=1024,
+        ttt_chunk_tokens=32, ttt_rank=4, ttt_lr=1e-3,
     ),
 }
 

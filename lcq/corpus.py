@@ -5,8 +5,9 @@
   runs). It needs no network and is byte-for-byte reproducible on a given CPython build.
 - `shards_from_text` turns .txt / .jsonl files into the same layout through the same code path.
 - `download` fetches the official FineWeb shards and tokenizer the way the challenge's
-  data/cached_challenge_fineweb.py does (openai/parameter-golf): manifest-driven, from the hub dataset
-  `willdepueoai/parameter-golf` (or MATCHED_FINEWEB_REPO_ID), export rooted at `datasets/`.
+  data/cached_challenge_fineweb.py does (openai/parameter-golf): manifest-driven, from the hub dataset repo the
+  records used for that variant (VARIANT_REPOS; MATCHED_FINEWEB_REPO_ID overrides), export rooted at `datasets/`,
+  with the val byte sidecar when the export has one (CaseOps).
 
 Every dataset is built in a hidden staging folder next to its destination and renamed into place at the
 end, so an interrupted build never leaves half a dataset where a run would pick it up.
@@ -413,6 +414,20 @@ def shards_from_text(inputs: Sequence[str | os.PathLike], out_dir: str | os.Path
 
 DEFAULT_REPO_ID = "willdepueoai/parameter-golf"
 DEFAULT_REMOTE_ROOT = "datasets"
+# Hub dataset repos of the variants the records trained on (openai/parameter-golf, records/track_10min_16mb/). Every
+# export has the same layout (manifest.json, datasets/fineweb10B_<variant>/, tokenizers/); any other sp<N> is looked
+# up in DEFAULT_REPO_ID.
+VARIANT_REPOS = {
+    # The challenge's own export (data/cached_challenge_fineweb.py).
+    "sp1024": DEFAULT_REPO_ID,
+    # 2026-04-05_SP8192_GPTQ-Embeddings_SDClip_Loop45x2/README.md (@clarkkev), reused by the later SP8192 records.
+    "sp8192": "kevclark/parameter-golf",
+    # CaseOps lossless-caps sp8192 (PR #1729, 2026-04-18_PR1626_CaseOps_Taper/README.md, @romeerp); its export carries
+    # the val sidecar. #1855's logs (2026-04-27_SP8192_LQER_SparseGate_BOSSmearFix_9HpStack_1.0611/train_seed42.log)
+    # read this download's layout: datasets/fineweb10B_sp8192_lossless_caps_caseops_v1_reserved, 47,851,520 val tokens.
+    "sp8192_lossless_caps_caseops_v1_reserved": "romeerp/parameter-golf-caseops-v1",
+}
+VARIANT_ALIASES = {"caseops": "sp8192_lossless_caps_caseops_v1_reserved"}
 
 
 def _relative(value: str, what: str) -> PurePosixPath:
@@ -423,12 +438,12 @@ def _relative(value: str, what: str) -> PurePosixPath:
 
 
 def _fetch(rel: PurePosixPath, *, repo_id: str, remote_root: str, local_root: Path,
-           cache_dir: str | os.PathLike | None) -> Path:
-    """Materialize <remote_root>/<rel> of the hub dataset repo as local_root/<rel>: already there -> kept;
+           cache_dir: str | os.PathLike | None, local_rel: PurePosixPath | None = None) -> Path:
+    """Materialize <remote_root>/<rel> of the hub dataset repo as local_root/<local_rel or rel>: already there -> kept;
     else downloaded into the hub cache and hard-linked (or copied) out of it."""
     from huggingface_hub import hf_hub_download
 
-    dest = local_root.joinpath(*rel.parts)
+    dest = local_root.joinpath(*(local_rel or rel).parts)
     if dest.is_file():
         return dest
     remote = PurePosixPath(remote_root, rel) if remote_root else rel
@@ -448,57 +463,84 @@ def _fetch(rel: PurePosixPath, *, repo_id: str, remote_root: str, local_root: Pa
     return dest
 
 
+def resolve_variant(variant: str, repo_id: str | None = None) -> tuple[str, str]:
+    """(variant, hub repo id) for a variant name or alias: repo_id, else MATCHED_FINEWEB_REPO_ID, else the repo the
+    records used for that variant (VARIANT_REPOS), else DEFAULT_REPO_ID."""
+    variant = VARIANT_ALIASES.get(variant, variant)
+    if not re.fullmatch(r"sp\d+(_[a-z0-9]+)*", variant):
+        raise ValueError(f"variant {variant!r}: lcq scores SentencePiece tokenizers only; use sp<VOCAB_SIZE> (e.g. "
+                         f"sp1024, sp8192), a dataset suffix such as {VARIANT_ALIASES['caseops']} or an alias "
+                         f"{sorted(VARIANT_ALIASES)}")
+    return variant, repo_id or os.environ.get("MATCHED_FINEWEB_REPO_ID") or VARIANT_REPOS.get(variant, DEFAULT_REPO_ID)
+
+
+def manifest_name(repo_id: str) -> PurePosixPath:
+    """Where a repo's manifest.json is kept locally. One file per repo: exports of different repos share data/, and a
+    manifest cached from one repo does not list another repo's datasets (the SP8192 records had users delete
+    data/manifest.json before switching repos)."""
+    return PurePosixPath("manifests", repo_id.replace("/", "--") + ".json")
+
+
+def plan_download(manifest: dict, variant: str, train_shards: int, where: str = "manifest.json") -> list[PurePosixPath]:
+    """The files of one variant's export to fetch, relative to the export root, as its manifest counts them: every val
+    shard, its byte sidecar when the dataset lists one (`val_bytes_glob`, the CaseOps export), the first
+    `train_shards` train shards, then the tokenizer files (model first). `where` names the manifest in errors."""
+    if train_shards < 0:
+        raise ValueError(f"train_shards={train_shards}: must be >= 0")
+    dataset_name = f"fineweb10B_{variant}"
+    entry = next((d for d in manifest.get("datasets", []) if d.get("name") == dataset_name), None)
+    if entry is None:
+        names = [d.get("name") for d in manifest.get("datasets", [])]
+        raise ValueError(f"{where}: no dataset {dataset_name!r}; it has {names}")
+    stats = entry.get("stats") or {}
+    n_train, n_val = int(stats.get("files_train", 0)), int(stats.get("files_val", 0))
+    if train_shards > n_train:
+        raise ValueError(f"{where}: {variant} has {n_train} train shards; requested {train_shards}")
+    tok_entry = next((t for t in manifest.get("tokenizers", []) if t.get("name") == entry.get("tokenizer_name")),
+                     None)
+    if tok_entry is None or not tok_entry.get("model_path"):
+        raise ValueError(f"{where}: no tokenizer model for {dataset_name!r} "
+                         f"(tokenizer_name={entry.get('tokenizer_name')!r})")
+    dataset_dir = PurePosixPath("datasets", dataset_name)
+    files = [dataset_dir / f"fineweb_val_{i:06d}.bin" for i in range(n_val)]
+    if entry.get("val_bytes_glob"):
+        files += [dataset_dir / f"{data.SIDECAR_PREFIX}{i:06d}.bin" for i in range(n_val)]
+    files += [dataset_dir / f"fineweb_train_{i:06d}.bin" for i in range(train_shards)]
+    files += [_relative(tok_entry[k], f"tokenizer {k}") for k in ("model_path", "vocab_path") if tok_entry.get(k)]
+    return files
+
+
 def download(variant: str = "sp1024", train_shards: int = 80, local_root: str | os.PathLike = "data",
              repo_id: str | None = None, remote_root: str | None = None,
              cache_dir: str | os.PathLike | None = None) -> tuple[str, str]:
-    """Fetch the official FineWeb export for a tokenizer variant (sp1024, sp4096, ...): the whole val
-    split, the first `train_shards` train shards and the tokenizer files, as counted by the export's
-    manifest.json. Local layout: <local_root>/datasets/fineweb10B_<variant>/, <local_root>/tokenizers/,
-    <local_root>/manifest.json. repo_id defaults to MATCHED_FINEWEB_REPO_ID or willdepueoai/parameter-golf,
-    remote_root to MATCHED_FINEWEB_REMOTE_ROOT_PREFIX or "datasets"; cache_dir is the hub cache (None: the
-    hub's default, HF_HUB_CACHE / HF_HOME). Files already in place, manifest.json included, are kept.
-    Returns (data_path, tokenizer_path)."""
-    if not re.fullmatch(r"sp\d+", variant):
-        raise ValueError(f"variant {variant!r}: lcq scores SentencePiece tokenizers only; use sp<VOCAB_SIZE>, "
-                         "e.g. sp1024")
+    """Fetch the official FineWeb export for a tokenizer variant (sp1024, sp8192, caseops, ...; see plan_download
+    for the files). Local layout: <local_root>/datasets/fineweb10B_<variant>/, <local_root>/tokenizers/, the repo's
+    manifest under <local_root>/manifests/. repo_id: see resolve_variant; remote_root defaults to
+    MATCHED_FINEWEB_REMOTE_ROOT_PREFIX or "datasets"; cache_dir is the hub cache (None: the hub's default,
+    HF_HUB_CACHE / HF_HOME). Files already in place, the manifest included, are kept. Returns (data_path,
+    tokenizer_path)."""
+    variant, repo_id = resolve_variant(variant, repo_id)
     if train_shards < 0:
         raise ValueError(f"train_shards={train_shards}: must be >= 0")
-    repo_id = repo_id or os.environ.get("MATCHED_FINEWEB_REPO_ID") or DEFAULT_REPO_ID
     if remote_root is None:
         remote_root = os.environ.get("MATCHED_FINEWEB_REMOTE_ROOT_PREFIX", DEFAULT_REMOTE_ROOT)
     remote_root = remote_root.strip("/")
     local_root = Path(local_root)
     get = dict(repo_id=repo_id, remote_root=remote_root, local_root=local_root, cache_dir=cache_dir)
 
-    manifest_path = _fetch(PurePosixPath("manifest.json"), **get)
+    manifest_path = _fetch(PurePosixPath("manifest.json"), local_rel=manifest_name(repo_id), **get)
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ValueError(f"{manifest_path}: not valid JSON ({e}); delete it to fetch it again") from e
-    dataset_name = f"fineweb10B_{variant}"
-    entry = next((d for d in manifest.get("datasets", []) if d.get("name") == dataset_name), None)
-    if entry is None:
-        names = [d.get("name") for d in manifest.get("datasets", [])]
-        raise ValueError(f"{manifest_path}: no dataset {dataset_name!r} in {repo_id}; it has {names}")
-    stats = entry.get("stats") or {}
-    n_train, n_val = int(stats.get("files_train", 0)), int(stats.get("files_val", 0))
-    if train_shards > n_train:
-        raise ValueError(f"{variant} has {n_train} train shards on {repo_id}; requested {train_shards}")
-    tok_entry = next((t for t in manifest.get("tokenizers", []) if t.get("name") == entry.get("tokenizer_name")),
-                     None)
-    if tok_entry is None or not tok_entry.get("model_path"):
-        raise ValueError(f"{manifest_path}: no tokenizer model for {dataset_name!r} "
-                         f"(tokenizer_name={entry.get('tokenizer_name')!r})")
-
-    dataset_dir = PurePosixPath("datasets", dataset_name)
-    shards = [dataset_dir / f"fineweb_val_{i:06d}.bin" for i in range(n_val)]
-    shards += [dataset_dir / f"fineweb_train_{i:06d}.bin" for i in range(train_shards)]
-    for rel in shards:
-        data.read_header(_fetch(rel, **get))  # a truncated or foreign file fails here, not mid-training
-    tok_files = [_relative(tok_entry[k], f"tokenizer {k}") for k in ("model_path", "vocab_path") if tok_entry.get(k)]
-    for rel in tok_files:
-        _fetch(rel, **get)
-    return str(local_root.joinpath(*dataset_dir.parts)), str(local_root.joinpath(*tok_files[0].parts))
+    files = plan_download(manifest, variant, train_shards, where=f"{manifest_path} ({repo_id})")
+    for rel in files:
+        path = _fetch(rel, **get)
+        if rel.suffix == ".bin":
+            data.read_header(path)  # a truncated or foreign file fails here, not mid-training
+    dataset_dir = local_root / "datasets" / f"fineweb10B_{variant}"
+    tok_model = next(rel for rel in files if rel.suffix != ".bin")
+    return str(dataset_dir), str(local_root.joinpath(*tok_model.parts))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -522,11 +564,14 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--val-every", type=int, default=VAL_EVERY, help=f"default {VAL_EVERY}")
     t.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard (default 100M)")
     g = sub.add_parser("download", help="fetch the official FineWeb shards and tokenizer from the HF hub")
-    g.add_argument("--variant", default="sp1024", help="tokenizer family, sp<VOCAB_SIZE> (default sp1024)")
+    g.add_argument("--variant", default="sp1024",
+                   help="export to fetch: sp<VOCAB_SIZE> (sp1024, sp8192, ...), caseops (= "
+                        f"{VARIANT_ALIASES['caseops']}) or another dataset suffix (default sp1024)")
     g.add_argument("--train-shards", type=int, default=80, help="train shards of 100M tokens (default 80)")
     g.add_argument("--local-root", default="data", help="local data folder (default data)")
     g.add_argument("--repo-id", default=None,
-                   help=f"hub dataset repo (default: MATCHED_FINEWEB_REPO_ID or {DEFAULT_REPO_ID})")
+                   help="hub dataset repo (default: MATCHED_FINEWEB_REPO_ID, else the records' repo for the "
+                        f"variant: {', '.join(f'{k} {v}' for k, v in VARIANT_REPOS.items())}; else {DEFAULT_REPO_ID})")
     g.add_argument("--remote-root", default=None,
                    help=f"export folder in the repo (default: MATCHED_FINEWEB_REMOTE_ROOT_PREFIX or "
                         f"{DEFAULT_REMOTE_ROOT!r})")
@@ -544,8 +589,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     else:
         paths = download(args.variant, args.train_shards, args.local_root, args.repo_id, args.remote_root)
     for split in ("train", "val"):
-        files = sorted(Path(paths[0]).glob(f"fineweb_{split}_*.bin"))
+        files = data.list_shards(os.path.join(paths[0], f"fineweb_{split}_*.bin"), split)
         print(f"{split}: {len(files)} shards, {sum(map(data.read_header, files)):,} tokens")
+    if data.sidecar_files(paths[0]):
+        print(f"val byte sidecar: {len(data.sidecar_files(paths[0]))} shards (the eval counts bytes from it)")
     print(f"DATA_PATH={paths[0]}\nTOKENIZER_PATH={paths[1]}\n({time.perf_counter() - t0:.1f}s)")
 
 

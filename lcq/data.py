@@ -2,6 +2,13 @@
 
 Shard format (DESIGN.md): 256 little-endian int32 header ints ([0]=magic 20240520, [1]=version 1,
 [2]=num_tokens), then num_tokens little-endian uint16 token ids.
+
+Per-token byte sidecar (CaseOps data, PR #1729; records/track_10min_16mb/2026-04-18_PR1626_CaseOps_Taper and
+2026-04-27_SP8192_LQER_SparseGate_BOSSmearFix_9HpStack_1.0611): `fineweb_val_bytes_XXXXXX.bin` next to each
+`fineweb_val_XXXXXX.bin`, in the same shard format and of the same length, entry i = the UTF-8 bytes of the original
+(pre-transform) text that val token i stands for (0 for BOS and for the case-operator tokens). A tokenizer whose pieces
+are not the scored text (CaseOps lowercases and inserts operators) cannot count bytes from its piece table; the sidecar
+is the count. Its names also match `fineweb_val_*.bin`, so the val token listing leaves them out.
 """
 from __future__ import annotations
 
@@ -88,8 +95,11 @@ def read_shard(path: str | os.PathLike) -> np.ndarray:
     return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(n,))
 
 
+SIDECAR_PREFIX = "fineweb_val_bytes_"
+
+
 def list_shards(pattern: str, what: str) -> list[str]:
-    files = sorted(glob.glob(pattern))
+    files = [f for f in sorted(glob.glob(pattern)) if not os.path.basename(f).startswith(SIDECAR_PREFIX)]
     if not files:
         raise FileNotFoundError(
             f"no {what} shards match {pattern!r}. Set DATA_PATH to the folder holding fineweb_{what}_*.bin, "
@@ -129,6 +139,40 @@ def load_val_tokens(data_path: str, max_tokens: int = 0) -> np.ndarray:
     if max_tokens and tokens.size > max_tokens:
         tokens = tokens[:max_tokens]
     return tokens
+
+
+def sidecar_files(data_path: str) -> list[str]:
+    """The val byte sidecar shards in DATA_PATH (empty when the data has none)."""
+    return sorted(glob.glob(os.path.join(data_path, SIDECAR_PREFIX + "*.bin")))
+
+
+def load_val_bytes(data_path: str, n_tokens: int) -> np.ndarray | None:
+    """Bytes of val token i when it is a target, from the sidecar shards, for the first n_tokens val tokens (the same cut
+    as load_val_tokens); None when DATA_PATH has no sidecar (bytes then come from the tokenizer's piece table).
+
+    Each sidecar shard must pair with the val shard of the same index and length: a sidecar from another export would
+    score the right tokens with the wrong bytes, silently."""
+    sidecars = sidecar_files(data_path)
+    if not sidecars:
+        return None
+    vals = list_shards(val_pattern(data_path), "val")
+    names = [os.path.basename(f)[len(SIDECAR_PREFIX):] for f in sidecars]
+    expected = [os.path.basename(f)[len("fineweb_val_"):] for f in vals]
+    if names != expected:
+        raise ShardError(f"{data_path}: byte sidecar shards {[os.path.basename(f) for f in sidecars]} do not pair "
+                         f"with the val shards {[os.path.basename(f) for f in vals]}; each fineweb_val_N.bin needs its "
+                         "fineweb_val_bytes_N.bin from the same export (re-download the dataset)")
+    parts = []
+    for tok_file, byte_file in zip(vals, sidecars):
+        if read_header(byte_file) != read_header(tok_file):
+            raise ShardError(f"{byte_file}: {read_header(byte_file)} entries but {os.path.basename(tok_file)} has "
+                             f"{read_header(tok_file)} tokens; the sidecar must hold one byte count per val token "
+                             "(re-download the dataset)")
+        parts.append(np.asarray(read_shard(byte_file)))
+    counts = np.concatenate(parts)
+    if n_tokens > counts.size:
+        raise ShardError(f"{data_path}: the byte sidecar covers {counts.size} val tokens, {n_tokens} requested")
+    return counts[:n_tokens].astype(np.int32)  # int32: sums and device tensors never see uint16 arithmetic
 
 
 class TokenStream:

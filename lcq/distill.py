@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -18,7 +19,8 @@ from . import dist as D
 from .config import Config
 from .data import TrainLoader, train_pattern
 from .lora import init_act_svd, init_grail, init_svd, lora_modules, lora_parameters, recoverable_energy
-from .train import all_reduce_grads, autocast_for, out_of_time
+from .model import autocast_for
+from .train import all_reduce_grads, out_of_time
 
 
 @dataclass
@@ -45,7 +47,7 @@ def kl_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, ta
 def heldout_kl(student: nn.Module, teacher: nn.Module, batch, cfg: Config, dinfo: D.DistInfo) -> float:
     """KL on a fixed batch of train tokens, averaged over ranks."""
     x, _, cu = batch
-    with autocast_for(dinfo.device):
+    with autocast_for(dinfo.device, cfg.autocast_cpu_bf16):
         kl = kl_divergence(student(x, cu, cfg.train_seq_len), teacher(x, cu, cfg.train_seq_len), cfg.lcq_temperature)
     return float(D.all_reduce_sum(kl.detach().clone()).item()) / dinfo.world_size
 
@@ -85,26 +87,35 @@ def init_factors(student: nn.Module, teacher: nn.Module, method: str, hessians: 
 @torch.no_grad()
 def collect_paired_inputs(student: nn.Module, teacher: nn.Module, names: list[str], run_calibration):
     """Per module: H_hat = X_hat^T X_hat / n and C = X_hat^T X / n, X_hat the student's inputs and X the teacher's on the
-    same tokens. The teacher runs first on each batch and its inputs wait in memory until the student's pass."""
+    same tokens. The teacher runs first on each batch and its inputs wait in memory until the student's pass. A module
+    run several times per forward (depth recurrence, lcq/recurrence.py) queues one input per pass, pairs them in order,
+    and is normalised by its own count of rows, so its statistics cover every pass of the one stored layer.
+
+    The sums are float32 and accumulate with autocast off: run_calibration runs the models under bf16 autocast on CUDA,
+    where a plain `xh.T @ xh` would be a bf16 matmul and the running sum (and its all-reduce) bf16, with ~3 significant
+    digits over thousands of tokens (issue 8)."""
     s_mods, t_mods = dict(student.named_modules()), dict(teacher.named_modules())
-    pending: dict[str, torch.Tensor] = {}
+    pending: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     h_hat: dict[str, torch.Tensor] = {}
     cross: dict[str, torch.Tensor] = {}
-    count = [0]
+    count = {n: 0 for n in names}
 
     def grab_teacher(name):
         def hook(_, inputs):
-            pending[name] = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
+            pending[name].append(inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float())
         return hook
 
     def grab_student(name):
         def hook(_, inputs):
             xh = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
-            x = pending.pop(name)
-            h_hat[name] = h_hat.get(name, 0) + xh.T @ xh
-            cross[name] = cross.get(name, 0) + xh.T @ x
-            if name == names[0]:
-                count[0] += xh.shape[0]
+            x = pending[name].pop(0)
+            if name not in h_hat:
+                h_hat[name] = xh.new_zeros(xh.shape[1], xh.shape[1])
+                cross[name] = xh.new_zeros(xh.shape[1], x.shape[1])
+            with torch.autocast(xh.device.type, enabled=False):
+                h_hat[name].addmm_(xh.T, xh)
+                cross[name].addmm_(xh.T, x)
+            count[name] += xh.shape[0]
         return hook
 
     handles = []
@@ -116,9 +127,9 @@ def collect_paired_inputs(student: nn.Module, teacher: nn.Module, names: list[st
     finally:
         for h in handles:
             h.remove()
-    total = torch.tensor(float(count[0]), device=next(student.parameters()).device)
-    D.all_reduce_sum(total)
-    for n in names:
+    totals = torch.tensor([float(count[n]) for n in names], device=next(student.parameters()).device)
+    D.all_reduce_sum(totals)
+    for n, total in zip(names, totals):
         D.all_reduce_sum(h_hat[n])
         D.all_reduce_sum(cross[n])
         h_hat[n] /= total
@@ -138,8 +149,14 @@ def energy_report(errors: dict[str, tuple[torch.Tensor, torch.Tensor]], ranks: d
 
 
 def distill(student: nn.Module, teacher: nn.Module, cfg: Config, dinfo: D.DistInfo, log, bos_id: int,
-            seconds: float) -> DistillResult:
-    """Train the student's LoRA factors for at most `seconds` of wall time (and LCQ_MAX_STEPS steps)."""
+            seconds: float | Callable[[float], float]) -> DistillResult:
+    """Train the student's LoRA factors for at most `seconds` of wall time (and LCQ_MAX_STEPS steps).
+
+    `seconds` may be a function of the distillation time elapsed that returns the budget as it stands then, asked once
+    per step: the pipeline shrinks it when the artifact's model section, compressing on host threads, is projected to
+    finish late (issue 8). It must return the same value on every rank (the LR schedule reads it)."""
+    budget_at = seconds if callable(seconds) else (lambda _elapsed: seconds)
+    seconds = budget_at(0.0)
     device = dinfo.device
     params = lora_parameters(student)
     opt = torch.optim.AdamW(params, lr=cfg.lcq_lr, betas=(0.9, 0.99), weight_decay=0.0)
@@ -151,7 +168,7 @@ def distill(student: nn.Module, teacher: nn.Module, cfg: Config, dinfo: D.DistIn
     student.train()
     kl_start = heldout_kl(student, teacher, heldout, cfg, dinfo)
     log(f"lcq_step:0/{cfg.lcq_max_steps} heldout_kl:{kl_start:.6f} lcq_time:0ms")
-    autocast = autocast_for(device)
+    autocast = autocast_for(device, cfg.autocast_cpu_bf16)
     D.sync(device)
     t0 = time.perf_counter()
     step, stopped_by = 0, "max_steps" if seconds > 0 else "no_time"
@@ -175,6 +192,7 @@ def distill(student: nn.Module, teacher: nn.Module, cfg: Config, dinfo: D.DistIn
         opt.zero_grad(set_to_none=True)
         step += 1
         now = time.perf_counter()
+        seconds = budget_at(now - t0)
         stop = out_of_time(stop_flag, now - t0, step, now - t_step, seconds)
         if step % cfg.lcq_log_every == 0 or stop or step == cfg.lcq_max_steps:
             kl = heldout_kl(student, teacher, heldout, cfg, dinfo)

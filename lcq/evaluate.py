@@ -1,15 +1,23 @@
 """Sliding-window bits-per-byte evaluation that never lets a document see another.
 
-Scored tokens: every token of a document except its first (the BOS, or the first token of a leading fragment before the
-first BOS) is a target exactly once. Its context is the longest the window scheme allows inside its own document: the
-first `window` targets of a document are scored from the document start; after that each window moves by `stride` and
-scores only its last `stride` targets, so every later target sees between window - stride + 1 and window tokens (itself
-included) of its own document. With stride == window this is plain non-overlapping evaluation.
+Scored tokens (the leaderboard's convention, DESIGN.md): every token of the val stream except its very first is a target
+exactly once. Document d (from its BOS up to the next BOS) predicts its own tokens after the first and, as its last
+target, the BOS that opens document d+1: that BOS is predicted from document d's tokens only, so no document ever reads
+another (the records' `eval_val` counts every `y`; their TTT split extends each document by one token for the same BOS).
+A BOS is worth 0 bytes but its loss counts. Context: the first `window` targets of a document are scored from the
+document start; after that each window moves by `stride` and scores only its last `stride` targets, so every later target
+sees between window - stride + 1 and window tokens (itself excluded, the token before it included) of its own document.
+With stride == window this is plain non-overlapping evaluation.
+
+`score_rows` is the one scoring loop: lcq/ttt.py scores its chunks through it, so both evals share the targets, the
+contexts and the byte rule.
 """
 from __future__ import annotations
 
 import contextlib
+import io
 import math
+import os
 import time
 from dataclasses import dataclass
 
@@ -19,6 +27,8 @@ import torch.nn.functional as F
 
 from . import dist as D
 from .data import doc_starts
+from .model import eval_forward
+from .runlog import atomic_write
 from .tokenizer import token_bytes
 
 
@@ -31,27 +41,41 @@ class EvalResult:
     seconds: float
 
 
+def document_spans(starts: np.ndarray, n_tokens: int) -> np.ndarray:
+    """Per document, (first input, end) in stream offsets: it reads tokens[first:end] and predicts tokens[first+1:end+1],
+    so its last target is the next document's BOS (the stream's last token for the last document)."""
+    ends = np.append(starts[1:], max(n_tokens - 1, 0)).astype(np.int64)
+    return np.stack([starts.astype(np.int64), ends], axis=1) if starts.size else np.zeros((0, 2), dtype=np.int64)
+
+
+def target_docs(starts: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """Document index of each target position: the document whose tokens predict it (a BOS belongs to the one before)."""
+    return (np.searchsorted(starts, np.asarray(positions) - 1, side="right") - 1).astype(np.int64)
+
+
+def plan_doc(first: int, end: int, window: int, stride: int) -> np.ndarray:
+    """Windows (begin, end, score_from) of one document whose inputs are tokens[first:end] (see plan_windows)."""
+    n = end - first  # targets of this document
+    if n <= 0:
+        return np.zeros((0, 3), dtype=np.int64)
+    if n <= window:
+        return np.array([[first, end, first]], dtype=np.int64)
+    # Window k reads [k*stride, k*stride + window) (clipped to the document) and scores what the previous window did not:
+    # with stride == window this is exactly plain non-overlapping evaluation.
+    count = 1 + -(-(n - window) // stride)
+    begins = np.arange(count, dtype=np.int64) * stride
+    ends = np.minimum(begins + window, n)
+    score_from = np.concatenate([[0], ends[:-1]])
+    return np.stack([first + begins, first + ends, first + score_from], axis=1)
+
+
 def plan_windows(starts: np.ndarray, n_tokens: int, window: int, stride: int) -> np.ndarray:
     """Windows as rows (begin, end, score_from) in token offsets: the model reads tokens[begin:end] and predicts
     tokens[begin+1:end+1]; the predictions for input positions [score_from, end) are scored."""
     if not 1 <= stride <= window:
         raise ValueError(f"eval stride {stride} must be in [1, window={window}]")
-    ends_all = np.append(starts[1:], n_tokens)
-    rows = []
-    for s, e in zip(starts.tolist(), ends_all.tolist()):
-        n = e - s - 1  # targets in this document
-        if n <= 0:
-            continue
-        if n <= window:
-            rows.append(np.array([[s, s + n, s]], dtype=np.int64))
-            continue
-        # Window k reads [k*stride, k*stride + window) (clipped to the document) and scores what the previous window did
-        # not: with stride == window this is exactly plain non-overlapping evaluation.
-        count = 1 + -(-(n - window) // stride)
-        begins = np.arange(count, dtype=np.int64) * stride
-        ends = np.minimum(begins + window, n)
-        score_from = np.concatenate([[0], ends[:-1]])
-        rows.append(np.stack([s + begins, s + ends, s + score_from], axis=1))
+    rows = [plan_doc(s, e, window, stride) for s, e in document_spans(starts, n_tokens).tolist()]
+    rows = [r for r in rows if r.size]
     return np.concatenate(rows) if rows else np.zeros((0, 3), dtype=np.int64)
 
 
@@ -69,45 +93,130 @@ def _batches(windows: np.ndarray, max_tokens: int):
         yield np.stack(batch)
 
 
-@torch.no_grad()
+def autocast_ctx(device: torch.device):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+
+class ValStream:
+    """The val tokens on the device plus what scoring needs with them: BOS, document starts, byte tables and the optional
+    per-target byte array (a sidecar, e.g. CaseOps data: bytes of token i when it is a target; it overrides the tables)."""
+
+    def __init__(self, val_tokens: np.ndarray, bos_id: int, tables, device: torch.device,
+                 val_bytes: np.ndarray | None = None):
+        if val_bytes is not None and np.asarray(val_bytes).shape != val_tokens.shape:
+            raise ValueError(f"val_bytes has shape {np.asarray(val_bytes).shape} but the val tokens {val_tokens.shape}; "
+                             "the byte sidecar must hold one entry per val token")
+        self.np = val_tokens
+        self.n = int(val_tokens.size)
+        self.bos_id = bos_id
+        self.starts = doc_starts(val_tokens, bos_id)
+        self.tokens = torch.from_numpy(val_tokens.astype(np.int64)).to(device)
+        self.tables = tables
+        self.val_bytes = None if val_bytes is None else torch.from_numpy(np.asarray(val_bytes).astype(np.int64)).to(device)
+        self.device = device
+
+
+@dataclass
+class Scored:
+    """Per-target results of one rank: stream position of each target, its nll (float32 from the model) and bytes."""
+    pos: list
+    nll: list
+    nbytes: list
+
+    @classmethod
+    def empty(cls) -> "Scored":
+        return cls([], [], [])
+
+    def add(self, pos: torch.Tensor, nll: torch.Tensor, nbytes: torch.Tensor) -> None:
+        self.pos.append(pos)
+        self.nll.append(nll)
+        self.nbytes.append(nbytes)
+
+
+def forward_rows(model: torch.nn.Module, val: ValStream, batch: np.ndarray):
+    """One packed forward over window rows (begin, end, score_from): (target positions, nll of each, bytes of each) for
+    the scored targets only. The nll keeps its graph when grad is enabled (lcq/ttt.py trains on what it just scored)."""
+    lengths = batch[:, 1] - batch[:, 0]
+    idx = np.concatenate([np.arange(b, e) for b, e, _ in batch])
+    score = np.concatenate([np.arange(b, e) >= f for b, e, f in batch])
+    idx_t = torch.from_numpy(idx).to(val.device)
+    keep = torch.from_numpy(score).to(val.device)
+    x, y = val.tokens[idx_t], val.tokens[idx_t + 1]
+    cu = torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)).to(val.device)
+    logits = eval_forward(model, val.device)(x, cu, int(lengths.max()))  # autocast, compiled on CUDA (lcq/model.py)
+    nll = F.cross_entropy(logits.float(), y, reduction="none")[keep]
+    pos = idx_t[keep] + 1
+    nbytes = val.val_bytes[pos] if val.val_bytes is not None else token_bytes(y[keep], x[keep], val.tables)
+    return pos, nll, nbytes
+
+
+def score_rows(model: torch.nn.Module, val: ValStream, rows: np.ndarray, batch_tokens: int, out: Scored) -> None:
+    """Score the targets of window rows (begin, end, score_from) with `model` as it stands; results go to `out`."""
+    with torch.no_grad():
+        for batch in _batches(rows, batch_tokens):
+            out.add(*forward_rows(model, val, batch))
+
+
+def dump_path(base: str, stage: str) -> str:
+    """EVAL_DUMP=PATH -> PATH with the stage name inserted before the suffix: dump.npz -> dump.quantized_lcq_ttt.npz."""
+    root, ext = os.path.splitext(base)
+    return f"{root}.{stage}{ext or '.npz'}"
+
+
+def finish_scores(scored: Scored, val: ValStream, dinfo: D.DistInfo, t0: float, dump: str | None = None) -> EvalResult:
+    """All-reduce the sums (float64: the result does not depend on the number of ranks beyond float rounding) and, when
+    asked, write every target's record to `dump` (rank 0, atomically)."""
+    device = val.device
+    if scored.pos:
+        pos = torch.cat(scored.pos)
+        nll = torch.cat(scored.nll).double()
+        nbytes = torch.cat(scored.nbytes).double()
+    else:
+        pos = torch.zeros(0, dtype=torch.long, device=device)
+        nll = nbytes = torch.zeros(0, dtype=torch.float64, device=device)
+    stats = torch.stack([nll.sum(), torch.tensor(float(pos.numel()), dtype=torch.float64, device=device), nbytes.sum()])
+    D.all_reduce_sum(stats)
+    nll_total, tokens, total_bytes = (float(v) for v in stats.tolist())
+    if dump:
+        write_dump(dump, pos, nll, nbytes, val, dinfo)
+    D.sync(device)
+    if tokens == 0 or total_bytes == 0:
+        raise ValueError("evaluation scored no tokens or no bytes: the val split is empty or holds only document starts")
+    return EvalResult(val_loss=nll_total / tokens, val_bpb=nll_total / math.log(2) / total_bytes, tokens=int(tokens),
+                      bytes=int(total_bytes), seconds=time.perf_counter() - t0)
+
+
+def write_dump(path: str, pos: torch.Tensor, nll: torch.Tensor, nbytes: torch.Tensor, val: ValStream,
+               dinfo: D.DistInfo) -> None:
+    """Every target's record (doc, pos, target, nll, bytes), sorted by position. Ranks fill a dense array over the stream
+    (each target is scored by exactly one rank) that one all-reduce gathers."""
+    dense = torch.zeros(3, val.n, dtype=torch.float64, device=val.device)
+    dense[0, pos] = nll
+    dense[1, pos] = nbytes
+    dense[2, pos] = 1.0
+    D.all_reduce_sum(dense)
+    if not dinfo.is_master:
+        return
+    dense = dense.cpu().numpy()
+    where = np.flatnonzero(dense[2] > 0)
+    buf = io.BytesIO()
+    np.savez(buf, doc=target_docs(val.starts, where), pos=where.astype(np.int64), target=val.np[where].astype(np.int64),
+             nll=dense[0, where], bytes=dense[1, where].astype(np.int64))
+    atomic_write(path, buf.getvalue())
+
+
 def evaluate(model: torch.nn.Module, val_tokens: np.ndarray, bos_id: int, tables, window: int, stride: int,
-             batch_tokens: int, dinfo: D.DistInfo) -> EvalResult:
-    """Score the val tokens with `model` (whatever it holds: float, dequantized, LoRA-wrapped). Ranks split the windows;
-    sums are all-reduced in float64 so the result does not depend on the number of ranks beyond float rounding."""
+             batch_tokens: int, dinfo: D.DistInfo, val_bytes: np.ndarray | None = None,
+             dump: str | None = None) -> EvalResult:
+    """Score the val tokens with `model` (whatever it holds: float, dequantized, LoRA-wrapped). Ranks split the windows.
+    `val_bytes` (optional, one entry per val token) overrides the byte tables; `dump` writes per-target records."""
     D.sync(dinfo.device)
     t0 = time.perf_counter()
     was_training = model.training
     model.eval()
-    device = dinfo.device
-    windows = plan_windows(doc_starts(val_tokens, bos_id), val_tokens.size, window, stride)
-    mine = windows[dinfo.rank::dinfo.world_size]
-    tokens_t = torch.from_numpy(val_tokens.astype(np.int64))
-    nll_sum = torch.zeros((), dtype=torch.float64, device=device)
-    n_scored = torch.zeros((), dtype=torch.float64, device=device)
-    n_bytes = torch.zeros((), dtype=torch.float64, device=device)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext())
-    for batch in _batches(mine, batch_tokens):
-        lengths = batch[:, 1] - batch[:, 0]
-        idx = np.concatenate([np.arange(b, e) for b, e, _ in batch])
-        score = np.concatenate([np.arange(b, e) >= f for b, e, f in batch])
-        x = tokens_t[idx].to(device)
-        y = tokens_t[idx + 1].to(device)
-        keep = torch.from_numpy(score).to(device)
-        cu = torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)).to(device)
-        with autocast:
-            logits = model(x, cu, int(lengths.max()))
-        nll = F.cross_entropy(logits.float(), y, reduction="none")
-        nll_sum += nll[keep].double().sum()
-        n_scored += keep.sum().double()
-        n_bytes += token_bytes(y[keep], x[keep], tables).double().sum()
-    stats = torch.stack([nll_sum, n_scored, n_bytes])
-    D.all_reduce_sum(stats)
-    nll_total, tokens, nbytes = (float(v) for v in stats.tolist())
+    val = ValStream(val_tokens, bos_id, tables, dinfo.device, val_bytes)
+    windows = plan_windows(val.starts, val.n, window, stride)
+    scored = Scored.empty()
+    score_rows(model, val, windows[dinfo.rank::dinfo.world_size], batch_tokens, scored)
     model.train(was_training)
-    D.sync(device)
-    if tokens == 0 or nbytes == 0:
-        raise ValueError("evaluation scored no tokens: the val split is empty or holds only document starts")
-    val_loss = nll_total / tokens
-    val_bpb = nll_total / math.log(2) / nbytes
-    return EvalResult(val_loss=val_loss, val_bpb=val_bpb, tokens=int(tokens), bytes=int(nbytes),
-                      seconds=time.perf_counter() - t0)
+    return finish_scores(scored, val, dinfo, t0, dump)

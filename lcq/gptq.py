@@ -97,7 +97,10 @@ def collect_hessians(
                     f"collect_hessians: input to {module_name!r} has {x.shape[-1]} features, weight expects {acc.shape[0]}"
                 )
             x = x.reshape(-1, x.shape[-1]).to(device=acc.device, dtype=torch.float32)
-            acc.addmm_(x.T, x)
+            # Calibration runs under bf16 autocast on CUDA: keep the float32 sum out of it, whatever autocast does
+            # with in-place matmuls in a given torch release (issue 8).
+            with torch.autocast(acc.device.type, enabled=False):
+                acc.addmm_(x.T, x)
             counts[module_name] += x.shape[0]  # host-side shape: no device sync inside the forward
 
         return hook
@@ -268,6 +271,15 @@ class QuantSpec:
     block_size: int = 128
     act_order: bool = True
     raw_dtype: torch.dtype = torch.float16
+    # Per-role clips for block matrices (#1855: attention 13.0, MLP 11.5); None = matrix_clip_sigmas.
+    attn_clip_sigmas: float | None = None
+    mlp_clip_sigmas: float | None = None
+    # LQER (#1797): see `lqer_pack`; lqer_rank 0 = off.
+    lqer_rank: int = 0
+    lqer_top_k: int = 3
+    lqer_factor_bits: int = 4
+    lqer_group: int = 64
+    lqer_asym: bool = True
 
     def __post_init__(self) -> None:
         def fail(field: str, why: str) -> None:
@@ -279,10 +291,18 @@ class QuantSpec:
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, int) or not 2 <= value <= 8:
                 fail(field, "must be an int in 2..8 (codes are stored as int8)")
-        for field in ("matrix_clip_sigmas", "embed_clip_sigmas"):
+        for field in ("matrix_clip_sigmas", "embed_clip_sigmas", "attn_clip_sigmas", "mlp_clip_sigmas"):
             value = getattr(self, field)
+            if value is None and field in ("attn_clip_sigmas", "mlp_clip_sigmas"):
+                continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 fail(field, "must be a finite number (<= 0 means max-abs scaling)")
+        for field, low in (("lqer_rank", 0), ("lqer_top_k", 1), ("lqer_group", 1)):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                fail(field, f"must be an int >= {low}")
+        if isinstance(self.lqer_factor_bits, bool) or self.lqer_factor_bits not in range(2, 9):
+            fail("lqer_factor_bits", "must be an int in 2..8")
         if isinstance(self.damp, bool) or not isinstance(self.damp, (int, float)) or not (
             math.isfinite(self.damp) and self.damp > 0
         ):
@@ -296,6 +316,71 @@ class QuantSpec:
             object.__setattr__(self, "raw_dtype", _RAW_DTYPES[raw.removeprefix("torch.")])
         elif raw not in _RAW_DTYPES.values():
             fail("raw_dtype", f"must be one of {sorted(_RAW_DTYPES)}")
+
+
+def clip_for(spec: QuantSpec, name: str, role: str) -> float:
+    """The clip (row standard deviations) for one quantized tensor: embedding, attention, MLP, or other matrix."""
+    if role == "embed":
+        return spec.embed_clip_sigmas
+    if ".attn." in name and spec.attn_clip_sigmas is not None:
+        return spec.attn_clip_sigmas
+    if ".mlp." in name and spec.mlp_clip_sigmas is not None:
+        return spec.mlp_clip_sigmas
+    return spec.matrix_clip_sigmas
+
+
+# LQER (Zhang et al. 2024, "LQER: Low-Rank Quantization Error Reconstruction"; openai/parameter-golf PR #1797): the
+# error E = W - W_hat of the worst-quantized tensors gets a rank-r correction A @ B (top-r SVD of E) stored as small
+# integers, and the decoder adds A @ B back. Asymmetric packing (#1797/#1855): A = U_r S_r holds the magnitudes, with
+# int2 codes and one scale per tensor; B = V_r^T has rows of unit norm, with codes at `bits` and one scale per
+# `group` consecutive values (B flattened). Asymmetric integer grids use all 2^b codes, [-2^(b-1), 2^(b-1) - 1], with
+# scale max|x| / (2^(b-1) - 1/2). Symmetric packing: both factors per row at `bits`, codes in +-(2^(b-1) - 1).
+LQER_A_BITS = 2
+
+
+def _asym_codes(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    return torch.clamp(torch.round(x / scale), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1).to(torch.int8)
+
+
+def _asym_scale(max_abs: torch.Tensor, bits: int) -> torch.Tensor:
+    return (max_abs / (2 ** (bits - 1) - 0.5)).clamp(_SCALE_MIN, _SCALE_MAX).to(torch.float16)
+
+
+def lqer_factors(E: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-`rank` SVD of E (rows, cols) -> A (rows, r) = U_r S_r, B (r, cols) = V_r^T; A @ B is the best rank-r fit."""
+    U, S, Vh = torch.linalg.svd(E.detach().float(), full_matrices=False)
+    r = min(rank, S.numel())
+    return (U[:, :r] * S[:r]).contiguous(), Vh[:r].contiguous()
+
+
+def lqer_pack(A: torch.Tensor, B: torch.Tensor, bits: int, group: int, asym: bool) -> tuple[dict[str, torch.Tensor], dict]:
+    """Integer factors -> (tensors keyed 'A', 'A_scale', 'B', 'B_scale', meta). Asymmetric packing needs B.numel()
+    divisible by `group`; otherwise (as in #1855) the factors are packed symmetrically."""
+    qmax = _check_bits(bits, "lqer_pack")
+    if asym and B.numel() % group == 0:
+        sA = _asym_scale(A.abs().amax().reshape(1), LQER_A_BITS)
+        Bg = B.reshape(-1, group)
+        sB = _asym_scale(Bg.abs().amax(dim=1), bits)
+        packed = {"A": _asym_codes(A, sA.float(), LQER_A_BITS), "A_scale": sA,
+                  "B": _asym_codes(Bg, sB.float()[:, None], bits).reshape(B.shape), "B_scale": sB}
+        return packed, {"asym": True, "a_bits": LQER_A_BITS, "b_bits": bits, "group": group, "rank": A.shape[1]}
+    sA = (A.abs().amax(dim=1) / qmax).clamp(_SCALE_MIN, _SCALE_MAX).to(torch.float16)
+    sB = (B.abs().amax(dim=1) / qmax).clamp(_SCALE_MIN, _SCALE_MAX).to(torch.float16)
+    packed = {"A": _round_to_grid(A, sA.float()[:, None], qmax).to(torch.int8), "A_scale": sA,
+              "B": _round_to_grid(B, sB.float()[:, None], qmax).to(torch.int8), "B_scale": sB}
+    return packed, {"asym": False, "a_bits": bits, "b_bits": bits, "group": 0, "rank": A.shape[1]}
+
+
+def lqer_unpack(packed: Mapping[str, torch.Tensor], meta: Mapping) -> torch.Tensor:
+    """A @ B in float32 from `lqer_pack`'s output."""
+    A, B = packed["A"].float(), packed["B"].float()
+    if meta["asym"]:
+        A = A * packed["A_scale"].float()
+        B = (B.reshape(-1, int(meta["group"])) * packed["B_scale"].float()[:, None]).reshape(B.shape)
+    else:
+        A = A * packed["A_scale"].float()[:, None]
+        B = B * packed["B_scale"].float()[:, None]
+    return A @ B
 
 
 def tensor_role(name: str, tensor: torch.Tensor) -> str:
@@ -332,7 +417,8 @@ def quantize_state(
 ) -> tuple[dict[str, torch.Tensor], dict]:
     """Quantize a state dict -> (tensors, qmeta); see `tensor_role` for which tensors are quantized.
 
-    Quantized weight n -> n+".q" (int8) and n+".scale" (float16); raw tensor n -> n, floats cast to
+    Quantized weight n -> n+".q" (int8) and n+".scale" (float16), plus n+".lqer_{A,A_scale,B,B_scale}" when LQER
+    picked it (qmeta[n]["lqer"] says how they are packed); raw tensor n -> n, floats cast to
     spec.raw_dtype. Alias keys are not stored; qmeta["aliases"] records them. qmeta is JSON-ready.
     """
     if not isinstance(spec, QuantSpec):
@@ -340,6 +426,7 @@ def quantize_state(
     _check_aliases(state_dict, aliases)
     tensors: dict[str, torch.Tensor] = {}
     qmeta: dict = {}
+    errors: dict[str, torch.Tensor] = {}  # W - W_hat per quantized tensor, kept only for LQER
 
     def put(key: str, value: torch.Tensor) -> None:
         if key in tensors:
@@ -364,9 +451,8 @@ def quantize_state(
             put(name, stored.contiguous())
             qmeta[name] = {"kind": "raw", "bits": stored.element_size() * 8, **meta}
             continue
-        bits, clip = (
-            (spec.embed_bits, spec.embed_clip_sigmas) if role == "embed" else (spec.matrix_bits, spec.matrix_clip_sigmas)
-        )
+        bits = spec.embed_bits if role == "embed" else spec.matrix_bits
+        clip = clip_for(spec, name, role)
         if spec.method == "gptq":
             if hessians is None or name not in hessians:
                 raise KeyError(
@@ -378,6 +464,16 @@ def quantize_state(
         put(name + ".q", q)
         put(name + ".scale", scale)
         qmeta[name] = {"kind": "quant", "bits": bits, **meta}
+        if spec.lqer_rank:
+            errors[name] = t.detach().float() - dequantize(q, scale).to(t.device)
+    if spec.lqer_rank:
+        # The LQER_TOP_K tensors with the largest error norm (#1797's rule), factors stored as ordinary named tensors.
+        for name in sorted(errors, key=lambda n: float(errors[n].norm()), reverse=True)[: spec.lqer_top_k]:
+            A, B = lqer_factors(errors[name], spec.lqer_rank)
+            packed, lmeta = lqer_pack(A, B, spec.lqer_factor_bits, spec.lqer_group, spec.lqer_asym)
+            for key, value in packed.items():
+                put(f"{name}.lqer_{key}", value.contiguous())
+            qmeta[name]["lqer"] = lmeta
     qmeta[ALIASES_KEY] = dict(aliases)
     return tensors, qmeta
 
@@ -414,6 +510,13 @@ def dequantize_state(tensors: Mapping[str, torch.Tensor], qmeta: Mapping) -> dic
             if q.numel() and int(q.abs().max()) > qmax:
                 raise ValueError(f"dequantize_state: {name}.q has codes outside +-{qmax} for {meta['bits']} bits")
             out[name] = dequantize(q, scale)
+            if "lqer" in meta:
+                packed = {k: take(f"{name}.lqer_{k}", name) for k in ("A", "A_scale", "B", "B_scale")}
+                rank = int(meta["lqer"]["rank"])
+                if tuple(packed["A"].shape) != (shape[0], rank) or tuple(packed["B"].shape) != (rank, shape[1]):
+                    raise ValueError(f"dequantize_state: {name} LQER factors have shapes {tuple(packed['A'].shape)} "
+                                     f"and {tuple(packed['B'].shape)}, expected ({shape[0]}, {rank}) and ({rank}, {shape[1]})")
+                out[name] = out[name] + lqer_unpack(packed, meta["lqer"]).to(out[name].device)
         elif meta["kind"] == "raw":
             t = take(name, name)
             if tuple(t.shape) != shape:

@@ -2,18 +2,25 @@
 
 Tied embeddings, parameter-free RMSNorm, GQA, partial RoPE, QK-norm with a learned per-head gain, MLP with relu^2 or
 LeakyReLU(0.5)^2, U-Net style encoder/decoder skips with learned weights, SmearGate with a BOS mask, logit softcap.
+The record stack's features (openai/parameter-golf #1855), each behind its own knob in lcq/config.py: exclusive
+self-attention, the 1/sqrt(layer+1) norm scale, gated skips, depth recurrence (lcq/recurrence.py), parallel residual
+lanes (lcq/lanes.py) and the sparse attention output gate.
 The model works on a flat packed batch: tokens (N,) plus cu_seqlens; positions restart at every segment start and no token
 sees another segment. Module names are a stable API: GPTQ and LoRA target `blocks.{i}.attn.{c_q,c_k,c_v,proj}`,
 `blocks.{i}.mlp.{fc,proj}` and `lm_head` (which shares its weight with `tok_emb`).
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import varlen_attention
+from .attention import resolve_backend, varlen_attention
 from .config import Config
+from .lanes import ParallelLanes
+from .recurrence import layer_sequence
 
 
 def rms_norm(x: torch.Tensor) -> torch.Tensor:
@@ -59,8 +66,35 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dims: in
     return torch.cat([x1 * c + x2 * s, x2 * c - x1 * s, rest], dim=-1)
 
 
+def exclusive(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """XSA (exclusive self-attention, openai/parameter-golf PR #478): remove from each head's output its component
+    along the token's own value vector, so attention carries context rather than a copy of the token itself.
+    y: (N, H, D); v: (N, Hkv, D), each KV head shared by H / Hkv query heads."""
+    n, h, d = y.shape
+    hkv = v.size(1)
+    g = y.reshape(n, hkv, h // hkv, d)
+    vn = F.normalize(v, dim=-1).unsqueeze(2)
+    return (g - (g * vn).sum(-1, keepdim=True) * vn).reshape(n, h, d)
+
+
+class SparseAttnGate(nn.Module):
+    """Per-head sigmoid gate on the attention output from only the first `window` input dims (PR #1787, after
+    modded-nanogpt): window x heads weights per layer instead of a dense d x heads gate. Zero init: every gate starts
+    at sigmoid(0) = 0.5. The weight is not named `.weight`, so GPTQ keeps it as a raw (float16) control tensor."""
+
+    def __init__(self, heads: int, window: int, scale: float):
+        super().__init__()
+        self.window, self.scale = window, scale
+        self.w = nn.Parameter(torch.zeros(heads, window))
+
+    def forward(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """y: (N, H, D) attention output; x: (N, d) the attention's input."""
+        g = torch.sigmoid(self.scale * F.linear(x[:, :self.window], self.w.to(x.dtype)))
+        return y * g.to(y.dtype)[:, :, None]
+
+
 class Attention(nn.Module):
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, layer: int = 0):
         super().__init__()
         d, h, hkv = cfg.model_dim, cfg.num_heads, cfg.num_kv_heads
         self.num_heads, self.num_kv_heads, self.head_dim = h, hkv, d // h
@@ -73,6 +107,8 @@ class Attention(nn.Module):
         if cfg.qk_norm:
             # QK-norm bounds the logits, so a learned per-head gain sets the attention temperature back.
             self.q_gain = nn.Parameter(torch.full((h,), cfg.qk_gain_init))
+        self.xsa = layer >= cfg.num_layers - cfg.xsa_last_n
+        self.gate = SparseAttnGate(h, cfg.attn_gate_window, cfg.attn_gate_scale) if cfg.attn_gate_window else None
 
     def forward(self, x, cos, sin, cu_seqlens, max_seqlen: int, backend: str):
         n = x.size(0)
@@ -87,6 +123,10 @@ class Attention(nn.Module):
             q = q * self.q_gain.to(q.dtype)[None, :, None]
         # Autocast may run the norms in float32; flash-attn only takes bf16/fp16, so match the projections' dtype.
         y = varlen_attention(q.to(v.dtype), k.to(v.dtype), v, cu_seqlens, max_seqlen, backend)
+        if self.xsa:
+            y = exclusive(y, v)
+        if self.gate is not None:
+            y = self.gate(y, x)
         return self.proj(y.reshape(n, self.num_heads * self.head_dim))
 
 
@@ -106,16 +146,26 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, layer: int = 0):
         super().__init__()
-        self.attn = Attention(cfg)
+        self.attn = Attention(cfg, layer)
         self.mlp = MLP(cfg)
         self.attn_scale = nn.Parameter(torch.ones(cfg.model_dim))
         self.mlp_scale = nn.Parameter(torch.ones(cfg.model_dim))
+        # LN scale (PR #315): deeper layers read a smaller normed input, which keeps their updates small early on.
+        self.ln_scale = (layer + 1) ** -0.5 if cfg.ln_scale else 1.0
+
+    def norm(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x) * self.ln_scale if self.ln_scale != 1.0 else rms_norm(x)
+
+    def branches(self, attn_in, mlp_in, cos, sin, cu_seqlens, max_seqlen, backend):
+        """Attention on one stream and MLP on another, side by side (the parallel lanes); scaled branch outputs."""
+        a = self.attn_scale.to(attn_in.dtype) * self.attn(self.norm(attn_in), cos, sin, cu_seqlens, max_seqlen, backend)
+        return a, self.mlp_scale.to(mlp_in.dtype) * self.mlp(self.norm(mlp_in))
 
     def forward(self, x, cos, sin, cu_seqlens, max_seqlen, backend):
-        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x), cos, sin, cu_seqlens, max_seqlen, backend)
-        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x))
+        x = x + self.attn_scale.to(x.dtype) * self.attn(self.norm(x), cos, sin, cu_seqlens, max_seqlen, backend)
+        return x + self.mlp_scale.to(x.dtype) * self.mlp(self.norm(x))
 
 
 class SmearGate(nn.Module):
@@ -140,13 +190,26 @@ class GPT(nn.Module):
         super().__init__()
         self.bos_id = bos_id
         self.logit_softcap = cfg.logit_softcap
-        self.attn_backend = "sdpa"  # set by the caller once the device is known (attention.resolve_backend)
+        # Execution settings, set by configure_runtime once the device is known: the attention backend, whether the
+        # eval forward is compiled, and CPU bf16 autocast.
+        self.attn_backend = "sdpa"
+        self.compile_eval = False
+        self.autocast_cpu_bf16 = False
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.model_dim)
         self.smear = SmearGate(cfg.model_dim) if cfg.smear_gate else None
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
-        self.num_encoder = cfg.num_layers // 2 if cfg.unet_skips else 0
-        n_skips = min(self.num_encoder, cfg.num_layers - self.num_encoder)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        self.unet_skips = cfg.unet_skips
+        # Depth recurrence: the looped layer order once `recur_active` (lcq/recurrence.py); train() turns it off until
+        # its progress point and back on at the end, so evaluation and every rebuilt model run the loop.
+        self.plain_sequence = list(range(cfg.num_layers))
+        self.looped_sequence = (layer_sequence(cfg.num_layers, cfg.recur_start_layer, cfg.recur_end_layer,
+                                               cfg.recur_passes) if cfg.recur_passes > 1 else self.plain_sequence)
+        self.recur_active = True
+        n_skips = max(self._num_skips(len(self.plain_sequence)), self._num_skips(len(self.looped_sequence)))
         self.skip_weights = nn.Parameter(torch.ones(n_skips, cfg.model_dim)) if n_skips else None
+        # Skip gates (PR #289): x <- lerp(w * skip, x, sigmoid(g)); zero init mixes the two halves equally.
+        self.skip_gates = nn.Parameter(torch.zeros(n_skips, cfg.model_dim)) if n_skips and cfg.skip_gates else None
+        self.lanes = ParallelLanes(cfg.parallel_start_layer, cfg.num_layers) if cfg.parallel_start_layer else None
         head_dim = cfg.model_dim // cfg.num_heads
         self.rotary = Rotary(cfg.rope_dims or head_dim, cfg.rope_base)
         self.lm_head = CastedLinear(cfg.model_dim, cfg.vocab_size, bias=False)
@@ -160,6 +223,19 @@ class GPT(nn.Module):
             nn.init.zeros_(block.attn.proj.weight)
             nn.init.zeros_(block.mlp.proj.weight)
 
+    def _num_skips(self, depth: int) -> int:
+        return min(depth // 2, depth - depth // 2) if self.unet_skips else 0
+
+    def layer_order(self) -> list[int]:
+        """Stored-layer index of each layer this forward pass runs (the looped order once recurrence is active)."""
+        return self.looped_sequence if self.recur_active else self.plain_sequence
+
+    def _add_skip(self, x: torch.Tensor, skip: torch.Tensor, j: int) -> torch.Tensor:
+        scaled = self.skip_weights[j].to(x.dtype) * skip
+        if self.skip_gates is None:
+            return x + scaled
+        return torch.lerp(scaled, x, torch.sigmoid(self.skip_gates[j]).to(x.dtype))
+
     def forward(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
         """input_ids: (N,) packed tokens; cu_seqlens: (S+1,) int32 segment offsets. Returns logits (N, vocab), float32."""
         pos, seg_start = segment_positions(cu_seqlens, input_ids.numel())
@@ -167,14 +243,25 @@ class GPT(nn.Module):
         x = rms_norm(self.tok_emb(input_ids))
         if self.smear is not None:
             x = self.smear(x, input_ids, seg_start, self.bos_id)
-        skips = []
-        for i, block in enumerate(self.blocks):
-            if self.skip_weights is not None and i >= len(self.blocks) - len(self.skip_weights):
-                j = len(self.blocks) - 1 - i  # decoder layer i pairs with encoder layer j (mirror)
-                x = x + self.skip_weights[j].to(x.dtype) * skips[j]
-            x = block(x, cos, sin, cu_seqlens, max_seqlen, self.attn_backend)
-            if i < self.num_encoder:
+        order = self.layer_order()
+        depth = len(order)
+        n_skips = self._num_skips(depth)
+        skips, lane1 = [], None  # x is lane 0 once the parallel lanes start
+        for v, i in enumerate(order):
+            if v >= depth - n_skips:
+                j = depth - 1 - v  # decoder layer v pairs with encoder layer j (mirror)
+                x = self._add_skip(x, skips[j], j)
+            block = self.blocks[i]
+            if self.lanes is not None and i >= self.lanes.start:
+                lane1 = x if lane1 is None else lane1
+                a, m = block.branches(x, lane1, cos, sin, cu_seqlens, max_seqlen, self.attn_backend)
+                x, lane1 = self.lanes.mix(i, x, lane1, a, m)
+            else:
+                x = block(x, cos, sin, cu_seqlens, max_seqlen, self.attn_backend)
+            if v < n_skips:
                 skips.append(x)
+        if lane1 is not None:
+            x = self.lanes.merge(x, lane1)
         logits = self.lm_head(rms_norm(x)).float()
         if self.logit_softcap:
             logits = self.logit_softcap * torch.tanh(logits / self.logit_softcap)
@@ -188,8 +275,44 @@ def build_model(cfg: Config, bos_id: int, device: torch.device) -> GPT:
     return GPT(cfg, bos_id).to(device)
 
 
+def autocast_for(device: torch.device, cpu_bf16: bool = False):
+    """bf16 autocast on CUDA (what the record runs). On CPU only with AUTOCAST_CPU_BF16, which runs on CPU the mixed
+    precision the GPU runs, so tests can check that statistics stay float32 under autocast."""
+    if device.type == "cuda" or cpu_bf16:
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def configure_runtime(model: GPT, cfg: Config, device: torch.device) -> GPT:
+    """Set the execution settings a GPT carries for `device` (attention backend, compiled eval, CPU autocast)."""
+    model.attn_backend = resolve_backend(cfg.attention_backend, device)
+    # COMPILE is a CUDA knob (its config comment says so); on CPU the eager forward is what runs.
+    model.compile_eval = cfg.compile and device.type == "cuda"
+    model.autocast_cpu_bf16 = cfg.autocast_cpu_bf16
+    return model
+
+
+def eval_forward(model: nn.Module, device: torch.device):
+    """The function lcq.evaluate gets logits from: `model(input_ids, cu_seqlens, max_seqlen)` under autocast_for, through
+    torch.compile(model, dynamic=True) when the model's compile_eval is set (CUDA with COMPILE=1).
+
+    dynamic=True because eval batches differ in length, segment count and max_seqlen (a rank's last batch is short): one
+    graph serves them all instead of a recompile per shape. Dynamo keeps the compiled code on GPT.forward's code object,
+    so wrapping the same model again (every batch, every monitor eval) finds it instead of compiling anew."""
+    fwd = torch.compile(model, dynamic=True) if getattr(model, "compile_eval", False) else model
+    autocast = autocast_for(device, getattr(model, "autocast_cpu_bf16", False))
+
+    def forward(input_ids: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
+        with autocast:
+            return fwd(input_ids, cu_seqlens, max_seqlen)
+
+    return forward
+
+
 def gptq_targets(model: GPT) -> dict[str, str]:
-    """Weight name -> name of the module whose input feeds it (the tied embedding is calibrated at the head)."""
+    """Weight name -> name of the module whose input feeds it (the tied embedding is calibrated at the head).
+
+    A looped layer (depth recurrence) is one stored module, so its hook sees every pass and its Hessian covers them all."""
     out = {}
     for name, mod in model.named_modules():
         if isinstance(mod, nn.Linear) and name.startswith("blocks."):

@@ -1,14 +1,20 @@
 """The pipeline's stages as functions over one Run record; train_gpt.py calls them top to bottom.
 
 Training clock (MAX_WALLCLOCK_SECONDS): train + GPTQ + LCQ + serialize. The eval clock (EVAL_BUDGET_SECONDS) covers the
-score of what ships. Accounting that produces nothing shipped (the LoRA byte attribution, hashing evidence) runs after
-the training clock stops.
+score of what ships. The artifact's model section compresses on host threads during LCQ (issue 8), so serialize is
+charged only for the LoRA section and any wait. Accounting that produces nothing shipped (reading the section sizes,
+hashing evidence) runs after the training clock stops.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
+import signal
+import sys
 import time
+import traceback
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -17,24 +23,99 @@ import torch.nn as nn
 
 from . import artifact
 from . import dist as D
-from .attention import resolve_backend
-from .bundle import shipped_script
-from .config import Config
-from .data import TrainLoader, file_sha256, list_shards, load_val_tokens, train_pattern, val_pattern
+from .checks import (NonFiniteError, StartupError, check_disk, check_outputs_free, check_reserve, check_shards,
+                     check_tokenizer_file, check_train_ids, check_val_ids, demo_layout, finite)
+from .config import Config, ConfigError
+from .data import (TrainLoader, file_sha256, list_shards, load_val_bytes, load_val_tokens, sidecar_files, train_pattern,
+                   val_pattern)
 from .distill import DistillResult, distill, energy_report, init_factors
-from .evaluate import EvalResult, evaluate
+from .evaluate import EvalResult, dump_path, evaluate
 from .gptq import QuantSpec, collect_hessians, dequantize_state, quant_error_report, quantize_state
 from .lora import DEFAULT_TARGETS, allocate_ranks, attach_lora, match_targets, merge_lora
-from .model import GPT, build_model, gptq_targets
+from .model import GPT, autocast_for, build_model, configure_runtime, gptq_targets
 from .record import run_record, write_submission_json
 from .runlog import RunLog, atomic_write
-from .shipping import TIED, artifact_meta, group_of, load_shipped, model_from_state, pack_lora
-from .tokenizer import ByteTables, byte_tables, load_tokenizer
-from .train import TrainResult, autocast_for, train
+from .script import shipped_script
+from .shipping import TIED, artifact_meta, check_artifact_fits, load_shipped, model_from_state, pack_lora
+from .tokenizer import ByteTables, byte_tables, check_byte_source, load_tokenizer
+from .train import TrainResult, train
+from .ttt import evaluate_ttt, load_for_ttt
+from .ttt import spec_from_config as ttt_spec
+from .ttt import stage_name as ttt_stage_name
+from .ttt import zero_targets as ttt_zero_targets
 
 # Train shards are hashed over their first 4 MiB: enough to identify the file, cheap for 100M-token shards.
 TRAIN_HASH_BYTES = 4 << 20
+# Exit statuses (README, "Exit statuses"): 0 ok; 1 an unexpected error (traceback on stderr); 2 a config error or a
+# failed start-up check (nothing trained); 3 over the byte cap; 4 the training clock or the eval budget exceeded;
+# 5 a non-finite loss, weights or score; 128 + N killed by signal N (130 SIGINT, 143 SIGTERM).
+ERROR_EXIT_CODE = 1
+CONFIG_EXIT_CODE = 2
 GATE_EXIT_CODE = 3
+CLOCK_EXIT_CODE = 4
+NONFINITE_EXIT_CODE = 5
+
+
+class Interrupted(BaseException):
+    """SIGTERM/SIGINT, raised in the main thread so that every `finally`/`except` on the way out runs (temp files are
+    removed, the log says why it stopped). A BaseException like KeyboardInterrupt: `except Exception` never eats it."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+
+
+def install_signal_handlers() -> None:
+    """SIGTERM (torchrun stopping its workers, a scheduler's kill) and SIGINT raise Interrupted. The entry point calls
+    this; importing lcq installs nothing."""
+    def handler(signum, frame):
+        raise Interrupted(signum)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, handler)
+
+
+def exit_status(exc: BaseException) -> int:
+    if isinstance(exc, Interrupted):
+        return 128 + exc.signum
+    if isinstance(exc, KeyboardInterrupt):
+        return 128 + signal.SIGINT
+    if isinstance(exc, (StartupError, ConfigError, artifact.ArtifactError)):
+        return CONFIG_EXIT_CODE
+    if isinstance(exc, NonFiniteError):
+        return NONFINITE_EXIT_CODE
+    return ERROR_EXIT_CODE
+
+
+# Errors whose message names the file or knob and the fix: stderr gets the message, not a traceback.
+NAMED_ERRORS = (StartupError, ConfigError, NonFiniteError, artifact.ArtifactError)
+
+
+def failure_line(exc: BaseException) -> str:
+    return "interrupted" if isinstance(exc, (Interrupted, KeyboardInterrupt)) else "error"
+
+
+def failure_message(exc: BaseException) -> str:
+    if isinstance(exc, (Interrupted, KeyboardInterrupt)):
+        return (f"{str(exc) or 'interrupted by SIGINT'}; the run stopped, its temp files were removed, nothing was "
+                "submitted")
+    if isinstance(exc, NAMED_ERRORS):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
+def fail(run: Run | None, exc: BaseException, t_launch: float) -> int:
+    """End a run on an error or a signal: the message on stderr (with the traceback for an unexpected error), and, if
+    this run's log is open, one `error:` (or `interrupted:`) line in it and the JSON summary with status and error.
+    Returns the exit status."""
+    status = exit_status(exc)
+    if failure_line(exc) == "interrupted" or isinstance(exc, NAMED_ERRORS):
+        print(f"{failure_line(exc)}: {failure_message(exc)}", file=sys.stderr, flush=True)
+    else:
+        traceback.print_exception(exc, file=sys.stderr)
+    if run is not None:
+        run.log.summary["wall_time_s"] = round(time.perf_counter() - t_launch, 3)
+        run.log.fail(failure_message(exc), status, line=failure_line(exc))
+    return status
 
 
 @dataclass
@@ -45,6 +126,7 @@ class Run:
     bos_id: int
     tables: ByteTables
     val_tokens: np.ndarray
+    val_bytes: np.ndarray | None = None  # bytes of val token i as a target, from the data's byte sidecar (CaseOps)
     model: GPT | None = None  # the float model; after training it holds the EMA weights (the LCQ teacher)
     train_result: TrainResult | None = None
     ledger: list[tuple[str, float, float | None]] = field(default_factory=list)  # (stage, seconds, budget)
@@ -59,6 +141,10 @@ class Run:
     scores: dict[str, EvalResult] = field(default_factory=dict)
     calib_files: list[str] = field(default_factory=list)
     lcq_ranks: dict[str, int] = field(default_factory=dict)
+    # rank 0: the quantized base model's artifact section, compressed on host threads from the end of GPTQ (issue 8)
+    base_job: artifact.SectionJob | None = None
+    script_job: Future | None = None  # rank 0: the single-file train_gpt.py (its bytes are the code bytes), built beside it
+    serialize_budget: float | None = None  # seconds, projected by LCQ from the compression rate measured in this run
 
     @property
     def clock_used(self) -> float:
@@ -74,39 +160,88 @@ class Run:
 
 
 def open_run(cfg: Config, dinfo: D.DistInfo) -> Run:
-    """Build the demo data if asked and missing (rank 0 builds, others wait), open the log, load tokenizer and val."""
-    if cfg.auto_build_demo and not (os.path.isdir(cfg.data_path) and os.path.exists(cfg.tokenizer_path)):
+    """Build the demo data if asked and missing (rank 0 builds, others wait), open the log, run every start-up check
+    (lcq.checks: files, shards, token ids, reserve split, disk, outputs) before anything trains, load tokenizer and
+    val. A failure after the log is open is logged (an `error:` line, the JSON summary with status and error) and
+    raised as StartupError; nothing a previous run wrote is touched."""
+    # Existence first: demo_layout imports lcq.corpus, which the single-file script does not carry (lcq/bundle.py).
+    if cfg.auto_build_demo and not (os.path.isdir(cfg.data_path) and os.path.exists(cfg.tokenizer_path)) and \
+            demo_layout(cfg.data_path, cfg.tokenizer_path):
         if dinfo.is_master:
             from .corpus import ensure_demo
             t = time.perf_counter()
             ensure_demo(cfg.data_path, cfg.tokenizer_path)
             print(f"built demo dataset in {time.perf_counter() - t:.1f}s: {cfg.data_path}", flush=True)
         D.barrier()
-    sp = load_tokenizer(cfg.tokenizer_path)
+    # Before the log opens: its own name may be another run's file, which this run must not touch.
+    check_outputs_free(cfg, training=not cfg.eval_only, knob_names=("RUN_ID",))
+    D.barrier()  # every rank has checked before rank 0 creates the log (else a slower rank finds it and stops)
+    log = RunLog(cfg, dinfo)
+    try:
+        log.header()
+        sp, bos_id, extra = startup_checks(cfg)
+        for k, v in extra.items():
+            log(f"{k}: {v}")
+        val_tokens = load_val_tokens(cfg.data_path, cfg.val_max_tokens)
+        # A byte sidecar shipped with the data is the byte count (CaseOps pieces are not the scored text); else the table.
+        val_bytes = load_val_bytes(cfg.data_path, val_tokens.size)
+        if val_bytes is not None:
+            log("val bytes from sidecar " + " ".join(os.path.basename(f) for f in sidecar_files(cfg.data_path)))
+        check_byte_source(sp, val_bytes is not None, cfg.tokenizer_path, cfg.data_path)
+        tables = byte_tables(sp, cfg.vocab_size).to(dinfo.device)
+    except BaseException as e:
+        # input that fails to load here (a tokenizer that does not parse, an unpaired byte sidecar) is a start-up fault
+        err = StartupError(str(e)) if isinstance(e, (OSError, ValueError)) and not isinstance(e, StartupError) else e
+        log.fail(failure_message(err), exit_status(err), line=failure_line(err))
+        if err is e:
+            raise
+        raise err from e
+    return Run(cfg=cfg, dinfo=dinfo, log=log, bos_id=bos_id, tables=tables, val_tokens=val_tokens, val_bytes=val_bytes)
+
+
+def startup_checks(cfg: Config):
+    """Every check that can fail before training, cheapest first; each failure is a StartupError naming the file or
+    knob and the fix. Returns (tokenizer, bos_id, header lines)."""
+    t0 = time.perf_counter()
+    if cfg.eval_only and not os.path.isfile(cfg.artifact_file):
+        raise StartupError(f"--artifact {cfg.artifact_file}: no such file. Fix: pass the .lcq a training run wrote "
+                           "(logs/<run_id>.lcq, or the run's ARTIFACT_PATH)")
+    check_tokenizer_file(cfg)
+    try:
+        sp = load_tokenizer(cfg.tokenizer_path)
+    except ValueError as e:
+        raise StartupError(str(e)) from None
     if sp.vocab_size() != cfg.vocab_size:
-        raise ValueError(f"VOCAB_SIZE={cfg.vocab_size} but the tokenizer {cfg.tokenizer_path} has {sp.vocab_size()} "
-                         "tokens; set VOCAB_SIZE to match the tokenizer")
+        raise StartupError(f"VOCAB_SIZE={cfg.vocab_size} but the tokenizer {cfg.tokenizer_path} has {sp.vocab_size()} "
+                           "tokens; set VOCAB_SIZE to match the tokenizer")
     bos_id = sp.bos_id()
     if bos_id < 0:
-        raise ValueError(f"{cfg.tokenizer_path}: tokenizer has no BOS token; documents are delimited by BOS")
-    val_files = list_shards(val_pattern(cfg.data_path), "val")
+        raise StartupError(f"{cfg.tokenizer_path}: tokenizer has no BOS token; documents are delimited by BOS. Fix: "
+                           "set TOKENIZER_PATH to a tokenizer with a BOS piece")
+    train_files, val_files = check_shards(cfg, with_train=not cfg.eval_only)
+    check_val_ids(val_files, cfg.vocab_size)
+    sampled = check_train_ids(train_files, cfg.vocab_size)
+    post = None if cfg.eval_only else check_reserve(cfg)
+    free = check_disk(cfg, 0 if cfg.eval_only else cfg.artifact_cap_bytes)
+    check_outputs_free(cfg, training=not cfg.eval_only, knob_names=("ARTIFACT_PATH",))
     extra = {"tokenizer": f"{cfg.tokenizer_path} sha256={file_sha256(cfg.tokenizer_path)[:16]} bos_id={bos_id}",
              "data_val_files": " ".join(f"{os.path.basename(f)}:sha256={file_sha256(f)[:16]}" for f in val_files)}
     if not cfg.eval_only:
-        train_files = list_shards(train_pattern(cfg.data_path), "train")
         extra["data_train_shards"] = f"{len(train_files)} files matching {train_pattern(cfg.data_path)}"
-    log = RunLog(cfg, dinfo)
-    log.header(extra)
-    val_tokens = load_val_tokens(cfg.data_path, cfg.val_max_tokens)
-    tables = byte_tables(sp, cfg.vocab_size).to(dinfo.device)
-    return Run(cfg=cfg, dinfo=dinfo, log=log, bos_id=bos_id, tables=tables, val_tokens=val_tokens)
+    extra["startup_checks"] = (
+        f"ok in {time.perf_counter() - t0:.2f}s: {len(train_files)} train + {len(val_files)} val shard headers and "
+        f"sizes, val ids < {cfg.vocab_size}, {sampled} sampled train ids < {cfg.vocab_size}"
+        + ("" if post is None else f", GPTQ/LCQ reserve {post:.1f}s >= GPTQ_MIN_SECONDS {cfg.gptq_min_seconds:g}")
+        + ", free disk " + " ".join(f"{d}:{b / 1e9:.1f}GB" for d, b in free.items())
+        + ("" if cfg.eval_only else f", no output of RUN_ID={cfg.run_id} or ARTIFACT_PATH exists yet"))
+    return sp, bos_id, extra
 
 
 def build(run: Run) -> GPT:
     cfg = run.cfg
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, run.bos_id, run.dinfo.device)
-    model.attn_backend = resolve_backend(cfg.attention_backend, run.dinfo.device)
+    configure_runtime(model, cfg, run.dinfo.device)
     n_params = sum(p.numel() for p in model.parameters())
     run.log(f"model_params:{n_params} attention_backend:{model.attn_backend} layers:{cfg.num_layers} dim:{cfg.model_dim} "
             f"heads:{cfg.num_heads}/{cfg.num_kv_heads}")
@@ -115,10 +250,36 @@ def build(run: Run) -> GPT:
     return model
 
 
-def score(run: Run, model: nn.Module, stride: int | None = None) -> EvalResult:
+def stage_dump(cfg: Config, stage: str | None) -> str | None:
+    """EVAL_DUMP's file for a scored stage (None: no dump, or an unnamed score such as training-time monitoring)."""
+    return dump_path(cfg.eval_dump, stage) if cfg.eval_dump and stage else None
+
+
+def score(run: Run, model: nn.Module, stride: int | None = None, stage: str | None = None) -> EvalResult:
     cfg = run.cfg
     return evaluate(model, run.val_tokens, run.bos_id, run.tables, cfg.window, stride or cfg.eval_stride,
-                    cfg.eval_batch_tokens, run.dinfo)
+                    cfg.eval_batch_tokens, run.dinfo, val_bytes=run.val_bytes, dump=stage_dump(cfg, stage))
+
+
+def score_ttt(run: Run, path: str) -> EvalResult:
+    """The TTT stage on the artifact at `path` (lcq/ttt.py holds the policy): a fresh model decoded from the file, its
+    adapter started from the shipped LoRA or zero, scored score-first. Everything from the decode on is on its clock."""
+    cfg = run.cfg
+    t0 = time.perf_counter()
+    model, meta, init = load_for_ttt(path, cfg, run.dinfo.device)
+    stage = ttt_stage_name(bool(meta.get("lora")))
+    spec = ttt_spec(cfg)
+    run.log(f"ttt: stage {stage} init {init} chunk {spec.chunk_tokens} steps {spec.steps} lr {spec.lr:g} "
+            f"betas {spec.beta1:g}/{spec.beta2:g} wd {spec.weight_decay:g} phases {spec.phases} "
+            f"phase_docs {spec.phase_docs} phase_lr {spec.phase_lr:g}"
+            + f" rank {cfg.ttt_rank} targets {','.join(ttt_zero_targets(cfg))}"
+            + (" (shipped factors where they exist, zero-started elsewhere)" if init == "artifact" else ""))
+    res = evaluate_ttt(model, run.val_tokens, run.bos_id, run.tables, cfg.window, cfg.eval_stride,
+                       cfg.eval_batch_tokens, run.dinfo, spec, val_bytes=run.val_bytes,
+                       dump=stage_dump(cfg, stage), log=run.log)
+    res = dataclasses.replace(res, seconds=time.perf_counter() - t0)
+    record_score(run, stage, res, f"decoded {path}, score-first TTT from {init}")
+    return res
 
 
 def run_training(run: Run) -> TrainResult:
@@ -154,7 +315,7 @@ def calibration_runner(run: Run, total_tokens: int):
         done = 0
         while done < total_tokens:
             x, _, cu = loader.next_batch(min(batch, total_tokens - done), cfg.train_seq_len, run.bos_id)
-            with autocast_for(dinfo.device):
+            with autocast_for(dinfo.device, cfg.autocast_cpu_bf16):
                 for m in models:
                     m(x, cu, cfg.train_seq_len)
             done += x.numel()
@@ -166,7 +327,11 @@ def calibration_runner(run: Run, total_tokens: int):
 def quant_spec(cfg: Config) -> QuantSpec:
     return QuantSpec(method=cfg.quant_method, matrix_bits=cfg.matrix_bits, embed_bits=cfg.embed_bits,
                      matrix_clip_sigmas=cfg.matrix_clip_sigmas, embed_clip_sigmas=cfg.embed_clip_sigmas,
-                     damp=cfg.gptq_damp, block_size=cfg.gptq_block_size, act_order=cfg.gptq_act_order)
+                     damp=cfg.gptq_damp, block_size=cfg.gptq_block_size, act_order=cfg.gptq_act_order,
+                     attn_clip_sigmas=cfg.attn_clip_sigmas if cfg.attn_clip_sigmas >= 0 else None,
+                     mlp_clip_sigmas=cfg.mlp_clip_sigmas if cfg.mlp_clip_sigmas >= 0 else None,
+                     lqer_rank=cfg.lqer_rank, lqer_top_k=cfg.lqer_top_k, lqer_factor_bits=cfg.lqer_factor_bits,
+                     lqer_group=cfg.lqer_group, lqer_asym=cfg.lqer_asym)
 
 
 def quantize(run: Run) -> None:
@@ -175,7 +340,8 @@ def quantize(run: Run) -> None:
     D.sync(run.dinfo.device)
     t0 = time.perf_counter()
     model.eval()
-    runner = calibration_runner(run, cfg.gptq_calib_tokens)
+    calib_tokens = cfg.gptq_calib_tokens_per_rank(run.dinfo.world_size)
+    runner = calibration_runner(run, calib_tokens)
     run.hessians = collect_hessians(model, gptq_targets(model), lambda: runner(model))
     state = {k: v.detach() for k, v in model.state_dict().items()}
     run.qtensors, run.qmeta = quantize_state(state, run.hessians, quant_spec(cfg), TIED)
@@ -185,12 +351,15 @@ def quantize(run: Run) -> None:
     share = cfg.train_reserve_seconds - cfg.serialize_reserve_seconds - cfg.lcq_safety_seconds
     over = seconds > share
     run.charge("gptq", seconds, share, method=cfg.quant_method, bits=f"{cfg.matrix_bits}/{cfg.embed_bits}",
-               calib_tokens_per_rank=cfg.gptq_calib_tokens, over_share="YES" if over else "no")
+               calib_tokens_per_rank=calib_tokens, over_share="YES" if over else "no")
     if over:
         run.log(f"warning: GPTQ took {seconds:.1f}s, more than its share {share:.1f}s of TRAIN_RESERVE_SECONDS; "
                 "raise TRAIN_RESERVE_SECONDS or lower GPTQ_CALIB_TOKENS")
     worst = quant_error_report(state, run.gptq_state, run.hessians)[:3]
     run.log("gptq_worst_rel_err: " + " ".join(f"{n}:{e:.3e}" for n, e in worst))
+    lqer = [n for n, m in run.qmeta.items() if isinstance(m, dict) and "lqer" in m]
+    if lqer:
+        run.log(f"lqer: rank {cfg.lqer_rank} on {' '.join(lqer)}")
 
 
 def lcq_target_names(model: nn.Module, cfg: Config) -> list[str]:
@@ -220,11 +389,12 @@ def lora_bytes_per_rank(model: nn.Module, names: list[str], bits: int) -> float:
 def auto_rank(run: Run, names: list[str], model: nn.Module) -> int:
     """The largest uniform rank whose factors fit under the cap next to the code and the quantized model.
 
-    It compresses the quantized model once to know its real bytes (an estimate could overshoot the cap and fail the
-    gate at the end of a paid run); that compression is charged to LCQ's time."""
+    It waits for the base model's section (compressed on host threads since GPTQ) to know its real bytes (an estimate
+    could overshoot the cap and fail the gate at the end of a paid run); the wait is charged to LCQ's time."""
     cfg = run.cfg
     code = len(shipped_script())
-    model_bytes = len(artifact.encode(run.qtensors, artifact_meta(cfg, run.bos_id, run.qmeta, None), cfg.compressor))
+    mine = artifact.HEADER_BYTES + run.base_job.result().nbytes if run.base_job is not None else 0
+    model_bytes = int(D.all_reduce_max(torch.tensor(mine, dtype=torch.int64, device=run.dinfo.device)).item())
     room = cfg.artifact_cap_bytes - code - model_bytes - cfg.lcq_auto_headroom_bytes
     rank = max(0, int(room // lora_bytes_per_rank(model, names, cfg.lcq_factor_bits)))
     mods = dict(model.named_modules())
@@ -256,10 +426,109 @@ def lcq_diagnostic(run: Run) -> float | None:
     return rho_total
 
 
+def start_base_section(run: Run) -> None:
+    """Rank 0: start compressing the quantized model's artifact section on host threads (issue 8), so that it runs
+    while LCQ distils on the device. Only rank 0 writes the artifact; other ranks compressing too would slow it."""
+    if run.base_job is not None:
+        run.base_job.cancel()
+    run.base_job = None
+    if run.dinfo.is_master:
+        if run.script_job is None:  # packing the sources (lzma/brotli) takes seconds too; the code does not change
+            pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lcq-bundle")
+            run.script_job = pool.submit(shipped_script)
+            pool.shutdown(wait=False)
+        tensors = {k: v.detach().cpu() for k, v in run.qtensors.items()}
+        run.base_job = artifact.SectionJob("model", tensors, artifact_meta(run.cfg, run.bos_id, run.qmeta, None),
+                                           run.cfg.compressor, run.cfg.serialize_threads or None)
+
+
+def lora_raw_bytes(model: nn.Module, ranks: dict[str, int], bits: int) -> int:
+    """Upper estimate of the LoRA section's uncompressed bytes: factor codes at `bits` bits (int8 storage when more
+    than 4) plus two fp16 scales per rank component, and ~200 bytes of manifest per target."""
+    mods = dict(model.named_modules())
+    per_code = 1 if bits > 4 else bits / 8
+    return int(sum(r * ((mods[n].in_features + mods[n].out_features) * per_code + 4) + 200 for n, r in ranks.items()))
+
+
+# A projection needs one measured slice of each compressor; LCQ waits at most this long for it.
+RATE_WAIT_SECONDS = 5.0
+# Assembling, writing and fsyncing the artifact: a 16 MB file took 0.13 s on the 2-core CI machine; twice that.
+WRITE_SECONDS = 0.25
+
+
+def plan_serialize(run: Run, lcq_seconds_left: float, lora_bytes: int) -> tuple[float, float]:
+    """The seconds the serialize stage will be charged, projected from the compression rates the base section's job
+    has measured in this run (not a constant): compressing the LoRA section after distillation, plus waiting for the
+    base section if it is projected to finish after LCQ would (LCQ then gives that time back, so the threads that
+    compress share the cores with less), or, for baked LCQ (the model is re-quantized after distillation), the whole
+    base section again. Rank 0 projects; every rank gets its number. Logged and shown as the serialize budget in the
+    ledger. Returns (serialize budget, projected seconds of the LoRA section)."""
+    cfg, job = run.cfg, run.base_job
+    budget, lora_s, note = 0.0, 0.0, ""
+    if job is not None:
+        left = job.seconds_left(RATE_WAIT_SECONDS)
+        rates = job.rates()
+        if left is None or rates is None:
+            budget = cfg.serialize_reserve_seconds
+            note = (f"no compression rate measured within {RATE_WAIT_SECONDS:g}s; SERIALIZE_RESERVE_SECONDS "
+                    f"{budget:g}s kept instead")
+        else:
+            lora_s = (job.thread_seconds(lora_bytes) or 0.0) / min(job.threads, len(rates))
+            if cfg.lcq_merge == "baked":
+                base_s = job.thread_seconds(job.raw_bytes) / job.threads
+                wait, what = base_s, f"the re-quantized base section again {base_s:.2f}s"
+            else:
+                wait = max(0.0, left - (lcq_seconds_left - lora_s - WRITE_SECONDS))
+                what = f"base section projected done in {left:.2f}s, wait after LCQ {wait:.2f}s"
+            budget = wait + lora_s + WRITE_SECONDS
+            if wait > 0 and cfg.lcq_merge != "baked":
+                run.log(f"warning: the base section is projected to finish {wait:.2f}s after LCQ could end; LCQ gives "
+                        "that time back, and the serialize stage may still overrun its budget. Fix: more host cores "
+                        "(SERIALIZE_THREADS), COMPRESSOR=brotli instead of auto, or a larger TRAIN_RESERVE_SECONDS")
+            note = (f"base section {job.raw_bytes} raw bytes, {job.threads} threads, measured "
+                    + " ".join(f"{c} {r / 1e6:.2f}" for c, r in rates.items()) + " MB/s per thread; "
+                    f"{what}; LoRA section ~{lora_bytes} raw bytes {lora_s:.2f}s; write {WRITE_SECONDS:g}s")
+    budget, lora_s = (float(v) for v in D.all_reduce_max(
+        torch.tensor([budget, lora_s], dtype=torch.float64, device=run.dinfo.device)).tolist())
+    run.serialize_budget = budget
+    if job is not None:
+        run.log(f"serialize_plan: {note}; serialize budget {budget:.2f}s")
+    return budget, lora_s
+
+
+def distill_budget(run: Run, initial: float, window: float, lora_s: float):
+    """Distillation's budget as a function of its elapsed seconds, re-read every step (lcq.distill): `initial` (from
+    the plan), shrunk by however late the model section is projected to finish now, from the rates its job keeps
+    measuring (an early projection is optimistic: brotli slows as its window fills, and a shared host's load moves).
+    Rank 0 projects and every rank gets its value (one scalar all-reduce per step). `window` is what LCQ could use
+    before any serialization."""
+    job, cfg = run.base_job, run.cfg
+    floor = float("-inf")
+
+    def budget(elapsed: float) -> float:
+        value = initial
+        if job is not None and cfg.lcq_merge != "baked":
+            left = job.seconds_left()
+            if left is not None:
+                late = max(0.0, elapsed + left - (window - lora_s - WRITE_SECONDS))
+                value = min(initial, window - lora_s - WRITE_SECONDS - late)
+        mine = value if run.dinfo.is_master else floor
+        value = float(D.all_reduce_max(torch.tensor(mine, dtype=torch.float64, device=run.dinfo.device)).item())
+        if value < initial:  # the serialize stage gets what LCQ gave back
+            run.serialize_budget = window - value
+        return max(0.0, value)
+
+    return budget
+
+
 def lcq(run: Run) -> None:
     """Attach LoRA to the dequantized model, initialise it in closed form, distil it against the float model on train
-    tokens until the clock says stop, then pack it as shipped (side/fused: quantized factors; baked: re-quantized)."""
+    tokens until the clock says stop, then pack it as shipped (side/fused: quantized factors; baked: re-quantized).
+
+    First of all (right after GPTQ) it starts compressing the base model's artifact section on host threads; the
+    distillation budget keeps back what serialization is projected to need from the rate that job measures."""
     cfg, dinfo = run.cfg, run.dinfo
+    start_base_section(run)
     if not cfg.lcq_enabled:
         return
     D.sync(dinfo.device)
@@ -285,23 +554,33 @@ def lcq(run: Run) -> None:
     init_factors(student, teacher, cfg.lcq_init, run.hessians,
                  calibration_runner(run, cfg.lcq_grail_tokens), cfg.lcq_grail_ridge)
     elapsed = time.perf_counter() - t0
-    seconds = run.clock_left - elapsed - cfg.serialize_reserve_seconds - cfg.lcq_safety_seconds
-    if cfg.lcq_merge == "baked":
-        # baked re-runs GPTQ on the merged weights after distillation: keep back what the first GPTQ took
-        seconds -= next(s for stage, s, _ in run.ledger if stage == "gptq")
+    gptq_s = next(s for stage, s, _ in run.ledger if stage == "gptq") if cfg.lcq_merge == "baked" else 0.0
+    left = run.clock_left - elapsed - cfg.lcq_safety_seconds - gptq_s
+    serialize_s, lora_s = plan_serialize(run, left, 0 if cfg.lcq_merge == "baked" else
+                                         lora_raw_bytes(student, ranks, cfg.lcq_factor_bits))
+    seconds = left - serialize_s
     if cfg.lcq_seconds:
         seconds = min(seconds, cfg.lcq_seconds)
     seconds = max(0.0, seconds)
-    run.log(f"lcq_budget: {seconds:.2f}s for distillation (clock left {run.clock_left - elapsed:.2f}s, serialize reserve "
-            f"{cfg.serialize_reserve_seconds:.1f}s, safety {cfg.lcq_safety_seconds:.1f}s)")
-    res = distill(student, teacher, cfg, dinfo, run.log, run.bos_id, seconds if cfg.lcq_max_steps else 0.0)
-    lcq_budget = run.clock_left - cfg.serialize_reserve_seconds
+    run.log(f"lcq_budget: {seconds:.2f}s for distillation (clock left {run.clock_left - elapsed:.2f}s, serialize "
+            f"{serialize_s:.2f}s projected, safety {cfg.lcq_safety_seconds:.1f}s"
+            + (f", GPTQ again {gptq_s:.2f}s" if gptq_s else "") + ")")
+    planned = run.serialize_budget
+    res = distill(student, teacher, cfg, dinfo, run.log, run.bos_id,
+                  distill_budget(run, seconds, left, lora_s) if cfg.lcq_max_steps and seconds > 0 else 0.0)
+    if run.serialize_budget is not None and planned is not None and run.serialize_budget > planned:
+        run.log(f"lcq_budget: the model section was projected later as it went; distillation gave back "
+                f"{run.serialize_budget - planned:.2f}s, serialize budget {run.serialize_budget:.2f}s")
+    lcq_budget = run.clock_left - (run.serialize_budget if run.serialize_budget is not None else serialize_s)
     run.distill_result = res
     if cfg.lcq_merge == "baked":
         merge_lora(student)
         state = {k: v.detach() for k, v in student.state_dict().items()}
         run.qtensors, run.qmeta = quantize_state(state, run.hessians, quant_spec(cfg), TIED)
         run.lora_meta = dict(merge="baked", init=cfg.lcq_init, ranks=ranks, alpha=cfg.lcq_alpha)
+        if run.base_job is not None:  # compressed the weights before baking: ship compresses the new ones
+            run.base_job.cancel()
+            run.base_job = None
     else:
         run.lora_tensors, packed_ranks, alpha = pack_lora(student, cfg.lcq_factor_bits)
         run.lora_meta = dict(merge=cfg.lcq_merge, init=cfg.lcq_init, ranks=packed_ranks, alpha=alpha,
@@ -314,29 +593,46 @@ def lcq(run: Run) -> None:
 
 
 def ship(run: Run) -> bool:
-    """Write the artifact (rank 0; atomically), count code + model + LoRA bytes and apply the gate. False = over the cap."""
+    """Write the artifact (rank 0; atomically), count code + model + LoRA bytes and apply the gate. False = over the cap.
+
+    The artifact is the base model's section (compressed on host threads since GPTQ, or now if nothing started it)
+    followed by the LoRA's own section, compressed here. The LoRA's bytes are its section's bytes, exactly."""
     cfg, dinfo, log = run.cfg, run.dinfo, run.log
     D.sync(dinfo.device)
     t0 = time.perf_counter()
-    tensors = {k: v.detach().cpu() for k, v in {**run.qtensors, **run.lora_tensors}.items()}
-    lora_meta = run.lora_meta if run.lora_tensors else None
-    meta = artifact_meta(cfg, run.bos_id, run.qmeta, lora_meta)
     path = cfg.artifact_file
-    script = shipped_script()
+    facts = {}
     if dinfo.is_master:
-        artifact.save(path, tensors, meta, cfg.compressor)
+        threads = cfg.serialize_threads or None
+        lora_job = None
+        if run.lora_tensors:  # starts first: it compresses while the base section's last chunks finish
+            lora_job = artifact.SectionJob("lora", {k: v.detach().cpu() for k, v in run.lora_tensors.items()},
+                                           run.lora_meta, cfg.compressor, threads)
+        if run.base_job is None:
+            start_base_section(run)
+        t_wait = time.perf_counter()
+        sections = [run.base_job.result()]
+        facts["base_wait"] = f"{time.perf_counter() - t_wait:.2f}s"
+        if lora_job is not None:
+            sections.append(lora_job.result())
+            facts["lora_compress"] = f"{sections[-1].seconds:.2f}s"
+        facts["compressors"] = ",".join(f"{sec.name}:{sec.compressor}" for sec in sections)
+        artifact.write(path, artifact.assemble(sections))
+        script = run.script_job.result()
         atomic_write(os.path.join(cfg.log_dir, f"{cfg.run_id}.train_gpt.py"), script)
+        run.base_job = None
     D.barrier()
-    run.charge("serialize", time.perf_counter() - t0, cfg.serialize_reserve_seconds, compressor=cfg.compressor, path=path)
+    if not dinfo.is_master:
+        script = shipped_script()  # after the clock stops: only rank 0 writes, every rank logs the same count
+    budget = cfg.serialize_reserve_seconds if run.serialize_budget is None else run.serialize_budget
+    run.charge("serialize", time.perf_counter() - t0, budget, compressor=cfg.compressor, **facts, path=path)
     # The training clock stops here; the rest is accounting.
     file_bytes = os.path.getsize(path)
     lora_bytes = 0
-    if run.lora_tensors and dinfo.is_master:
+    if dinfo.is_master:
         with open(path, "rb") as f:
-            blob = f.read()
-        parts = artifact.tensor_bytes_breakdown(tensors, meta, artifact.compressor_of(blob, path), group_of,
-                                                base="model", full=blob)
-        lora_bytes = parts.get("lora", 0)
+            sections = artifact.sections_of(f.read(), path)
+        lora_bytes = sections["lora"].nbytes if "lora" in sections else 0
     lora_bytes = int(D.all_reduce_sum(torch.tensor(lora_bytes, dtype=torch.int64, device=dinfo.device)).item())
     log(f"code: {len(script)} bytes sha256={hashlib.sha256(script).hexdigest()} "
         f"(the single-file train_gpt.py that ships, written to {cfg.log_dir}/{cfg.run_id}.train_gpt.py)")
@@ -386,43 +682,55 @@ def evaluate_shipped(run: Run) -> None:
     the last two decoded from the artifact file into fresh models."""
     cfg = run.cfg
     rho = lcq_diagnostic(run)
-    record_score(run, "pre_quant", score(run, run.model), "float EMA model in memory")
+    record_score(run, "pre_quant", score(run, run.model, stage="pre_quant"), "float EMA model in memory")
     run.model = None  # nothing from training is used for the shipped scores
     path = cfg.artifact_file
     if run.lora_meta and run.lora_meta["merge"] == "baked":
         q = model_from_state(cfg, run.bos_id, run.gptq_state, run.dinfo.device)
-        record_score(run, "quantized", score(run, q), "GPTQ weights before LCQ, in memory (the baked artifact differs)")
+        record_score(run, "quantized", score(run, q, stage="quantized"),
+                     "GPTQ weights before LCQ, in memory (the baked artifact differs)")
     else:
         q, _, _ = load_shipped(path, cfg, run.dinfo.device, with_lora=False)
-        record_score(run, "quantized", score(run, q), f"decoded {path} without LoRA")
+        record_score(run, "quantized", score(run, q, stage="quantized"), f"decoded {path} without LoRA")
     del q
     if run.lora_meta:
         shipped, _, _ = load_shipped(path, cfg, run.dinfo.device)
-        record_score(run, "quantized_lcq", score(run, shipped), f"decoded {path} as shipped ({run.lora_meta['merge']})")
+        record_score(run, "quantized_lcq", score(run, shipped, stage="quantized_lcq"),
+                     f"decoded {path} as shipped ({run.lora_meta['merge']})")
         pre, qu, lc = (run.scores[s].val_bpb for s in ("pre_quant", "quantized", "quantized_lcq"))
         gap = qu - pre
-        recovered = (qu - lc) / gap if gap else float("nan")
+        # A fraction of a gap <= 0 means nothing (issue 8: "recovered 0.5279 of the quantization gap -0.000478").
+        recovered = (qu - lc) / gap if gap > 0 else None
         res = run.distill_result
+        recovered_text = (f"recovered {recovered:.4f} of the quantization gap {gap:.6f} bpb" if recovered is not None
+                          else f"recovered n/a (no quantization gap: {gap:.6f} bpb)")
         run.log(f"lcq_summary: rank {cfg.lcq_rank} init {cfg.lcq_init} merge {cfg.lcq_merge} steps {res.steps} "
-                f"time {res.seconds:.2f}s final_kl {res.kl_end:.6f} lora_bytes {run.size.lora_bytes} "
-                f"recovered {recovered:.4f} of the quantization gap {gap:.6f} bpb")
+                f"time {res.seconds:.2f}s final_kl {res.kl_end:.6f} lora_bytes {run.size.lora_bytes} {recovered_text}")
         run.log.summary["lcq"] = dict(rank=cfg.lcq_rank, ranks=run.lora_meta["ranks"], init=cfg.lcq_init,
                                       merge=cfg.lcq_merge, steps=res.steps, seconds=round(res.seconds, 3),
                                       kl_start=res.kl_start, kl_end=res.kl_end, lora_bytes=run.size.lora_bytes,
                                       rho=rho, recovered_fraction=recovered)
+    if cfg.ttt_enabled:
+        score_ttt(run, path)
 
 
-def eval_only(cfg: Config, dinfo: D.DistInfo, t_launch: float) -> int:
-    """Score an artifact from the files alone: nothing from a training process can reach this score."""
-    if not os.path.exists(cfg.artifact_file):
-        raise FileNotFoundError(f"--artifact {cfg.artifact_file}: no such file")
-    run = open_run(cfg, dinfo)
+def eval_only(run: Run, t_launch: float) -> int:
+    """Score an artifact from the files alone (a run opened with --eval_only): nothing from a training process can
+    reach this score. The artifact must have been trained with this tokenizer (sha256, vocab, BOS); the network is the
+    artifact's own shape, and model knobs of the config that say otherwise are logged as ignored."""
+    cfg, dinfo = run.cfg, run.dinfo
     model, meta, _ = load_shipped(cfg.artifact_file, cfg, dinfo.device)
-    if meta["bos_id"] != run.bos_id:
-        raise ValueError(f"{cfg.artifact_file} was trained with bos_id {meta['bos_id']} but TOKENIZER_PATH "
-                         f"{cfg.tokenizer_path} has bos_id {run.bos_id}")
+    ignored = check_artifact_fits(cfg.artifact_file, meta, cfg, run.bos_id)
+    if ignored:
+        run.log(f"eval_only: the network is the artifact's own shape; {len(ignored)} model knob(s) of the config are "
+                "IGNORED (config -> artifact): " + " ".join(f"{k.upper()}={c!r}->{a!r}" for k, (c, a) in ignored.items()))
+        run.log.summary["config"].update({k: a for k, (_, a) in ignored.items()})
+        run.log.summary["config_ignored"] = {k: c for k, (c, _) in ignored.items()}
     stage = "quantized_lcq" if meta.get("lora") else "quantized"
-    record_score(run, stage, score(run, model), f"decoded {cfg.artifact_file} as shipped")
+    record_score(run, stage, score(run, model, stage=stage), f"decoded {cfg.artifact_file} as shipped")
+    del model
+    if cfg.ttt_enabled:
+        score_ttt(run, cfg.artifact_file)
     return finish(run, t_launch)
 
 
@@ -436,8 +744,8 @@ def finish(run: Run, t_launch: float, status: int = 0) -> int:
         log.summary["train"] = dict(steps=res.steps, train_time_s=round(res.train_time_s, 3),
                                     step_avg_ms=round(res.step_avg_ms, 3), tokens_per_step=res.tokens_per_step,
                                     stopped_by=res.stopped_by, train_files_read=len(read))
-    log.summary["status"] = status
     log.summary["wall_time_s"] = round(time.perf_counter() - t_launch, 3)
+    problems = []  # (status, message): a non-finite score, a clock overrun
     if run.scores:
         final_stage = list(run.scores)[-1]
         final = run.scores[final_stage]
@@ -446,12 +754,53 @@ def finish(run: Run, t_launch: float, status: int = 0) -> int:
         log(f"final {final_stage} val_loss:{final.val_loss:.4f} val_bpb:{final.val_bpb:.4f} "
             f"train_clock:{run.clock_used:.1f}s eval_time:{final.seconds:.1f}s")
         log(f"final_exact val_loss:{final.val_loss:.8f} val_bpb:{final.val_bpb:.8f}")
+        problems += [(NONFINITE_EXIT_CODE, f"SCORE NOT FINITE: {stage} val_loss {r.val_loss} val_bpb {r.val_bpb}; a NaN/inf "
+                      "score is never submitted. Fix: the weights or the eval diverged; check the training loss and the "
+                      "learning rates (MATRIX_LR, EMBED_LR, SCALAR_LR)")
+                     for stage, r in run.scores.items() if not (finite(r.val_loss) and finite(r.val_bpb))]
+    problems += [(CLOCK_EXIT_CODE, m) for m in clock_overruns(run)]
     if run.size is not None:
         log(run.size.line())
+    for _, message in problems:
+        log(message)
+    if status == 0 and problems:
+        status = problems[0][0]
+        log.summary["error"] = problems[0][1]
+    log.summary["status"] = status
+    log(f"exit_status: {status}")
     log.write_summary()
     if cfg.submission_json and run.dinfo.is_master and not cfg.eval_only:
-        record = run_record(log.summary)
-        write_submission_json(cfg.submission_json, record)
-        log(f"wrote {cfg.submission_json} (track {record['track']})")
+        # A failed run (gate, clock, non-finite score) never replaces the root submission.json: it may hold a good
+        # earlier result (issue 10).
+        if status == 0:
+            record = run_record(log.summary)
+            write_submission_json(cfg.submission_json, record)
+            log(f"wrote {cfg.submission_json} (track {record['track']})")
+        else:
+            log(f"{cfg.submission_json} not written: this run ends with exit status {status}")
     log.close()
     return status
+
+
+def clock_overruns(run: Run) -> list[str]:
+    """CLOCK EXCEEDED lines: the training clock past MAX_WALLCLOCK_SECONDS (with the stage during which it ran out),
+    the scored eval past EVAL_BUDGET_SECONDS."""
+    cfg, out = run.cfg, []
+    used = run.clock_used
+    if used > cfg.max_wallclock_seconds:
+        t, stage = 0.0, run.ledger[-1][0]
+        for name, seconds, _ in run.ledger:
+            t += seconds
+            if t > cfg.max_wallclock_seconds:
+                stage = name
+                break
+        out.append(f"CLOCK EXCEEDED: training clock {used:.2f}s > MAX_WALLCLOCK_SECONDS={cfg.max_wallclock_seconds:g} "
+                   f"by {used - cfg.max_wallclock_seconds:.2f}s; it ran out during stage {stage} (ledger above). Fix: "
+                   "raise TRAIN_RESERVE_SECONDS or shorten the stage that overran")
+    if run.scores:
+        stage, final = list(run.scores.items())[-1]
+        if final.seconds > cfg.eval_budget_seconds:
+            out.append(f"CLOCK EXCEEDED: eval of {stage} took {final.seconds:.2f}s > "
+                       f"EVAL_BUDGET_SECONDS={cfg.eval_budget_seconds:g} by {final.seconds - cfg.eval_budget_seconds:.2f}s. "
+                       "Fix: raise EVAL_STRIDE or EVAL_BATCH_TOKENS, or shorten EVAL_SEQ_LEN")
+    return out

@@ -62,6 +62,12 @@ def seed_result(summary: dict) -> dict:
     if not isinstance(cfg, dict) or "seed" not in cfg or "run_id" not in cfg:
         raise SubmissionError("run summary has no config with seed and run_id; pass the logs/<run_id>.json of a run")
     final, scores = summary.get("final") or {}, summary.get("scores") or {}
+    for key in ("val_bpb", "val_loss"):
+        value = final.get(key)
+        if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value)):
+            # NaN/inf is not a score: never let it become `null` in a record (issue 10)
+            raise SubmissionError(f"run {cfg['run_id']}: final {key} is {value}, not a finite score; a run whose score "
+                                  "is NaN/inf is never submitted")
     size, train, lcq = summary.get("bytes") or {}, summary.get("train") or {}, summary.get("lcq")
     pre, quant = scores.get("pre_quant") or {}, scores.get("quantized") or {}
     entry = dict(

@@ -27,6 +27,12 @@ def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if e.errno is not None and e.filename is None:
+            # name the file: a bare "[Errno 28] No space left on device" from write() does not say where (issue 10)
+            raise type(e)(e.errno, e.strerror, str(path)) from e
+        raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -64,9 +70,10 @@ class RunLog:
                 # Never overwrite an earlier run's log: it may be the only evidence of a paid run.
                 raise FileExistsError(f"{self.path} already exists; choose another RUN_ID (or move the old log)")
             self._fh = open(self.path, "a", encoding="utf-8")
+        self.closed = False
 
     def __call__(self, msg: str = "", console: bool = True) -> None:
-        if not self.dinfo.is_master:
+        if not self.dinfo.is_master or self.closed:
             return
         if console:
             print(msg, flush=True)
@@ -107,6 +114,24 @@ class RunLog:
         if self.dinfo.is_master:
             atomic_write(self.json_path, json.dumps(self.summary, indent=2, sort_keys=True) + "\n")
 
+    def fail(self, message: str, status: int, line: str = "error") -> None:
+        """A run that stops on an error (or a signal): one `<line>: message` line in the log, and the JSON summary with
+        `status` and `error`, then close. Idempotent; a second failure while writing these is reported on stderr only
+        (the disk may be full), never raised over the first."""
+        if self.closed:
+            return
+        self.summary["status"] = status
+        self.summary["error"] = message
+        try:
+            self(f"{line}: {message}", console=False)
+            self(f"exit_status: {status}", console=False)
+            self.write_summary()
+        except OSError as e:
+            print(f"could not record the failure in {self.path} / {self.json_path}: {e}", file=sys.stderr)
+        finally:
+            self.close()
+
     def close(self) -> None:
-        if self.dinfo.is_master:
+        if self.dinfo.is_master and not self.closed:
             self._fh.close()
+        self.closed = True

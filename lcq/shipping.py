@@ -2,15 +2,18 @@
 scorer rebuilds from the artifact file alone."""
 from __future__ import annotations
 
+import functools
+import os
+
 import torch
 import torch.nn as nn
 
 from . import artifact
-from .attention import resolve_backend
 from .config import MODEL_FIELDS, Config, replace
+from .data import file_sha256
 from .gptq import dequantize_state
 from .lora import attach_lora, dequantize_factors, lora_modules, merge_lora, quantize_factors
-from .model import GPT
+from .model import GPT, configure_runtime
 
 FORMAT = "lcq-model-1"
 LORA_PREFIX = "lora."
@@ -33,9 +36,46 @@ def pack_lora(model: nn.Module, bits: int) -> tuple[dict[str, torch.Tensor], dic
     return tensors, ranks, alpha
 
 
+@functools.lru_cache(maxsize=8)
+def _sha256_of(path: str, mtime_ns: int, size: int) -> str:
+    return file_sha256(path)
+
+
+def tokenizer_identity(path: str, vocab_size: int) -> dict:
+    """What identifies the tokenizer an artifact was trained with: the .model file's sha256 and the vocabulary size
+    (issue 10: bos_id alone let an artifact be scored with another tokenizer). Hashed once per file version."""
+    st = os.stat(path)
+    return {"sha256": _sha256_of(os.path.abspath(path), st.st_mtime_ns, st.st_size), "vocab_size": vocab_size}
+
+
 def artifact_meta(cfg: Config, bos_id: int, qmeta: dict, lora: dict | None) -> dict:
     return {"format": FORMAT, "model": {f: getattr(cfg, f) for f in MODEL_FIELDS}, "bos_id": bos_id,
-            "qmeta": qmeta, "lora": lora}
+            "tokenizer": tokenizer_identity(cfg.tokenizer_path, cfg.vocab_size), "qmeta": qmeta, "lora": lora}
+
+
+def check_artifact_fits(path: str, meta: dict, cfg: Config, bos_id: int) -> dict[str, tuple]:
+    """Before scoring an artifact with `cfg`'s tokenizer and data: refuse a tokenizer other than the one it was trained
+    with (sha256, vocab size, BOS), which would score meaningless ids or index past the embedding. Returns the model
+    knobs of `cfg` that differ from the artifact's shape, {knob: (config value, artifact value)}: the artifact's own
+    shape is what runs, so these knobs are ignored and the caller logs them."""
+    tok = meta.get("tokenizer")
+    if not isinstance(tok, dict) or "sha256" not in tok or "vocab_size" not in tok:
+        raise artifact.ArtifactError(f"{path}: the artifact does not record its tokenizer (sha256, vocab size), so "
+                                     "nothing shows which tokenizer scores it correctly. Fix: re-create it with this "
+                                     "version of lcq")
+    mine = tokenizer_identity(cfg.tokenizer_path, cfg.vocab_size)
+    if tok["vocab_size"] != mine["vocab_size"] or tok["sha256"] != mine["sha256"] or int(meta["bos_id"]) != bos_id:
+        raise artifact.ArtifactError(
+            f"{path} was trained with a tokenizer of sha256 {str(tok['sha256'])[:16]}, vocab {tok['vocab_size']}, "
+            f"bos_id {meta['bos_id']}, but TOKENIZER_PATH={cfg.tokenizer_path} has sha256 {mine['sha256'][:16]}, "
+            f"vocab {mine['vocab_size']}, bos_id {bos_id}. Fix: set TOKENIZER_PATH (and VOCAB_SIZE, DATA_PATH) to the "
+            "tokenizer and data the artifact was trained with")
+    model = meta.get("model") or {}
+    unknown = sorted(set(model) - set(MODEL_FIELDS))
+    if unknown:
+        raise artifact.ArtifactError(f"{path}: model fields {unknown} are unknown to this version of lcq; score it "
+                                     "with the version that wrote it")
+    return {k: (getattr(cfg, k), v) for k, v in model.items() if getattr(cfg, k) != v}
 
 
 def model_from_state(cfg: Config, bos_id: int, state: dict[str, torch.Tensor], device: torch.device) -> GPT:
@@ -44,12 +84,13 @@ def model_from_state(cfg: Config, bos_id: int, state: dict[str, torch.Tensor], d
     missing, unexpected = model.load_state_dict({k: v for k, v in state.items()}, strict=False)
     if missing or unexpected:
         raise ValueError(f"artifact does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    model.attn_backend = resolve_backend(cfg.attention_backend, device)
-    return model.eval()
+    return configure_runtime(model, cfg, device).eval()
 
 
 def apply_lora(model: GPT, tensors: dict[str, torch.Tensor], lora: dict) -> None:
-    """Attach the shipped LoRA (side: an extra low-rank path; fused: folded into the weights at load time)."""
+    """Attach the shipped LoRA factors, decoded from the artifact, as wrappers (an extra low-rank path per layer).
+
+    load_shipped folds them into the weights; the wrappers are what the side path computes, kept for comparing the two."""
     ranks = {name: int(r) for name, r in lora["ranks"].items()}
     attach_lora(model, list(ranks), ranks, float(lora["alpha"]))
     device = next(model.parameters()).device
@@ -57,15 +98,17 @@ def apply_lora(model: GPT, tensors: dict[str, torch.Tensor], lora: dict) -> None
         packed = {k: tensors[f"{LORA_PREFIX}{name}.{k}"] for k in ("A_q", "A_scale", "Bt_q", "Bt_scale")}
         A, B = dequantize_factors(packed)
         m.set_factors(B.to(device), A.to(device))
-    if lora["merge"] == "fused":
-        merge_lora(model)
     model.requires_grad_(False)
 
 
 def load_shipped(path: str, cfg: Config, device: torch.device, with_lora: bool = True) -> tuple[GPT, dict, Config]:
-    """Decode the artifact at `path` into a fresh model (LoRA applied as shipped unless with_lora is False).
+    """Decode the artifact at `path` into a fresh model (with its LoRA unless with_lora is False).
 
-    The network shape comes from the artifact; everything else (data, eval knobs, backend) from `cfg`."""
+    The LoRA factors are folded into the decoded float weights for every merge mode (issue 8): side and fused ship the
+    same int8 factors, the decoded base is float anyway, so W_hat + scale * B @ A scores what the side path scores (up
+    to float rounding of the order of the sums) without a low-rank matmul in every adapted layer. meta["lora"]["merge"]
+    still records how the artifact ships. The network shape comes from the artifact; everything else (data, eval knobs,
+    backend) from `cfg`."""
     tensors, meta = artifact.load(path)
     if meta.get("format") != FORMAT:
         raise artifact.ArtifactError(f"{path}: format {meta.get('format')!r} is not {FORMAT!r}; "
@@ -76,4 +119,5 @@ def load_shipped(path: str, cfg: Config, device: torch.device, with_lora: bool =
     model = model_from_state(model_cfg, int(meta["bos_id"]), dequantize_state(base, meta["qmeta"]), device)
     if with_lora and lora:
         apply_lora(model, tensors, lora)
+        merge_lora(model)
     return model, meta, model_cfg

@@ -78,9 +78,10 @@ def parse_log(text: str) -> dict:
     train = last(r"^stage:train time:[0-9.]+s .*?\bsteps:(\d+)\b.*?\bstep_avg_ms:([0-9.]+)")
     out["steps"], out["step_avg_ms"] = (int(train[0]), float(train[1])) if train else (None, None)
     lcq = last(rf"^lcq_summary: rank (\S+) init (\S+) merge (\S+) steps (\d+) time ([0-9.]+)s final_kl {_NUM} "
-               rf"lora_bytes (\d+) recovered {_NUM} of the quantization gap {_NUM} bpb$")
+               rf"lora_bytes (\d+) recovered (?:{_NUM} of the quantization gap {_NUM} bpb|"
+               rf"n/a \(no quantization gap: {_NUM} bpb\))$")
     out["lcq"] = None if not lcq else dict(rank=lcq[0], init=lcq[1], merge=lcq[2], steps=int(lcq[3]),
-                                           recovered_fraction=float(lcq[7]))
+                                           recovered_fraction=float(lcq[7]) if lcq[7] else None)
     out["gate_failed"] = "GATE FAILED" in text
     out["code_sha256"] = last(r"^code: \d+ bytes sha256=([0-9a-f]{64}) ")
     dev = last(r"^device: (.*) world_size:(\d+)$")
@@ -394,6 +395,10 @@ def audit(folder: str | os.PathLike) -> list[Check]:
             gaps.append("GATE FAILED")
         add(f"log_complete{tag}", not gaps, "missing/bad: " + "; ".join(gaps) if gaps else "header, config, totals, "
             "clock table, final lines")
+        if log["val_bpb"] is not None:
+            ok = math.isfinite(log["val_bpb"]) and math.isfinite(log["val_loss"])
+            add(f"score_finite{tag}", ok, f"final val_bpb {log['val_bpb']} val_loss {log['val_loss']}" +
+                ("" if ok else ": NaN/inf is not a score, never submitted"))
         if log["total"] is None:
             continue
         add(f"code_bytes{tag}", code_bytes == log["code"],
@@ -418,6 +423,11 @@ def audit(folder: str | os.PathLike) -> list[Check]:
             add(f"json_matches_log{tag}", not bad, "; ".join(bad) if bad else
                 "val_bpb, val_loss, bytes, steps, times, LCQ equal the log")
 
+    if record is not None:
+        bad = [k for k in ("val_bpb", "val_loss") if not (isinstance(record.get(k), (int, float))
+                                                         and math.isfinite(record[k]))]
+        add("json_score_finite", not bad, f"submission.json {', '.join(f'{k} {record.get(k)}' for k in bad)} is not a "
+            "finite score" if bad else f"val_bpb {record.get('val_bpb')}, val_loss {record.get('val_loss')}")
     if record is not None and parsed:
         bad = _json_totals(record, parsed)
         add("json_totals", not bad, "; ".join(bad) if bad else
@@ -455,7 +465,7 @@ def _json_vs_log(entry: dict | None, log: dict) -> list[str]:
         if q.get("steps") != lq["steps"] or str(q.get("rank")) != lq["rank"]:
             bad.append(f"lcq steps/rank json {q.get('steps')}/{q.get('rank')} != log {lq['steps']}/{lq['rank']}")
         rf, lrf = q.get("recovered_fraction"), lq["recovered_fraction"]
-        if math.isfinite(lrf) and (rf is None or abs(rf - lrf) > 5e-5):
+        if (rf is not None) if lrf is None else (math.isfinite(lrf) and (rf is None or abs(rf - lrf) > 5e-5)):
             bad.append(f"lcq recovered_fraction json {rf} != log {lrf}")
     return bad
 

@@ -5,6 +5,10 @@ without a leading '▁', plus one byte for that leading space unless the previou
 token. Control, unknown and unused pieces are boundary tokens worth 0 bytes; byte-fallback pieces
 (<0x..>) are worth 1 byte. Ids past the tokenizer's own vocabulary (padding up to VOCAB_SIZE) are
 boundary tokens worth 0 bytes.
+
+A tokenizer over transformed text (CaseOps: lowercased text plus case operators) cannot count the original bytes from
+its pieces: its data ships a per-token byte sidecar (lcq/data.py, load_val_bytes) that the eval uses instead, and
+check_byte_source refuses such a tokenizer without one.
 """
 from __future__ import annotations
 
@@ -73,3 +77,22 @@ def token_bytes(targets: torch.Tensor, prevs: torch.Tensor, tables: ByteTables) 
     targets, prevs = targets.long(), prevs.long()
     space = tables.has_leading_space[targets] & ~tables.is_boundary[prevs]
     return tables.base_bytes[targets].to(torch.int32) + space.to(torch.int32)
+
+
+def transform_operators(sp: spm.SentencePieceProcessor) -> list[int]:
+    """Ids of pieces made only of Unicode private-use characters: the operators of a reversible text transform. CaseOps
+    (PR #1729, the tokenizer of #1855) reserves U+E001..U+E004 for TITLE / ALLCAPS / CAPNEXT / ESC and lowercases the
+    text around them, so its pieces are not the scored text and cannot count its bytes."""
+    return [i for i in range(int(sp.vocab_size())) if not (sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i))
+            and (piece := sp.id_to_piece(i).lstrip(SPACE)) and all(0xE000 <= ord(c) <= 0xF8FF for c in piece)]
+
+
+def check_byte_source(sp: spm.SentencePieceProcessor, has_sidecar: bool, tokenizer_path: str, data_path: str) -> None:
+    """A transformed-text tokenizer must come with the data's per-token byte sidecar: its piece table would score the
+    transformed text (3 bytes per operator, lowercase letters), a different and lower bpb than the challenge's."""
+    ops = transform_operators(sp)
+    if ops and not has_sidecar:
+        raise ValueError(f"TOKENIZER_PATH={tokenizer_path} has text-transform operator pieces (ids {ops[:4]}, e.g. "
+                         f"CaseOps) but DATA_PATH={data_path} has no fineweb_val_bytes_*.bin byte sidecar, and the piece "
+                         "table cannot count the original text's bytes. Fix: fetch the dataset with its sidecar "
+                         "(`python -m lcq.corpus download --variant caseops`) or point DATA_PATH at it")

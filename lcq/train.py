@@ -2,7 +2,6 @@
 the train budget (MAX_WALLCLOCK_SECONDS minus TRAIN_RESERVE_SECONDS) or ITERATIONS runs out; EMA weights at the end."""
 from __future__ import annotations
 
-import contextlib
 import copy
 import time
 from dataclasses import dataclass, field
@@ -12,9 +11,12 @@ import torch.nn as nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from . import dist as D
+from .checks import NonFiniteError, check_finite_weights
 from .config import Config
 from .data import TrainLoader, segment_bounds, train_pattern
-from .optim import EMA, apply_schedule, build_optimizers
+from .model import autocast_for
+from .optim import EMA, apply_schedule, build_optimizers, training_progress
+from .recurrence import recurrence_due
 
 
 @dataclass
@@ -50,14 +52,18 @@ def all_reduce_grads(params: list[nn.Parameter], world_size: int) -> None:
 
 def out_of_time(flag: torch.Tensor, elapsed: float, steps: int, last_step_s: float, budget_s: float) -> bool:
     """True on every rank once the next step could cross the budget, estimated by the slower of the average and the
-    last step. Ranks agree through a MAX all-reduce of `flag`, so no rank steps alone."""
-    flag.fill_(1.0 if elapsed + max(elapsed / steps, last_step_s) > budget_s else 0.0)
+    last step. Ranks agree through a MAX all-reduce of `flag`, so no rank steps alone. The decision is the flag's first
+    element; the train loop puts its non-finite-loss flag in the second, agreed in the same collective."""
+    flag.view(-1)[0] = 1.0 if elapsed + max(elapsed / steps, last_step_s) > budget_s else 0.0
     D.all_reduce_max(flag)
-    return bool(flag.item())
+    return bool(flag.view(-1)[0].item())
 
 
-def autocast_for(device: torch.device):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+def nonfinite_message(step: int, loss: float, cfg: Config) -> str:
+    return (f"non-finite training loss at step {step}: train_loss {loss} on this rank (NaN/inf on at least one rank); "
+            f"training stopped, nothing is quantized, shipped or scored. Knobs to look at: MATRIX_LR={cfg.matrix_lr:g} "
+            f"EMBED_LR={cfg.embed_lr:g} SCALAR_LR={cfg.scalar_lr:g} (lower them), GRAD_CLIP_NORM={cfg.grad_clip_norm:g} "
+            f"(0 = off), LR_WARMUP_STEPS={cfg.lr_warmup_steps}, MUON_MOMENTUM={cfg.muon_momentum:g}")
 
 
 def train(model: nn.Module, cfg: Config, dinfo: D.DistInfo, log, bos_id: int,
@@ -70,7 +76,7 @@ def train(model: nn.Module, cfg: Config, dinfo: D.DistInfo, log, bos_id: int,
     optimizers = build_optimizers(model, cfg)
     local_tokens = local_batch_tokens(cfg, dinfo.world_size)
     fwd = torch.compile(model.loss, dynamic=True) if (cfg.compile and device.type == "cuda") else model.loss
-    autocast = autocast_for(device)
+    autocast = autocast_for(device, cfg.autocast_cpu_bf16)
 
     def step_on(batches) -> torch.Tensor:
         total = torch.zeros((), device=device)
@@ -89,12 +95,15 @@ def train(model: nn.Module, cfg: Config, dinfo: D.DistInfo, log, bos_id: int,
 
     # Warm-up (compilation, allocator, kernels) on synthetic tokens: never val tokens, and the initial weights and
     # optimizer state are restored afterwards, so these steps neither train the model nor count against the budget.
+    looped = cfg.recur_passes > 1  # depth recurrence starts at RECUR_FROM_PROGRESS (lcq/recurrence.py)
     if cfg.warmup_steps:
         t_w = time.perf_counter()
         init_model = copy.deepcopy(model.state_dict())
         init_opts = [copy.deepcopy(o.state_dict()) for o in optimizers]
         gen = torch.Generator().manual_seed(cfg.seed + dinfo.rank)
-        for _ in range(cfg.warmup_steps):
+        for w in range(cfg.warmup_steps):
+            if looped:  # warm both layer orders (plain and looped), as #1855 does, so neither compiles on the clock
+                model.recur_active = w % 2 == 1
             batches = []
             for _ in range(cfg.grad_accum_steps):
                 toks = torch.randint(0, cfg.vocab_size, (local_tokens + 1,), generator=gen)
@@ -118,19 +127,27 @@ def train(model: nn.Module, cfg: Config, dinfo: D.DistInfo, log, bos_id: int,
     train_time = 0.0
     t0 = time.perf_counter()
     step, stopped_by, last_loss = 0, "iterations", float("nan")
-    stop_flag = torch.zeros((), device=device)
+    # [out of time, non-finite loss]: both agreed by every rank in the one all-reduce the step already makes, so a NaN
+    # stops training at the step it appears (issue 10) without a second collective per step
+    stop_flag = torch.zeros(2, device=device)
     while step < cfg.iterations:
         t_step = time.perf_counter()
         elapsed = train_time + (t_step - t0)
         apply_schedule(optimizers, step, elapsed, cfg)
+        if looped and recurrence_due(training_progress(step, elapsed, cfg), cfg.recur_from_progress) != model.recur_active:
+            model.recur_active = not model.recur_active
+            log(f"recurrence:{'on' if model.recur_active else 'off'} step:{step} layers:{model.layer_order()}")
         batches = [loader.next_batch(local_tokens, cfg.train_seq_len, bos_id) for _ in range(cfg.grad_accum_steps)]
         loss = step_on(batches)
+        stop_flag[1] = (~torch.isfinite(loss)).float()
         if ema is not None:
             ema.update(model)
         step += 1
         now = time.perf_counter()
         elapsed = train_time + (now - t0)
         stop = out_of_time(stop_flag, elapsed, step, now - t_step, budget_s) and step < cfg.iterations
+        if stop_flag[1].item():
+            raise NonFiniteError(nonfinite_message(step, float(loss.item()), cfg))
         last_step = stop or step == cfg.iterations
         if step % cfg.train_log_every == 0 or last_step or step <= 2:
             D.sync(device)
@@ -150,6 +167,9 @@ def train(model: nn.Module, cfg: Config, dinfo: D.DistInfo, log, bos_id: int,
     train_time += time.perf_counter() - t0
     if ema is not None:
         ema.copy_to(model)
+    check_finite_weights(model, f"after {step} training steps")
+    if looped:
+        model.recur_active = True  # what ships runs the loop, however early training stopped
     return TrainResult(steps=step, train_time_s=train_time, step_avg_ms=1000 * train_time / max(step, 1),
                        tokens_per_step=tokens_per_step, stopped_by=stopped_by, final_train_loss=last_loss,
                        files_read=list(loader.files_read))

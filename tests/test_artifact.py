@@ -1,4 +1,4 @@
-"""Known-answer tests for lcq.artifact: format layout, round trips, corruption, atomic save, the gate, accounting."""
+"""Known-answer tests for lcq.artifact: format layout, round trips, corruption, atomic save, the gate, sections."""
 import hashlib
 import json
 import os
@@ -41,20 +41,35 @@ def sample(dtype: torch.dtype, shape=(5, 7), seed=0) -> torch.Tensor:
     return t
 
 
-def frame(raw: bytes, cid: int = 0, version: int = A.FORMAT_VERSION, magic: bytes = b"LCQA") -> bytes:
-    """Build an artifact by the documented layout, independently of encode (payload stored uncompressed)."""
-    head = struct.pack("<4sHBQQ", magic, version, cid, len(raw), len(raw))
-    return head + hashlib.sha256(head + raw).digest() + raw
+def section_bytes(raw: bytes, cid: int = 0, name: bytes = b"model") -> bytes:
+    """One section of one chunk by the documented layout, payload stored as given."""
+    return bytes([len(name)]) + name + struct.pack("<BQI", cid, len(raw), 1) + struct.pack("<QQ", len(raw), len(raw)) + raw
+
+
+def frame(raw: bytes, cid: int = 0, version: int = A.FORMAT_VERSION, magic: bytes = b"LCQA",
+          sections: list[bytes] | None = None) -> bytes:
+    """Build an artifact by the documented layout, independently of encode (one "model" section, one chunk, payload
+    stored as given, unless `sections` are passed)."""
+    sections = sections or [section_bytes(raw, cid)]
+    body = b"".join(sections)
+    head = struct.pack("<4sHHQ", magic, version, len(sections), len(body))
+    return head + hashlib.sha256(head + body).digest() + body
 
 
 def payload(manifest_bytes: bytes, data: bytes = b"") -> bytes:
     return struct.pack("<I", len(manifest_bytes)) + manifest_bytes + data
 
 
+def payload_of(blob: bytes) -> bytes:
+    """The stored payload of a one-section, one-chunk artifact, read by the documented layout."""
+    return blob[A.HEADER_BYTES + 1 + blob[A.HEADER_BYTES] + 13 + 16:]
+
+
 def manifest_of(blob: bytes) -> dict:
     """Manifest of an uncompressed ("none") artifact, read by the documented layout."""
-    (mlen,) = struct.unpack_from("<I", blob, A.HEADER_BYTES)
-    return json.loads(blob[A.HEADER_BYTES + 4:A.HEADER_BYTES + 4 + mlen])
+    raw = payload_of(blob)
+    (mlen,) = struct.unpack_from("<I", raw)
+    return json.loads(raw[4:4 + mlen])
 
 
 # ------------------------------------------------------------------------------------------- layout
@@ -62,11 +77,14 @@ def manifest_of(blob: bytes) -> dict:
 def test_header_and_manifest_follow_documented_layout():
     t = {"b": torch.tensor([1, 2, 300], dtype=torch.int16), "a": torch.tensor(7, dtype=torch.int8)}
     blob = A.encode(t, {"cfg": {"dim": 4}}, "none")
-    assert A.HEADER_BYTES == 55
-    magic, version, cid, raw_len, pay_len = struct.unpack_from("<4sHBQQ", blob)
-    assert (magic, version, cid) == (b"LCQA", 1, 0)
-    assert pay_len == raw_len == len(blob) - 55
-    assert blob[23:55] == hashlib.sha256(blob[:23] + blob[55:]).digest()
+    assert A.HEADER_BYTES == 48
+    magic, version, count, body_len = struct.unpack_from("<4sHHQ", blob)
+    assert (magic, version, count, body_len) == (b"LCQA", 2, 1, len(blob) - 48)
+    assert blob[16:48] == hashlib.sha256(blob[:16] + blob[48:]).digest()
+    assert blob[48:54] == b"\x05model"  # name length, name
+    cid, raw_len, chunks = struct.unpack_from("<BQI", blob, 54)
+    assert (cid, chunks) == (0, 1) and struct.unpack_from("<QQ", blob, 67) == (raw_len, raw_len)
+    assert len(blob) == 83 + raw_len
     expected = {"meta": {"cfg": {"dim": 4}}, "tensors": [
         {"name": "a", "dtype": "int8", "shape": [], "layout": "bits", "bits": 1, "bias": 7, "offset": 0,
          "nbytes": 1},
@@ -74,7 +92,7 @@ def test_header_and_manifest_follow_documented_layout():
     ]}
     mbytes = json.dumps(expected, sort_keys=True, separators=(",", ":")).encode()
     # int8 7 -> bit 0 (7 - bias); int16 [1, 2, 300] little-endian = 01 00 | 02 00 | 2C 01 -> planes 01 02 2C | 00 00 01
-    assert blob[55:] == payload(mbytes, bytes([0x00, 0x01, 0x02, 0x2C, 0x00, 0x00, 0x01]))
+    assert blob[83:] == payload(mbytes, bytes([0x00, 0x01, 0x02, 0x2C, 0x00, 0x00, 0x01]))
 
 
 def test_low_bit_ints_are_packed_with_known_bytes():
@@ -186,7 +204,7 @@ def test_truncation_is_reported(good_blob, cut):
         A.decode(good_blob[:n], "model.lcq")
 
 
-@pytest.mark.parametrize("where", [A.HEADER_BYTES, "middle", "last", 6, 10, 30])
+@pytest.mark.parametrize("where", [A.HEADER_BYTES, "middle", "last", 6, 16, 30])
 def test_flipped_byte_fails_checksum(good_blob, where):
     i = {"middle": (A.HEADER_BYTES + len(good_blob)) // 2, "last": len(good_blob) - 1}.get(where, where)
     bad = bytearray(good_blob)
@@ -195,21 +213,30 @@ def test_flipped_byte_fails_checksum(good_blob, where):
         A.decode(bytes(bad), "m.bin")
 
 
+def test_corrupted_body_length_is_reported(good_blob):
+    # the body length (bytes 8..16) is read before the checksum, which needs it to know where the file ends
+    body = len(good_blob) - A.HEADER_BYTES
+    for claimed, message in ((body - 1, "1 trailing bytes"), (body + 1, "truncated")):
+        bad = good_blob[:8] + struct.pack("<Q", claimed) + good_blob[16:]
+        with pytest.raises(A.ArtifactError, match=rf"^m\.bin: .*{message}"):
+            A.decode(bad, "m.bin")
+
+
 def test_bad_magic_version_compressor_and_trailing_bytes(good_blob):
     with pytest.raises(A.ArtifactError, match=r"^f: bad magic b'LCQB'"):
         A.decode(b"LCQB" + good_blob[4:], "f")
-    with pytest.raises(A.ArtifactError, match=r"^f: unknown format version 2"):
-        A.decode(good_blob[:4] + struct.pack("<H", 2) + good_blob[6:], "f")
-    with pytest.raises(A.ArtifactError, match=r"^f: unknown compressor id 9"):
-        A.decode(good_blob[:6] + bytes([9]) + good_blob[7:], "f")
+    with pytest.raises(A.ArtifactError, match=r"^f: unknown format version 3; this lcq reads version 2 only"):
+        A.decode(good_blob[:4] + struct.pack("<H", 3) + good_blob[6:], "f")
+    with pytest.raises(A.ArtifactError, match=r"^f: section 'model': unknown compressor id 9"):
+        A.decode(frame(payload(manifest()), cid=9), "f")
     with pytest.raises(A.ArtifactError, match=r"^f: 2 trailing bytes"):
         A.decode(good_blob + b"\0\0", "f")
 
 
 def test_undecodable_payload_with_valid_checksum():
-    with pytest.raises(A.ArtifactError, match=r"^f: lzma payload does not decompress"):
+    with pytest.raises(A.ArtifactError, match=r"^f: section 'model': lzma chunk 0 does not decompress"):
         A.decode(frame(b"definitely not lzma", cid=1), "f")
-    with pytest.raises(A.ArtifactError, match=r"^f: brotli payload does not decompress"):
+    with pytest.raises(A.ArtifactError, match=r"^f: section 'model': brotli chunk 0 does not decompress"):
         A.decode(frame(b"\xff" * 20, cid=2), "f")
 
 
@@ -256,7 +283,7 @@ def test_mutated_payloads_only_raise_artifact_error():
     """Random byte edits to the payload, re-framed with a valid checksum: the parser either decodes or says why."""
     tensors = {"w": sample(torch.float32, (3, 3)), "q": torch.tensor([1, -2, 3], dtype=torch.int8),
                "b": sample(torch.bfloat16, (2,)), "r": sample(torch.int8, (4,))}
-    raw = A.encode(tensors, {"x": [1, 2]}, "none")[A.HEADER_BYTES:]
+    raw = payload_of(A.encode(tensors, {"x": [1, 2]}, "none"))
     rng = random.Random(0)
     failures = 0
     for _ in range(1000):
@@ -382,48 +409,98 @@ def test_auto_tie_goes_to_fixed_order(monkeypatch):
     assert A.compressor_of(A.encode({"q": int6_weights()}, {}, "auto")) == A.AUTO_ORDER[0] == "lzma"
 
 
-# ------------------------------------------------------------------------------------------- accounting
+# ------------------------------------------------------------------------------------------- sections
 
-def lora_group(name: str) -> str:
-    return "lora" if ".lora_" in name else "model"
-
-
-def model_with_lora(rank: int) -> dict:
+def lora_factors(rank: int) -> dict:
     g = torch.Generator().manual_seed(1)
-    t = {f"blocks.0.attn.{n}.weight": int6_weights(32, 64, seed=i) for i, n in enumerate(("c_q", "c_k", "proj"))}
-    t["blocks.0.attn.c_q.scale"] = torch.rand(32, generator=g).to(torch.float16)
-    t["blocks.0.attn.c_q.lora_A"] = torch.randn(rank, 64, generator=g).to(torch.bfloat16)
-    t["blocks.0.attn.c_q.lora_B"] = torch.randn(32, rank, generator=g).to(torch.bfloat16)
+    return {"lora.blocks.0.attn.c_q.A_q": torch.randint(-127, 128, (rank, 64), generator=g, dtype=torch.int8),
+            "lora.blocks.0.attn.c_q.A_scale": torch.rand(rank, generator=g).to(torch.float16)}
+
+
+def model_tensors() -> dict:
+    t = {f"blocks.0.attn.{n}.weight.q": int6_weights(32, 64, seed=i) for i, n in enumerate(("c_q", "c_k", "proj"))}
+    t["blocks.0.attn.c_q.weight.scale"] = torch.rand(32, generator=torch.Generator().manual_seed(2)).to(torch.float16)
     return t
 
 
-@pytest.mark.parametrize("compressor", ["lzma", "auto"])
-def test_breakdown_adds_up_to_file_size(tmp_path, compressor):
-    t = model_with_lora(rank=4)
-    parts = A.tensor_bytes_breakdown(t, {"cfg": 1}, compressor, lora_group)
-    assert list(parts) == ["model", "lora"]  # the bulk group absorbs the shared bytes and is listed first
-    size = A.save(tmp_path / "m.lcq", t, {"cfg": 1}, compressor)
-    assert sum(parts.values()) == size == (tmp_path / "m.lcq").stat().st_size
-    resolved = A.compressor_of((tmp_path / "m.lcq").read_bytes())
-    model_only = {n: v for n, v in t.items() if lora_group(n) == "model"}
-    assert parts["lora"] == size - len(A.encode(model_only, {"cfg": 1}, resolved))  # marginal cost, by definition
-    assert parts["lora"] > 0
-    written = (tmp_path / "m.lcq").read_bytes()
-    assert A.tensor_bytes_breakdown(t, {"cfg": 1}, resolved, lora_group, full=written) == parts  # no re-encode
-    bigger = A.tensor_bytes_breakdown(model_with_lora(rank=16), {"cfg": 1}, compressor, lora_group)
-    assert bigger["lora"] > parts["lora"]
+@pytest.mark.parametrize("compressor", ["lzma", "brotli", "auto"])
+def test_sections_are_independent_and_their_bytes_add_up(compressor):
+    base = A.compress_section("model", model_tensors(), {"cfg": 1, "lora": None}, compressor)
+    lora = A.compress_section("lora", lora_factors(4), {"rank": 4}, compressor)
+    blob = A.assemble([base, lora])
+    tensors, meta = A.decode(blob, "two.lcq")
+    assert_bit_exact({**model_tensors(), **lora_factors(4)}, tensors)
+    assert meta == {"cfg": 1, "lora": {"rank": 4}}  # a later section's meta under its name
+    sections = A.sections_of(blob)
+    assert list(sections) == ["model", "lora"]
+    assert sections["lora"].nbytes == lora.nbytes == len(lora.to_bytes())  # the LoRA's bytes, exactly
+    assert A.HEADER_BYTES + sections["model"].nbytes + sections["lora"].nbytes == len(blob)
+    # a section's bytes do not depend on what else the artifact holds
+    alone = A.assemble([base])
+    assert alone[A.HEADER_BYTES:] == blob[A.HEADER_BYTES:A.HEADER_BYTES + base.nbytes]
+    assert A.decode(alone)[1] == {"cfg": 1, "lora": None}
+    bigger = A.compress_section("lora", lora_factors(16), {"rank": 16}, compressor)
+    assert bigger.nbytes > lora.nbytes
 
 
-def test_breakdown_single_group_and_explicit_base():
-    t = model_with_lora(rank=2)
-    total = len(A.encode(t, {}, "none"))
-    assert A.tensor_bytes_breakdown(t, {}, "none", lambda n: "all") == {"all": total}
-    parts = A.tensor_bytes_breakdown(t, {}, "none", lora_group, base="lora")
-    assert list(parts) == ["lora", "model"] and sum(parts.values()) == total
-    # uncompressed, a non-base group's marginal cost is its data bytes (3 int6 matrices 32x64 + 32 fp16 scales)
-    # plus its manifest entries
-    assert 3 * 32 * 64 + 64 < parts["model"] < 3 * 32 * 64 + 64 + 600
-    with pytest.raises(A.ArtifactError, match="base group 'x' has no tensors"):
-        A.tensor_bytes_breakdown(t, {}, "none", lora_group, base="x")
-    with pytest.raises(A.ArtifactError, match="no tensors"):
-        A.tensor_bytes_breakdown({}, {}, "none", lora_group)
+def test_chunks_round_trip_and_bytes_do_not_depend_on_threads():
+    t = {"q": int6_weights(64, 256), "w": sample(torch.bfloat16, (40, 40))}
+    one = A.compress_section("model", t, {}, "auto", threads=1, chunk_bytes=5000)
+    many = A.compress_section("model", t, {}, "auto", threads=4, chunk_bytes=5000)
+    assert one.to_bytes() == many.to_bytes() and one.compressor == many.compressor
+    assert len(one.chunks) == -(-one.raw_bytes // 5000) and [n for n, _ in one.chunks[:-1]] == [5000] * (len(one.chunks) - 1)
+    out, _ = A.decode(A.assemble([many]))
+    assert_bit_exact(t, out)
+    whole = A.compress_section("model", t, {}, "auto")
+    assert len(whole.chunks) == 1 and A.decode(A.assemble([whole]))[0].keys() == out.keys()
+
+
+@pytest.mark.parametrize("compressor", ["none", "lzma", "brotli"])
+def test_incompressible_chunks_stay_within_the_documented_bound(compressor):
+    g = torch.Generator().manual_seed(3)
+    for n in (0, 1, 1000, 65_536, 65_537, 200_000):
+        noise = {"r": torch.randint(0, 256, (n,), generator=g, dtype=torch.uint8)}
+        sec = A.compress_section("x", noise, {}, compressor, chunk_bytes=70_000)
+        assert sec.nbytes <= A.max_section_bytes("x", sec.raw_bytes, chunk_bytes=70_000)
+        assert all(len(b) <= A.max_compressed_bytes(k) for k, b in sec.chunks)
+
+
+def test_job_measures_its_rate_and_can_be_cancelled():
+    t = {"q": torch.randint(-31, 32, (3 * A.SLICE_BYTES + 7,), dtype=torch.int8)}
+    job = A.SectionJob("model", t, {}, "none", threads=2, chunk_bytes=2 * A.SLICE_BYTES)
+    sec = job.result()
+    assert job.done() and job.seconds_left() == 0.0 and sec.raw_bytes == job.raw_bytes
+    rates = job.rates()
+    assert set(rates) == {"none"} and rates["none"] > 0
+    assert job.thread_seconds(job.raw_bytes) == pytest.approx(job.raw_bytes / rates["none"])
+    stopped = A.SectionJob("model", t, {}, "lzma", threads=1, chunk_bytes=A.SLICE_BYTES)
+    stopped.cancel()
+    with pytest.raises(A.ArtifactError, match="cancelled"):
+        stopped.result()
+
+
+def test_old_and_unknown_versions_and_bad_sections_are_refused():
+    with pytest.raises(A.ArtifactError, match=r"^old\.lcq: unknown format version 1 \(one compressed payload, "
+                                              r"before sections\); this lcq reads version 2 only: re-export"):
+        A.decode(frame(payload(manifest()), version=1), "old.lcq")
+    body = payload(manifest())
+    with pytest.raises(A.ArtifactError, match=r"^f: section 'model' appears twice"):
+        A.decode(frame(b"", sections=[section_bytes(body), section_bytes(body)]), "f")
+    with pytest.raises(A.ArtifactError, match=r"^f: bad section #0: name 'Bad!'"):
+        A.decode(frame(b"", sections=[section_bytes(body, name=b"Bad!")]), "f")
+    with pytest.raises(A.ArtifactError, match=r"^f: section 'lora': the first section's meta already holds 'lora'"):
+        A.decode(frame(b"", sections=[section_bytes(payload(manifest(meta={"lora": 1}))),
+                                      section_bytes(body, name=b"lora")]), "f")
+    w = payload(manifest(entry()), bytes(8))
+    with pytest.raises(A.ArtifactError, match=r"^f: section 'lora': tensor 'w' is also in an earlier section"):
+        A.decode(frame(b"", sections=[section_bytes(w), section_bytes(w, name=b"lora")]), "f")
+    bad_table = bytearray(section_bytes(body))
+    bad_table[6 + 13] ^= 1  # the chunk's raw length no longer adds up to the section's
+    with pytest.raises(A.ArtifactError, match=r"^f: section 'model': chunk lengths add up to"):
+        A.decode(frame(b"", sections=[bytes(bad_table)]), "f")
+    with pytest.raises(A.ArtifactError, match=r"^f: bad section #0: chunk of 99 bytes extends past"):
+        A.decode(frame(b"", sections=[section_bytes(body)[:-len(body)][:-8] + struct.pack("<Q", 99) + body]), "f")
+    with pytest.raises(A.ArtifactError, match="section names must be unique"):
+        A.assemble([A.compress_section("model", {}, {}, "none")] * 2)
+    with pytest.raises(A.ArtifactError, match="section name 'Model'"):
+        A.compress_section("Model", {}, {}, "none")

@@ -19,7 +19,9 @@ def naive_per_document(q, k, v, cu):
     return out
 
 
-@pytest.mark.parametrize("lengths,max_seqlen", [([5, 1, 17, 9], 17), ([32, 32, 32], 32), ([3, 40, 2, 61, 7], 64), ([1], 1)])
+# Includes a max_seqlen above the packed length (all padding but one block) and one that is not a divisor of it.
+@pytest.mark.parametrize("lengths,max_seqlen", [([5, 1, 17, 9], 17), ([32, 32, 32], 32), ([3, 40, 2, 61, 7], 64), ([1], 1),
+                                                ([5, 3], 64), ([20, 20, 13], 21)])
 @pytest.mark.parametrize("heads", [(4, 4), (4, 2), (6, 1)])
 def test_sdpa_varlen_matches_naive(lengths, max_seqlen, heads):
     torch.manual_seed(0)

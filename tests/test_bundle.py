@@ -1,31 +1,88 @@
+"""The single-file script: minification that keeps the program, the literal encoding, the module list, a run from it."""
 import ast
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
-from lcq.bundle import package_sources, render, strip_source
+from lcq import bundle
+from lcq.bundle import LEFT_OUT, MODULES, entry_imports, latin1_literal, package_sources, render, strip_source
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_strip_source_keeps_the_program():
-    code = '"""module doc"""\nimport os  # a comment\n\ndef f(x):\n    """doc"""\n    return x + 1  # why\n\n' \
-           'class C:\n    """only a docstring"""\n'
+    code = '"""module doc"""\nimport os  # a comment\n\ndef f(x: int) -> int:\n    """doc"""\n    if x:\n        return x + 1  # why\n' \
+           '    return 0\n\nclass C:\n    """only a docstring"""\n\ndef deco(g):\n    return g\n\n@deco\ndef h(y: "keep") -> "kept":\n' \
+           '    return y\n'
     out = strip_source(code)
-    assert "doc" not in out and "#" not in out
+    assert "doc" not in out and "#" not in out and "int" not in out  # docstrings, comments, plain signatures' annotations
+    assert "'keep'" in out and "'kept'" in out  # a decorator may read annotations (custom_op, triton.jit): kept
+    assert "\n  return x + 1\n" in out  # one space per indentation level
     ns = {}
     exec(compile(out, "<t>", "exec"), ns)
-    assert ns["f"](2) == 3 and isinstance(ns["C"](), ns["C"])
+    assert ns["f"](2) == 3 and ns["f"](0) == 0 and isinstance(ns["C"](), ns["C"]) and ns["h"](5) == 5
 
 
 def test_stripped_package_has_the_same_code_objects():
-    for name, code in package_sources().items():
-        stripped = ast.parse(strip_source(code))
-        original = ast.parse(code)
-        for node in ast.walk(original):
-            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                b = node.body
-                if b and isinstance(b[0], ast.Expr) and isinstance(b[0].value, ast.Constant) and isinstance(b[0].value.value, str):
-                    node.body = b[1:] or [ast.Pass()]
-        assert ast.dump(stripped) == ast.dump(original), name
+    """Every shipped module, minified, parses to the documented source's tree minus docstrings and the annotations of
+    undecorated signatures; nothing else changes."""
+    for name, code in dict(package_sources(), __entry__=(REPO / "train_gpt.py").read_text()).items():
+        expected = bundle._drop_docstrings_and_signature_annotations(ast.parse(code))
+        out = strip_source(code)
+        assert ast.dump(ast.parse(out)) == ast.dump(expected), name
+        plain = ast.unparse(expected) + "\n"
+        assert len(out) < len(plain) or "\n " not in plain, f"{name}: the 1-space re-indent fell back to 4 spaces"
 
 
-def test_render_is_deterministic_and_excludes_tooling():
+def test_module_list_is_what_the_entry_imports():
+    """A module that train_gpt.py reaches (at module level or in a function, through any lcq module) must be shipped or
+    left out on purpose; MODULES lists nothing a run never imports."""
+    reached = entry_imports((REPO / "train_gpt.py").read_text(encoding="utf-8"))
+    missing = reached - set(MODULES) - set(LEFT_OUT)
+    assert not missing, f"add {sorted(missing)} to lcq.bundle.MODULES (or LEFT_OUT with why a run never needs them)"
+    assert set(MODULES) <= reached, f"{sorted(set(MODULES) - reached)} are shipped but never imported by a run"
+    assert not set(MODULES) & set(LEFT_OUT)
+    assert {"lcq.bench", "lcq.submission", "lcq.corpus", "lcq.bundle"} <= set(LEFT_OUT)
+
+
+def test_latin1_literal_round_trips_every_byte(tmp_path):
+    # Every byte value, then the awkward cases: quote runs, a trailing quote, NUL before a digit, CR and CRLF, backslashes.
+    blob = bytes(range(256)) + b"''x'''y\\'\0" + b"7\0a\r\n\\\\" + b"\x00" + b"'"
+    body = latin1_literal(blob)
+    assert b"\0" not in body and b"\r" not in body and b"'''" not in body  # an ending quote is escaped
+    assert len(body) <= len(blob) * 1.1  # the escapes are rare; base85 would be +25%
+    src = tmp_path / "lit.py"
+    src.write_bytes(b"#coding:latin-1\nB='''" + body + b"'''.encode('latin-1')\n")
+    ns = {}
+    exec(compile(src.read_bytes(), str(src), "exec"), ns)
+    assert ns["B"] == blob
+
+
+def test_render_is_deterministic_and_leaves_out_tooling():
     sources = package_sources()
-    assert "lcq.bench" not in sources and "lcq.submission" not in sources and "lcq.pipeline" in sources
-    assert render("print(1)\n", sources) == render("print(1)\n", dict(reversed(list(sources.items()))))
+    assert set(sources) == set(MODULES)
+    few = {k: sources[k] for k in ("lcq", "lcq.dist", "lcq.script")}
+    assert render("print(1)\n", few) == render("print(1)\n", dict(reversed(list(few.items()))))
+
+
+def test_bundle_runs_from_an_empty_dir_without_lcq(tmp_path):
+    """The script alone: lcq is not importable (a poisoned package first on the path), the cwd is empty. --print_config
+    imports every module train_gpt.py imports at module level; a left-out module gets an ImportError naming it."""
+    script = tmp_path / "train_gpt.py"
+    script.write_bytes(render((REPO / "train_gpt.py").read_text(encoding="utf-8"), package_sources()))
+    poison = tmp_path / "poison" / "lcq"
+    poison.mkdir(parents=True)
+    (poison / "__init__.py").write_text("raise ImportError('the bundle must not import lcq from disk')\n")
+    run_dir = tmp_path / "empty"
+    run_dir.mkdir()
+    # One interpreter (torch imports once): run the script as __main__, then ask its loader for a left-out module.
+    probe = ("import runpy,sys\nsys.argv=[sys.argv[1],'--print_config']\ntry:runpy.run_path(sys.argv[0],run_name='__main__')\n"
+             "except SystemExit as e:assert e.code==0,e\nimport lcq.script\nassert lcq.script.running_bundle()\n"
+             "try:import lcq.corpus\nexcept ImportError as e:print(e,file=sys.stderr)\n")
+    proc = subprocess.run([sys.executable, "-c", probe, str(script)], cwd=run_dir, capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=str(poison.parent), OMP_NUM_THREADS="1"), timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout)["preset"] == "record"
+    assert "lcq.corpus is not in this single-file script" in proc.stderr, proc.stderr[-2000:]

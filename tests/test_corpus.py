@@ -303,8 +303,9 @@ def test_download_through_an_offline_hub_cache(demo_data, tmp_path, monkeypatch)
     assert connects == []
     assert data_path == str(local / "datasets" / "fineweb10B_sp1024")
     assert tok_path == str(local / "tokenizers" / "fineweb_1024_bpe.model")
-    expected = {rel.split("/", 1)[1]: payload for rel, payload in payloads.items()
-                if "train_000002" not in rel}  # only the first 2 train shards were asked for
+    # Only the first 2 train shards were asked for; the manifest is kept under the repo's own name.
+    expected = {rel.split("/", 1)[1].replace("manifest.json", "manifests/tester--golf.json"): payload
+                for rel, payload in payloads.items() if "train_000002" not in rel}
     got = {str(p.relative_to(local)): p for p in local.rglob("*") if p.is_file()}
     assert sorted(got) == sorted(expected)
     for rel, payload in expected.items():
@@ -322,3 +323,89 @@ def test_download_through_an_offline_hub_cache(demo_data, tmp_path, monkeypatch)
         corpus.download("sp4096", train_shards=1, local_root=local, cache_dir=cache)
     with pytest.raises(ValueError, match="sp<VOCAB_SIZE>"):
         corpus.download("byte260", local_root=local, cache_dir=cache)
+
+
+def test_variants_resolve_to_the_records_repos(monkeypatch):
+    monkeypatch.delenv("MATCHED_FINEWEB_REPO_ID", raising=False)
+    caseops = "sp8192_lossless_caps_caseops_v1_reserved"
+    assert corpus.resolve_variant("sp1024") == ("sp1024", "willdepueoai/parameter-golf")
+    assert corpus.resolve_variant("sp8192") == ("sp8192", "kevclark/parameter-golf")
+    assert corpus.resolve_variant("caseops") == corpus.resolve_variant(caseops) == (caseops,
+                                                                                    "romeerp/parameter-golf-caseops-v1")
+    assert corpus.resolve_variant("sp4096") == ("sp4096", corpus.DEFAULT_REPO_ID)
+    assert corpus.resolve_variant("sp8192", "me/mine") == ("sp8192", "me/mine")
+    monkeypatch.setenv("MATCHED_FINEWEB_REPO_ID", "env/repo")  # the challenge's knob wins over the table
+    assert corpus.resolve_variant("caseops") == (caseops, "env/repo")
+    for bad in ("byte260", "sp", "SP8192", "sp8192/../x"):
+        with pytest.raises(ValueError, match="sp<VOCAB_SIZE>"):
+            corpus.resolve_variant(bad)
+    assert corpus.manifest_name("romeerp/parameter-golf-caseops-v1").as_posix() == \
+        "manifests/romeerp--parameter-golf-caseops-v1.json"
+
+
+def caseops_manifest(files_train: int, files_val: int) -> dict:
+    """A manifest as the CaseOps exporter writes it (2026-04-18_PR1626_CaseOps_Taper/download_hf_docs_and_tokenize.py:
+    per dataset the globs, `val_bytes_glob` for the sidecar, and the shard counts in `stats`)."""
+    d = "datasets/fineweb10B_sp8192_lossless_caps_caseops_v1_reserved"
+    return {
+        "datasets": [{"name": "fineweb10B_sp8192_lossless_caps_caseops_v1_reserved",
+                      "tokenizer_name": "sp_bpe_8192_lossless_caps_caseops_v1_reserved", "tokenizer_kind": "sentencepiece",
+                      "path": d, "train_glob": f"{d}/fineweb_train_*.bin", "val_glob": f"{d}/fineweb_val_*.bin",
+                      "val_bytes_glob": f"{d}/fineweb_val_bytes_*.bin", "vocab_size": 8192, "bos_id": 1, "eos_id": 2,
+                      "stats": {"files_train": files_train, "files_val": files_val, "files_total": files_train + files_val}}],
+        "tokenizers": [{"name": "sp_bpe_8192_lossless_caps_caseops_v1_reserved", "kind": "sentencepiece", "vocab_size": 8192,
+                        "model_path": "tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model",
+                        "vocab_path": "tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.vocab",
+                        "text_transform": "lossless_caps_caseops_v1"}],
+    }
+
+
+def test_plan_lists_the_sidecar_only_when_the_export_has_one():
+    caseops = "sp8192_lossless_caps_caseops_v1_reserved"
+    d = f"datasets/fineweb10B_{caseops}"
+    plan = [p.as_posix() for p in corpus.plan_download(caseops_manifest(5, 2), caseops, 1)]
+    assert plan == [f"{d}/fineweb_val_000000.bin", f"{d}/fineweb_val_000001.bin", f"{d}/fineweb_val_bytes_000000.bin",
+                    f"{d}/fineweb_val_bytes_000001.bin", f"{d}/fineweb_train_000000.bin",
+                    f"tokenizers/fineweb_8192_bpe_{caseops[7:]}.model", f"tokenizers/fineweb_8192_bpe_{caseops[7:]}.vocab"]
+    plain = caseops_manifest(5, 2)
+    del plain["datasets"][0]["val_bytes_glob"]
+    assert not any("bytes" in p.name for p in corpus.plan_download(plain, caseops, 5))
+    with pytest.raises(ValueError, match="has 5 train shards; requested 6"):
+        corpus.plan_download(plain, caseops, 6)
+    with pytest.raises(ValueError, match="no dataset 'fineweb10B_sp8192'"):
+        corpus.plan_download(plain, "sp8192", 1)
+
+
+def test_caseops_download_fetches_the_sidecar_that_pairs_with_val(demo_data, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    repo, caseops = "romeerp/parameter-golf-caseops-v1", "sp8192_lossless_caps_caseops_v1_reserved"
+    tokens = [np.array([1, 5, 6, 7, 1, 8, 9]), np.array([1, 10, 11])]
+    counts = [np.array([0, 3, 0, 4, 0, 2, 2]), np.array([0, 5, 1])]  # BOS 0, an operator token 0
+    payloads = {"datasets/manifest.json": json.dumps(caseops_manifest(1, 2)).encode()}
+    src = tmp_path / "src"
+    for i, (t, c) in enumerate(zip(tokens, counts)):
+        for name, arr in ((f"fineweb_val_{i:06d}.bin", t), (f"fineweb_val_bytes_{i:06d}.bin", c)):
+            data.write_shard(src / name, arr)
+            payloads[f"datasets/datasets/fineweb10B_{caseops}/{name}"] = (src / name).read_bytes()
+    data.write_shard(src / "train.bin", np.arange(20))
+    payloads[f"datasets/datasets/fineweb10B_{caseops}/fineweb_train_000000.bin"] = (src / "train.bin").read_bytes()
+    model = Path(demo_data[1]).read_bytes()
+    payloads[f"datasets/tokenizers/fineweb_8192_bpe_{caseops[7:]}.model"] = model
+    payloads[f"datasets/tokenizers/fineweb_8192_bpe_{caseops[7:]}.vocab"] = b"<pad>\t0\n"
+    cache = tmp_path / "hub"
+    fake_hub_cache(cache, repo, payloads)
+    monkeypatch.delenv("MATCHED_FINEWEB_REPO_ID", raising=False)  # the repo comes from the variant
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(socket.socket, "connect", lambda self, *a: 1 / 0)
+
+    local = tmp_path / "data"
+    data_path, tok_path = corpus.download("caseops", train_shards=1, local_root=local, cache_dir=cache)
+    assert data_path == str(local / "datasets" / f"fineweb10B_{caseops}")
+    assert Path(tok_path).read_bytes() == model and (local / corpus.manifest_name(repo)).is_file()
+    assert [os.path.basename(f) for f in data.sidecar_files(data_path)] == ["fineweb_val_bytes_000000.bin",
+                                                                            "fineweb_val_bytes_000001.bin"]
+    # The val tokens leave the sidecar out; the bytes line up with them token for token.
+    assert data.load_val_tokens(data_path).tolist() == np.concatenate(tokens).tolist()
+    assert data.load_val_bytes(data_path, 10).tolist() == np.concatenate(counts).tolist()

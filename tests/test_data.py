@@ -75,3 +75,83 @@ def test_doc_starts():
     toks = np.array([5, 5, 1, 3, 1, 1, 4])
     assert doc_starts(toks, 1).tolist() == [0, 2, 4, 5]
     assert doc_starts(np.array([1, 2, 1]), 1).tolist() == [0, 2]
+
+
+def _records_shard(path, values) -> None:
+    """A shard written the way the CaseOps exporter writes it (2026-04-27_SP8192_LQER_SparseGate_BOSSmearFix_9HpStack_1.0611
+    /prepare_caseops_data.py): 256 native int32 header ints (magic, version 1, count), then the uint16 values."""
+    header = np.zeros(256, dtype=np.int32)
+    header[0], header[1], header[2] = 20240520, 1, len(values)
+    with open(path, "wb") as f:
+        f.write(header.tobytes())
+        f.write(np.asarray(values, dtype=np.uint16).tobytes())
+
+
+def test_val_byte_sidecar_in_the_records_format(tmp_path):
+    from lcq.data import list_shards, load_val_bytes, val_pattern
+
+    # Two val shards, a document running across the shard boundary; sidecar entries are original-text bytes per
+    # token, 0 for BOS and for the case operators (values well above any piece length, so a table could not match them).
+    tokens = [[1, 40, 41, 1, 42], [43, 44, 1, 45]]
+    counts = [[0, 0, 17, 0, 300], [9, 1, 0, 65535]]
+    for i, (t, c) in enumerate(zip(tokens, counts)):
+        _records_shard(tmp_path / f"fineweb_val_{i:06d}.bin", t)
+        _records_shard(tmp_path / f"fineweb_val_bytes_{i:06d}.bin", c)
+    assert [p.rsplit("/", 1)[1] for p in list_shards(val_pattern(str(tmp_path)), "val")] == \
+        ["fineweb_val_000000.bin", "fineweb_val_000001.bin"]
+    flat = sum(tokens, [])
+    assert load_val_tokens(str(tmp_path)).tolist() == flat
+    got = load_val_bytes(str(tmp_path), len(flat))
+    assert got.dtype == np.int32 and got.tolist() == sum(counts, [])
+    assert load_val_bytes(str(tmp_path), 6).tolist() == sum(counts, [])[:6]  # the same cut as VAL_MAX_TOKENS
+    with pytest.raises(ShardError, match="covers 9 val tokens, 10 requested"):
+        load_val_bytes(str(tmp_path), 10)
+
+
+def test_no_sidecar_means_table_bytes(tmp_path):
+    from lcq.data import load_val_bytes
+
+    write_shard(tmp_path / "fineweb_val_000000.bin", np.arange(5))
+    assert load_val_bytes(str(tmp_path), 5) is None
+
+
+def test_sidecar_that_does_not_pair_with_the_val_shards(tmp_path):
+    from lcq.data import load_val_bytes
+
+    write_shard(tmp_path / "fineweb_val_000000.bin", np.arange(5))
+    write_shard(tmp_path / "fineweb_val_000001.bin", np.arange(3))
+    write_shard(tmp_path / "fineweb_val_bytes_000000.bin", np.ones(5))
+    with pytest.raises(ShardError, match="do not pair"):
+        load_val_bytes(str(tmp_path), 8)
+    write_shard(tmp_path / "fineweb_val_bytes_000001.bin", np.ones(4))
+    with pytest.raises(ShardError, match="fineweb_val_bytes_000001.bin: 4 entries but fineweb_val_000001.bin has 3"):
+        load_val_bytes(str(tmp_path), 8)
+
+
+def test_open_run_scores_bytes_from_the_sidecar(tmp_path, demo_data):
+    """A dataset with a sidecar: the run logs it, carries it, and the eval counts its bytes instead of the tables'."""
+    import os
+    import shutil
+
+    from lcq.config import make_config
+    from lcq.dist import DistInfo
+    from lcq.pipeline import build, open_run, score
+
+    torch.set_num_threads(1)
+    data_dir = tmp_path / "data"
+    shutil.copytree(demo_data[0], data_dir)
+    n = sum(int(np.asarray(read_shard(data_dir / f)).size) for f in sorted(os.listdir(data_dir)) if "_val_" in f)
+    write_shard(data_dir / "fineweb_val_bytes_000000.bin", np.full(n, 7))  # 7 bytes a token: no piece table says so
+    cpu = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    cfg = make_config("tiny", data_path=str(data_dir), tokenizer_path=demo_data[1], log_dir=str(tmp_path / "logs"),
+                      run_id="sidecar", submission_json="", val_max_tokens=600, eval_stride=64)
+    run = open_run(cfg, cpu)
+    try:
+        assert run.val_tokens.size == 600 and run.val_bytes.tolist() == [7] * 600
+        res = score(run, build(run))
+        assert res.bytes == 7 * (600 - 1)  # every token but the stream's first is a target
+        run.val_bytes = None  # the same run scored from the tables
+        assert score(run, run.model).bytes != res.bytes
+    finally:
+        run.log.close()
+    assert "val bytes from sidecar fineweb_val_bytes_000000.bin" in (tmp_path / "logs" / "sidecar.txt").read_text()

@@ -26,6 +26,7 @@ from lcq.gptq import (
     row_scales,
     tensor_role,
 )
+from lcq.gptq import clip_for, lqer_factors, lqer_pack, lqer_unpack
 
 # ---------------------------------------------------------------------------------------------------
 # helpers
@@ -502,3 +503,57 @@ def test_quant_spec_defaults_and_dtype_names():
 def test_quant_spec_rejects_bad_values_naming_the_field(field, value):
     with pytest.raises(ValueError, match=f"QuantSpec.{field}"):
         QuantSpec(**{field: value})
+
+
+# ---------------------------------------------------------------------------------------------------
+# LQER and per-role clips (the record stack, issue 11)
+
+
+def test_lqer_pack_known_answers():
+    g = torch.Generator().manual_seed(0)
+    E = torch.randn(64, 4, generator=g) @ torch.randn(4, 128, generator=g)  # exactly rank 4
+    A, B = lqer_factors(E, 4)
+    torch.testing.assert_close(A @ B, E, atol=1e-4, rtol=1e-4)
+    packed, meta = lqer_pack(A, B, bits=4, group=64, asym=True)
+    assert meta == {"asym": True, "a_bits": 2, "b_bits": 4, "group": 64, "rank": 4}
+    assert packed["A"].min() >= -2 and packed["A"].max() <= 1 and packed["A_scale"].numel() == 1
+    assert packed["B"].min() >= -8 and packed["B"].max() <= 7 and packed["B_scale"].numel() == 4 * 128 // 64
+    # Asymmetric: the largest |A| lands on code -2 (scale max / 1.5 puts +-max at +-1.5, rounded to even: -2 or 2 -> 1)
+    assert packed["A"].abs().max() >= 1
+    # 8-bit symmetric factors reproduce A @ B to within the rounding of both factors (each <= half a step per entry).
+    sym, smeta = lqer_pack(A, B, bits=8, group=64, asym=False)
+    assert not smeta["asym"]
+    step_a, step_b = A.abs().amax(1, keepdim=True) / 127, B.abs().amax(1, keepdim=True) / 127
+    bound = (step_a / 2 * B.abs().sum(0, keepdim=True).max() + A.abs().sum(1, keepdim=True) * step_b.max() / 2).max()
+    assert (lqer_unpack(sym, smeta) - A @ B).abs().max() <= bound * 1.01 + 1e-6
+    # A group size that does not divide B falls back to symmetric packing (as #1855 does).
+    assert not lqer_pack(A, B, bits=4, group=48 + 1, asym=True)[1]["asym"]
+
+
+def test_lqer_rides_in_the_quantized_state_on_the_top_k_tensors():
+    g = torch.Generator().manual_seed(1)
+    state = {f"blocks.{i}.mlp.fc.weight": torch.randn(32, 64, generator=g) * (1 + i) for i in range(4)}
+    state["blocks.0.attn.gate.w"] = torch.zeros(4, 12)
+    spec = QuantSpec(method="rtn", matrix_bits=3, lqer_rank=2, lqer_top_k=2, lqer_factor_bits=4, lqer_group=64)
+    tensors, qmeta = quantize_state(state, None, spec, {})
+    chosen = sorted(n for n, m in qmeta.items() if isinstance(m, dict) and "lqer" in m)
+    assert chosen == ["blocks.2.mlp.fc.weight", "blocks.3.mlp.fc.weight"]  # the two largest errors (scaled by 1 + i)
+    assert {k for k in tensors if ".lqer_" in k} == {f"{n}.lqer_{k}" for n in chosen for k in ("A", "A_scale", "B", "B_scale")}
+    deq = dequantize_state(tensors, qmeta)
+    for name in chosen:
+        base = dequantize(tensors[name + ".q"], tensors[name + ".scale"])
+        fix = lqer_unpack({k: tensors[f"{name}.lqer_{k}"] for k in ("A", "A_scale", "B", "B_scale")}, qmeta[name]["lqer"])
+        torch.testing.assert_close(deq[name], base + fix)
+        # the rank-2 correction removes error: the top-2 SVD of E captures at least 2/32 of its energy, and int2/int4
+        # factors keep the reconstruction on the right side
+        assert (state[name] - deq[name]).norm() < (state[name] - base).norm()
+    q, s = quantize_rtn(state["blocks.0.mlp.fc.weight"], 3, spec.matrix_clip_sigmas)
+    torch.testing.assert_close(deq["blocks.0.mlp.fc.weight"], dequantize(q, s))  # not chosen: plain codes
+
+
+def test_per_role_clips_pick_attention_and_mlp_sigmas():
+    spec = QuantSpec(attn_clip_sigmas=13.0, mlp_clip_sigmas=11.5, embed_clip_sigmas=14.0)
+    assert clip_for(spec, "blocks.0.attn.c_q.weight", "matrix") == 13.0
+    assert clip_for(spec, "blocks.3.mlp.proj.weight", "matrix") == 11.5
+    assert clip_for(spec, "tok_emb.weight", "embed") == 14.0
+    assert clip_for(QuantSpec(), "blocks.0.attn.c_q.weight", "matrix") == QuantSpec().matrix_clip_sigmas

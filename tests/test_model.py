@@ -26,7 +26,15 @@ def packed_docs():
     return docs, torch.cat(docs)
 
 
-@pytest.mark.parametrize("flags", [{}, {"smear_gate": False, "unet_skips": False, "qk_norm": False, "mlp_act": "relu2"}])
+# The record stack (issue 11) at 4 layers: XSA, LN scale, QK gain 5, gated skips, layers 1-2 looped 3 times, lanes
+# from layer 3, sparse attention gate; SmearGate stays BOS-masked under all of them.
+RECORD_STACK = {"num_layers": 4, "xsa_last_n": 4, "ln_scale": True, "skip_gates": True, "qk_gain_init": 5.0,
+                "recur_passes": 3, "recur_start_layer": 1, "recur_end_layer": 2, "parallel_start_layer": 3,
+                "attn_gate_window": 12, "attn_gate_scale": 0.5}
+
+
+@pytest.mark.parametrize("flags", [{}, {"smear_gate": False, "unet_skips": False, "qk_norm": False, "mlp_act": "relu2"},
+                                   RECORD_STACK])
 def test_document_isolation_and_causality_through_full_model(flags):
     model = randomised_model(**flags)
     docs, ids = packed_docs()
@@ -49,8 +57,9 @@ def test_document_isolation_and_causality_through_full_model(flags):
         assert torch.equal(out2[42:], base[42:])
 
 
-def test_each_document_alone_equals_packed():
-    model = randomised_model()
+@pytest.mark.parametrize("flags", [{}, RECORD_STACK])
+def test_each_document_alone_equals_packed(flags):
+    model = randomised_model(**flags)
     docs, ids = packed_docs()
     cu = segment_bounds(ids, BOS, 128)
     with torch.no_grad():

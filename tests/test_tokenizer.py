@@ -8,7 +8,7 @@ import pytest
 import sentencepiece as spm
 import torch
 
-from lcq.tokenizer import ByteTables, byte_tables, load_tokenizer, token_bytes
+from lcq.tokenizer import ByteTables, byte_tables, check_byte_source, load_tokenizer, token_bytes, transform_operators
 
 WORDS = ["the", "banana", "river", "stone", "quiet", "running", "over", "under", "light", "garden"]
 
@@ -118,3 +118,26 @@ def test_load_tokenizer_bad_paths(tmp_path):
     with pytest.raises(ValueError, match="garbage.model"):
         load_tokenizer(garbage)
 
+
+
+def test_caseops_style_operators_need_the_byte_sidecar(sp, tmp_path):
+    """A tokenizer that reserves private-use operator pieces the way the CaseOps one does (U+E001..U+E004 right after
+    the special ids, user-defined symbols; PR #1729) is recognised, and without a sidecar it is refused."""
+    ops = ["\ue001", "\ue002", "\ue003", "\ue004"]
+    rng = random.Random(1)
+    lines = [" ".join(rng.choice(WORDS) for _ in range(8)) + " \ue001" + rng.choice(WORDS) for _ in range(200)]
+    writer = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=writer, model_type="bpe", vocab_size=300, byte_fallback=True,
+        user_defined_symbols=ops, add_dummy_prefix=False, normalization_rule_name="identity", pad_id=0, bos_id=1,
+        eos_id=2, unk_id=3, hard_vocab_limit=False, num_threads=1, minloglevel=2)
+    path = tmp_path / "caseops_like.model"
+    path.write_bytes(writer.getvalue())
+    caseops = load_tokenizer(path)
+    assert transform_operators(caseops) == [4, 5, 6, 7] and transform_operators(sp) == []
+    # The operators' UTF-8 (3 bytes each) is what a piece table would count; the sidecar says 0.
+    assert byte_tables(caseops, 300).base_bytes[4:8].tolist() == [3, 3, 3, 3]
+    check_byte_source(sp, False, "plain.model", "data")
+    check_byte_source(caseops, True, str(path), "data")
+    with pytest.raises(ValueError, match="no fineweb_val_bytes_.*download --variant caseops"):
+        check_byte_source(caseops, False, str(path), "data")

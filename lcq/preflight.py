@@ -1,0 +1,513 @@
+"""Preflight: "will my run fit?" on this box, in about two minutes, before the paid run (issue 8).
+
+    python -m lcq.preflight                                         # the record preset on this box
+    torchrun --standalone --nproc_per_node=8 -m lcq.preflight       # every rank runs; rank 0 prints
+    python -m lcq.preflight --preset demo --steps 10                # CPU: same code, demo model
+
+It runs the configured preset's real model at its real per-device batch through the stages' own code (lcq.train for a
+few timed steps after the configured warm-up, lcq.pipeline.quantize for GPTQ, lcq.artifact for the bytes and the
+host's compression speed, lcq.evaluate / lcq.ttt for eval throughput) and prints one go/no-go row per question, each
+with what its number was derived from, then one JSON line. Projections that must fit a budget carry TIME_MARGIN; the
+exit status is 1 on any NO-GO, 2 on a bad knob. Every config knob works as in train_gpt.py (FIELD_NAME=value or
+--field_name=value).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import resource
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import artifact
+from . import dist as D
+from .attention import varlen_attention
+from .config import Config, ConfigError, replace, resolve
+from .data import doc_starts, list_shards, read_header, segment_bounds, val_pattern
+from .evaluate import evaluate, plan_windows
+from .gptq import quantize_state, tensor_role
+from .lora import quantize_factors
+from .pipeline import build, lcq_target_names, lora_bytes_per_rank, open_run, quant_spec, quantize
+from .runlog import device_name
+from .script import shipped_script
+from .shipping import LORA_PREFIX, TIED, artifact_meta
+from .train import train
+from .ttt import evaluate_ttt, prepare_adapter
+from .ttt import spec_from_config as ttt_spec
+
+# A projected time must fit its budget with 10% to spare: a short measurement misses step-time jitter, data-loader
+# stalls and slow outliers that a 600 s run meets.
+TIME_MARGIN = 0.10
+# Projected artifact bytes within this fraction under the cap are a WARN, over the cap a NO-GO. The model bytes are
+# already an upper estimate (artifact_rows: trained rows compress ~1-2% smaller than the Gaussian refill, BENCHMARKS.md
+# record sizing), so the margin flags a tight fit instead of failing it; a stated choice, not a measurement.
+BYTES_MARGIN = 0.01
+# Peak device memory above this share of the device leaves no room for LCQ's teacher + student or fragmentation.
+MEMORY_SHARE = 0.90
+GO, NO_GO, WARN, INFO = "GO", "NO-GO", "WARN", "INFO"
+ENTRY = Path(__file__).resolve().parents[1] / "train_gpt.py"  # the script a run ships (not this module's __main__)
+
+
+@dataclass
+class Row:
+    name: str
+    status: str
+    result: str
+    basis: str
+    data: dict = field(default_factory=dict)
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+# ------------------------------------------------------------------------------------------------------ rows
+
+def check_collective(dinfo: D.DistInfo) -> Row:
+    """All-reduce a known value (SUM of rank+1 and MAX of rank) and check the answer on every rank."""
+    if not dinfo.distributed:
+        return Row("collective", GO, "single process, no collective to check", "WORLD_SIZE=1")
+    t0 = time.perf_counter()
+    s = D.all_reduce_sum(torch.tensor([dinfo.rank + 1.0], dtype=torch.float64, device=dinfo.device))
+    m = D.all_reduce_max(torch.tensor([float(dinfo.rank)], dtype=torch.float64, device=dinfo.device))
+    D.sync(dinfo.device)
+    ms = 1000 * (time.perf_counter() - t0)
+    want_s, want_m = dinfo.world_size * (dinfo.world_size + 1) / 2, dinfo.world_size - 1
+    ok = float(s) == want_s and float(m) == want_m
+    # every rank must agree that every rank got it right
+    bad = D.all_reduce_max(torch.tensor([0.0 if ok else 1.0], device=dinfo.device))
+    ok = float(bad) == 0.0
+    backend = torch.distributed.get_backend()
+    return Row("collective", GO if ok else NO_GO,
+               f"{backend} all-reduce over {dinfo.world_size} ranks: sum {float(s):g} (want {want_s:g}), max "
+               f"{float(m):g} (want {want_m:g}), {ms:.1f} ms",
+               "all-reduce SUM of rank+1 and MAX of rank; a rank with a wrong answer fails every rank",
+               dict(ok=ok, backend=backend, world_size=dinfo.world_size, ms=round(ms, 3)))
+
+
+def check_attention(cfg: Config, backend: str, device: torch.device, bos_id: int) -> Row:
+    """The run's attention backend against a per-document SDPA reference on a packed multi-document batch."""
+    gen = torch.Generator().manual_seed(cfg.seed)
+    n = 2 * cfg.train_seq_len
+    toks = torch.randint(0, cfg.vocab_size, (n,), generator=gen)
+    toks[torch.randint(1, n, (max(2, n // 200),), generator=gen)] = bos_id  # documents of uneven lengths
+    cu = segment_bounds(toks, bos_id, cfg.train_seq_len)
+    h, hkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.model_dim // cfg.num_heads
+    # the model hands the kernel bf16 under autocast (CUDA, or CPU with AUTOCAST_CPU_BF16) and float32 otherwise
+    dtype = torch.bfloat16 if device.type == "cuda" or cfg.autocast_cpu_bf16 else torch.float32
+    q, k, v = (torch.randn(n, heads, hd, generator=gen).to(device, dtype) for heads in (h, hkv, hkv))
+    out = varlen_attention(q, k, v, cu.to(device), cfg.train_seq_len, backend).float()
+    ref = torch.empty(n, h, hd, device=device)
+    bounds = cu.tolist()
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        qs, ks, vs = (t[s:e].float().transpose(0, 1) for t in (q, k, v))
+        ks, vs = ks.repeat_interleave(h // hkv, 0), vs.repeat_interleave(h // hkv, 0)
+        ref[s:e] = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True).transpose(0, 1)
+    diff = float((out - ref).abs().max())
+    vmax = float(v.float().abs().max())
+    # An output is a convex mix of v rows: 16-bit kernels round P and the output to 8 mantissa bits, so their error
+    # stays below a few 2^-8 of max|v|; float32 is ~1e-7 relative. A mask that lets documents or the future leak in
+    # moves outputs by O(max|v|), far above either bound.
+    tol = (2.0 ** -6 if dtype != torch.float32 else 1e-5) * vmax
+    return Row("attention", GO if diff <= tol else NO_GO,
+               f"{backend}: max abs diff {diff:.2e} from the SDPA reference (tol {tol:.2e})",
+               f"{len(bounds) - 1} packed segments in {n} tokens (BOS + {cfg.train_seq_len}-token cuts), heads "
+               f"{h}/{hkv}, head_dim {hd}, {str(dtype).removeprefix('torch.')}; reference: causal SDPA per document",
+               dict(backend=backend, max_abs_diff=diff, tol=tol, segments=len(bounds) - 1))
+
+
+class _Quiet:
+    """A log for lcq.train that keeps its lines out of the table (they go to the preflight log file)."""
+
+    def __init__(self, log):
+        self._log = log
+
+    def __call__(self, msg: str = "") -> None:
+        self._log(msg, console=False)
+
+    def stage(self, name: str, seconds: float, **fields) -> None:
+        self._log(f"stage:{name} time:{seconds:.2f}s " + " ".join(f"{k}:{v}" for k, v in fields.items()), console=False)
+
+
+def timed_steps(run, steps: int) -> tuple[Row, Row]:
+    """lcq.train for `steps` timed steps after the configured warm-up; returns the train row and the compile row.
+    The budget is lifted so the steps always run; the projection uses the real budget."""
+    cfg, dinfo = run.cfg, run.dinfo
+    compiled = cfg.compile and dinfo.device.type == "cuda"
+    if compiled:
+        from torch._dynamo.utils import counters
+        counters.clear()
+    tcfg = replace(cfg, iterations=steps, val_loss_every=0, train_log_every=max(steps, 1),
+                   max_wallclock_seconds=cfg.train_reserve_seconds + 1e9)
+    res = train(run.model, tcfg, dinfo, _Quiet(run.log), run.bos_id)
+    ms = res.step_avg_ms
+    budget = cfg.train_budget_seconds
+    projected = min(cfg.iterations, int(budget * 1000 / (ms * (1 + TIME_MARGIN))))
+    tok_s = res.tokens_per_step / (ms / 1000)
+    train_row = Row("train", GO if projected >= 1 else NO_GO,
+                    f"{ms:.2f} ms/step, {tok_s:,.0f} tok/s; projected {projected} steps in the {budget:.1f}s train "
+                    f"budget" + (" (ITERATIONS caps it)" if projected == cfg.iterations else ""),
+                    f"mean of {steps} timed steps (lcq.train, {res.tokens_per_step} tokens/step, "
+                    f"{res.tokens_per_step // (dinfo.world_size * cfg.grad_accum_steps)} per device per micro-step) "
+                    f"after {cfg.warmup_steps} warm-up steps; steps = budget / (ms/step x {1 + TIME_MARGIN:.2f})",
+                    dict(ms_per_step=ms, tokens_per_step=res.tokens_per_step, tok_per_s=tok_s,
+                         projected_steps=projected, train_budget_s=budget, timed_steps=steps))
+    if not compiled:
+        why = "COMPILE=0" if not cfg.compile else "torch.compile is used on CUDA only"
+        compile_row = Row("compile", INFO, f"off ({why})", "eager forward", dict(enabled=False))
+    else:
+        graphs = int(counters["stats"]["unique_graphs"])
+        breaks = int(sum(counters["graph_break"].values()))
+        reasons = "; ".join(list(counters["graph_break"])[:2])
+        compile_row = Row("compile", GO if breaks == 0 else WARN,
+                          f"{graphs} graph(s), {breaks} graph break(s)" + (f": {reasons}" if breaks else ""),
+                          "torch._dynamo counters over the warm-up and timed steps (a break costs speed, which the "
+                          "train row already measures)", dict(enabled=True, graphs=graphs, breaks=breaks))
+    return train_row, compile_row
+
+
+def gaussian_state(state: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+    """Every quantized tensor refilled with N(0, 1) values of the same shape (tied weights stay tied)."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, t in state.items():
+        if name in TIED:
+            continue
+        out[name] = torch.randn(t.shape, generator=gen).to(t.device) if tensor_role(name, t) != "raw" else t
+    for alias, target in TIED.items():
+        if alias in state:
+            out[alias] = out[target]
+    return out
+
+
+def lora_ranks(run, code: int, model_bytes: int) -> tuple[dict[str, int], str]:
+    """(rank by target, note) for the configured LCQ, chosen as lcq.pipeline.lcq chooses them (auto: the rank the
+    pipeline's own per-rank byte estimate fits under the cap)."""
+    cfg = run.cfg
+    if not cfg.lcq_enabled:
+        return {}, "LCQ off"
+    names = lcq_target_names(run.model, cfg)
+    if cfg.lcq_rank == "auto":
+        room = cfg.artifact_cap_bytes - code - model_bytes - cfg.lcq_auto_headroom_bytes
+        rank = max(0, int(room // lora_bytes_per_rank(run.model, names, cfg.lcq_factor_bits)))
+        note = f"LCQ_RANK=auto: rank {rank} fits the room left"
+    else:
+        rank = int(cfg.lcq_rank)
+        note = f"rank {rank}"
+    return {n: rank for n in names}, f"{note} on {len(names)} targets"
+
+
+def lora_section(run, ranks: dict[str, int], threads) -> tuple[int, float]:
+    """(bytes, seconds) of a LoRA section of these ranks: N(0, 1) factors of the real shapes through the shipped
+    factor quantizer (lcq.lora.quantize_factors) and a timed lcq.artifact.SectionJob. Gaussian rows under max-abs
+    int8 are nearly incompressible, as trained factors are; a small section's time is mostly the compressors' set-up,
+    which a rate measured on the big base section would miss."""
+    cfg = run.cfg
+    gen = torch.Generator().manual_seed(cfg.seed)
+    mods = dict(run.model.named_modules())
+    tensors = {}
+    for name, r in ranks.items():
+        A = torch.randn(r, mods[name].in_features, generator=gen)
+        B = torch.randn(mods[name].out_features, r, generator=gen)
+        for key, t in quantize_factors(A, B, cfg.lcq_factor_bits).items():
+            tensors[f"{LORA_PREFIX}{name}.{key}"] = t
+    meta = dict(merge=cfg.lcq_merge, init=cfg.lcq_init, ranks=ranks, alpha=cfg.lcq_alpha, bits=cfg.lcq_factor_bits)
+    t0 = time.perf_counter()
+    section = artifact.SectionJob("lora", tensors, meta, cfg.compressor, threads).result()
+    return section.nbytes, time.perf_counter() - t0
+
+
+def artifact_rows(run) -> tuple[Row, dict]:
+    """Rank 0: the artifact's bytes from the current weights and from a Gaussian refill, both through the real
+    quantizer and compressor; the refill's base section is also the timed compression (lcq.artifact.SectionJob, the
+    job the pipeline starts on host threads when GPTQ ends). Returns (artifact row, serialize measurements)."""
+    cfg = run.cfg
+    threads = cfg.serialize_threads or None
+    t0 = time.perf_counter()
+    code = len(shipped_script(ENTRY))
+    script_s = time.perf_counter() - t0  # the pipeline renders it on a host thread from GPTQ's end, like the base
+    current = len(artifact.encode(run.qtensors, artifact_meta(cfg, run.bos_id, run.qmeta, None), cfg.compressor,
+                                  threads))
+    state = {k: v.detach() for k, v in run.model.state_dict().items()}
+    gtensors, gmeta = quantize_state(gaussian_state(state, cfg.seed), run.hessians, quant_spec(cfg), TIED)
+    gtensors = {k: v.detach().cpu() for k, v in gtensors.items()}
+    t0 = time.perf_counter()
+    job = artifact.SectionJob("model", gtensors, artifact_meta(cfg, run.bos_id, gmeta, None), cfg.compressor, threads)
+    section = job.result()
+    base_s = time.perf_counter() - t0
+    gauss = len(artifact.assemble([section]))
+    model_bytes = max(current, gauss)
+    ranks, lora_note = lora_ranks(run, code, model_bytes)
+    lora, lora_s = 0, 0.0
+    if cfg.lcq_merge == "baked":
+        lora_note += ", LCQ_MERGE=baked ships no factors"
+    elif any(ranks.values()):
+        lora, lora_s = lora_section(run, ranks, threads)
+        lora_note += f": a Gaussian-factor section of those shapes, {lora_s:.2f}s to compress"
+    total = code + model_bytes + lora
+    limit = int(cfg.artifact_cap_bytes * (1 - BYTES_MARGIN))
+    no_room = cfg.lcq_rank == "auto" and not any(ranks.values())
+    status = NO_GO if total > cfg.artifact_cap_bytes or no_room else GO if total <= limit else WARN
+    row = Row("artifact", status,
+              f"projected {total:,} bytes = code {code:,} + model {model_bytes:,} + lora {lora:,}; cap "
+              f"{cfg.artifact_cap_bytes:,} ({abs(cfg.artifact_cap_bytes - total):,} "
+              f"{'under' if total <= cfg.artifact_cap_bytes else 'OVER'}); go if <= {limit:,}, warn up to the "
+              f"cap ({BYTES_MARGIN:.0%} margin)",
+              f"model = max(current weights {current:,}, Gaussian refill {gauss:,}): {cfg.quant_method} "
+              f"int{cfg.matrix_bits}/int{cfg.embed_bits} + {cfg.compressor}, the real code. Untrained weights "
+              "(zero-init projections) compress far smaller than trained ones; at a fixed per-row std (the SDClip "
+              "grid) Gaussian rows maximise the codes' entropy, so the refill bounds trained weights from above. "
+              f"Code: the shipped train_gpt.py. LoRA: {lora_note}",
+              dict(total=total, code=code, model_current=current, model_gaussian=gauss, lora=lora,
+                   lora_rank=max(ranks.values(), default=0), cap=cfg.artifact_cap_bytes, limit=limit))
+    rates = job.rates() or {}
+    return row, dict(base_s=base_s, lora_s=lora_s, script_s=script_s, raw_bytes=job.raw_bytes, threads=job.threads,
+                     rates=rates)
+
+
+def serialize_plan(cfg: Config, gptq_s: float, m: dict) -> tuple[Row, list]:
+    """The serialize row and the projected training clock, as lcq.pipeline spends it: the base section compresses on
+    host threads from GPTQ's end (the shipped script renders beside it) while LCQ distils; after LCQ the serialize stage
+    compresses the LoRA section and waits for the base one if it is not done (LCQ_MERGE=baked: GPTQ again, then the
+    whole base section; LCQ off: the base section). LCQ gets what is left of the reserve after LCQ_SAFETY_SECONDS."""
+    window = cfg.train_reserve_seconds - gptq_s - cfg.lcq_safety_seconds  # after GPTQ, for LCQ + serialize
+    base_s, lora_s, script_s = m["base_s"], m["lora_s"], m["script_s"]
+    k = 1 + TIME_MARGIN
+    if not cfg.lcq_enabled:
+        serialize_s, lcq_s, ok = base_s + script_s, 0.0, (base_s + script_s) * k <= window
+        how = "LCQ off: the serialize stage waits for the base section and the script"
+    elif cfg.lcq_merge == "baked":
+        serialize_s = base_s
+        lcq_s = window - gptq_s * k - serialize_s * k
+        ok = lcq_s > 0
+        how = "LCQ_MERGE=baked: GPTQ again after LCQ, then the whole base section"
+    else:
+        serialize_s = lora_s
+        lcq_s = window - serialize_s * k
+        ok = (base_s + script_s + serialize_s) * k <= window and lcq_s > 0
+        how = ("the base section and the script (host threads from GPTQ's end, counted one after the other) must "
+               "finish while LCQ runs; on the clock after LCQ: the LoRA section")
+    rates = " ".join(f"{c} {r / 1e6:.2f}" for c, r in m["rates"].items())
+    row = Row("serialize", GO if ok else NO_GO,
+              f"host compression {rates} MB/s per thread x {m['threads']} threads; full base section {base_s:.2f}s, "
+              f"on the clock {serialize_s:.2f}s; LCQ + serialize window {window:.1f}s",
+              f"timed lcq.artifact.SectionJob of the full-size Gaussian-refill payload ({m['raw_bytes']:,} raw bytes, "
+              f"COMPRESSOR={cfg.compressor}, SERIALIZE_THREADS={cfg.serialize_threads or 'all cores'}); LoRA section "
+              f"{lora_s:.2f}s (timed, see the artifact row); rendering the shipped script {script_s:.2f}s (timed); "
+              f"{how}; go if x{k:.2f} fits"
+              + ("; on CPU LCQ shares these cores, so the overlap is optimistic" if m.get("cpu") else ""),
+              dict(base_section_s=base_s, lora_section_s=lora_s, script_s=script_s, serialize_s=serialize_s,
+                   window_s=window,
+                   threads=m["threads"], rates_bytes_per_s=m["rates"], raw_bytes=m["raw_bytes"]))
+    stages = [("train", cfg.train_budget_seconds, cfg.train_budget_seconds), ("gptq", gptq_s, None),
+              ("lcq", max(0.0, lcq_s), None), ("serialize", serialize_s, None)]
+    return row, stages
+
+
+def eval_row(run) -> Row:
+    """Eval tokens/s from timed lcq.evaluate calls on a val prefix; projection = forward tokens of the whole configured
+    val split / that rate."""
+    cfg, dinfo = run.cfg, run.dinfo
+    shard_tokens = sum(read_header(f) for f in list_shards(val_pattern(cfg.data_path), "val"))
+    val = run.val_tokens
+    starts = doc_starts(val, run.bos_id)
+    windows = plan_windows(starts, val.size, cfg.window, cfg.eval_stride)
+    forward = int((windows[:, 1] - windows[:, 0]).sum())
+    ends = np.append(starts[1:], val.size)
+
+    def prefix(target: int) -> np.ndarray:
+        """The val stream cut at the first document start past `target` forward tokens (approx. window/stride each)."""
+        fwd = np.cumsum((ends - starts) * max(1.0, cfg.window / cfg.eval_stride))
+        cut = int(np.searchsorted(fwd, target))
+        return val[:int(ends[min(cut, len(ends) - 1)])]
+
+    per_batch = dinfo.world_size * cfg.eval_batch_tokens
+    warm, timed = prefix(per_batch), prefix(2 * per_batch)
+
+    def side(part: np.ndarray):  # the byte sidecar's entries for a val prefix (CaseOps data), if the data has one
+        return None if run.val_bytes is None else run.val_bytes[:part.size]
+
+    args = (run.bos_id, run.tables, cfg.window, cfg.eval_stride, cfg.eval_batch_tokens, dinfo)
+    evaluate(run.model, warm, *args, val_bytes=side(warm))
+    res = evaluate(run.model, timed, *args, val_bytes=side(timed))
+    tw = plan_windows(doc_starts(timed, run.bos_id), timed.size, cfg.window, cfg.eval_stride)
+    rate = float((tw[:, 1] - tw[:, 0]).sum()) / res.seconds
+    projected = forward / rate
+    ok = projected * (1 + TIME_MARGIN) <= cfg.eval_budget_seconds
+    ttt_text, ttt_basis, ttt_data = "", "", {}
+    if cfg.ttt_enabled:
+        # lcq.ttt's own scoring loop on a copy of the model with a zero-started adapter (TTT_RANK on TTT_TARGETS; a
+        # shipped LCQ adapter is smaller), timed on the warm-up prefix and scaled by val tokens
+        model = prepare_adapter(copy.deepcopy(run.model), "zero", cfg)
+        t = evaluate_ttt(model, warm, *args, ttt_spec(cfg), val_bytes=side(warm)).seconds
+        del model
+        ttt_s = t * val.size / warm.size
+        ok = ok and ttt_s * (1 + TIME_MARGIN) <= cfg.eval_budget_seconds
+        ttt_text = f"; TTT pass projected {ttt_s:.1f}s"
+        ttt_basis = (f" TTT: lcq.ttt.evaluate_ttt timed on the first {warm.size:,} val tokens ({t:.2f}s), scaled by "
+                     "val tokens" + (f"; its {cfg.ttt_phases} global SGD phases are not scaled" if cfg.ttt_phases else
+                                     "") + ".")
+        ttt_data = dict(ttt_projected_s=ttt_s, ttt_measured_s=t, ttt_measured_tokens=int(warm.size))
+    cut = cfg.val_max_tokens and val.size < shard_tokens
+    used = f"first {val.size:,} (VAL_MAX_TOKENS)" if cut else f"all {val.size:,}"
+    return Row("eval", GO if ok else NO_GO,
+               f"{rate:,.0f} forward tok/s; projected {projected:.1f}s per sliding pass{ttt_text}, EVAL_BUDGET_SECONDS "
+               f"{cfg.eval_budget_seconds:.0f} (each pass)",
+               f"val shards hold {shard_tokens:,} tokens (headers); scoring {used} tokens, {starts.size:,} documents, "
+               f"window {cfg.window} stride {cfg.eval_stride}: {len(windows):,} windows, {forward:,} forward tokens. "
+               f"Rate: timed lcq.evaluate of the first {timed.size:,} val tokens after a warm-up call, "
+               f"{cfg.eval_batch_tokens} tokens/batch/rank, float model without LoRA (a side LoRA adds its low-rank "
+               "path); each scored stage (pre_quant, quantized, as shipped) is one such pass; go if "
+               f"x{1 + TIME_MARGIN:.2f} fits." + ttt_basis,
+               dict(**ttt_data, tok_per_s=rate, projected_s=projected, val_tokens_in_shards=shard_tokens,
+                    val_tokens_scored=int(val.size), documents=int(starts.size), windows=len(windows),
+                    forward_tokens=forward, eval_budget_s=cfg.eval_budget_seconds))
+
+
+def memory_row(dinfo: D.DistInfo) -> Row:
+    if dinfo.device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(dinfo.device)
+        total = torch.cuda.get_device_properties(dinfo.device).total_memory
+        what = "torch.cuda.max_memory_allocated, max over ranks (one device each)"
+        reduce = D.all_reduce_max
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        what = "peak RSS (getrusage), summed over ranks (they share the host's memory)"
+        reduce = D.all_reduce_sum
+    peak = int(reduce(torch.tensor([float(peak)], dtype=torch.float64, device=dinfo.device)).item())
+    ok = peak <= MEMORY_SHARE * total
+    return Row("memory", GO if ok else NO_GO,
+               f"peak {peak / 2**30:.2f} GiB of {total / 2**30:.1f} GiB ({peak / total:.0%}); "
+               f"go if <= {MEMORY_SHARE:.0%}",
+               f"{what}, over warm-up + timed steps, GPTQ and the eval forward (LCQ's teacher + "
+               "student pair is not measured)", dict(peak_bytes=peak, total_bytes=total))
+
+
+def ledger_row(cfg: Config, stages: list, gptq_ok: bool, serialize_ok: bool) -> Row:
+    total = sum(s for _, s, _ in stages)
+    lcq_s = next(s for n, s, _ in stages if n == "lcq")
+    ok = gptq_ok and serialize_ok and total <= cfg.max_wallclock_seconds and (lcq_s > 0 or not cfg.lcq_enabled)
+    return Row("ledger", GO if ok else NO_GO,
+               ", ".join(f"{n} {s:.1f}s" for n, s, _ in stages) + f" + safety {cfg.lcq_safety_seconds:.1f}s; total "
+               f"{total + cfg.lcq_safety_seconds:.1f}s of MAX_WALLCLOCK_SECONDS {cfg.max_wallclock_seconds:.0f}",
+               "train runs to its budget (MAX_WALLCLOCK_SECONDS - TRAIN_RESERVE_SECONDS); GPTQ measured; LCQ gets the "
+               "rest of the reserve after the serialize projection and LCQ_SAFETY_SECONDS. No-go if the gptq or "
+               "serialize row is, or LCQ is left no time",
+               {n: dict(seconds=round(s, 3)) for n, s, _ in stages} | dict(total=round(total, 3)))
+
+
+# ------------------------------------------------------------------------------------------------------ main
+
+ORDER = ("attention", "compile", "collective", "train", "memory", "gptq", "serialize", "eval", "artifact", "ledger")
+
+
+def preflight(cfg: Config, dinfo: D.DistInfo, steps: int) -> tuple[list[Row], object]:
+    rows: dict[str, Row] = {}
+    run = open_run(cfg, dinfo)
+    if dinfo.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dinfo.device)
+    rows["collective"] = check_collective(dinfo)
+    model = build(run)
+    rows["attention"] = check_attention(cfg, model.attn_backend, dinfo.device, run.bos_id)
+    rows["train"], rows["compile"] = timed_steps(run, steps)
+    quantize(run)  # the real GPTQ stage over the configured calibration tokens; it logs its own stage line
+    gptq_s, share = next((s, b) for stage, s, b in run.ledger if stage == "gptq")  # quantize's own time and budget
+    calib = run.log.summary["stages"]["gptq"].get("calib_tokens_per_rank", "the configured")
+    rows["gptq"] = Row("gptq", GO if gptq_s * (1 + TIME_MARGIN) <= share else NO_GO,
+                       f"{gptq_s:.2f}s, share {share:.1f}s (TRAIN_RESERVE - SERIALIZE_RESERVE - LCQ_SAFETY)",
+                       f"measured: lcq.pipeline.quantize itself ({cfg.quant_method}, Hessians over {calib} train "
+                       f"tokens/rank + the solve of every matrix) on the preflight's weights; go if "
+                       f"x{1 + TIME_MARGIN:.2f} fits the share",
+                       dict(seconds=gptq_s, share_s=share))
+    measured = None
+    if dinfo.is_master:  # only rank 0 serializes in the pipeline: other ranks compressing too would slow it down
+        rows["artifact"], measured = artifact_rows(run)
+        measured["cpu"] = dinfo.device.type != "cuda"
+    D.barrier()
+    rows["eval"] = eval_row(run)
+    rows["memory"] = memory_row(dinfo)
+    if dinfo.is_master:
+        rows["serialize"], stages = serialize_plan(cfg, gptq_s, measured)
+        rows["ledger"] = ledger_row(cfg, stages, rows["gptq"].status == GO, rows["serialize"].status == GO)
+    return [rows[n] for n in ORDER if n in rows], run
+
+
+def render(rows: list[Row], header: str) -> list[str]:
+    lines = [header, f"{'row':<11} {'status':<6}  result"]
+    for r in rows:
+        lines.append(f"{r.name:<11} {r.status:<6}  {r.result}")
+        lines.append(f"{'':<19} from: {r.basis}")
+    failed = [r.name for r in rows if r.status == NO_GO]
+    lines.append("verdict: " + ("GO: the run should fit" if not failed else f"NO-GO: {', '.join(failed)}"))
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m lcq.preflight", description=__doc__, allow_abbrev=False,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=20, help="timed training steps after the warm-up (default 20)")
+    args, rest = ap.parse_known_args(sys.argv[1:] if argv is None else argv)
+    if args.steps < 1:
+        ap.error(f"--steps {args.steps}: must be >= 1")
+    try:
+        cfg, _ = resolve(rest)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    # its own log file, so a preflight never collides with the run it checks
+    cfg = replace(cfg, run_id=f"preflight_{cfg.run_id}")
+    dinfo = D.init_dist()
+    try:
+        t0 = time.perf_counter()
+        try:
+            rows, run = preflight(cfg, dinfo, args.steps)
+        except Exception as e:  # missing data, a kernel that does not load, out of memory: a no-go with its reason
+            traceback.print_exc()
+            if dinfo.is_master:
+                print(f"verdict: NO-GO: preflight stopped: {type(e).__name__}: {e}", flush=True)
+                print(json.dumps(dict(preflight="no-go", failed=["error"], error=f"{type(e).__name__}: {e}",
+                                      preset=cfg.preset, world_size=dinfo.world_size), sort_keys=True), flush=True)
+            return 1
+        failed = [r.name for r in rows if r.status == NO_GO]
+        flag = D.all_reduce_max(torch.tensor([1.0 if failed else 0.0], device=dinfo.device))
+        status = 1 if float(flag) else 0
+        device = device_name(dinfo) + ("" if dinfo.device.type == "cuda" else f", {cpu_model()}")
+        if dinfo.is_master:
+            header = (f"preflight preset={cfg.preset} device={device} world_size={dinfo.world_size} "
+                      f"timed_steps={args.steps} time_margin={TIME_MARGIN:.0%} bytes_margin={BYTES_MARGIN:.0%} "
+                      f"wall={time.perf_counter() - t0:.1f}s")
+            for line in render(rows, header):
+                run.log(line)
+            report = dict(preflight="go" if not status else "no-go", failed=failed, preset=cfg.preset, device=device,
+                          world_size=dinfo.world_size, timed_steps=args.steps, time_margin=TIME_MARGIN,
+                          bytes_margin=BYTES_MARGIN,
+                          rows={r.name: dict(status=r.status, result=r.result, basis=r.basis, **r.data) for r in rows})
+            run.log.summary.update(preflight=report, status=status)
+            run.log.write_summary()  # logs/preflight_<run_id>.json
+            run.log(json.dumps(report, sort_keys=True, default=float))
+        run.log.close()
+        return status
+    finally:
+        D.shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
