@@ -394,6 +394,9 @@ PRESETS: dict[str, dict] = {
         muon_momentum_warmup_steps=1500, muon_weight_decay=0.095, embed_weight_decay=0.085, scalar_weight_decay=0.02,
         adam_beta2=0.99, warmdown_frac=0.85, ema_decay=0.9965,
         gptq_calib_batches=16,  # #1855: GPTQ_CALIBRATION_BATCHES=16
+        # The model fills the cap to ~15.84 MB, so a fixed rank-8 LoRA (~0.69 MB on these shapes) would fail the gate:
+        # LCQ takes the largest rank that fits what is left, measured on the real compressed model section.
+        lcq_rank="auto",
     ),
     # CPU, a few minutes end to end on the embedded demo corpus.
     "demo": dict(

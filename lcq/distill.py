@@ -19,7 +19,7 @@ from . import dist as D
 from .config import Config
 from .data import TrainLoader, train_pattern
 from .lora import init_act_svd, init_grail, init_svd, lora_modules, lora_parameters, recoverable_energy
-from .model import autocast_for
+from .model import autocast_for, stored_weight
 from .train import all_reduce_grads, out_of_time
 
 
@@ -72,7 +72,7 @@ def init_factors(student: nn.Module, teacher: nn.Module, method: str, hessians: 
             if method == "svd":
                 B, A = init_svd(E, m.rank, m.scale)
             else:
-                B, A = init_act_svd(E, hessians[f"{name}.weight"], m.rank, m.scale)
+                B, A = init_act_svd(E, hessians[stored_weight(name)], m.rank, m.scale)
             m.set_factors(B, A)
         return
     if method != "grail":
@@ -155,8 +155,7 @@ def distill(student: nn.Module, teacher: nn.Module, cfg: Config, dinfo: D.DistIn
     `seconds` may be a function of the distillation time elapsed that returns the budget as it stands then, asked once
     per step: the pipeline shrinks it when the artifact's model section, compressing on host threads, is projected to
     finish late (issue 8). It must return the same value on every rank (the LR schedule reads it)."""
-    budget_at = seconds if callable(seconds) else (lambda _elapsed: seconds)
-    seconds = budget_at(0.0)
+    given = seconds if callable(seconds) else (lambda _elapsed: seconds)
     device = dinfo.device
     params = lora_parameters(student)
     opt = torch.optim.AdamW(params, lr=cfg.lcq_lr, betas=(0.9, 0.99), weight_decay=0.0)
@@ -166,13 +165,23 @@ def distill(student: nn.Module, teacher: nn.Module, cfg: Config, dinfo: D.DistIn
     heldout = loader.next_batch(local, cfg.train_seq_len, bos_id)
     teacher.eval()
     student.train()
+    t_kl = time.perf_counter()
     kl_start = heldout_kl(student, teacher, heldout, cfg, dinfo)
+    # The closing held-out KL runs after the last step: keep its time (twice the measured one, for a loaded host) out
+    # of the step budget, so the stage ends inside its share of the clock, not LCQ_SAFETY_SECONDS past it.
+    kl_reserve = 2.0 * (time.perf_counter() - t_kl)
+
+    def budget_at(elapsed: float) -> float:
+        return given(elapsed) - kl_reserve
+
     log(f"lcq_step:0/{cfg.lcq_max_steps} heldout_kl:{kl_start:.6f} lcq_time:0ms")
     autocast = autocast_for(device, cfg.autocast_cpu_bf16)
     D.sync(device)
     t0 = time.perf_counter()
+    seconds = budget_at(0.0)
     step, stopped_by = 0, "max_steps" if seconds > 0 else "no_time"
     stop_flag = torch.zeros((), device=device)
+    kl = kl_start
     while step < cfg.lcq_max_steps and seconds > 0:
         t_step = time.perf_counter()
         # Constant LR, then a linear decay to 0 over the last LCQ_WARMDOWN_FRAC of progress (the larger of the step and
@@ -204,7 +213,8 @@ def distill(student: nn.Module, teacher: nn.Module, cfg: Config, dinfo: D.DistIn
             break
     D.sync(device)
     seconds_used = time.perf_counter() - t0
-    kl_end = heldout_kl(student, teacher, heldout, cfg, dinfo)
+    # Every way out of the loop after a step logs the held-out KL (a stop or the last step), so that is the final one.
+    kl_end = kl
     student.eval()
     return DistillResult(steps=step, seconds=seconds_used, tokens_per_step=local * dinfo.world_size,
                          kl_start=kl_start, kl_end=kl_end, stopped_by=stopped_by)

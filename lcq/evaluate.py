@@ -14,7 +14,6 @@ contexts and the byte rule.
 """
 from __future__ import annotations
 
-import contextlib
 import io
 import math
 import os
@@ -91,10 +90,6 @@ def _batches(windows: np.ndarray, max_tokens: int):
         used += length
     if batch:
         yield np.stack(batch)
-
-
-def autocast_ctx(device: torch.device):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
 
 class ValStream:

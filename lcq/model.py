@@ -319,3 +319,8 @@ def gptq_targets(model: GPT) -> dict[str, str]:
             out[f"{name}.weight"] = name
     out["tok_emb.weight"] = "lm_head"
     return out
+
+
+def stored_weight(module_name: str) -> str:
+    """The state-dict and Hessian key of a linear module's weight: lm_head's is the tied embedding's."""
+    return "tok_emb.weight" if module_name == "lm_head" else f"{module_name}.weight"

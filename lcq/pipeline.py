@@ -32,7 +32,7 @@ from .distill import DistillResult, distill, energy_report, init_factors
 from .evaluate import EvalResult, dump_path, evaluate
 from .gptq import QuantSpec, collect_hessians, dequantize_state, quant_error_report, quantize_state
 from .lora import DEFAULT_TARGETS, allocate_ranks, attach_lora, match_targets, merge_lora
-from .model import GPT, autocast_for, build_model, configure_runtime, gptq_targets
+from .model import GPT, autocast_for, build_model, configure_runtime, gptq_targets, stored_weight
 from .record import run_record, write_submission_json
 from .runlog import RunLog, atomic_write
 from .script import shipped_script
@@ -406,8 +406,8 @@ def auto_rank(run: Run, names: list[str], model: nn.Module) -> int:
 
 def quant_errors(run: Run, names: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per module: (W - W_hat, H) from the float model and the GPTQ weights."""
-    return {n: (run.model.get_submodule(n).weight.detach().float() - run.gptq_state[f"{n}.weight"].float(),
-                run.hessians[f"{n}.weight"]) for n in names}
+    return {n: (run.model.get_submodule(n).weight.detach().float() - run.gptq_state[stored_weight(n)].float(),
+                run.hessians[stored_weight(n)]) for n in names}
 
 
 def lcq_diagnostic(run: Run) -> float | None:
@@ -622,11 +622,11 @@ def ship(run: Run) -> bool:
         atomic_write(os.path.join(cfg.log_dir, f"{cfg.run_id}.train_gpt.py"), script)
         run.base_job = None
     D.barrier()
-    if not dinfo.is_master:
-        script = shipped_script()  # after the clock stops: only rank 0 writes, every rank logs the same count
     budget = cfg.serialize_reserve_seconds if run.serialize_budget is None else run.serialize_budget
     run.charge("serialize", time.perf_counter() - t0, budget, compressor=cfg.compressor, **facts, path=path)
     # The training clock stops here; the rest is accounting.
+    if not dinfo.is_master:
+        script = shipped_script()  # only rank 0 writes it; every rank logs the same count
     file_bytes = os.path.getsize(path)
     lora_bytes = 0
     if dinfo.is_master:

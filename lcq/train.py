@@ -53,7 +53,7 @@ def all_reduce_grads(params: list[nn.Parameter], world_size: int) -> None:
 def out_of_time(flag: torch.Tensor, elapsed: float, steps: int, last_step_s: float, budget_s: float) -> bool:
     """True on every rank once the next step could cross the budget, estimated by the slower of the average and the
     last step. Ranks agree through a MAX all-reduce of `flag`, so no rank steps alone. The decision is the flag's first
-    element; the train loop puts its non-finite-loss flag in the second, agreed in the same collective."""
+    element; the train loop puts its non-finite-loss and recurrence flags in the others, agreed in the same collective."""
     flag.view(-1)[0] = 1.0 if elapsed + max(elapsed / steps, last_step_s) > budget_s else 0.0
     D.all_reduce_max(flag)
     return bool(flag.view(-1)[0].item())
@@ -127,14 +127,16 @@ def train(model: nn.Module, cfg: Config, dinfo: D.DistInfo, log, bos_id: int,
     train_time = 0.0
     t0 = time.perf_counter()
     step, stopped_by, last_loss = 0, "iterations", float("nan")
-    # [out of time, non-finite loss]: both agreed by every rank in the one all-reduce the step already makes, so a NaN
-    # stops training at the step it appears (issue 10) without a second collective per step
-    stop_flag = torch.zeros(2, device=device)
+    # [out of time, non-finite loss, recurrence due]: agreed by every rank in the one all-reduce the step already makes,
+    # so a NaN stops training at the step it appears (issue 10) and every rank switches the depth loop on at the same
+    # step (each rank's own clock could put the switch one step apart), without a second collective per step
+    stop_flag = torch.zeros(3, device=device)
+    stop_flag[2] = float(looped and recurrence_due(0.0, cfg.recur_from_progress))
     while step < cfg.iterations:
         t_step = time.perf_counter()
         elapsed = train_time + (t_step - t0)
         apply_schedule(optimizers, step, elapsed, cfg)
-        if looped and recurrence_due(training_progress(step, elapsed, cfg), cfg.recur_from_progress) != model.recur_active:
+        if looped and bool(stop_flag[2].item()) != model.recur_active:
             model.recur_active = not model.recur_active
             log(f"recurrence:{'on' if model.recur_active else 'off'} step:{step} layers:{model.layer_order()}")
         batches = [loader.next_batch(local_tokens, cfg.train_seq_len, bos_id) for _ in range(cfg.grad_accum_steps)]
@@ -145,6 +147,8 @@ def train(model: nn.Module, cfg: Config, dinfo: D.DistInfo, log, bos_id: int,
         step += 1
         now = time.perf_counter()
         elapsed = train_time + (now - t0)
+        if looped:
+            stop_flag[2] = float(recurrence_due(training_progress(step, elapsed, cfg), cfg.recur_from_progress))
         stop = out_of_time(stop_flag, elapsed, step, now - t_step, budget_s) and step < cfg.iterations
         if stop_flag[1].item():
             raise NonFiniteError(nonfinite_message(step, float(loss.item()), cfg))

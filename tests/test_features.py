@@ -16,6 +16,8 @@ from lcq.gptq import collect_hessians
 from lcq.model import GPT, exclusive, gptq_targets
 from lcq.optim import build_optimizers, lr_multiplier, newton_schulz
 from lcq.recurrence import layer_sequence
+from test_model import packed_docs  # pytest puts tests/ on sys.path
+from test_model import randomised_model as randomised
 
 BOS, V = 1, 128
 CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
@@ -28,21 +30,6 @@ def all_on(**overrides):
     return make_config("tiny", **{"vocab_size": V, "num_layers": 4, **knobs, **overrides})
 
 
-def randomised(cfg):
-    torch.manual_seed(0)
-    model = GPT(cfg, bos_id=BOS)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return model.eval()
-
-
-def packed_docs():
-    g = torch.Generator().manual_seed(3)
-    docs = [torch.randint(2, V, (n,), generator=g) for n in (12, 30, 7, 25)]
-    for d in docs:
-        d[0] = BOS
-    return docs, torch.cat(docs)
 
 
 def test_every_record_feature_is_on_in_the_scaled_tiny_config():

@@ -8,10 +8,10 @@ from lcq.model import GPT, gptq_targets
 BOS = 1
 
 
-def randomised_model(**overrides):
-    """A tiny model whose zero-initialised projections are filled in, so every path carries signal."""
+def randomised_model(cfg=None, **overrides):
+    """A tiny model (or one of `cfg`) whose zero-initialised projections are filled in, so every path carries signal."""
     torch.manual_seed(0)
-    model = GPT(make_config("tiny", vocab_size=128, **overrides), bos_id=BOS)
+    model = GPT(cfg or make_config("tiny", vocab_size=128, **overrides), bos_id=BOS)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)

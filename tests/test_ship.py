@@ -256,3 +256,17 @@ def test_baked_ships_no_lora_bytes_and_still_scores_the_lcq_model(tmp_path, demo
     assert re.search(r"lora 0, cap", log) and "quantized_lcq_exact" in log
     tensors, meta = artifact.load(tmp_path / "logs" / "baked.lcq")
     assert meta["lora"] is None and not any(k.startswith("lora.") for k in tensors)
+
+
+@pytest.mark.parametrize("init", ["act_svd", "svd"])
+def test_lm_head_target_uses_the_tied_embeddings_hessian(tmp_path, demo_data, init):
+    """lm_head's weight is the tied embedding: its Hessian and GPTQ weights are filed under tok_emb.weight, and both the
+    act_svd init and the rho diagnostic must find them there (both raised KeyError: 'lm_head.weight')."""
+    cfg = tiny_cfg(tmp_path, demo_data, f"head_{init}", lcq_init=init, lcq_max_steps=2,
+                   lcq_targets="blocks.0.mlp.fc,lm_head")
+    run = run_stages(cfg)
+    assert set(run.lcq_ranks) == {"blocks.0.mlp.fc", "lm_head"}
+    assert ship(run)
+    evaluate_shipped(run)
+    run.log.close()
+    assert "lm_head" in run.log.summary["lcq_rho"] and "quantized_lcq" in run.scores
