@@ -184,6 +184,10 @@ class Config:
     lcq_targets: str = ""  # comma-separated module patterns (fnmatch); empty = lcq.lora.DEFAULT_TARGETS
     lcq_rank_alloc: str = "uniform"  # uniform | rho (same parameter budget, ranks where the error is recoverable)
     lcq_temperature: float = 1.0
+    # > 0: distil against the teacher's top-k distribution (k tokens + one tail outcome) instead of its full vocabulary
+    # row, keeping only k log-probs and ids per token between the teacher's forward and the loss (issue 9's
+    # cheaper-step lever); the held-out KL in the log stays the full one. 0 = full distribution
+    lcq_teacher_topk: int = 0
     lcq_lr: float = 1e-3
     lcq_warmdown_frac: float = 0.5  # LR decays linearly to 0 over this last fraction of the LCQ steps/time
     lcq_batch_tokens: int = 131_072  # global train tokens per distillation step
@@ -308,6 +312,8 @@ class Config:
         need(self.lcq_merge in ("side", "fused", "baked"), "lcq_merge", "choose side, fused or baked")
         need(self.lcq_rank_alloc in ("uniform", "rho"), "lcq_rank_alloc", "choose uniform or rho")
         need(self.lcq_temperature > 0, "lcq_temperature", "must be > 0")
+        need(0 <= self.lcq_teacher_topk <= self.vocab_size, "lcq_teacher_topk",
+             f"must be in [0, VOCAB_SIZE={self.vocab_size}] (0 = the full distribution)")
         need(self.lcq_lr >= 0, "lcq_lr", "must be >= 0")
         need(0 <= self.lcq_warmdown_frac <= 1, "lcq_warmdown_frac", "must be in [0, 1]")
         need(self.lcq_batch_tokens >= self.train_seq_len, "lcq_batch_tokens", "must hold at least one TRAIN_SEQ_LEN sequence")

@@ -44,6 +44,29 @@ def kl_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, ta
 
 
 @torch.no_grad()
+def teacher_topk(teacher_logits: torch.Tensor, tau: float, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's k most likely tokens per position at temperature tau: (log-probs, ids). Only these are kept
+    between the teacher's forward and the loss (issue 9's cheaper-distillation lever: k x 8 bytes per token instead of a
+    full vocabulary row of logits)."""
+    return F.log_softmax(teacher_logits.float() / tau, dim=-1).topk(k, dim=-1)
+
+
+def kl_divergence_topk(student_logits: torch.Tensor, top_logp: torch.Tensor, top_ids: torch.Tensor,
+                       tau: float) -> torch.Tensor:
+    """tau^2 * KL between the teacher and the student, both coarse-grained to k + 1 outcomes: the teacher's top-k
+    tokens one by one and everything else as one tail outcome. Exact when k = vocab; otherwise at most the full KL
+    (coarse-graining never increases a KL divergence), and it still pulls the student's tail mass to the teacher's."""
+    s = F.log_softmax(student_logits.float() / tau, dim=-1)
+    s_top = s.gather(-1, top_ids)
+    p_top = top_logp.exp()
+    # log of the tail mass, from the top-k mass; clamped where the top-k hold (numerically) everything
+    t_tail = torch.log1p(-p_top.sum(-1).clamp(max=1 - 1e-6))
+    s_tail = torch.log1p(-s_top.exp().sum(-1).clamp(max=1 - 1e-6))
+    kl = (p_top * (top_logp - s_top)).sum(-1) + t_tail.exp() * (t_tail - s_tail)
+    return (tau * tau) * kl.mean()
+
+
+@torch.no_grad()
 def heldout_kl(student: nn.Module, teacher: nn.Module, batch, cfg: Config, dinfo: D.DistInfo) -> float:
     """KL on a fixed batch of train tokens, averaged over ranks."""
     x, _, cu = batch
@@ -193,8 +216,12 @@ def distill(student: nn.Module, teacher: nn.Module, cfg: Config, dinfo: D.DistIn
         x, _, cu = loader.next_batch(local, cfg.train_seq_len, bos_id)
         with torch.no_grad(), autocast:
             t_logits = teacher(x, cu, cfg.train_seq_len)
+            if cfg.lcq_teacher_topk:
+                t_logits = teacher_topk(t_logits, cfg.lcq_temperature, cfg.lcq_teacher_topk)
         with autocast:
-            loss = kl_divergence(student(x, cu, cfg.train_seq_len), t_logits, cfg.lcq_temperature)
+            s_logits = student(x, cu, cfg.train_seq_len)
+            loss = (kl_divergence_topk(s_logits, *t_logits, cfg.lcq_temperature) if cfg.lcq_teacher_topk
+                    else kl_divergence(s_logits, t_logits, cfg.lcq_temperature))
         loss.backward()
         all_reduce_grads(params, dinfo.world_size)
         opt.step()

@@ -347,3 +347,18 @@ def test_allocate_ranks_budget_and_preference():
     assert lora.allocate_ranks({"t": (low[:, :3], torch.eye(3))}, 10**6, candidates=(0, 2, 4)) == {"t": 2}
     with pytest.raises(ValueError, match="candidates"):
         lora.allocate_ranks(errors, budget, candidates=(2, 4))
+
+
+def test_topk_kl_is_exact_at_full_vocab_and_a_lower_bound_below_it():
+    """Known answers for the top-k distillation loss (lcq.distill): with k = vocab the tail is empty and it equals the
+    full KL; with k < vocab it is the KL of coarse-grained distributions, never above the full KL; zero for equal logits."""
+    from lcq.distill import kl_divergence, kl_divergence_topk, teacher_topk
+
+    g = torch.Generator().manual_seed(0)
+    t, s = torch.randn(6, 50, generator=g) * 3, torch.randn(6, 50, generator=g) * 3
+    for tau in (1.0, 2.0):
+        full = kl_divergence(s, t, tau)
+        assert torch.allclose(kl_divergence_topk(s, *teacher_topk(t, tau, 50), tau), full, rtol=1e-4, atol=1e-6)
+        for k in (1, 5, 20):
+            assert 0 <= kl_divergence_topk(s, *teacher_topk(t, tau, k), tau) <= full + 1e-6
+        assert kl_divergence_topk(t, *teacher_topk(t, tau, 5), tau).abs() < 1e-5
