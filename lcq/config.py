@@ -188,6 +188,9 @@ class Config:
     # row, keeping only k log-probs and ids per token between the teacher's forward and the loss (issue 9's
     # cheaper-step lever); the held-out KL in the log stays the full one. 0 = full distribution
     lcq_teacher_topk: int = 0
+    # kl: distil the LoRA as a final correction | ttt_start: distil it where one TTT step (sign step at TTT_LR on the
+    # preceding tokens, first-order MAML) would move it, i.e. as a start point for the eval's TTT (issue 9's lever)
+    lcq_objective: str = "kl"
     lcq_lr: float = 1e-3
     lcq_warmdown_frac: float = 0.5  # LR decays linearly to 0 over this last fraction of the LCQ steps/time
     lcq_batch_tokens: int = 131_072  # global train tokens per distillation step
@@ -312,6 +315,7 @@ class Config:
         need(self.lcq_merge in ("side", "fused", "baked"), "lcq_merge", "choose side, fused or baked")
         need(self.lcq_rank_alloc in ("uniform", "rho"), "lcq_rank_alloc", "choose uniform or rho")
         need(self.lcq_temperature > 0, "lcq_temperature", "must be > 0")
+        need(self.lcq_objective in ("kl", "ttt_start"), "lcq_objective", "choose kl or ttt_start")
         need(0 <= self.lcq_teacher_topk <= self.vocab_size, "lcq_teacher_topk",
              f"must be in [0, VOCAB_SIZE={self.vocab_size}] (0 = the full distribution)")
         need(self.lcq_lr >= 0, "lcq_lr", "must be >= 0")
