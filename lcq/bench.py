@@ -149,7 +149,7 @@ def bench_lcq(cfg: Config, dinfo: D.DistInfo, bits_list: list[int], ranks: list[
     train_s = run.train_result.train_time_s
     pre = score(run, run.model).val_bpb
     lcq_seconds = time_frac * train_s
-    rows = []
+    rows, lqer_rows = [], []
     base_cfg = run.cfg
     for bits in bits_list:
         run.cfg = replace(base_cfg, lcq_rank="0", matrix_bits=bits, matrix_clip_sigmas=clip_for_bits(base_cfg, bits),
@@ -175,8 +175,26 @@ def bench_lcq(cfg: Config, dinfo: D.DistInfo, bits_list: list[int], ranks: list[
                              lcq_bpb=shipped, recovered=(quant - shipped) / gap if gap > 0 else float("nan"),
                              lora_bytes=run.size.lora_bytes, lcq_seconds=lcq_s, lcq_time_fraction=lcq_s / train_s,
                              steps=run.distill_result.steps))
+            if merge == "side":
+                model_bytes = run.size.model_bytes  # the GPTQ model section, the same for every side variant
             run.qtensors, run.qmeta = saved["qtensors"], saved["qmeta"]
             run.log(f"bench {json.dumps(rows[-1])}")
+        # LQER (#1797; #1855: rank 4, int4 factors, group 64, the top-3 tensors by error): its factors are model bytes,
+        # spent in closed form without training. Its extra model bytes beside LCQ's LoRA bytes give the equal-bytes
+        # comparison issue 11 asks for.
+        lq = dict(rank=base_cfg.lqer_rank or 4, top_k=base_cfg.lqer_top_k, bits=base_cfg.lqer_factor_bits,
+                  group=base_cfg.lqer_group, asym=base_cfg.lqer_asym)
+        run.cfg = replace(run.cfg, lcq_rank="0", lqer_rank=lq["rank"], compressor="lzma",
+                          artifact_path=f"{base_cfg.log_dir}/{base_cfg.run_id}_{bits}_lqer.lcq")
+        run.lora_tensors, run.lora_meta, run.scores = {}, None, {}
+        quantize(run)
+        ship(run)
+        lqer_bpb = load_and_score(run)
+        gap = quant - pre
+        lqer_rows.append(dict(bits=bits, **{f"lqer_{k}": v for k, v in lq.items()}, quant_bpb=quant, lqer_bpb=lqer_bpb,
+                              recovered=(quant - lqer_bpb) / gap if gap > 0 else float("nan"),
+                              extra_model_bytes=run.size.model_bytes - model_bytes))
+        run.log(f"bench {json.dumps(lqer_rows[-1])}")
     print(f"\nLCQ on the {cfg.preset} model: pre-quant val_bpb {pre:.4f}, distillation budget {lcq_seconds:.1f}s "
           f"({100 * time_frac:.0f}% of {train_s:.1f}s training)")
     print(f"{'bits':>4} {'init':>8} {'rank':>4} {'trained':>7} {'merge':>6} {'quant bpb':>10} {'lcq bpb':>9} "
@@ -185,6 +203,11 @@ def bench_lcq(cfg: Config, dinfo: D.DistInfo, bits_list: list[int], ranks: list[
         print(f"{row['bits']:>4} {row['init']:>8} {row['rank']:>4} {str(row['trained']):>7} {row['merge']:>6} "
               f"{row['quant_bpb']:>10.5f} {row['lcq_bpb']:>9.5f} {row['recovered']:>9.3f} {row['lora_bytes']:>8} "
               f"{row['lcq_time_fraction']:>9.3f}")
+    print(f"\nLQER beside it (closed form, no training; its factors are model bytes):")
+    print(f"{'bits':>4} {'rank':>4} {'top_k':>5} {'quant bpb':>10} {'lqer bpb':>9} {'recovered':>9} {'extra B':>8}")
+    for row in lqer_rows:
+        print(f"{row['bits']:>4} {row['lqer_rank']:>4} {row['lqer_top_k']:>5} {row['quant_bpb']:>10.5f} "
+              f"{row['lqer_bpb']:>9.5f} {row['recovered']:>9.3f} {row['extra_model_bytes']:>8}")
     best = max((r for r in rows if not math.isnan(r["recovered"]) and r["lcq_time_fraction"] <= 0.15),
                key=lambda r: r["recovered"], default=None)
     if best:
@@ -193,7 +216,7 @@ def bench_lcq(cfg: Config, dinfo: D.DistInfo, bits_list: list[int], ranks: list[
               f"target >= 0.5: {'met' if best['recovered'] >= 0.5 else 'NOT met'}")
     run.log.close()
     return dict(bench="lcq", preset=cfg.preset, train_seconds=train_s, lcq_seconds_budget=lcq_seconds, rows=rows,
-                best=best)
+                lqer_rows=lqer_rows, best=best)
 
 
 def load_and_score(run: Run) -> float:
