@@ -26,7 +26,7 @@ def main(argv: list[str]) -> int:
         return 0
     install_signal_handlers()  # SIGTERM/SIGINT unwind: temp files removed, an `interrupted:` line in the log
     dinfo = D.init_dist()
-    run = None
+    run, failed = None, False
     try:
         run = open_run(cfg, dinfo)  # every start-up check runs here, before anything trains
         if cfg.eval_only:
@@ -40,9 +40,10 @@ def main(argv: list[str]) -> int:
         evaluate_shipped(run)
         return finish(run, t_launch)
     except BaseException as e:  # logged (an `error:` line, the JSON summary with status and error), then the status
+        failed = True
         return fail(run, e, t_launch)
     finally:
-        D.shutdown()
+        D.shutdown(aligned=not failed)
 
 
 if __name__ == "__main__":
