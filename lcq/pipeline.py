@@ -392,7 +392,8 @@ def auto_rank(run: Run, names: list[str], model: nn.Module) -> int:
     It waits for the base model's section (compressed on host threads since GPTQ) to know its real bytes (an estimate
     could overshoot the cap and fail the gate at the end of a paid run); the wait is charged to LCQ's time."""
     cfg = run.cfg
-    code = len(shipped_script())
+    # rank 0 is already rendering the script on a thread (start_base_section); asking again would render it twice
+    code = len(run.script_job.result() if run.script_job is not None else shipped_script())
     mine = artifact.HEADER_BYTES + run.base_job.result().nbytes if run.base_job is not None else 0
     model_bytes = int(D.all_reduce_max(torch.tensor(mine, dtype=torch.int64, device=run.dinfo.device)).item())
     room = cfg.artifact_cap_bytes - code - model_bytes - cfg.lcq_auto_headroom_bytes
