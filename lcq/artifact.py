@@ -14,7 +14,7 @@ File layout (format version 2; all integers little-endian):
 Section:
 
     1       name length n (u8, 1..32), then n bytes of name ([a-z][a-z0-9_]*)
-    1       compressor id (u8): 0 none, 1 lzma, 2 brotli
+    1       compressor id (u8): 0 none, 1 lzma, 2 brotli, 3 lrzip
     8       raw length (u64): bytes of the uncompressed section payload
     4       chunk count k (u32, >= 1)
     16 k    chunk table: (raw length u64, stored length u64) per chunk
@@ -52,8 +52,14 @@ Layouts (chosen by encode from the dtype and the values, recorded per tensor so 
   model; zig-zag, offset-binary and column-major orders of int6 changed sizes by
   at most 0.2%, so int5..int8 values stay in plain int8 bytes (int6: 0.670 B/param lzma, 0.659 brotli; the
   order-0 entropy is 0.655).
+- "grouped" (issue 11, written only by COMPRESSOR=group, lcq.grouping): a 2-D tensor of 1-byte values with "major"
+  ("row" or "col") and "perm" (0, 2 or 4 bytes per row index), and "bits"/"bias" as above (bits 0: plain bytes). The
+  data is the row order first when perm > 0 (u16/u32 indices: stored row i is tensor row perm[i]), then the rows in
+  that order, written row-major or column-major, packed as "bits"/"raw" would pack them. Decode checks that the order
+  is a permutation and puts every row back. A reader without this layout refuses the tensor by name.
 
-Compressors are fixed so the same input always gives the same bytes: "lzma" is a raw LZMA2 stream at
+Compressors are fixed so the same input always gives the same bytes ("lrzip", the ZPAQ back-end of the lrzip binary,
+is run with fixed flags, see _LRZIP_ARGS; reading it needs the binary): "lzma" is a raw LZMA2 stream at
 preset 9 | PRESET_EXTREME (raw, because our header already carries lengths and a checksum, which saves the 51-byte
 xz container); "brotli" is quality 11, lgwin 24; "none" is for debugging. Both are fed in fixed SLICE_BYTES slices
 (so a running job can report its progress) and flushed once at the end. Tuning lc/lp/pb moved int6 sizes by under 0.5%
@@ -68,7 +74,9 @@ import lzma
 import math
 import os
 import re
+import shutil
 import struct
+import subprocess
 import tempfile
 import threading
 import time
@@ -142,18 +150,65 @@ def _brotli_stream():
     return c.process, c.finish
 
 
+LRZIP_INSTALL = "apt-get install lrzip"  # Debian/Ubuntu package of the binary (#1855's README asks for the same)
+# lrzip (Con Kolivas) with its ZPAQ context-mixing back-end, as #1855's per-group compressor ran it (`-z -L 9`), plus
+# what makes its bytes the same on every machine: -T keeps its LZ4 pre-test from storing int6 codes uncompressed (it
+# did on a 4 MiB int6 chunk: ratio 1.000), -p 1 fixes the thread count (lrzip otherwise takes it from the host, and
+# our pool already runs one chunk per core), -w 1 fixes the window (100 MB, above any chunk; the default follows the
+# RAM), LRZIP=NOCONFIG ignores any lrzip.conf. -N 0: its default nice 19 lets any other work on the host starve it; the
+# brotli threads are not niced either.
+_LRZIP_ARGS = ("-z", "-L", "9", "-T", "-p", "1", "-w", "1", "-N", "0", "-Q", "-f")
+
+
+def lrzip_binary() -> str | None:
+    """Path of the lrzip binary on PATH (None: not installed)."""
+    return shutil.which("lrzip")
+
+
+def _lrzip(args: tuple[str, ...], data: bytes, what: str) -> bytes:
+    """Run lrzip on `data` through temp files (it reads and writes files; stdin/stdout mode buffers the same)."""
+    exe = lrzip_binary()
+    if exe is None:
+        raise ArtifactError(f"{what} needs the lrzip binary, which is not on PATH: install it ({LRZIP_INSTALL}) "
+                            "and run again")
+    with tempfile.TemporaryDirectory(prefix="lcq-lrzip-") as tmp:
+        src, dst = os.path.join(tmp, "in"), os.path.join(tmp, "out")
+        Path(src).write_bytes(data)
+        proc = subprocess.run([exe, *args, "-o", dst, src], capture_output=True,
+                              env=dict(os.environ, LRZIP="NOCONFIG"))
+        if proc.returncode != 0 or not os.path.exists(dst):
+            err = (proc.stderr or proc.stdout).decode("utf-8", "replace").strip()[-300:]
+            raise ArtifactError(f"{what}: {exe} {' '.join(args)} failed with exit status {proc.returncode}: {err}")
+        return Path(dst).read_bytes()
+
+
+def _lrzip_stream():
+    """lrzip compresses whole files: feed collects the chunk, finish compresses it (see _WHOLE_CHUNK)."""
+    parts: list[bytes] = []
+
+    def feed(piece) -> bytes:
+        parts.append(bytes(piece))
+        return b""
+
+    return feed, lambda: _lrzip(_LRZIP_ARGS, b"".join(parts), "lrzip compression")
+
+
 # name -> (id, stream factory () -> (feed, finish), decompress)
 _COMPRESSORS: dict[str, tuple[int, Callable[[], tuple[Callable, Callable]], Callable[[bytes], bytes]]] = {
     "none": (0, lambda: (bytes, bytes), bytes),
     "lzma": (1, _lzma_stream, lambda b: lzma.decompress(b, format=lzma.FORMAT_RAW, filters=_LZMA_FILTERS)),
     "brotli": (2, _brotli_stream, brotli.decompress),
+    "lrzip": (3, _lrzip_stream, lambda b: _lrzip(("-d", "-Q", "-f"), bytes(b), "this artifact (lrzip section)")),
 }
 _COMPRESSOR_BY_ID = {cid: name for name, (cid, _, _) in _COMPRESSORS.items()}
+# Compressors that do all their work in finish(): a job measures their rate per chunk, not per slice.
+_WHOLE_CHUNK = frozenset({"lrzip"})
 AUTO_ORDER = ("lzma", "brotli")  # "auto" tries these; on equal sizes the earlier one wins
 
 
 def max_compressed_bytes(n: int) -> int:
-    """The most bytes one compressed chunk of n input bytes can take, whichever compressor wrote it.
+    """The most bytes one compressed chunk of n input bytes can take, written by none, lzma or brotli (lrzip has its
+    own file header; a COMPRESSOR=group section keeps lrzip only when that section is smaller than with brotli).
 
     Incompressible input is where compressors expand: raw LZMA2 then stores uncompressed chunks of at most 64 KiB
     behind a 3-byte header and ends with a 1-byte marker (liblzma's lzma_block_buffer_bound); brotli stores
@@ -212,35 +267,71 @@ def _unpack_bits(b: np.ndarray, bits: int, n: int) -> np.ndarray:
     return out.reshape(-1)[:n]
 
 
-def _encode_tensor(name: str, t: torch.Tensor) -> tuple[dict, bytes]:
+def _pack_bytes(arr: np.ndarray) -> tuple[dict, bytes]:
+    """1-byte values: bit-packed ("bits", "bias") when their range fits 1, 2 or 4 bits, else their bytes (bits 0)."""
+    lo, hi = (int(arr.min()), int(arr.max())) if arr.size else (0, 255)
+    bits = next((w for w in _PACK_WIDTHS if hi - lo < (1 << w)), None)
+    if bits is None:
+        return {"bits": 0}, arr.tobytes()
+    return {"bits": bits, "bias": lo}, _pack_bits((arr.astype(np.int16) - lo).astype(np.uint8), bits)
+
+
+@dataclass(frozen=True)
+class Arrangement:
+    """How a 2-D tensor of 1-byte values is laid out in the "grouped" layout (issue 11, lcq.grouping): rows taken in
+    the order `perm` (None: as they are; stored[i] = tensor[perm[i]]), then written row-major or column-major."""
+
+    major: str = "row"
+    perm: np.ndarray | None = None
+
+
+def _encode_tensor(name: str, t: torch.Tensor, arrange: Arrangement | None = None) -> tuple[dict, bytes]:
     dtype, arr = _to_le_array(name, t)
     entry: dict = {"name": name, "dtype": dtype, "shape": list(t.shape)}
     k = arr.dtype.itemsize
-    if k > 1:
+    if arrange is not None:
+        if k != 1 or t.dim() != 2:
+            raise ArtifactError(f"tensor {name!r}: the grouped layout takes 2-D tensors of 1-byte values, got "
+                                f"{dtype} {list(t.shape)}")
+        rows, cols = t.shape
+        a = arr.reshape(rows, cols)
+        prefix, width = b"", 0
+        if arrange.perm is not None:
+            perm = np.asarray(arrange.perm)
+            if perm.shape != (rows,) or not np.array_equal(np.sort(perm), np.arange(rows)):
+                raise ArtifactError(f"tensor {name!r}: perm is not a permutation of its {rows} rows")
+            width = 2 if rows <= 1 << 16 else 4
+            prefix, a = perm.astype(f"<u{width}").tobytes(), a[perm]
+        if arrange.major not in ("row", "col"):
+            raise ArtifactError(f"tensor {name!r}: major must be 'row' or 'col', got {arrange.major!r}")
+        fields, data = _pack_bytes(np.ascontiguousarray(a.T if arrange.major == "col" else a).reshape(-1))
+        entry.update(layout="grouped", major=arrange.major, perm=width, **fields)
+        data = prefix + data
+    elif k > 1:
         entry["layout"] = "planes"
         data = arr.view(np.uint8).reshape(-1, k).T.tobytes()
     else:
-        lo, hi = (int(arr.min()), int(arr.max())) if arr.size else (0, 255)
-        bits = next((w for w in _PACK_WIDTHS if hi - lo < (1 << w)), None)
-        if bits is None:
-            entry["layout"] = "raw"
-            data = arr.tobytes()
+        fields, data = _pack_bytes(arr)
+        if fields["bits"]:
+            entry.update(layout="bits", **fields)
         else:
-            entry.update(layout="bits", bits=bits, bias=lo)
-            data = _pack_bits((arr.astype(np.int16) - lo).astype(np.uint8), bits)
+            entry["layout"] = "raw"
     entry["nbytes"] = len(data)
     return entry, data
 
 
-def _payload(tensors: Mapping[str, torch.Tensor], meta: dict) -> bytes:
-    """Uncompressed payload: u32 manifest length, manifest JSON, data region (sorted names, back to back)."""
+def _payload(tensors: Mapping[str, torch.Tensor], meta: dict,
+             arrange: Mapping[str, Arrangement] | None = None) -> bytes:
+    """Uncompressed payload: u32 manifest length, manifest JSON, data region (sorted names, back to back). Tensors
+    named in `arrange` take the "grouped" layout."""
     if not isinstance(meta, dict):
         raise ArtifactError(f"meta must be a dict, got {type(meta).__name__}")
+    arrange = arrange or {}
     entries, chunks, offset = [], [], 0
     for name in sorted(tensors):
         if not isinstance(name, str):
             raise ArtifactError(f"tensor names must be str, got {name!r}")
-        entry, data = _encode_tensor(name, tensors[name])
+        entry, data = _encode_tensor(name, tensors[name], arrange.get(name))
         entry["offset"] = offset
         offset += len(data)
         entries.append(entry)
@@ -267,13 +358,14 @@ def _check_compressor(compressor: str) -> None:
 @dataclass(frozen=True)
 class Section:
     """One compressed section as it is stored: name, compressor, raw payload length and (raw length, stored bytes)
-    per chunk. `seconds` is the wall time its compression took (not stored)."""
+    per chunk. `seconds` is the wall time its compression took and `variant` the payload layout kept (not stored)."""
 
     name: str
     compressor: str
     raw_bytes: int
     chunks: tuple[tuple[int, bytes], ...]
     seconds: float = 0.0
+    variant: str = ""  # which layout of the payload was kept, when a job tried several (lcq.grouping)
 
     @property
     def nbytes(self) -> int:
@@ -288,70 +380,131 @@ class Section:
         return b"".join([head, table, *(c for _, c in self.chunks)])
 
 
-class SectionJob:
-    """A section being compressed on host threads (lzma and brotli release the GIL), started at construction.
+@dataclass(frozen=True)
+class Unit:
+    """One section to compress: its name, its payload in one or more layouts (`variants`: (label, raw payload), e.g.
+    the plain layout and a grouped one, lcq.grouping) and the compressors to try; the smallest (variant, compressor)
+    pair is stored (ties: the earlier variant, then the earlier compressor)."""
 
-    The payload is built in the caller's thread (so the tensors may change afterwards), cut into CHUNK_BYTES chunks,
-    and every (chunk, candidate compressor) pair is compressed by a pool of `threads` threads (default: the host's
-    cores). "auto" compresses every chunk with each of AUTO_ORDER and keeps the compressor with the smaller section.
-    The job counts the bytes its compressors have consumed, so it can project when it will finish from the rate
-    measured in this process (the pipeline budgets LCQ with it)."""
+    name: str
+    variants: tuple[tuple[str, bytes], ...]
+    compressors: tuple[str, ...]
 
-    def __init__(self, name: str, tensors: Mapping[str, torch.Tensor], meta: dict, compressor: str,
-                 threads: int | None = None, chunk_bytes: int = CHUNK_BYTES):
-        _check_name(name)
-        _check_compressor(compressor)
+
+class CompressJob:
+    """Sections being compressed on host threads (lzma and brotli release the GIL; lrzip runs as a child process),
+    started at construction.
+
+    `units` is the list of sections to compress, or a function that builds it: the function then runs on the job's
+    first thread (so a caller does not wait for it, e.g. the row sort of lcq.grouping), and the compression starts when
+    it returns. Every (unit, variant, chunk, compressor) is compressed by a pool of `threads` threads (default: the
+    host's cores). The job counts the bytes its compressors have consumed, so it can project when it will finish from
+    the rate measured in this process (the pipeline budgets LCQ with it)."""
+
+    def __init__(self, units: list[Unit] | Callable[[], list[Unit]], threads: int | None = None,
+                 chunk_bytes: int = CHUNK_BYTES, label: str = "model"):
         if chunk_bytes < 1:
             raise ArtifactError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
-        self.name = name
         self.started = time.perf_counter()
-        self._raw = _payload(tensors, meta)
-        self.raw_bytes = len(self._raw)
-        self._spans = _chunk_spans(self.raw_bytes, chunk_bytes)
-        self._candidates = AUTO_ORDER if compressor == "auto" else (compressor,)
-        self._fed = dict.fromkeys(self._candidates, 0)  # bytes consumed, per compressor
-        self._spb: dict[str, float] = {}  # seconds per byte of recent slices (moving average), per compressor
+        self.threads = max(1, threads or os.cpu_count() or 1)
+        self.raw_bytes = 0  # bytes each compressor reads (every variant of every unit), once the units are known
+        self._chunk_bytes = chunk_bytes
         self._lock = threading.Lock()
         self._cancelled = threading.Event()
-        tasks = [(c, lo, hi) for lo, hi in self._spans for c in self._candidates]
-        self.threads = max(1, min(threads or os.cpu_count() or 1, len(tasks)))
-        pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix=f"lcq-compress-{name}")
-        self._futures: list[Future] = [pool.submit(self._compress, *task) for task in tasks]
-        pool.shutdown(wait=False)  # the workers exit once the queue is drained
-        self._section: Section | None = None
+        self._candidates: tuple[str, ...] = ()
+        self._fed: dict[str, int] = {}  # bytes consumed, per compressor
+        self._spb: dict[str, float] = {}  # seconds per byte of recent slices (moving average), per compressor
+        self._plan: list[tuple[Unit, list[tuple[str, bytes, list, dict[str, list[Future]]]]]] = []
+        self._sections: list[Section] | None = None
+        self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix=f"lcq-compress-{label}")
+        if callable(units):
+            self._prepared = self._pool.submit(self._start, units)
+        else:
+            self._prepared = Future()
+            self._prepared.set_result(self._start(units))
 
-    def _compress(self, compressor: str, lo: int, hi: int) -> bytes | None:
+    def _start(self, units: list[Unit] | Callable[[], list[Unit]]) -> None:
+        try:
+            if callable(units):
+                units = units()
+            if self._cancelled.is_set():
+                return
+            names = [u.name for u in units]
+            if not units or len(set(names)) != len(names):
+                raise ArtifactError(f"a job compresses 1 or more sections with unique names, got {names}")
+            candidates: list[str] = []
+            for u in units:
+                _check_name(u.name)
+                if not u.variants or not u.compressors:
+                    raise ArtifactError(f"section {u.name!r}: needs at least one variant and one compressor")
+                for c in u.compressors:
+                    _check_compressor(c)
+                    if c == "auto":
+                        raise ArtifactError(f"section {u.name!r}: list the compressors instead of 'auto'")
+                    if c not in candidates:
+                        candidates.append(c)
+            tasks = 0
+            with self._lock:
+                self._candidates = tuple(candidates)
+                self._fed = dict.fromkeys(candidates, 0)
+                self.raw_bytes = sum(len(raw) for u in units for _, raw in u.variants)
+                for u in units:
+                    variants = []
+                    for label, raw in u.variants:
+                        spans = _chunk_spans(len(raw), self._chunk_bytes)
+                        futures = {c: [self._pool.submit(self._compress, c, raw, lo, hi) for lo, hi in spans]
+                                   for c in u.compressors}
+                        tasks += len(spans) * len(u.compressors)
+                        variants.append((label, raw, spans, futures))
+                    self._plan.append((u, variants))
+                self.threads = max(1, min(self.threads, tasks))
+        finally:
+            self._pool.shutdown(wait=False)  # the workers exit once the queue is drained
+
+    def _compress(self, compressor: str, raw: bytes, lo: int, hi: int) -> bytes | None:
         feed, finish = _COMPRESSORS[compressor][1]()
-        view = memoryview(self._raw)
+        view = memoryview(raw)
+        whole = compressor in _WHOLE_CHUNK
         out = []
+        t_chunk = time.perf_counter()
         for at in range(lo, hi, SLICE_BYTES):
             if self._cancelled.is_set():
                 return None
             piece = view[at:min(at + SLICE_BYTES, hi)]
             t = time.perf_counter()
             out.append(feed(piece))
-            dt = time.perf_counter() - t
-            with self._lock:
-                self._fed[compressor] += len(piece)
-                if piece:
-                    spb = dt / len(piece)
-                    old = self._spb.get(compressor)
-                    self._spb[compressor] = spb if old is None else old + RATE_EMA * (spb - old)
+            if not whole:
+                self._measured(compressor, len(piece), time.perf_counter() - t)
         out.append(finish())
+        if whole:
+            self._measured(compressor, hi - lo, time.perf_counter() - t_chunk)
         return b"".join(out)
 
+    def _measured(self, compressor: str, nbytes: int, seconds: float) -> None:
+        with self._lock:
+            self._fed[compressor] += nbytes
+            if nbytes:
+                spb = seconds / nbytes
+                old = self._spb.get(compressor)
+                self._spb[compressor] = spb if old is None else old + RATE_EMA * (spb - old)
+
+    def _futures(self) -> list[Future]:
+        with self._lock:
+            return [f for _, variants in self._plan for *_, futures in variants for fs in futures.values() for f in fs]
+
     def done(self) -> bool:
-        return all(f.done() for f in self._futures)
+        return self._prepared.done() and all(f.done() for f in self._futures())
 
     def rates(self, wait_s: float = 0.0) -> dict[str, float] | None:
         """Bytes per thread-second of each compressor over its recent slices (a moving average of seconds per byte;
-        None until every compressor has finished a slice; waits up to `wait_s` for that). Recent, because a chunk's
-        first slices compress faster than its later ones (brotli's window fills) and the load on a shared host
-        changes; wall time of the compressing threads, so it includes whatever else competes for the cores."""
+        None until every compressor has finished a slice, or a whole chunk for lrzip; waits up to `wait_s` for that).
+        Recent, because a chunk's first slices compress faster than its later ones (brotli's window fills) and the
+        load on a shared host changes; wall time of the compressing threads, so it includes whatever else competes for
+        the cores."""
         deadline = time.perf_counter() + wait_s
         while True:
             with self._lock:
-                if all(self._spb.get(c, 0) > 0 for c in self._candidates):
+                if self._candidates and all(self._spb.get(c, 0) > 0 for c in self._candidates):
                     return {c: 1.0 / self._spb[c] for c in self._candidates}
             if self.done() or time.perf_counter() >= deadline:
                 return None
@@ -379,20 +532,63 @@ class SectionJob:
         """Stop at the next slice (the inputs changed: e.g. baked LCQ re-quantized the model)."""
         self._cancelled.set()
 
+    def sections(self) -> list[Section]:
+        """Wait for every chunk and return the sections in the order of the units (raises what a compressor or the
+        units' builder raised)."""
+        if self._sections is None:
+            self._prepared.result()
+            if self._cancelled.is_set():
+                raise ArtifactError("the compression job was cancelled")
+            out = []
+            for unit, variants in self._plan:
+                best = None
+                for label, raw, spans, futures in variants:
+                    for c in unit.compressors:
+                        chunks = [f.result() for f in futures[c]]
+                        if any(b is None for b in chunks):
+                            raise ArtifactError(f"section {unit.name!r}: the job was cancelled")
+                        size = sum(len(b) for b in chunks)
+                        if best is None or size < best[0]:
+                            best = (size, label, c, len(raw), tuple((hi - lo, b) for (lo, hi), b in zip(spans, chunks)))
+                _, label, c, raw_len, chunks = best
+                out.append(Section(unit.name, c, raw_len, chunks, time.perf_counter() - self.started, label))
+            self._sections = out
+            self._plan = []  # the payloads are no longer needed
+        return self._sections
+
+    def result(self) -> Section:
+        """The job's one section (see sections())."""
+        if self._cancelled.is_set():
+            raise ArtifactError("the compression job was cancelled")
+        secs = self.sections()
+        if len(secs) != 1:
+            raise ArtifactError(f"this job holds {len(secs)} sections ({', '.join(s.name for s in secs)}); "
+                                "use sections()")
+        return secs[0]
+
+
+class SectionJob(CompressJob):
+    """One section being compressed on host threads, started at construction (see CompressJob).
+
+    The payload is built in the caller's thread (so the tensors may change afterwards), cut into CHUNK_BYTES chunks,
+    and every (chunk, candidate compressor) pair is compressed by the pool. "auto" compresses every chunk with each of
+    AUTO_ORDER and keeps the compressor with the smaller section."""
+
+    def __init__(self, name: str, tensors: Mapping[str, torch.Tensor], meta: dict, compressor: str,
+                 threads: int | None = None, chunk_bytes: int = CHUNK_BYTES):
+        _check_name(name)
+        _check_compressor(compressor)
+        if chunk_bytes < 1:
+            raise ArtifactError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
+        self.name = name
+        candidates = AUTO_ORDER if compressor == "auto" else (compressor,)
+        super().__init__([Unit(name, (("", _payload(tensors, meta)),), candidates)], threads, chunk_bytes, name)
+
     def result(self) -> Section:
         """Wait for every chunk and return the section (raises what a compressor raised)."""
-        if self._section is None:
-            if self._cancelled.is_set():
-                raise ArtifactError(f"section {self.name!r}: the job was cancelled")
-            outs = [f.result() for f in self._futures]
-            k = len(self._candidates)
-            per = {c: [outs[i * k + j] for i in range(len(self._spans))] for j, c in enumerate(self._candidates)}
-            best = min(self._candidates, key=lambda c: sum(len(b) for b in per[c]))  # ties: the earlier one
-            self._section = Section(self.name, best, self.raw_bytes,
-                                    tuple((hi - lo, b) for (lo, hi), b in zip(self._spans, per[best])),
-                                    time.perf_counter() - self.started)
-            self._raw = b""
-        return self._section
+        if self._cancelled.is_set() and self._sections is None:
+            raise ArtifactError(f"section {self.name!r}: the job was cancelled")
+        return super().result()
 
 
 def compress_section(name: str, tensors: Mapping[str, torch.Tensor], meta: dict, compressor: str,
@@ -528,24 +724,50 @@ def _decode_tensor(entry, data: memoryview, where: str) -> tuple[str, torch.Tens
     n, k = math.prod(shape), np.dtype(le).itemsize
     layout = _field(entry, "layout", str, where)
     expected = {"raw": n * k if k == 1 else None, "planes": n * k if k > 1 else None}
-    if layout == "bits":
-        bits, bias = _field(entry, "bits", int, where), _field(entry, "bias", int, where)
-        info = np.iinfo(le)
-        if k != 1 or bits not in _PACK_WIDTHS or bias < info.min or bias + (1 << bits) - 1 > info.max:
-            raise ArtifactError(f"{where}: bad bit packing (bits {bits}, bias {bias}) for dtype {dtype}")
-        expected["bits"] = -(-n * bits // 8)
+    bits, width = 0, 0
+    if layout in ("bits", "grouped") and k == 1:
+        bits = _field(entry, "bits", int, where)
+        if bits or layout == "bits":
+            bias = _field(entry, "bias", int, where)
+            info = np.iinfo(le)
+            if bits not in _PACK_WIDTHS or bias < info.min or bias + (1 << bits) - 1 > info.max:
+                raise ArtifactError(f"{where}: bad bit packing (bits {bits}, bias {bias}) for dtype {dtype}")
+        codes = -(-n * bits // 8) if bits else n
+        if layout == "bits":
+            expected["bits"] = codes
+        elif len(shape) == 2:
+            major, width = _field(entry, "major", str, where), _field(entry, "perm", int, where)
+            if major not in ("row", "col") or width not in (0, 2, 4):
+                raise ArtifactError(f"{where}: bad grouped layout (major {major!r}, perm {width}): major is row or "
+                                    "col, perm 0, 2 or 4 bytes per row index")
+            expected["grouped"] = shape[0] * width + codes
     if expected.get(layout) is None:
-        raise ArtifactError(f"{where}: unknown layout {layout!r} for dtype {dtype}")
+        raise ArtifactError(f"{where}: unknown layout {layout!r} for dtype {dtype}"
+                            + (f" and shape {shape}" if layout == "grouped" else ""))
     if nbytes != expected[layout]:
         raise ArtifactError(f"{where}: nbytes {nbytes} does not match shape {shape}, dtype {dtype}, layout "
                             f"{layout} ({expected[layout]} bytes expected)")
     buf = np.frombuffer(data[offset:offset + nbytes], np.uint8)
-    if layout == "bits":
+    perm = None
+    if width:
+        perm, buf = buf[:shape[0] * width].view(f"<u{width}"), buf[shape[0] * width:]
+        seen = np.bincount(perm, minlength=shape[0])
+        if seen.size != shape[0] or not np.all(seen == 1):
+            raise ArtifactError(f"{where}: the stored row order is not a permutation of {shape[0]} rows")
+    if bits:
         arr = (_unpack_bits(buf, bits, n).astype(np.int16) + bias).astype(le)
     elif layout == "planes":
         arr = buf.reshape(k, n).T.copy().view(le).reshape(-1)
     else:
         arr = buf.view(le)
+    if layout == "grouped":  # undo what Arrangement did: column-major back to rows, rows back to their places
+        rows, cols = shape
+        a = arr.reshape(cols, rows).T if major == "col" else arr.reshape(rows, cols)
+        if perm is not None:
+            out = np.empty_like(a)
+            out[perm] = a
+            a = out
+        arr = np.ascontiguousarray(a).reshape(-1)
     if dtype == "bool" and arr.size and arr.max() > 1:
         raise ArtifactError(f"{where}: bool tensor holds values other than 0 and 1")
     arr = arr.astype(np.dtype(le).newbyteorder("="))  # native order, owned and writable
@@ -580,41 +802,55 @@ def _parse(raw: bytes, source: str) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, manifest["meta"]
 
 
+def _decompress_chunk(sec: SectionInfo, i: int, source: str) -> bytes:
+    n, stored = sec.chunks[i]
+    try:
+        raw = _COMPRESSORS[sec.compressor][2](stored)
+    except Exception as e:  # lzma.LZMAError, brotli.error, a failed lrzip: wrap whatever the codec raises
+        raise ArtifactError(f"{source}: section {sec.name!r}: {sec.compressor} chunk {i} does not decompress "
+                            f"({e})") from e
+    if len(raw) != n:
+        raise ArtifactError(f"{source}: section {sec.name!r}: chunk {i} decompressed to {len(raw)} bytes but "
+                            f"the table says {n}")
+    return raw
+
+
 def _decompress(sec: SectionInfo, source: str) -> bytes:
-    out = []
-    for i, (n, stored) in enumerate(sec.chunks):
-        try:
-            raw = _COMPRESSORS[sec.compressor][2](stored)
-        except Exception as e:  # lzma.LZMAError, brotli.error: wrap whatever the codec raises
-            raise ArtifactError(f"{source}: section {sec.name!r}: {sec.compressor} chunk {i} does not decompress "
-                                f"({e})") from e
-        if len(raw) != n:
-            raise ArtifactError(f"{source}: section {sec.name!r}: chunk {i} decompressed to {len(raw)} bytes but "
-                                f"the table says {n}")
-        out.append(raw)
-    return b"".join(out)
+    return b"".join(_decompress_chunk(sec, i, source) for i in range(len(sec.chunks)))
 
 
 def decode(blob: bytes, source: str = "<bytes>") -> tuple[dict[str, torch.Tensor], dict]:
     """Verify and parse an artifact blob; every failure is an ArtifactError naming `source`.
 
     Returns every section's tensors together and the first section's meta with each later section's meta under its
-    section name (the first section may only hold null there)."""
+    section name (the first section may only hold null there). Every chunk of every section is decompressed on its own
+    thread (lrzip's ZPAQ decodes about as slowly as it encodes: 8.5 s per 4 MiB chunk on the 2-core CI machine,
+    BENCHMARKS.md); errors are reported in file order, as a sequential read would."""
+    sections = _read_sections(blob, source)
+    for sec in sections:
+        if sec.compressor == "lrzip" and lrzip_binary() is None:
+            raise ArtifactError(f"{source}: section {sec.name!r} is compressed with lrzip, and no lrzip binary is on "
+                                f"PATH: install it ({LRZIP_INSTALL}) and load the artifact again")
     tensors: dict[str, torch.Tensor] = {}
     meta: dict = {}
-    for i, sec in enumerate(_read_sections(blob, source)):
-        part, sec_meta = _parse(_decompress(sec, source), f"{source}: section {sec.name!r}")
-        clash = sorted(set(part) & set(tensors))
-        if clash:
-            raise ArtifactError(f"{source}: section {sec.name!r}: tensor {clash[0]!r} is also in an earlier section")
-        tensors.update(part)
-        if i == 0:
-            meta = sec_meta
-        elif meta.get(sec.name) is not None:
-            raise ArtifactError(f"{source}: section {sec.name!r}: the first section's meta already holds "
-                                f"{sec.name!r}")
-        else:
-            meta[sec.name] = sec_meta
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="lcq-decompress") as pool:
+        pending = [[pool.submit(_decompress_chunk, sec, i, source) for i in range(len(sec.chunks))]
+                   for sec in sections]
+        for i, (sec, chunks) in enumerate(zip(sections, pending)):
+            raw = b"".join(f.result() for f in chunks)
+            part, sec_meta = _parse(raw, f"{source}: section {sec.name!r}")
+            clash = sorted(set(part) & set(tensors))
+            if clash:
+                raise ArtifactError(f"{source}: section {sec.name!r}: tensor {clash[0]!r} is also in an earlier "
+                                    "section")
+            tensors.update(part)
+            if i == 0:
+                meta = sec_meta
+            elif meta.get(sec.name) is not None:
+                raise ArtifactError(f"{source}: section {sec.name!r}: the first section's meta already holds "
+                                    f"{sec.name!r}")
+            else:
+                meta[sec.name] = sec_meta
     return tensors, meta
 
 

@@ -6,6 +6,7 @@
     python -m lcq.bench features  # the record stack at demo scale: all features on, then each one off in turn
     python -m lcq.bench sizing --preset record  # projected artifact bytes from measured bytes/param of its codes
     python -m lcq.bench serialize  # record-size artifact: bytes and charged seconds, serial vs parallel vs overlapped
+    python -m lcq.bench compressors [--codes RUN.lcq]  # model section bytes/seconds: brotli vs auto vs group
 
 Each trains the demo-preset model on the embedded corpus (or the preset/knobs given, e.g. --preset record on a GPU box),
 writes its run logs under LOG_DIR, prints a table and ends with one JSON line holding the figures.
@@ -21,10 +22,12 @@ import os
 import sys
 import time
 import zlib
+from pathlib import Path
 
 import torch
 
 from . import artifact
+from . import grouping
 from . import dist as D
 from .config import RECORD_FEATURES, Config, replace, resolve
 from .evaluate import EvalResult
@@ -179,9 +182,9 @@ def bench_lcq(cfg: Config, dinfo: D.DistInfo, bits_list: list[int], ranks: list[
                 model_bytes = run.size.model_bytes  # the GPTQ model section, the same for every side variant
             run.qtensors, run.qmeta = saved["qtensors"], saved["qmeta"]
             run.log(f"bench {json.dumps(rows[-1])}")
-        # LQER (#1797; #1855: rank 4, int4 factors, group 64, the top-3 tensors by error): its factors are model bytes,
-        # spent in closed form without training. Its extra model bytes beside LCQ's LoRA bytes give the equal-bytes
-        # comparison issue 11 asks for.
+        # LQER (#1797; #1855: rank 4, int4 factors, group 64, 3 tensors, ours chosen by the output error they remove): its
+        # factors are model bytes, spent in closed form without training. Its extra model bytes beside LCQ's LoRA bytes
+        # give the equal-bytes comparison issue 11 asks for.
         lq = dict(rank=base_cfg.lqer_rank or 4, top_k=base_cfg.lqer_top_k, bits=base_cfg.lqer_factor_bits,
                   group=base_cfg.lqer_group, asym=base_cfg.lqer_asym)
         run.cfg = replace(run.cfg, lcq_rank="0", lqer_rank=lq["rank"], compressor="lzma",
@@ -358,9 +361,9 @@ def _field_default(name: str):
     return Config.__dataclass_fields__[name].default
 
 
-# Features that change only how the trained weights are quantized: their arms re-quantize the all-on model instead of
-# training again (same weights, so the delta is the quantizer's alone).
-QUANT_ONLY_FEATURES = ("role_clips", "int7_embed", "lqer")
+# Features that change only how the trained weights are quantized or stored: their arms re-quantize the all-on model
+# instead of training again (same weights, so the delta is the quantizer's or the compressor's alone).
+QUANT_ONLY_FEATURES = ("role_clips", "int7_embed", "lqer", "group_compression")
 
 
 def bench_features(cfg: Config, dinfo: D.DistInfo, clock: float, steps: int = 0, only: list[str] | None = None) -> dict:
@@ -516,6 +519,9 @@ def bench_serialize(cfg: Config, lcq_window: float | None, threads: int,
     shared host the wall time depends on the other load, the CPU time much less."""
     if lcq_window is None:  # the GPTQ + LCQ share the preset's reserve split leaves
         lcq_window = cfg.train_reserve_seconds - cfg.serialize_reserve_seconds - cfg.lcq_safety_seconds
+    if cfg.compressor == "group":
+        raise ValueError("serialize: COMPRESSOR=group splits the model into several sections; compare it with "
+                         "`python -m lcq.bench compressors`")
     tensors, meta, lora, lora_meta, params = serialize_payload(cfg)
     comp, workers = cfg.compressor, threads or os.cpu_count() or 1
     raw_base = len(artifact._payload(tensors, meta))
@@ -586,10 +592,73 @@ def _overlapped(tensors: dict, meta: dict, lora: dict, lora_meta: dict, comp: st
     return row
 
 
+COMPARED_COMPRESSORS = ("brotli", "auto", "group")
+
+
+def model_codes(cfg: Config, path: str) -> tuple[dict, dict, str]:
+    """The model tensors and meta to compress: those of the artifact at `path` (e.g. a trained demo run's .lcq: real
+    GPTQ codes compress differently from random ones), else the preset's record-size payload (serialize_payload).
+    Returns (tensors, meta, a line naming the payload)."""
+    from .shipping import group_of
+    if path:
+        tensors, meta = artifact.load(path)
+        base = {k: v for k, v in tensors.items() if group_of(k) == "model"}
+        meta = {k: v for k, v in meta.items() if k not in artifact.sections_of(Path(path).read_bytes(), path)}
+        return base, dict(meta, lora=None), f"the model tensors of {path}"
+    tensors, meta, _, _, params = serialize_payload(cfg)
+    return tensors, meta, f"the {cfg.preset} preset's random-init payload ({params:,} parameters, RTN codes)"
+
+
+def bench_compressors(cfg: Config, path: str, threads: int, compressors: tuple[str, ...]) -> dict:
+    """Bytes and seconds of the model's artifact section(s) per COMPRESSOR value on one payload (issue 11): each through
+    lcq.grouping.model_job, the job the pipeline starts after GPTQ, on `threads` threads, then decoded back and checked
+    bit for bit. CPU seconds count this process's threads and the lrzip child processes."""
+    import resource
+
+    tensors, meta, what = model_codes(cfg, path)
+    workers = threads or os.cpu_count() or 1
+    lrzip = artifact.lrzip_binary()
+    print(f"payload: {what}; {workers} threads; lrzip: {lrzip or 'not on PATH (group falls back to brotli)'}",
+          flush=True)
+    rows = {}
+    for comp in compressors:
+        if comp not in COMPARED_COMPRESSORS:
+            raise ValueError(f"--compressors: unknown {comp!r}; choose from {','.join(COMPARED_COMPRESSORS)}")
+        kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+        t0, c0 = time.perf_counter(), time.process_time()
+        sections = grouping.model_job(tensors, meta, comp, workers).sections()
+        blob = artifact.assemble(sections)
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu += (after.ru_utime + after.ru_stime) - (kids.ru_utime + kids.ru_stime)
+        t1 = time.perf_counter()
+        out, _ = artifact.decode(blob, comp)
+        decode_s = time.perf_counter() - t1
+        for k, t in tensors.items():  # floats compared as their bits (NaN payloads, -0.0)
+            bits = (lambda x: x.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()])
+                    if x.dtype.is_floating_point else x)
+            if out[k].dtype != t.dtype or not torch.equal(bits(out[k]), bits(t.contiguous())):
+                raise AssertionError(f"{comp}: tensor {k} did not round-trip")
+        rows[comp] = dict(bytes=len(blob), seconds=seconds, cpu_seconds=cpu, decode_seconds=decode_s,
+                          sections={sec.name: dict(compressor=sec.compressor, variant=sec.variant, bytes=sec.nbytes)
+                                    for sec in sections})
+        print(f"{comp:<7} {len(blob):>11,} bytes  {seconds:7.2f}s wall  {cpu:7.2f} CPU-s  decode {decode_s:6.2f}s  "
+              + " ".join(f"{sec.name.removeprefix('model_')}:{sec.compressor}" + (f"/{sec.variant}" if sec.variant
+                         else "") + f":{sec.nbytes:,}" for sec in sections), flush=True)
+    ref = rows.get("brotli") or rows[next(iter(rows))]
+    for row in rows.values():
+        row["bytes_vs_brotli"] = row["bytes"] / ref["bytes"] - 1
+    print("bytes vs brotli: " + " ".join(f"{k} {r['bytes'] - ref['bytes']:+,} ({100 * r['bytes_vs_brotli']:+.3f}%)"
+                                         for k, r in rows.items()))
+    return dict(bench="compressors", preset=cfg.preset, payload=what, lrzip=lrzip, threads=workers,
+                cores=os.cpu_count(), rows=rows, bytes={k: r["bytes"] for k, r in rows.items()},
+                seconds={k: round(r["seconds"], 3) for k, r in rows.items()})
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m lcq.bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("kind", choices=("quant", "lcq", "attribution", "features", "sizing", "serialize"))
+    ap.add_argument("kind", choices=("quant", "lcq", "attribution", "features", "sizing", "serialize", "compressors"))
     ap.add_argument("--bits", default=None, help="comma-separated bit widths (quant: 4,5,6,8; lcq: 4,6)")
     ap.add_argument("--ranks", default="4,16,64", help="lcq: comma-separated LoRA ranks")
     ap.add_argument("--inits", default="zero,svd,act_svd,grail", help="lcq: comma-separated inits")
@@ -603,11 +672,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lcq-window", type=float, default=None,
                     help="serialize: seconds LCQ runs on the device while the model section compresses (default: "
                          "TRAIN_RESERVE - SERIALIZE_RESERVE - LCQ_SAFETY of the preset)")
-    ap.add_argument("--threads", type=int, default=0, help="serialize: compression threads (0 = every core)")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="serialize, compressors: compression threads (0 = every core)")
     ap.add_argument("--strategies", default=",".join(SERIALIZE_STRATEGIES),
                     help="serialize: comma-separated subset of serial,parallel,overlapped")
+    ap.add_argument("--compressors", default=",".join(COMPARED_COMPRESSORS),
+                    help="compressors: comma-separated COMPRESSOR values to compare on the model section")
+    ap.add_argument("--codes", default="", help="compressors: an artifact (.lcq) whose model tensors to compress "
+                                               "instead of the preset's random-init payload")
     args, rest = ap.parse_known_args(argv)
-    default = "record" if args.kind == "serialize" else "demo"  # serialize: the record-size payload, no training
+    # serialize, compressors: the record-size payload, no training
+    default = "record" if args.kind in ("serialize", "compressors") else "demo"
     cfg, _ = resolve(rest if any(a.startswith("--preset") for a in rest) else ["--preset", default, *rest])
     dinfo = D.init_dist()
     try:
@@ -618,6 +693,8 @@ def main(argv: list[str] | None = None) -> int:
                                [int(r) for r in args.ranks.split(",")], args.inits.split(","), args.time_frac)
         elif args.kind == "serialize":
             result = bench_serialize(cfg, args.lcq_window, args.threads, tuple(args.strategies.split(",")))
+        elif args.kind == "compressors":
+            result = bench_compressors(cfg, args.codes, args.threads, tuple(args.compressors.split(",")))
         elif args.kind == "sizing":
             result = bench_sizing(cfg)
         elif args.kind == "features":

@@ -12,6 +12,8 @@ import os
 import time
 from dataclasses import dataclass, fields
 
+from .seq_schedule import parse_seq_schedule
+
 
 class ConfigError(ValueError):
     """A knob with a value that does not parse or is out of range."""
@@ -54,6 +56,10 @@ class Config:
     lr_warmup_steps: int = 0
     warmdown_frac: float = 0.45  # final fraction of the (step or wallclock) progress over which the LR decays to 0
     train_seq_len: int = 2048
+    # progressive context (#2014): LENGTH@PROGRESS stages, each from that training progress on, e.g.
+    # 1024@0,2048@0.1,3072@0.7 (lcq/seq_schedule.py); the last length is TRAIN_SEQ_LEN and tokens per step stay
+    # TRAIN_BATCH_TOKENS. Empty = off (TRAIN_SEQ_LEN throughout); off in the record preset (see RECORD_FEATURES)
+    train_seq_schedule: str = ""
     train_batch_tokens: int = 786_432  # global tokens per optimizer step, all ranks and micro-steps together
     grad_accum_steps: int = 1
     val_loss_every: int = 0  # 0: only the final evaluation
@@ -153,8 +159,9 @@ class Config:
     gptq_calib_tokens: int = 131_072  # train tokens per rank for the Hessians (never val)
     # > 0: calibrate on this many train batches of TRAIN_BATCH_TOKENS / world per rank instead (#1855: 16)
     gptq_calib_batches: int = 0
-    # LQER (#1797): rank-LQER_RANK SVD of the quantization error of the LQER_TOP_K tensors with the largest error,
-    # factors stored as small integers next to the codes; 0 = off. asym: A int2 with one scale per tensor, B at
+    # LQER (#1797): rank-LQER_RANK Hessian-weighted fit of the quantization error of up to LQER_TOP_K tensors (the tied
+    # embedding first, then where the rounded factors remove the most output error; lcq/gptq.py says how it differs
+    # from #1855), factors stored as small integers next to the codes; 0 = off. asym: A int2 with one scale per tensor, B at
     # LQER_FACTOR_BITS in groups of LQER_GROUP; otherwise both per row at LQER_FACTOR_BITS
     lqer_rank: int = 0
     lqer_top_k: int = 3
@@ -165,7 +172,9 @@ class Config:
     # --- artifact and gate ---
     # brotli | lzma | auto (both on every section, keep the smaller: twice the host work). brotli by default (issue 8):
     # on the record-size int6 payload brotli gave 13,741,407 bytes and lzma 14,622,035, so auto's lzma half only
-    # takes host cores from the base section compressing beside LCQ
+    # takes host cores from the base section compressing beside LCQ. group (issue 11, after #1855's per-group
+    # compressor): the model section split into role buckets, each in its best layout (column-major, rows in
+    # similarity order) and back-end (lrzip when its binary is on PATH, else brotli); lcq/grouping.py
     compressor: str = "brotli"
     artifact_cap_bytes: int = 16_000_000  # decimal bytes: code + model + LoRA
     # planned for serialization before anything is measured (the budget split, GPTQ's share, the start-up check). LCQ's
@@ -223,6 +232,10 @@ class Config:
         need(self.grad_accum_steps >= 1, "grad_accum_steps", "must be >= 1")
         need(self.train_batch_tokens >= self.train_seq_len * self.grad_accum_steps, "train_batch_tokens",
              "must be at least TRAIN_SEQ_LEN * GRAD_ACCUM_STEPS (one sequence per micro-step)")
+        try:
+            parse_seq_schedule(self.train_seq_schedule, self.train_seq_len)
+        except ValueError as e:
+            need(False, "train_seq_schedule", str(e))
         need(self.val_loss_every >= 0, "val_loss_every", "must be >= 0 (0 disables)")
         need(self.train_log_every >= 1, "train_log_every", "must be >= 1")
         need(self.num_layers >= 1, "num_layers", "must be >= 1")
@@ -304,7 +317,8 @@ class Config:
         need(self.lqer_top_k >= 1, "lqer_top_k", "must be >= 1")
         need(2 <= self.lqer_factor_bits <= 8, "lqer_factor_bits", "must be in 2..8")
         need(self.lqer_group >= 1, "lqer_group", "must be >= 1")
-        need(self.compressor in ("auto", "lzma", "brotli"), "compressor", "choose auto, lzma or brotli")
+        need(self.compressor in ("auto", "lzma", "brotli", "group"), "compressor",
+             "choose brotli, lzma, auto or group (per-role sections; uses lrzip when installed: apt-get install lrzip)")
         need(self.artifact_cap_bytes > 0, "artifact_cap_bytes", "must be > 0")
         need(self.serialize_reserve_seconds >= 0, "serialize_reserve_seconds", "must be >= 0")
         need(self.serialize_threads >= 0, "serialize_threads", "must be >= 0 (0 = every core of the host)")
@@ -385,7 +399,16 @@ RECORD_FEATURES: dict[str, dict] = {
     "role_clips": dict(attn_clip_sigmas=13.0, mlp_clip_sigmas=11.5),  # #1855
     "int7_embed": dict(embed_bits=7, embed_clip_sigmas=14.0),  # int7 from #1586, 14 sigmas from #1855
     "lqer": dict(lqer_rank=4, lqer_top_k=3, lqer_factor_bits=4, lqer_group=64, lqer_asym=True),  # #1797
+    # #1855's per-group compressor (lcq/grouping.py): each role section is never larger than brotli of its plain layout;
+    # on a trained demo model's GPTQ codes it took 1.9% off brotli alone (2.7% with lrzip), on random-init record-size
+    # codes 0.01% (0.9% with lrzip) (BENCHMARKS.md)
+    "group_compression": dict(compressor="group"),
 }
+# Left out of the record stack: progressive training context (TRAIN_SEQ_SCHEDULE, #2014). #2014's 1.05759 (3 seeds)
+# against #1855's 1.06108 comes with eval and TTT at 3072 tokens (stride 1536), TTT changes, QK gain 5.25, AWQ-lite, an
+# asymmetric logit rescale and an LR re-warm after each switch, and no run of the schedule alone; the schedule bought no
+# steps (4,885 in 596 s against #1855's 4,931 in 600 s: the 1k start pays for the 3k finish). Off until an ablation on
+# our stack supports it.
 
 # Presets override field defaults. `record` is the 8xH100 submission configuration.
 PRESETS: dict[str, dict] = {

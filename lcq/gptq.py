@@ -205,24 +205,40 @@ def quantize_gptq(
         raise ValueError(f"quantize_gptq: damp must be a finite number > 0, got {damp!r}")
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"quantize_gptq: block_size must be an int >= 1, got {block_size!r}")
-    device = W.device
-    # Work on W^T so each column is a contiguous row: the per-column updates below are then
-    # contiguous rank-1 updates, several times faster on CPU than strided column slices.
-    work = W.detach().to(torch.float32).T.contiguous()
-    H = H.detach().to(device=device, dtype=torch.float32).clone()
     if not torch.isfinite(H).all():
         raise ValueError("quantize_gptq: H has non-finite entries")
     scale = row_scales(W, bits, clip_sigmas)
-    s = scale.float()
+    codes = _gptq_codes(W, H, scale.float(), -qmax, qmax, damp, block_size, act_order)
+    return codes.to(torch.int8).contiguous(), scale
 
+
+def _damped(H: torch.Tensor, damp: float) -> torch.Tensor:
+    """float32 copy of H with dead inputs (diag 0) set to 1 and damp * mean(diag H) added to the diagonal."""
+    H = H.detach().to(torch.float32).clone()
     diag = H.diagonal()
     damping = damp * diag.mean()
     dead = (diag == 0).nonzero().squeeze(1)
     H[dead, dead] = 1.0
     H.diagonal().add_(damping)
+    return H
+
+
+def _gptq_codes(W: torch.Tensor, H: torch.Tensor, scale: torch.Tensor, lo: int, hi: int, damp: float,
+                block_size: int, act_order: bool) -> torch.Tensor:
+    """The GPTQ solve: float integer codes in [lo, hi] for W (rows, cols) on the grid `scale`, which is per row (rows,)
+    or per entry (rows, cols) (the LQER factors' group scales). Shared by the weights and the LQER factors."""
+    cols = W.shape[1]
+    # Work on W^T so each column is a contiguous row: the per-column updates below are then
+    # contiguous rank-1 updates, several times faster on CPU than strided column slices.
+    work = W.detach().to(torch.float32).T.contiguous()
+    H = _damped(H.to(W.device), damp)
+    per_entry = scale.ndim == 2
+    s = scale.T.contiguous() if per_entry else scale
     if act_order:
         perm = torch.argsort(H.diagonal(), descending=True, stable=True)
         work, H = work[perm], H[perm][:, perm]
+        if per_entry:
+            s = s[perm]
     U = _upper_cholesky_of_inverse(H)
 
     codes = torch.empty_like(work)
@@ -233,9 +249,10 @@ def quantize_gptq(
         U_block = U[i1:i2, i1:i2]
         for j in range(i2 - i1):
             w = block[j]
-            qj = _round_to_grid(w, s, qmax)
+            sj = s[i1 + j] if per_entry else s
+            qj = torch.clamp(torch.round(w / sj), lo, hi)
             codes[i1 + j] = qj
-            err = (w - qj * s) / U_block[j, j]
+            err = (w - qj * sj) / U_block[j, j]
             # Spread this column's error over the block's remaining columns (paper eq. 3 via U's row j).
             block[j:].addr_(U_block[j, j:], err, alpha=-1.0)
             errors[j] = err
@@ -243,8 +260,7 @@ def quantize_gptq(
         work[i2:].addmm_(U[i1:i2, i2:].T, errors, alpha=-1.0)
     if act_order:
         codes = codes[torch.argsort(perm)]
-    q = codes.T.to(torch.int8).contiguous()
-    return q, scale
+    return codes.T
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -329,46 +345,126 @@ def clip_for(spec: QuantSpec, name: str, role: str) -> float:
     return spec.matrix_clip_sigmas
 
 
-# LQER (Zhang et al. 2024, "LQER: Low-Rank Quantization Error Reconstruction"; openai/parameter-golf PR #1797): the
-# error E = W - W_hat of the worst-quantized tensors gets a rank-r correction A @ B (top-r SVD of E) stored as small
-# integers, and the decoder adds A @ B back. Asymmetric packing (#1797/#1855): A = U_r S_r holds the magnitudes, with
-# int2 codes and one scale per tensor; B = V_r^T has rows of unit norm, with codes at `bits` and one scale per
-# `group` consecutive values (B flattened). Asymmetric integer grids use all 2^b codes, [-2^(b-1), 2^(b-1) - 1], with
-# scale max|x| / (2^(b-1) - 1/2). Symmetric packing: both factors per row at `bits`, codes in +-(2^(b-1) - 1).
+# LQER (Zhang et al. 2024, "LQER: Low-Rank Quantization Error Reconstruction"; openai/parameter-golf PR #1797): a few
+# tensors get a rank-r correction A @ B of their quantization error E = W - W_hat, stored as small integers; the decoder
+# adds A @ B back (`lqer_unpack`). Storage is #1855's: asymmetric packing puts A (rows, r) on int2 codes [-2, 1] with one
+# scale per tensor and B (r, cols) on `bits` codes [-2^(b-1), 2^(b-1) - 1] with one scale per `group` consecutive values
+# of B flattened, scale max|x| / (2^(b-1) - 1/2); symmetric packing (or a group that does not divide B) puts both
+# factors per row on +-(2^(b-1) - 1).
+#
+# What #1855 does (records/track_10min_16mb/2026-04-27_SP8192_LQER_..._1.0611/train_gpt.py): the top-k tensors by the
+# plain norm ||E||_F, a plain SVD of E with A = U_r S_r and B = V_r^T, both factors rounded to nearest. On our demo
+# model that made bpb worse (BENCHMARKS.md, issue 11) because the layer inputs have one dominant direction (~90% of
+# tr H) and GPTQ parks its error where H is small: E is large (the largest ||E||_F are the tensors with the least
+# output error per unit of norm) and its top singular vectors are almost orthogonal to H's top eigenvector. Rounding
+# B = V_r^T to int4 leaks a little of it into that direction, which H weighs thousands of times more, so the rounded
+# correction added more output error tr(E H E^T) than it removed: 2.8x the embedding's, 3.2x and 2.6x blocks.2/3.mlp.fc's
+# on the 345-step demo model.
+# Here, with the same storage and knobs:
+# - the factors minimise the output error: E L = U Sigma V^T with L L^T = H (EoRA / QERA / act_svd, lcq/lora.py),
+#   the magnitudes go to B = Sigma_r V_r^T L^-1 (its group scales absorb them) and A = U_r keeps balanced columns for
+#   its one int2 scale;
+# - B is rounded by GPTQ against H (B multiplies the layer input as a weight does), then A is refit by weighted least
+#   squares to the rounded B and rounded by GPTQ against B_hat H B_hat^T, its int2 clip chosen from _LQER_A_CLIPS by
+#   the output error;
+# - a tensor whose rounded correction does not lower its output error gets none. The tied embedding comes first: on
+#   the 345-step demo model, correcting it alone took int6 2.18651 to 2.17352 bpb, while each of the 24 block matrices
+#   alone moved bpb by at most 0.0004 (BENCHMARKS.md), and neither its absolute nor its relative (to tr(W H W^T))
+#   output error ranked it first (its head output is the logits, and it is looked up too). The other places go to the
+#   matrices by the output error their rounded correction removes (GPTQ's objective). The embedding's H is the head's:
+#   adding the lookup side as an isotropic term (H + mean(diag H) I, 2.17896) or no weighting (2.18041) did worse,
+#   and the head-weighted correction lowered its plain ||E||_F as well (to 0.35 of it).
+# Without a Hessian (RTN with no calibration) H is the identity: plain SVD, rounding to nearest, the choice by the
+# ||E||_F^2 the correction removes.
 LQER_A_BITS = 2
-
-
-def _asym_codes(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
-    return torch.clamp(torch.round(x / scale), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1).to(torch.int8)
+# Clips of A's int2 scale, as fractions of max|A|: with only 4 codes, max-abs scaling rounds most of A to 0.
+_LQER_A_CLIPS = (1.0, 0.85, 0.7, 0.55, 0.4)
 
 
 def _asym_scale(max_abs: torch.Tensor, bits: int) -> torch.Tensor:
     return (max_abs / (2 ** (bits - 1) - 0.5)).clamp(_SCALE_MIN, _SCALE_MAX).to(torch.float16)
 
 
-def lqer_factors(E: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-`rank` SVD of E (rows, cols) -> A (rows, r) = U_r S_r, B (r, cols) = V_r^T; A @ B is the best rank-r fit."""
-    U, S, Vh = torch.linalg.svd(E.detach().float(), full_matrices=False)
+def _sym_scale(max_abs: torch.Tensor, qmax: int) -> torch.Tensor:
+    return (max_abs / qmax).clamp(_SCALE_MIN, _SCALE_MAX).to(torch.float16)
+
+
+def weighted_error(E: torch.Tensor, H: torch.Tensor | None) -> float:
+    """tr(E H E^T) in float64 (the output error a layer input with Hessian H sees); ||E||_F^2 when H is None."""
+    E = E.detach().double()
+    if H is None:
+        return float((E * E).sum())
+    return float(((E @ H.to(E.device, torch.float64)) * E).sum())
+
+
+def lqer_bound(E: torch.Tensor, H: torch.Tensor | None, rank: int, damp: float = 0.01) -> float:
+    """An upper bound on the weighted_error(E, H) any rank-`rank` correction removes: the top `rank` eigenvalues of
+    E H E^T (Eckart-Young), taken as squared singular values of E L with L L^T = H damped as GPTQ damps it. Damping only
+    adds to H, which cannot lower those eigenvalues (Weyl), so the bound holds for H itself, and a Cholesky is much
+    cheaper than the eigendecomposition an exact H^(1/2) needs."""
+    E = E.detach().double()
+    if H is not None:
+        E = E @ torch.linalg.cholesky(_damped(H.to(E.device), damp).double())
+    return float(torch.linalg.svdvals(E)[:rank].square().sum())
+
+
+def lqer_factors(E: torch.Tensor, rank: int, H: torch.Tensor | None = None,
+                 damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float factors of the best rank-`rank` fit of E under tr(. H .^T), H damped as GPTQ damps it (plain SVD when H is
+    None) -> A (rows, r) with orthonormal columns, B (r, cols) holding the magnitudes."""
+    E = E.detach().double()
+    M, L = E, None
+    if H is not None:
+        L = torch.linalg.cholesky(_damped(H.to(E.device), damp).double())
+        M = E @ L
+    U, S, Vh = torch.linalg.svd(M, full_matrices=False)
     r = min(rank, S.numel())
-    return (U[:, :r] * S[:r]).contiguous(), Vh[:r].contiguous()
+    B = S[:r, None] * Vh[:r]
+    if L is not None:
+        B = torch.linalg.solve_triangular(L.T, B.T, upper=True).T  # B L^-1: solves L^T X = B^T
+    return U[:, :r].float().contiguous(), B.float().contiguous()
 
 
-def lqer_pack(A: torch.Tensor, B: torch.Tensor, bits: int, group: int, asym: bool) -> tuple[dict[str, torch.Tensor], dict]:
-    """Integer factors -> (tensors keyed 'A', 'A_scale', 'B', 'B_scale', meta). Asymmetric packing needs B.numel()
+def lqer_pack(E: torch.Tensor, B: torch.Tensor, bits: int, group: int, asym: bool, H: torch.Tensor | None = None,
+              damp: float = 0.01) -> tuple[dict[str, torch.Tensor], dict]:
+    """Integer correction of E from the float factor B of `lqer_factors` -> (tensors 'A', 'A_scale', 'B', 'B_scale',
+    meta). B is rounded by GPTQ against H; A is the weighted least-squares fit of E to the rounded B, rounded by GPTQ
+    against B_hat H B_hat^T. H None = the identity (GPTQ is then round-to-nearest). Asymmetric packing needs B.numel()
     divisible by `group`; otherwise (as in #1855) the factors are packed symmetrically."""
     qmax = _check_bits(bits, "lqer_pack")
-    if asym and B.numel() % group == 0:
-        sA = _asym_scale(A.abs().amax().reshape(1), LQER_A_BITS)
-        Bg = B.reshape(-1, group)
-        sB = _asym_scale(Bg.abs().amax(dim=1), bits)
-        packed = {"A": _asym_codes(A, sA.float(), LQER_A_BITS), "A_scale": sA,
-                  "B": _asym_codes(Bg, sB.float()[:, None], bits).reshape(B.shape), "B_scale": sB}
-        return packed, {"asym": True, "a_bits": LQER_A_BITS, "b_bits": bits, "group": group, "rank": A.shape[1]}
-    sA = (A.abs().amax(dim=1) / qmax).clamp(_SCALE_MIN, _SCALE_MAX).to(torch.float16)
-    sB = (B.abs().amax(dim=1) / qmax).clamp(_SCALE_MIN, _SCALE_MAX).to(torch.float16)
-    packed = {"A": _round_to_grid(A, sA.float()[:, None], qmax).to(torch.int8), "A_scale": sA,
-              "B": _round_to_grid(B, sB.float()[:, None], qmax).to(torch.int8), "B_scale": sB}
-    return packed, {"asym": False, "a_bits": bits, "b_bits": bits, "group": 0, "rank": A.shape[1]}
+    E = E.detach().float()
+    rows, cols = E.shape
+    H_in = torch.eye(cols, device=E.device) if H is None else H.detach().to(E.device, torch.float32)
+    asym = asym and B.numel() % group == 0
+    if asym:
+        sB = _asym_scale(B.reshape(-1, group).abs().amax(dim=1), bits)
+        grid = sB.float().repeat_interleave(group).reshape(B.shape)
+        qB = _gptq_codes(B, H_in, grid, -(2 ** (bits - 1)), 2 ** (bits - 1) - 1, damp, 128, True)
+    else:
+        sB = _sym_scale(B.abs().amax(dim=1), qmax)
+        grid = sB.float()[:, None].expand(B.shape)
+        qB = _gptq_codes(B, H_in, sB.float(), -qmax, qmax, damp, 128, True)
+    B_hat = (qB * grid).double()
+    Hd = _damped(H_in, damp).double()
+    G = B_hat @ Hd @ B_hat.T  # the Hessian of A's input B_hat x
+    A = (E.double() @ Hd @ B_hat.T @ torch.linalg.pinv(G, hermitian=True)).float()
+    G = G.float()
+    if asym:
+        best = None
+        for clip in _LQER_A_CLIPS:
+            sA = _asym_scale(A.abs().amax().reshape(1) * clip, LQER_A_BITS)
+            qA = _gptq_codes(A, G, sA.float().expand(rows), -(2 ** (LQER_A_BITS - 1)), 2 ** (LQER_A_BITS - 1) - 1,
+                             damp, 128, True)
+            err = weighted_error(E - (qA * sA.float()) @ B_hat.float(), H)
+            if best is None or err < best[0]:
+                best = (err, qA, sA)
+        _, qA, sA = best
+        packed = {"A": qA.to(torch.int8), "A_scale": sA, "B": qB.to(torch.int8), "B_scale": sB}
+        return packed, {"asym": True, "a_bits": LQER_A_BITS, "b_bits": bits, "group": group, "rank": B.shape[0]}
+    sA = _sym_scale(A.abs().amax(dim=1), qmax)
+    qA = _gptq_codes(A, G, sA.float(), -qmax, qmax, damp, 128, True)
+    packed = {"A": qA.to(torch.int8), "A_scale": sA, "B": qB.to(torch.int8), "B_scale": sB}
+    return packed, {"asym": False, "a_bits": bits, "b_bits": bits, "group": 0, "rank": B.shape[0]}
 
 
 def lqer_unpack(packed: Mapping[str, torch.Tensor], meta: Mapping) -> torch.Tensor:
@@ -381,6 +477,44 @@ def lqer_unpack(packed: Mapping[str, torch.Tensor], meta: Mapping) -> torch.Tens
         A = A * packed["A_scale"].float()[:, None]
         B = B * packed["B_scale"].float()[:, None]
     return A @ B
+
+
+def lqer_select(errors: Mapping[str, torch.Tensor], hessians: Mapping[str, torch.Tensor] | None,
+                spec: "QuantSpec") -> dict[str, tuple[dict[str, torch.Tensor], dict, float]]:
+    """Up to spec.lqer_top_k tensors to correct -> {name: (packed, meta, gain)}, gain = weighted_error(E, H) -
+    weighted_error(E - A_hat B_hat, H) > 0 with H the tensor's Hessian (the identity without one). The tied embedding
+    comes first whenever its gain is positive (see the LQER comment above); the other places go to the matrices with
+    the largest gains. Matrices are packed in order of `lqer_bound` (which no packed correction can beat) and the search
+    stops once the k-th best gain found beats every bound left, so the choice is exact but most are never packed."""
+    H_of = {n: (hessians.get(n) if hessians is not None else None) for n in errors}
+
+    def attempt(name: str) -> tuple[float, dict, dict]:
+        E, H = errors[name], H_of[name]
+        _, B = lqer_factors(E, spec.lqer_rank, H, spec.damp)
+        packed, meta = lqer_pack(E, B, spec.lqer_factor_bits, spec.lqer_group, spec.lqer_asym, H, spec.damp)
+        gain = weighted_error(E, H) - weighted_error(E - lqer_unpack(packed, meta).to(E.device), H)
+        return gain, packed, meta
+
+    chosen: dict[str, tuple[dict[str, torch.Tensor], dict, float]] = {}
+    if EMBED_NAME in errors:
+        gain, packed, meta = attempt(EMBED_NAME)
+        if gain > 0:
+            chosen[EMBED_NAME] = (packed, meta, gain)
+    k = spec.lqer_top_k - len(chosen)
+    others = [n for n in errors if n != EMBED_NAME]
+    bounds = {n: lqer_bound(errors[n], H_of[n], spec.lqer_rank, spec.damp) for n in others}
+    found: list[tuple[float, str, dict, dict]] = []
+    for name in sorted(others, key=lambda n: (-bounds[n], n)):
+        if k <= 0 or bounds[name] <= 0 or (len(found) >= k and bounds[name] <= found[-1][0]):
+            break
+        gain, packed, meta = attempt(name)
+        if gain <= 0:
+            continue
+        found.append((gain, name, packed, meta))
+        found.sort(key=lambda item: (-item[0], item[1]))
+        del found[k:]
+    chosen.update({name: (packed, meta, gain) for gain, name, packed, meta in found})
+    return chosen
 
 
 def tensor_role(name: str, tensor: torch.Tensor) -> str:
@@ -467,10 +601,9 @@ def quantize_state(
         if spec.lqer_rank:
             errors[name] = t.detach().float() - dequantize(q, scale).to(t.device)
     if spec.lqer_rank:
-        # The LQER_TOP_K tensors with the largest error norm (#1797's rule), factors stored as ordinary named tensors.
-        for name in sorted(errors, key=lambda n: float(errors[n].norm()), reverse=True)[: spec.lqer_top_k]:
-            A, B = lqer_factors(errors[name], spec.lqer_rank)
-            packed, lmeta = lqer_pack(A, B, spec.lqer_factor_bits, spec.lqer_group, spec.lqer_asym)
+        # Up to LQER_TOP_K tensors, the tied embedding first, then by the output error the packed correction removes (see
+        # `lqer_select`; #1855 ranks by ||E||_F), factors stored as ordinary named tensors in a fixed (name) order.
+        for name, (packed, lmeta, _) in sorted(lqer_select(errors, hessians, spec).items()):
             for key, value in packed.items():
                 put(f"{name}.lqer_{key}", value.contiguous())
             qmeta[name]["lqer"] = lmeta

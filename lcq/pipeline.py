@@ -23,6 +23,7 @@ import torch.nn as nn
 
 from . import artifact
 from . import dist as D
+from . import grouping
 from .checks import (NonFiniteError, StartupError, check_disk, check_outputs_free, check_reserve, check_shards,
                      check_tokenizer_file, check_train_ids, check_val_ids, demo_layout, finite)
 from .config import Config, ConfigError
@@ -142,7 +143,7 @@ class Run:
     calib_files: list[str] = field(default_factory=list)
     lcq_ranks: dict[str, int] = field(default_factory=dict)
     # rank 0: the quantized base model's artifact section, compressed on host threads from the end of GPTQ (issue 8)
-    base_job: artifact.SectionJob | None = None
+    base_job: artifact.CompressJob | None = None
     script_job: Future | None = None  # rank 0: the single-file train_gpt.py (its bytes are the code bytes), built beside it
     serialize_budget: float | None = None  # seconds, projected by LCQ from the compression rate measured in this run
 
@@ -394,7 +395,7 @@ def auto_rank(run: Run, names: list[str], model: nn.Module) -> int:
     cfg = run.cfg
     # rank 0 is already rendering the script on a thread (start_base_section); asking again would render it twice
     code = len(run.script_job.result() if run.script_job is not None else shipped_script())
-    mine = artifact.HEADER_BYTES + run.base_job.result().nbytes if run.base_job is not None else 0
+    mine = artifact.HEADER_BYTES + sum(s.nbytes for s in run.base_job.sections()) if run.base_job is not None else 0
     model_bytes = int(D.all_reduce_max(torch.tensor(mine, dtype=torch.int64, device=run.dinfo.device)).item())
     room = cfg.artifact_cap_bytes - code - model_bytes - cfg.lcq_auto_headroom_bytes
     rank = max(0, int(room // lora_bytes_per_rank(model, names, cfg.lcq_factor_bits)))
@@ -439,8 +440,11 @@ def start_base_section(run: Run) -> None:
             run.script_job = pool.submit(shipped_script)
             pool.shutdown(wait=False)
         tensors = {k: v.detach().cpu() for k, v in run.qtensors.items()}
-        run.base_job = artifact.SectionJob("model", tensors, artifact_meta(run.cfg, run.bos_id, run.qmeta, None),
-                                           run.cfg.compressor, run.cfg.serialize_threads or None)
+        if run.cfg.compressor == "group":
+            run.log(grouping.describe_backends())
+        # COMPRESSOR=group: the model's sections per role bucket (lcq/grouping.py), planned on the job's own thread
+        run.base_job = grouping.model_job(tensors, artifact_meta(run.cfg, run.bos_id, run.qmeta, None),
+                                          run.cfg.compressor, run.cfg.serialize_threads or None)
 
 
 def lora_raw_bytes(model: nn.Module, ranks: dict[str, int], bits: int) -> int:
@@ -608,16 +612,17 @@ def ship(run: Run) -> bool:
         lora_job = None
         if run.lora_tensors:  # starts first: it compresses while the base section's last chunks finish
             lora_job = artifact.SectionJob("lora", {k: v.detach().cpu() for k, v in run.lora_tensors.items()},
-                                           run.lora_meta, cfg.compressor, threads)
+                                           run.lora_meta, grouping.section_compressor(cfg.compressor), threads)
         if run.base_job is None:
             start_base_section(run)
         t_wait = time.perf_counter()
-        sections = [run.base_job.result()]
+        sections = list(run.base_job.sections())
         facts["base_wait"] = f"{time.perf_counter() - t_wait:.2f}s"
         if lora_job is not None:
             sections.append(lora_job.result())
             facts["lora_compress"] = f"{sections[-1].seconds:.2f}s"
-        facts["compressors"] = ",".join(f"{sec.name}:{sec.compressor}" for sec in sections)
+        facts["compressors"] = ",".join(f"{sec.name}:{sec.compressor}" + (f"/{sec.variant}" if sec.variant else "")
+                                        for sec in sections)
         artifact.write(path, artifact.assemble(sections))
         script = run.script_job.result()
         atomic_write(os.path.join(cfg.log_dir, f"{cfg.run_id}.train_gpt.py"), script)

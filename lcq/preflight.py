@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from . import artifact
 from . import dist as D
+from . import grouping
 from .attention import varlen_attention
 from .config import Config, ConfigError, replace, resolve
 from .data import doc_starts, list_shards, read_header, segment_bounds, val_pattern
@@ -230,29 +231,29 @@ def lora_section(run, ranks: dict[str, int], threads) -> tuple[int, float]:
             tensors[f"{LORA_PREFIX}{name}.{key}"] = t
     meta = dict(merge=cfg.lcq_merge, init=cfg.lcq_init, ranks=ranks, alpha=cfg.lcq_alpha, bits=cfg.lcq_factor_bits)
     t0 = time.perf_counter()
-    section = artifact.SectionJob("lora", tensors, meta, cfg.compressor, threads).result()
+    section = artifact.SectionJob("lora", tensors, meta, grouping.section_compressor(cfg.compressor), threads).result()
     return section.nbytes, time.perf_counter() - t0
 
 
 def artifact_rows(run) -> tuple[Row, dict]:
     """Rank 0: the artifact's bytes from the current weights and from a Gaussian refill, both through the real
-    quantizer and compressor; the refill's base section is also the timed compression (lcq.artifact.SectionJob, the
+    quantizer and compressor; the refill's base section is also the timed compression (lcq.grouping.model_job, the
     job the pipeline starts on host threads when GPTQ ends). Returns (artifact row, serialize measurements)."""
     cfg = run.cfg
     threads = cfg.serialize_threads or None
     t0 = time.perf_counter()
     code = len(shipped_script(ENTRY))
     script_s = time.perf_counter() - t0  # the pipeline renders it on a host thread from GPTQ's end, like the base
-    current = len(artifact.encode(run.qtensors, artifact_meta(cfg, run.bos_id, run.qmeta, None), cfg.compressor,
-                                  threads))
+    current = len(artifact.assemble(grouping.model_job(run.qtensors, artifact_meta(cfg, run.bos_id, run.qmeta, None),
+                                                       cfg.compressor, threads).sections()))
     state = {k: v.detach() for k, v in run.model.state_dict().items()}
     gtensors, gmeta = quantize_state(gaussian_state(state, cfg.seed), run.hessians, quant_spec(cfg), TIED)
     gtensors = {k: v.detach().cpu() for k, v in gtensors.items()}
     t0 = time.perf_counter()
-    job = artifact.SectionJob("model", gtensors, artifact_meta(cfg, run.bos_id, gmeta, None), cfg.compressor, threads)
-    section = job.result()
+    job = grouping.model_job(gtensors, artifact_meta(cfg, run.bos_id, gmeta, None), cfg.compressor, threads)
+    sections = job.sections()
     base_s = time.perf_counter() - t0
-    gauss = len(artifact.assemble([section]))
+    gauss = len(artifact.assemble(sections))
     model_bytes = max(current, gauss)
     ranks, lora_note = lora_ranks(run, code, model_bytes)
     lora, lora_s = 0, 0.0

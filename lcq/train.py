@@ -17,6 +17,7 @@ from .data import TrainLoader, segment_bounds, train_pattern
 from .model import autocast_for
 from .optim import EMA, apply_schedule, build_optimizers, training_progress
 from .recurrence import recurrence_due
+from .seq_schedule import SeqSchedule
 
 
 @dataclass
@@ -53,7 +54,8 @@ def all_reduce_grads(params: list[nn.Parameter], world_size: int) -> None:
 def out_of_time(flag: torch.Tensor, elapsed: float, steps: int, last_step_s: float, budget_s: float) -> bool:
     """True on every rank once the next step could cross the budget, estimated by the slower of the average and the
     last step. Ranks agree through a MAX all-reduce of `flag`, so no rank steps alone. The decision is the flag's first
-    element; the train loop puts its non-finite-loss and recurrence flags in the others, agreed in the same collective."""
+    element; the train loop puts its non-finite-loss flag, recurrence flag and context stage in the others, agreed in
+    the same collective."""
     flag.view(-1)[0] = 1.0 if elapsed + max(elapsed / steps, last_step_s) > budget_s else 0.0
     D.all_reduce_max(flag)
     return bool(flag.view(-1)[0].item())
@@ -75,14 +77,19 @@ def train(model: nn.Module, cfg: Config, dinfo: D.DistInfo, log, bos_id: int,
     params = [p for p in model.parameters() if p.requires_grad]
     optimizers = build_optimizers(model, cfg)
     local_tokens = local_batch_tokens(cfg, dinfo.world_size)
+    # dynamic=True: the packed row keeps its length, but the segment count changes every batch and max_seqlen with each
+    # TRAIN_SEQ_SCHEDULE stage. max_seqlen is then a symbolic int: Dynamo traced one graph for lengths 16, 32 and 64 on
+    # the SDPA path (CPU, CompileCounter), so expect one graph per layer order (2 with depth recurrence); an attention
+    # kernel that specialises on it gives at most one per (length, order) pair, which the warm-up below visits.
     fwd = torch.compile(model.loss, dynamic=True) if (cfg.compile and device.type == "cuda") else model.loss
     autocast = autocast_for(device, cfg.autocast_cpu_bf16)
+    seq = SeqSchedule(cfg.train_seq_schedule, cfg.train_seq_len)  # progressive context (#2014); off: TRAIN_SEQ_LEN
 
-    def step_on(batches) -> torch.Tensor:
+    def step_on(batches, seq_len: int) -> torch.Tensor:
         total = torch.zeros((), device=device)
         for x, y, cu in batches:
             with autocast:
-                loss = fwd(x, y, cu, cfg.train_seq_len) / cfg.grad_accum_steps
+                loss = fwd(x, y, cu, seq_len) / cfg.grad_accum_steps
             loss.backward()
             total += loss.detach()
         all_reduce_grads(params, dinfo.world_size)
@@ -101,16 +108,20 @@ def train(model: nn.Module, cfg: Config, dinfo: D.DistInfo, log, bos_id: int,
         init_model = copy.deepcopy(model.state_dict())
         init_opts = [copy.deepcopy(o.state_dict()) for o in optimizers]
         gen = torch.Generator().manual_seed(cfg.seed + dinfo.rank)
+        n_len = len(seq.lengths)
         for w in range(cfg.warmup_steps):
-            if looped:  # warm both layer orders (plain and looped), as #1855 does, so neither compiles on the clock
-                model.recur_active = w % 2 == 1
+            # every context length in turn, then (with recurrence) both layer orders, as #1855 and #2014 warm theirs, so
+            # no (length, order) pair compiles on the clock when WARMUP_STEPS >= their number
+            seq_len = seq.lengths[w % n_len]
+            if looped:
+                model.recur_active = (w // n_len) % 2 == 1
             batches = []
             for _ in range(cfg.grad_accum_steps):
                 toks = torch.randint(0, cfg.vocab_size, (local_tokens + 1,), generator=gen)
-                toks[:: max(2, cfg.train_seq_len // 3)] = bos_id  # exercise multi-document segments
+                toks[:: max(2, seq_len // 3)] = bos_id  # exercise multi-document segments
                 x, y = toks[:-1], toks[1:]
-                batches.append((x.to(device), y.to(device), segment_bounds(x, bos_id, cfg.train_seq_len).to(device)))
-            step_on(batches)
+                batches.append((x.to(device), y.to(device), segment_bounds(x, bos_id, seq_len).to(device)))
+            step_on(batches, seq_len)
         model.load_state_dict(init_model)
         for o, s in zip(optimizers, init_opts):
             o.load_state_dict(s)
@@ -127,11 +138,15 @@ def train(model: nn.Module, cfg: Config, dinfo: D.DistInfo, log, bos_id: int,
     train_time = 0.0
     t0 = time.perf_counter()
     step, stopped_by, last_loss = 0, "iterations", float("nan")
-    # [out of time, non-finite loss, recurrence due]: agreed by every rank in the one all-reduce the step already makes,
-    # so a NaN stops training at the step it appears (issue 10) and every rank switches the depth loop on at the same
-    # step (each rank's own clock could put the switch one step apart), without a second collective per step
-    stop_flag = torch.zeros(3, device=device)
+    # [out of time, non-finite loss, recurrence due, context stage due]: agreed by every rank in the one all-reduce the
+    # step already makes, so a NaN stops training at the step it appears (issue 10) and every rank switches the depth
+    # loop on, and moves to a longer context, at the same step (each rank's own clock could put a switch one step
+    # apart; MAX: the rank furthest on decides), without a second collective per step
+    stop_flag = torch.zeros(4, device=device)
     stop_flag[2] = float(looped and recurrence_due(0.0, cfg.recur_from_progress))
+    progress = 0.0
+    if seq.staged:
+        log(f"train_seq_schedule:{seq.describe()} train_seq_len:{seq.length} tokens_per_step:{tokens_per_step}")
     while step < cfg.iterations:
         t_step = time.perf_counter()
         elapsed = train_time + (t_step - t0)
@@ -139,16 +154,20 @@ def train(model: nn.Module, cfg: Config, dinfo: D.DistInfo, log, bos_id: int,
         if looped and bool(stop_flag[2].item()) != model.recur_active:
             model.recur_active = not model.recur_active
             log(f"recurrence:{'on' if model.recur_active else 'off'} step:{step} layers:{model.layer_order()}")
-        batches = [loader.next_batch(local_tokens, cfg.train_seq_len, bos_id) for _ in range(cfg.grad_accum_steps)]
-        loss = step_on(batches)
+        if seq.staged and seq.advance(int(stop_flag[3].item())):
+            log(f"train_seq_len:{seq.length} step:{step} progress:{progress:.3f}")
+        batches = [loader.next_batch(local_tokens, seq.length, bos_id) for _ in range(cfg.grad_accum_steps)]
+        loss = step_on(batches, seq.length)
         stop_flag[1] = (~torch.isfinite(loss)).float()
         if ema is not None:
             ema.update(model)
         step += 1
         now = time.perf_counter()
         elapsed = train_time + (now - t0)
-        if looped:
-            stop_flag[2] = float(recurrence_due(training_progress(step, elapsed, cfg), cfg.recur_from_progress))
+        if looped or seq.staged:
+            progress = training_progress(step, elapsed, cfg)
+            stop_flag[2] = float(looped and recurrence_due(progress, cfg.recur_from_progress))
+            stop_flag[3] = seq.due(progress)
         stop = out_of_time(stop_flag, elapsed, step, now - t_step, budget_s) and step < cfg.iterations
         if stop_flag[1].item():
             raise NonFiniteError(nonfinite_message(step, float(loss.item()), cfg))

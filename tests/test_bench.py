@@ -59,3 +59,13 @@ def test_serialize_bench(tmp_path, demo_data):
     assert out["payload_params"] > 0 and all(s >= 0 for s in out["charged_seconds"].values())
     # the same two sections, compressed deterministically: the strategies differ in time, never in bytes
     assert out["bytes"]["parallel"] == out["bytes"]["overlapped"]
+
+
+def test_compressors_bench(tmp_path, demo_data):
+    """brotli, auto and group on the same payload (each decoded back bit for bit inside the bench)."""
+    out = bench(tmp_path, demo_data, "compressors")
+    assert set(out["bytes"]) == set(out["seconds"]) == {"brotli", "auto", "group"}
+    assert out["rows"]["auto"]["bytes"] <= out["rows"]["brotli"]["bytes"]  # auto keeps the smaller of lzma, brotli
+    group = out["rows"]["group"]["sections"]
+    assert list(group)[0] == "model" and "model_mlp_up" in group and all(v["bytes"] > 0 for v in group.values())
+    assert sum(v["bytes"] for v in group.values()) + 48 == out["bytes"]["group"]  # the sections and the header

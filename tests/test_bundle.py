@@ -2,6 +2,7 @@
 import ast
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +20,7 @@ def test_strip_source_keeps_the_program():
     out = strip_source(code)
     assert "doc" not in out and "#" not in out and "int" not in out  # docstrings, comments, plain signatures' annotations
     assert "'keep'" in out and "'kept'" in out  # a decorator may read annotations (custom_op, triton.jit): kept
-    assert "\n  return x + 1\n" in out  # one space per indentation level
+    assert "\n  return x+1\n" in out  # one space per indentation level, no spaces the tokenizer does not need
     ns = {}
     exec(compile(out, "<t>", "exec"), ns)
     assert ns["f"](2) == 3 and ns["f"](0) == 0 and isinstance(ns["C"](), ns["C"]) and ns["h"](5) == 5
@@ -27,13 +28,106 @@ def test_strip_source_keeps_the_program():
 
 def test_stripped_package_has_the_same_code_objects():
     """Every shipped module, minified, parses to the documented source's tree minus docstrings and the annotations of
-    undecorated signatures; nothing else changes."""
+    undecorated signatures, with only function-local names renamed; nothing else changes."""
     for name, code in dict(package_sources(), __entry__=(REPO / "train_gpt.py").read_text()).items():
         expected = bundle._drop_docstrings_and_signature_annotations(ast.parse(code))
         out = strip_source(code)
-        assert ast.dump(ast.parse(out)) == ast.dump(expected), name
+        assert bundle.alpha_mismatch(expected, ast.parse(out)) is None, name
         plain = ast.unparse(expected) + "\n"
         assert len(out) < len(plain) or "\n " not in plain, f"{name}: the 1-space re-indent fell back to 4 spaces"
+        unsqueezed = bundle._reindent(ast.unparse(bundle.rename_locals(expected))) + "\n"
+        assert len(out) < len(unsqueezed) or "=" not in plain, f"{name}: squeeze fell back to ast.unparse's spacing"
+
+
+TRICKY = '''
+import os
+LIMIT = 3
+def helper(value, scale=2):
+    total = 0
+    for item in range(value):
+        total += item * scale
+    squares = [item * item for item in range(value)]
+    def inner(step):
+        return total + step
+    adder = lambda item: item + LIMIT
+    try:
+        raise KeyError(value)
+    except KeyError as error:
+        caught = error.args[0]
+    return inner(1), sum(squares), adder(total), caught, helper2(scale=scale)
+def helper2(scale):
+    return scale * LIMIT
+def counter():
+    count = 0
+    def bump():
+        nonlocal count
+        count += 1
+        return count
+    bump()
+    return bump()
+def uses_locals():
+    secret = 5
+    return locals()["secret"]
+def makes_class():
+    field = 7
+    class Box:
+        field = 8
+    return Box.field + field
+def shadows_global():
+    global LIMIT
+    LIMIT = LIMIT + 1
+    return LIMIT
+class Thing:
+    def __init__(self, size):
+        self.size = size
+    def grow(self, by):
+        bigger = self.size + by
+        return Thing(size=bigger).size
+    @staticmethod
+    def pure(self_like):
+        return self_like * 2
+'''
+
+
+def test_renaming_keeps_behaviour_and_only_touches_locals():
+    """Known answers from the documented and the minified program; parameters (passable by keyword), globals,
+    nonlocals, class bodies and locals() users keep their names; everything renamed is consistent inside its function."""
+    out = strip_source(TRICKY)
+    results = []
+    for src in (TRICKY, out):
+        ns = {}
+        exec(compile(src, "<t>", "exec"), ns)
+        results.append((ns["helper"](4), ns["counter"](), ns["uses_locals"](), ns["makes_class"](), ns["shadows_global"](),
+                        ns["Thing"](3).grow(by=2), ns["Thing"].pure(5)))
+    assert results[0] == results[1] == ((13, 14, 15, 4, 6), 2, 5, 15, 4, 5, 10)
+    for kept in ("value", "scale", "count", "secret", "field", "LIMIT", "size", "by", "self_like", "helper2"):
+        assert kept in out, kept
+    for gone in ("total", "squares", "adder", "caught", "bigger", "self"):
+        assert not re.search(rf"\b{gone}\b", out), gone
+    assert bundle.alpha_mismatch(ast.parse(TRICKY), ast.parse(out)) is None
+
+
+def test_alpha_mismatch_refuses_renamings_that_change_the_program():
+    src = "G = 1\ndef f(a):\n    x = a\n    y = G\n    return x + y\n"
+    ok = "G = 1\ndef f(a):\n    b = a\n    y = G\n    return b + y\n"
+    assert bundle.alpha_mismatch(ast.parse(src), ast.parse(ok)) is None
+    bad = {
+        "a global renamed": "G = 1\ndef f(a):\n    x = a\n    y = H\n    return x + y\n",
+        "two locals merged": "G = 1\ndef f(a):\n    b = a\n    b = G\n    return b + b\n",
+        "renamed to a name the module uses": "G = 1\ndef f(a):\n    G = a\n    y = G\n    return G + y\n",
+        "inconsistent": "G = 1\ndef f(a):\n    b = a\n    y = G\n    return c + y\n",
+        "a constant changed": "G = 2\ndef f(a):\n    x = a\n    y = G\n    return x + y\n",
+    }
+    for why, other in bad.items():
+        assert bundle.alpha_mismatch(ast.parse(src), ast.parse(other)) is not None, why
+
+
+def test_squeeze_keeps_the_tokens_apart_where_it_must():
+    src = "x = 1 .real\ny = f'{{a}} {x!r:>4}' + 'b'\nz = [i for i in range(3) if i in (1, 2)]\nw = -x if x else not y\n"
+    out = bundle._squeeze(src)
+    assert ast.dump(ast.parse(out)) == ast.dump(ast.parse(src))
+    assert "1 .real" in out and "f'{{a}} {x!r:>4}'" in out and "for i in range(3)if i in(1,2)" in out
+    assert len(out) < len(src)
 
 
 def test_module_list_is_what_the_entry_imports():

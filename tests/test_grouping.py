@@ -1,0 +1,269 @@
+"""COMPRESSOR=group (issue 11, lcq.grouping): role buckets as artifact sections, the grouped layout's known bytes, the
+row order stored and undone bit for bit, what the mode guarantees about bytes, lrzip present or absent, the knob."""
+import hashlib
+import json
+import shutil
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from lcq import artifact as A
+from lcq import grouping as G
+from lcq.config import ConfigError, make_config
+from lcq.gptq import dequantize_state, quantize_state
+from lcq.model import build_model
+from lcq.pipeline import TIED, quant_spec
+
+HAVE_LRZIP = shutil.which("lrzip") is not None
+
+
+def clustered_rows(rows=96, cols=48, clusters=4, seed=0) -> torch.Tensor:
+    """int6-range rows drawn around a few centres, shuffled: what a similarity order can put side by side."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randint(-20, 21, (clusters, cols), generator=g)
+    pick = torch.randint(0, clusters, (rows,), generator=g)
+    noise = torch.randint(-1, 2, (rows, cols), generator=g)
+    return (centres[pick] + noise).clamp(-31, 31).to(torch.int8)
+
+
+def model_codes(seed=0) -> dict:
+    """A tiny model's state quantized by the real code (RTN, the tiny preset's bits), every matrix N(0, 1/fan_in)."""
+    cfg = make_config("tiny")
+    torch.manual_seed(seed)
+    model = build_model(cfg, 1, torch.device("cpu"))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, p.shape[1] ** -0.5)
+    spec = quant_spec(cfg)
+    tensors, qmeta = quantize_state({k: v.detach() for k, v in model.state_dict().items()}, None,
+                                    type(spec)(**{**spec.__dict__, "method": "rtn"}), TIED)
+    return tensors, qmeta
+
+
+def group_blob(tensors, meta, threads=None) -> tuple[bytes, list]:
+    sections = G.model_job(tensors, meta, "group", threads).sections()
+    return A.assemble(sections), sections
+
+
+def assert_bit_exact(a: dict, b: dict) -> None:
+    assert sorted(a) == sorted(b)
+    for k in a:
+        x, y = a[k], b[k]
+        assert x.dtype == y.dtype and x.shape == y.shape, k
+        if x.dtype.is_floating_point:  # compare the bits, so -0.0 and NaN payloads count
+            carrier = {2: torch.int16, 4: torch.int32}[x.element_size()]
+            x, y = x.view(carrier), y.view(carrier)
+        assert torch.equal(x, y), k
+
+
+def section_manifest(blob: bytes, name: str) -> tuple[dict, bytes]:
+    """(manifest, data region) of one section, decompressed by the artifact's own reader."""
+    raw = A._decompress(A.sections_of(blob)[name], "t")
+    (mlen,) = struct.unpack_from("<I", raw)
+    return json.loads(raw[4:4 + mlen]), raw[4 + mlen:]
+
+
+# ------------------------------------------------------------------------------------------- layout
+
+def test_grouped_layout_known_bytes_and_round_trip():
+    t = torch.tensor([[1, -2], [3, 40], [-5, 6]], dtype=torch.int8)  # range 45: plain bytes (bits 0)
+    perm = np.array([2, 0, 1])
+    raw = A._payload({"w": t}, {}, {"w": A.Arrangement("col", perm)})
+    (mlen,) = struct.unpack_from("<I", raw)
+    (entry,) = json.loads(raw[4:4 + mlen])["tensors"]
+    assert (entry["layout"], entry["major"], entry["perm"], entry["bits"]) == ("grouped", "col", 2, 0)
+    assert entry["nbytes"] == 3 * 2 + 6
+    # stored rows t[2], t[0], t[1] = [-5, 6], [1, -2], [3, 40]; column-major: -5 1 3 | 6 -2 40; order as u16 first
+    assert raw[4 + mlen:] == struct.pack("<3H", 2, 0, 1) + bytes([0xFB, 0x01, 0x03, 0x06, 0xFE, 0x28])
+    out, _ = A._parse(raw, "t")
+    assert torch.equal(out["w"], t)
+    packed = torch.tensor([[0, 1], [2, 3], [-1, -2]], dtype=torch.int8)  # range 5 -> 4-bit fields, bias -2
+    raw = A._payload({"p": packed}, {}, {"p": A.Arrangement("row", None)})
+    assert A._parse(raw, "t")[0]["p"].tolist() == packed.tolist()
+
+
+def test_grouped_layout_rejects_bad_input_and_bad_stored_orders():
+    with pytest.raises(A.ArtifactError, match="'w'.*2-D tensors of 1-byte values"):
+        A._payload({"w": torch.zeros(4, dtype=torch.int8)}, {}, {"w": A.Arrangement("col")})
+    with pytest.raises(A.ArtifactError, match="'w': perm is not a permutation of its 3 rows"):
+        A._payload({"w": torch.zeros(3, 2, dtype=torch.int8)}, {}, {"w": A.Arrangement("col", np.array([0, 0, 1]))})
+    raw = bytearray(A._payload({"w": torch.ones(3, 2, dtype=torch.int8) * 50}, {},
+                               {"w": A.Arrangement("row", np.array([1, 2, 0]))}))
+    (mlen,) = struct.unpack_from("<I", raw)
+    raw[4 + mlen:4 + mlen + 2] = struct.pack("<H", 2)  # order 2, 2, 0: not a permutation
+    with pytest.raises(A.ArtifactError, match="stored row order is not a permutation of 3 rows"):
+        A._parse(bytes(raw), "t")
+
+
+# ------------------------------------------------------------------------------------------- the mode
+
+def test_group_mode_round_trips_a_quantized_model_bit_exactly():
+    tensors, qmeta = model_codes()
+    meta = {"qmeta": qmeta, "lora": None}
+    blob, sections = group_blob(tensors, meta)
+    names = [s.name for s in sections]
+    assert names[0] == "model" and names[1:] == [f"model_{r}" for r, _ in G.GROUPS if f"model_{r}" in names]
+    assert {"model_embed", "model_attn_q", "model_mlp_up", "model_mlp_down"} <= set(names)
+    out, meta_out = A.decode(blob)
+    assert_bit_exact(tensors, out)
+    assert meta_out["qmeta"] == json.loads(json.dumps(qmeta)) and meta_out["model_embed"] == {"group": "embed"}
+    deq, ref = dequantize_state(out, qmeta), dequantize_state(tensors, qmeta)
+    assert all(torch.equal(deq[k], ref[k]) for k in ref)
+    # bytes never depend on the thread count (fixed chunks, exact row order)
+    assert group_blob(tensors, meta, threads=1)[0] == group_blob(tensors, meta, threads=3)[0]
+
+
+def test_group_job_can_be_cancelled_and_reports_builder_errors():
+    tensors, qmeta = model_codes()
+    job = G.model_job(tensors, {"qmeta": qmeta}, "group")
+    job.cancel()  # baked LCQ re-quantizes the model: the pipeline cancels the job, wherever it is
+    with pytest.raises(A.ArtifactError, match="cancelled"):
+        job.sections()
+    bad = G.model_job(tensors, {"t": torch.zeros(1)}, "group")  # meta that JSON cannot hold, found on the job's thread
+    with pytest.raises(A.ArtifactError, match="meta is not JSON"):
+        bad.sections()
+    assert bad.done() and bad.seconds_left() == 0.0
+
+
+def test_row_order_is_applied_stored_and_undone():
+    emb = clustered_rows()
+    tensors = {"tok_emb.weight.q": emb, "tok_emb.weight.scale": torch.ones(emb.shape[0], dtype=torch.float16)}
+    blob, sections = group_blob(tensors, {})
+    sec = next(s for s in sections if s.name == "model_embed")
+    assert sec.variant == "sorted"  # clusters side by side: the proxy asks for the row order, and it compresses smaller
+    manifest, data = section_manifest(blob, "model_embed")
+    (entry,) = manifest["tensors"]
+    assert entry["layout"] == "grouped" and entry["perm"] == 2 and entry["major"] == "col"
+    rows = emb.shape[0]
+    perm = np.frombuffer(data[:2 * rows], "<u2")
+    assert sorted(perm.tolist()) == list(range(rows)) and perm.tolist() != list(range(rows))
+    stored = np.frombuffer(data[2 * rows:], np.int8).reshape(emb.shape[1], rows).T
+    assert np.array_equal(stored, emb.numpy()[perm])  # the rows are stored in that order ...
+    assert not np.array_equal(stored, emb.numpy())  # ... so reading them without undoing it would be wrong
+    out, _ = A.decode(blob)
+    assert torch.equal(out["tok_emb.weight.q"], emb)  # and decode undoes it bit for bit
+
+
+def test_similarity_order_is_a_greedy_nearest_neighbour_walk():
+    codes = np.array([[0, 0], [9, 9], [1, 0], [8, 9], [1, 1]], np.int8)
+    # from row 0: nearest (1,0) [d 1], then (1,1) [d 1], then (8,9) [d 113 < 128 for (9,9)], then (9,9)
+    assert G.similarity_order(codes).tolist() == [0, 2, 4, 3, 1]
+    assert G.similarity_order(np.zeros((3, 4), np.int8)).tolist() == [0, 1, 2]  # ties: the lowest index
+
+
+@pytest.mark.parametrize("peak, cols", [(31, 64), (127, 400)])  # float32 path; 4 * 400 * 127**2 > 2**24: float64
+def test_similarity_order_matches_an_exact_integer_walk(peak, cols):
+    codes = np.random.default_rng(peak).integers(-peak, peak + 1, (40, cols)).astype(np.int8)
+    c = codes.astype(np.int64)
+    dist = ((c[:, None, :] - c[None, :, :]) ** 2).sum(-1)  # exact squared L2, no float anywhere
+    order, left = [0], set(range(1, 40))
+    while left:
+        order.append(min(left, key=lambda j: (dist[order[-1], j], j)))
+        left.remove(order[-1])
+    assert G.similarity_order(codes).tolist() == order
+
+
+def test_each_group_section_is_never_larger_than_brotli_of_its_plain_layout():
+    # What the mode guarantees: every role section compresses its plain layout with brotli among its candidates (same
+    # manifest, same chunks) and keeps the smallest, so it is at most that section; nothing is claimed for the sum.
+    tensors, qmeta = model_codes(seed=1)
+    tensors["tok_emb.weight.q"] = clustered_rows(tensors["tok_emb.weight.q"].shape[0],
+                                                 tensors["tok_emb.weight.q"].shape[1])
+    groups, _ = G.split(tensors)
+    _, sections = group_blob(tensors, {"qmeta": qmeta})
+    for sec in sections[1:]:
+        role = sec.name.removeprefix("model_")
+        plain = A.compress_section(sec.name, groups[role], {"group": role}, "brotli")
+        assert sec.nbytes <= plain.nbytes, sec.name
+    assert any(s.variant != "row" for s in sections[1:])  # and some layout other than the plain one did win
+
+
+# ------------------------------------------------------------------------------------------- back-ends
+
+def test_without_lrzip_every_section_falls_back_to_brotli(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))  # an empty directory: no lrzip binary
+    assert G.backends() == ("brotli",) and "brotli fallback" in G.describe_backends()
+    assert "apt-get install lrzip" in G.describe_backends()
+    tensors, qmeta = model_codes()
+    _, sections = group_blob(tensors, {"qmeta": qmeta})
+    assert {s.compressor for s in sections} == {"brotli"}
+
+
+def test_missing_lrzip_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(A.ArtifactError, match=r"lrzip compression needs the lrzip binary.*apt-get install lrzip"):
+        A.compress_section("model", {"w": torch.ones(4)}, {}, "lrzip")
+    # an artifact whose section says lrzip (id 3), framed by the documented layout
+    body = bytes([5]) + b"model" + struct.pack("<BQI", 3, 10, 1) + struct.pack("<QQ", 10, 4) + b"LRZI"
+    head = struct.pack("<4sHHQ", b"LCQA", 2, 1, len(body))
+    blob = head + hashlib.sha256(head + body).digest() + body
+    with pytest.raises(A.ArtifactError, match=r"^m\.lcq: section 'model' is compressed with lrzip, and no lrzip "
+                                              r"binary is on PATH: install it \(apt-get install lrzip\)"):
+        A.decode(blob, "m.lcq")
+
+
+@pytest.mark.skipif(not HAVE_LRZIP, reason="lrzip binary not on PATH (apt-get install lrzip); the brotli fallback "
+                                           "is tested above")
+def test_lrzip_back_end_round_trips_and_is_deterministic():
+    codes = {"q": clustered_rows(64, 64)}
+    blob = A.encode(codes, {"k": 1}, "lrzip")
+    assert A.compressor_of(blob) == "lrzip" and blob == A.encode(codes, {"k": 1}, "lrzip")
+    out, meta = A.decode(blob)
+    assert torch.equal(out["q"], codes["q"]) and meta == {"k": 1}
+    assert G.backends() == ("lrzip", "brotli")
+    tensors, qmeta = model_codes()
+    blob, sections = group_blob(tensors, {"qmeta": qmeta})
+    assert_bit_exact(tensors, A.decode(blob)[0])
+
+
+# ------------------------------------------------------------------------------------------- the knob
+
+def test_compressor_knob_accepts_group_and_names_the_choices():
+    assert make_config("tiny", compressor="group").compressor == "group"
+    with pytest.raises(ConfigError, match=r"COMPRESSOR=.lrzip.: choose brotli, lzma, auto or group.*"
+                                          r"apt-get install lrzip"):
+        make_config("tiny", compressor="lrzip")
+    assert G.section_compressor("group") == "brotli" and G.section_compressor("auto") == "auto"
+
+
+# ------------------------------------------------------------------------------------------- the pipeline
+
+def test_pipeline_ships_group_sections_and_counts_their_bytes(tmp_path, demo_data, monkeypatch):
+    """A tiny run end to end with COMPRESSOR=group (lrzip hidden, so the bytes are brotli's on every machine): the
+    model's role sections start on the job's threads after GPTQ, the log names each section's back-end and layout, the
+    gate's model bytes are exactly the model sections in the file, and the artifact loads to the GPTQ weights."""
+    from pathlib import Path
+
+    from lcq.dist import DistInfo
+    from lcq.pipeline import build, lcq, open_run, quantize, run_training, ship
+    from lcq.shipping import load_shipped
+
+    monkeypatch.setenv("PATH", str(tmp_path))
+    data_path, tok = demo_data
+    cfg = make_config("tiny", data_path=str(data_path), tokenizer_path=str(tok), log_dir=str(tmp_path / "logs"),
+                      run_id="group", submission_json="", iterations=4, lcq_max_steps=2, compressor="group")
+    cpu = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    torch.set_num_threads(1)
+    run = open_run(cfg, cpu)
+    build(run)
+    run_training(run)
+    quantize(run)
+    lcq(run)
+    assert ship(run)
+    run.log.close()
+    log = Path(run.log.path).read_text()
+    assert "compressor group: no lrzip binary on PATH, brotli fallback" in log
+    assert "compressors:model:brotli,model_embed:brotli/" in log and ",lora:brotli" in log
+    path = cfg.artifact_file
+    sections = A.sections_of(Path(path).read_bytes(), path)
+    assert list(sections)[0] == "model" and list(sections)[-1] == "lora" and "model_mlp_up" in sections
+    model_sections = sum(s.nbytes for n, s in sections.items() if n != "lora")
+    assert run.size.model_bytes == A.HEADER_BYTES + model_sections
+    assert run.size.lora_bytes == sections["lora"].nbytes
+    model, _, _ = load_shipped(path, cfg, cpu.device, with_lora=False)
+    state = model.state_dict()
+    for name, value in run.gptq_state.items():
+        assert torch.equal(state[name], value.to(state[name].dtype)), name
