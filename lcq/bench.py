@@ -432,7 +432,7 @@ def bench_sizing(cfg: Config) -> dict:
     One sample matrix per role and shape; control tensors at 2 bytes each, uncompressed; code = the shipped script."""
     import brotli
 
-    from .bundle import shipped_script
+    from .script import shipped_script
     from .gptq import clip_for, tensor_role
     from .model import GPT
     from .pipeline import quant_spec
@@ -457,17 +457,38 @@ def bench_sizing(cfg: Config) -> dict:
         r = rows.setdefault(group, dict(params=0, bytes=0.0, bits=bits, clip=key[2]))
         r["params"] += p.numel()
         r["bytes"] += per_shape[key] * p.numel()
+    lqer = lqer_bytes_bound(model, spec)
     code = len(shipped_script())
-    total = sum(r["bytes"] for r in rows.values()) + control + code
+    total = sum(r["bytes"] for r in rows.values()) + control + lqer + code
     print(f"\nprojected artifact of the {cfg.preset} preset ({sum(r['params'] for r in rows.values()):,} quantized params, "
           f"MLP {cfg.mlp_mult}x, vocab {cfg.vocab_size}); brotli-11 on Gaussian codes")
     print(f"{'role':<6} {'params':>11} {'bits':>4} {'clip':>5} {'B/param':>8} {'bytes':>11}")
     for g, r in rows.items():
         print(f"{g:<6} {r['params']:>11,} {r['bits']:>4} {r['clip']:>5} {r['bytes'] / r['params']:>8.4f} {r['bytes']:>11,.0f}")
-    print(f"control tensors {control:,} B, code {code:,} B: total {total:,.0f} of {cfg.artifact_cap_bytes:,} "
-          f"({cfg.artifact_cap_bytes - total:+,.0f})")
-    return dict(bench="sizing", preset=cfg.preset, roles=rows, control_bytes=control, code_bytes=code,
+    print(f"control tensors {control:,} B, LQER factors <= {lqer:,} B, code {code:,} B: total {total:,.0f} of "
+          f"{cfg.artifact_cap_bytes:,} ({cfg.artifact_cap_bytes - total:+,.0f})")
+    return dict(bench="sizing", preset=cfg.preset, roles=rows, control_bytes=control, lqer_bytes=lqer, code_bytes=code,
                 projected_bytes=round(total), cap=cfg.artifact_cap_bytes)
+
+
+def lqer_bytes_bound(model: torch.nn.Module, spec: QuantSpec) -> int:
+    """Most bytes LQER can store (lcq.gptq.lqer_select): rank-r factors on the tied embedding and the LQER_TOP_K - 1
+    block matrices whose factors are largest, A and B as uncompressed int8 codes plus their float16 scales (one for A
+    and one per group of B when asymmetric, else one per row of each). What it stores for the tensors it picks is at
+    most this before compression (tests/test_gptq.py), and the int2/int4 codes compress well below it."""
+    if not spec.lqer_rank:
+        return 0
+    from .gptq import tensor_role
+
+    def factor_bytes(rows: int, cols: int) -> int:
+        r = min(spec.lqer_rank, rows, cols)
+        asym = spec.lqer_asym and (r * cols) % spec.lqer_group == 0
+        return rows * r + r * cols + 2 * (1 + r * cols // spec.lqer_group if asym else rows + r)
+
+    sizes = [(tensor_role(n, p) == "embed", factor_bytes(*p.shape)) for n, p in model.named_parameters()
+             if tensor_role(n, p) != "raw"]
+    total = sum(b for _, b in sorted(sizes, reverse=True)[: spec.lqer_top_k])  # the embedding, then the largest
+    return total
 
 
 def serialize_payload(cfg: Config) -> tuple[dict, dict, dict, dict, int]:

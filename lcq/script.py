@@ -22,12 +22,17 @@ def running_bundle():
 
 def shipped_script(entry_path: str | os.PathLike | None = None) -> bytes:
     """The exact bytes of the single-file script this run ships: the running bundle itself, or the bundle rendered from
-    the package sources and the entry script (default: the __main__ script being run)."""
+    the package sources and the entry script (default: the __main__ script being run, or the repo's train_gpt.py when
+    that is a module of this package)."""
     bundle = running_bundle()
     if bundle is not None:
         return Path(bundle[0]).read_bytes()
     if entry_path is None:
-        entry_path = getattr(sys.modules.get("__main__"), "__file__", None) or Path(__file__).parents[1] / "train_gpt.py"
+        entry_path = getattr(sys.modules.get("__main__"), "__file__", None)
+        # A tool of this package (python -m lcq.bench, lcq.preflight) running the pipeline ships the repo's entry
+        # script, not itself.
+        if entry_path is None or Path(entry_path).resolve().parent == Path(__file__).resolve().parent:
+            entry_path = Path(__file__).parents[1] / "train_gpt.py"
     return _rendered(str(Path(entry_path).resolve()))
 
 

@@ -180,3 +180,13 @@ def test_bundle_runs_from_an_empty_dir_without_lcq(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(proc.stdout)["preset"] == "record"
     assert "lcq.corpus is not in this single-file script" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_a_package_tool_as_main_ships_the_repo_entry(monkeypatch):
+    """`python -m lcq.bench` / `lcq.preflight` run the pipeline with their own module as __main__: the code bytes they
+    count are those of the script a run ships (the repo's train_gpt.py as entry), not a bundle of the tool."""
+    from lcq import script
+
+    main = sys.modules["__main__"]
+    monkeypatch.setattr(main, "__file__", str(REPO / "lcq" / "bench.py"), raising=False)
+    assert script.shipped_script() == script.shipped_script(REPO / "train_gpt.py")

@@ -640,3 +640,21 @@ def test_per_role_clips_pick_attention_and_mlp_sigmas():
     assert clip_for(spec, "blocks.3.mlp.proj.weight", "matrix") == 11.5
     assert clip_for(spec, "tok_emb.weight", "embed") == 14.0
     assert clip_for(QuantSpec(), "blocks.0.attn.c_q.weight", "matrix") == QuantSpec().matrix_clip_sigmas
+
+
+def test_sizing_bench_bounds_the_lqer_bytes_quantize_state_stores():
+    """`python -m lcq.bench sizing` adds lqer_bytes_bound for LQER: never fewer bytes than the factors a real
+    quantize_state stores (uncompressed), whichever tensors it picks; 0 with LQER off."""
+    from lcq.bench import lqer_bytes_bound
+    from lcq.config import make_config
+    from lcq.model import GPT
+
+    cfg = make_config(preset="tiny", lqer_rank=2, lqer_top_k=3, lqer_group=8)
+    torch.manual_seed(0)
+    model = GPT(cfg, 1)
+    spec = QuantSpec(method="rtn", matrix_bits=3, embed_bits=4, lqer_rank=2, lqer_top_k=3, lqer_group=8)
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    tensors, qmeta = quantize_state(state, None, spec, {"lm_head.weight": "tok_emb.weight"} if "lm_head.weight" in state else {})
+    stored = sum(t.numel() * t.element_size() for k, t in tensors.items() if ".lqer_" in k)
+    assert 0 < stored <= lqer_bytes_bound(model, spec)
+    assert lqer_bytes_bound(model, QuantSpec(lqer_rank=0)) == 0
