@@ -309,7 +309,7 @@ def serialize_plan(cfg: Config, gptq_s: float, m: dict) -> tuple[Row, list]:
     row = Row("serialize", GO if ok else NO_GO,
               f"host compression {rates} MB/s per thread x {m['threads']} threads; full base section {base_s:.2f}s, "
               f"on the clock {serialize_s:.2f}s; LCQ + serialize window {window:.1f}s",
-              f"timed lcq.artifact.SectionJob of the full-size Gaussian-refill payload ({m['raw_bytes']:,} raw bytes, "
+              f"timed model job (lcq.grouping.model_job) of the full-size Gaussian-refill payload ({m['raw_bytes']:,} raw bytes, "
               f"COMPRESSOR={cfg.compressor}, SERIALIZE_THREADS={cfg.serialize_threads or 'all cores'}); LoRA section "
               f"{lora_s:.2f}s (timed, see the artifact row); rendering the shipped script {script_s:.2f}s (timed); "
               f"{how}; go if x{k:.2f} fits"
