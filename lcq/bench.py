@@ -31,9 +31,9 @@ from . import grouping
 from . import dist as D
 from .config import RECORD_FEATURES, Config, replace, resolve
 from .evaluate import EvalResult
-from .gptq import QuantSpec, dequantize_state, quantize_rtn, quantize_state
-from .pipeline import (TIED, Run, build, evaluate_shipped, lcq, open_run, quantize, run_training, score, score_ttt,
-                       ship)
+from .gptq import QuantSpec, clip_for, dequantize_state, quantize_rtn, quantize_state, tensor_role
+from .pipeline import (TIED, Run, build, evaluate_shipped, lcq, open_run, quant_spec, quantize, run_training, score,
+                       score_ttt, ship)
 from .runlog import atomic_write
 from .shipping import artifact_meta, load_shipped, model_from_state, pack_lora
 
@@ -432,10 +432,8 @@ def bench_sizing(cfg: Config) -> dict:
     One sample matrix per role and shape; control tensors at 2 bytes each, uncompressed; code = the shipped script."""
     import brotli
 
-    from .script import shipped_script
-    from .gptq import clip_for, tensor_role
     from .model import GPT
-    from .pipeline import quant_spec
+    from .script import shipped_script
 
     spec = quant_spec(cfg)
     with torch.device("meta"):
@@ -478,8 +476,6 @@ def lqer_bytes_bound(model: torch.nn.Module, spec: QuantSpec) -> int:
     most this before compression (tests/test_gptq.py), and the int2/int4 codes compress well below it."""
     if not spec.lqer_rank:
         return 0
-    from .gptq import tensor_role
-
     def factor_bytes(rows: int, cols: int) -> int:
         r = min(spec.lqer_rank, rows, cols)
         asym = spec.lqer_asym and (r * cols) % spec.lqer_group == 0
@@ -498,7 +494,6 @@ def serialize_payload(cfg: Config) -> tuple[dict, dict, dict, dict, int]:
     bits; RTN, since a random model has no Hessians worth solving), and a LoRA of the preset's rank on its LCQ targets
     with random factors, packed by the real code (pack_lora). Returns (base tensors, base meta, LoRA tensors, LoRA
     meta, parameters quantized). The meta holds qmeta (not the tokenizer identity: no tokenizer file is needed)."""
-    from .gptq import tensor_role
     from .lora import attach_lora, lora_modules
     from .model import build_model
     from .pipeline import lcq_target_names, quant_spec

@@ -101,20 +101,25 @@ def strip_source(code: str, squeeze: bool = True, rename: bool = True) -> str:
     documentation does not change what runs. The repo keeps the documented sources. squeeze/rename off: only for
     `--compare`, which shows what each step saves."""
     tree = _drop_docstrings_and_signature_annotations(ast.parse(code))
-    renamed = rename_locals(copy.deepcopy(tree)) if rename else tree
-    mismatch = alpha_mismatch(tree, renamed)
-    if mismatch:  # a bug in rename_locals, never expected: refuse to ship a changed program
-        raise AssertionError(f"lcq.bundle: renaming changed the program: {mismatch}")
-    out = _reindent(ast.unparse(renamed))
-    squeezed = _squeeze(out) if squeeze else out
-    return (squeezed if ast.dump(ast.parse(squeezed)) == ast.dump(ast.parse(out)) else out) + "\n"
+    renamed = tree
+    if rename:
+        renamed = rename_locals(copy.deepcopy(tree))
+        mismatch = alpha_mismatch(tree, renamed)
+        if mismatch:  # a bug in rename_locals, never expected: refuse to ship a changed program
+            raise AssertionError(f"lcq.bundle: renaming changed the program: {mismatch}")
+    out = ast.unparse(renamed)
+    want = ast.dump(ast.parse(out))  # each step below is kept only if its text parses to this same tree
+    for step in (_reindent, _squeeze) if squeeze else (_reindent,):
+        shorter = step(out)
+        if ast.dump(ast.parse(shorter)) == want:
+            out = shorter
+    return out + "\n"
 
 
 def _reindent(out: str) -> str:
-    # ast.unparse indents by 4 and writes every string on one line except a docstring-position constant, so a line's
-    # leading spaces are its indentation; the parse check falls back to 4 spaces if that ever stops holding.
-    short = "\n".join(" " * ((len(line) - len(line.lstrip(" "))) // 4) + line.lstrip(" ") for line in out.split("\n"))
-    return short if ast.dump(ast.parse(short)) == ast.dump(ast.parse(out)) else out
+    """ast.unparse indents by 4 and writes every string on one line except a docstring-position constant, so a line's
+    leading spaces are its indentation: 1 space per level instead (strip_source checks the result's tree)."""
+    return "\n".join(" " * ((len(line) - len(line.lstrip(" "))) // 4) + line.lstrip(" ") for line in out.split("\n"))
 
 
 def _squeeze(src: str) -> str:
@@ -135,11 +140,10 @@ def _squeeze(src: str) -> str:
             fstring[1] += (tok.type == f_start) - (tok.type == f_end)
             if fstring[1]:
                 continue
-            (row, col), text = fstring[0], None
-            text = lines[row - 1][col:tok.end[1]] if tok.end[0] == row else None
-            if text is None:
+            (row, col) = fstring[0]
+            if tok.end[0] != row:
                 return src  # a multi-line f-string: leave the module as ast.unparse wrote it
-            tok = tok._replace(string=text, start=(row, col))
+            tok = tok._replace(string=lines[row - 1][col:tok.end[1]], start=(row, col))
             fstring = None
         elif tok.type == f_start:
             fstring = [tok.start, 1]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import socket
 import statistics
 
 import pytest
@@ -344,14 +343,8 @@ def _gloo_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_collect_hessians_two_rank_gloo_is_union(tmp_path):
-    mp.spawn(_gloo_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+def test_collect_hessians_two_rank_gloo_is_union(tmp_path, free_port):
+    mp.spawn(_gloo_worker, args=(2, free_port, str(tmp_path)), nprocs=2, join=True)
     torch.manual_seed(0)
     want = expected_hessians(TinyGPT(), rank_batches(0) + rank_batches(1))
     for rank in range(2):

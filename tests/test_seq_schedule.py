@@ -2,7 +2,6 @@
 validation, the stage each progress runs, agreement across ranks, constant tokens per step with documents cut at every
 BOS at every length, off = one stage at TRAIN_SEQ_LEN, and a tiny run through the whole pipeline with it on."""
 import re
-import socket
 
 import numpy as np
 import pytest
@@ -79,14 +78,8 @@ def _agree_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_every_rank_takes_the_same_stage_two_rank_gloo(tmp_path):
-    mp.spawn(_agree_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+def test_every_rank_takes_the_same_stage_two_rank_gloo(tmp_path, free_port):
+    mp.spawn(_agree_worker, args=(2, free_port, str(tmp_path)), nprocs=2, join=True)
     # MAX: the rank furthest on decides, so both ranks train the next step at 64 tokens
     assert [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)] == ["64", "64"]
 
