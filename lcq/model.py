@@ -4,7 +4,8 @@ Tied embeddings, parameter-free RMSNorm, GQA, partial RoPE, QK-norm with a learn
 LeakyReLU(0.5)^2, U-Net style encoder/decoder skips with learned weights, SmearGate with a BOS mask, logit softcap.
 The record stack's features (openai/parameter-golf #1855), each behind its own knob in lcq/config.py: exclusive
 self-attention, the 1/sqrt(layer+1) norm scale, gated skips, depth recurrence (lcq/recurrence.py), parallel residual
-lanes (lcq/lanes.py) and the sparse attention output gate.
+lanes (lcq/lanes.py) and the sparse attention output gate; and #1855's own SmearGate, resid_mix and orthogonal init
+(issue 19), each one knob away from ours.
 The model works on a flat packed batch: tokens (N,) plus cu_seqlens; positions restart at every segment start and no token
 sees another segment. Module names are a stable API: GPTQ and LoRA target `blocks.{i}.attn.{c_q,c_k,c_v,proj}`,
 `blocks.{i}.mlp.{fc,proj}` and `lm_head` (which shares its weight with `tok_emb`).
@@ -154,6 +155,16 @@ class Block(nn.Module):
         self.mlp_scale = nn.Parameter(torch.ones(cfg.model_dim))
         # LN scale (PR #315): deeper layers read a smaller normed input, which keeps their updates small early on.
         self.ln_scale = (layer + 1) ** -0.5 if cfg.ln_scale else 1.0
+        # resid_mix (#1855, issue 19): the block reads m[0] * stream + m[1] * x0 (x0 = the normed embedding), per channel;
+        # [1, 0] at init is the plain stream. Not named `.weight`, so it stays a raw control tensor for GPTQ.
+        self.resid_mix = nn.Parameter(torch.stack((torch.ones(cfg.model_dim), torch.zeros(cfg.model_dim)))) \
+            if cfg.resid_mix else None
+
+    def mix_in(self, x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        if self.resid_mix is None:
+            return x
+        m = self.resid_mix.to(x.dtype)
+        return m[0] * x + m[1] * x0
 
     def norm(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(x) * self.ln_scale if self.ln_scale != 1.0 else rms_norm(x)
@@ -163,26 +174,39 @@ class Block(nn.Module):
         a = self.attn_scale.to(attn_in.dtype) * self.attn(self.norm(attn_in), cos, sin, cu_seqlens, max_seqlen, backend)
         return a, self.mlp_scale.to(mlp_in.dtype) * self.mlp(self.norm(mlp_in))
 
-    def forward(self, x, cos, sin, cu_seqlens, max_seqlen, backend):
+    def forward(self, x, cos, sin, cu_seqlens, max_seqlen, backend, x0=None):
+        x = self.mix_in(x, x0)
         x = x + self.attn_scale.to(x.dtype) * self.attn(self.norm(x), cos, sin, cu_seqlens, max_seqlen, backend)
         return x + self.mlp_scale.to(x.dtype) * self.mlp(self.norm(x))
 
 
 class SmearGate(nn.Module):
-    """Mixes each token's embedding with the previous token's through a learned per-channel gate.
+    """Mixes each token's embedding with the previous token's (SMEAR_GATE).
 
+    blend: x + sigmoid(g) * (prev - x) on the normed embedding, g per channel, zero init (an even blend).
+    input (#1855, after #1667 / modded-nanogpt): x + lam * sigmoid(w . x[:12]) * prev on the raw embedding, before the
+    norm: one scalar gate per token read from its own first 12 channels, lam = w = 0 at init (the identity).
     The previous token is masked out at every segment start and at every BOS, so nothing of document N reaches the first
-    token of document N+1 (a leak that got public records flagged)."""
+    token of document N+1 (a leak that got public records flagged). No parameter is named `.weight`: GPTQ keeps them
+    as raw control tensors."""
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, mode: str = "blend"):
         super().__init__()
-        self.gate = nn.Parameter(torch.zeros(dim))
+        self.before_norm = mode == "input"
+        if self.before_norm:
+            self.window = min(12, dim)  # #1855: GATE_WINDOW=12
+            self.w = nn.Parameter(torch.zeros(1, self.window))
+            self.lam = nn.Parameter(torch.zeros(1))
+        else:
+            self.gate = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x, input_ids, seg_start, bos_id: int):
         prev = torch.cat([torch.zeros_like(x[:1]), x[:-1]], dim=0)
-        keep = ~(seg_start | (input_ids == bos_id))
-        g = torch.sigmoid(self.gate).to(x.dtype)[None, :] * keep[:, None].to(x.dtype)
-        return x + g * (prev - x)
+        keep = (~(seg_start | (input_ids == bos_id)))[:, None].to(x.dtype)
+        if self.before_norm:
+            g = self.lam.to(x.dtype) * torch.sigmoid(F.linear(x[:, :self.window], self.w.to(x.dtype)))
+            return x + g * keep * prev
+        return x + torch.sigmoid(self.gate).to(x.dtype) * keep * (prev - x)
 
 
 class GPT(nn.Module):
@@ -196,7 +220,7 @@ class GPT(nn.Module):
         self.compile_eval = False
         self.autocast_cpu_bf16 = False
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.model_dim)
-        self.smear = SmearGate(cfg.model_dim) if cfg.smear_gate else None
+        self.smear = SmearGate(cfg.model_dim, cfg.smear_gate) if cfg.smear_gate != "off" else None
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
         self.unet_skips = cfg.unet_skips
         # Depth recurrence: the looped layer order once `recur_active` (lcq/recurrence.py); train() turns it off until
@@ -222,6 +246,9 @@ class GPT(nn.Module):
             # Residual-branch outputs start at zero, so every block starts as the identity (modded-nanogpt).
             nn.init.zeros_(block.attn.proj.weight)
             nn.init.zeros_(block.mlp.proj.weight)
+            if cfg.init == "orthogonal":  # #1855: orthogonal q/k/v and MLP-up weights, gain 1
+                for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.fc):
+                    nn.init.orthogonal_(lin.weight)
 
     def _num_skips(self, depth: int) -> int:
         return min(depth // 2, depth - depth // 2) if self.unet_skips else 0
@@ -240,9 +267,13 @@ class GPT(nn.Module):
         """input_ids: (N,) packed tokens; cu_seqlens: (S+1,) int32 segment offsets. Returns logits (N, vocab), float32."""
         pos, seg_start = segment_positions(cu_seqlens, input_ids.numel())
         cos, sin = self.rotary(pos)
-        x = rms_norm(self.tok_emb(input_ids))
-        if self.smear is not None:
-            x = self.smear(x, input_ids, seg_start, self.bos_id)
+        x, smear = self.tok_emb(input_ids), self.smear
+        if smear is not None and smear.before_norm:
+            x = smear(x, input_ids, seg_start, self.bos_id)
+        x = rms_norm(x)
+        if smear is not None and not smear.before_norm:
+            x = smear(x, input_ids, seg_start, self.bos_id)
+        x0 = x  # what resid_mix mixes back in
         order = self.layer_order()
         depth = len(order)
         n_skips = self._num_skips(depth)
@@ -254,10 +285,11 @@ class GPT(nn.Module):
             block = self.blocks[i]
             if self.lanes is not None and i >= self.lanes.start:
                 lane1 = x if lane1 is None else lane1
-                a, m = block.branches(x, lane1, cos, sin, cu_seqlens, max_seqlen, self.attn_backend)
+                # #1855 mixes x0 into the attention's read of lane 0 only; the lanes carry on unmixed.
+                a, m = block.branches(block.mix_in(x, x0), lane1, cos, sin, cu_seqlens, max_seqlen, self.attn_backend)
                 x, lane1 = self.lanes.mix(i, x, lane1, a, m)
             else:
-                x = block(x, cos, sin, cu_seqlens, max_seqlen, self.attn_backend)
+                x = block(x, cos, sin, cu_seqlens, max_seqlen, self.attn_backend, x0)
             if v < n_skips:
                 skips.append(x)
         if lane1 is not None:

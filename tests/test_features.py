@@ -216,3 +216,120 @@ def test_features_bench_end_to_end(tmp_path, demo_data, monkeypatch, capsys):
     # LQER changes only the quantized weights: same training, so the same pre-quant score, and fewer model bytes
     assert lqer["pre_quant_bpb"] == rows[0]["pre_quant_bpb"] and lqer["delta_bytes"] < 0
     assert all(r["steps"] == 3 and 0 < r["bpb"] < 10 for r in rows)
+
+
+# --- issue 19: #1855's own SmearGate, resid_mix and init, each one knob away from ours ---
+
+def test_input_smear_known_answer_and_bos_mask():
+    """SMEAR_GATE=input: x_t + lam * sigmoid(w . x_t[:12]) * x_{t-1}, nothing carried into a BOS or a segment start;
+    lam = w = 0 at init is the identity."""
+    from lcq.model import SmearGate
+
+    g = torch.Generator().manual_seed(0)
+    smear = SmearGate(16, "input")
+    x, ids = torch.randn(6, 16, generator=g), torch.tensor([BOS, 5, 6, BOS, 7, 8])
+    start = torch.tensor([True, False, False, False, True, False])
+    assert torch.equal(smear(x, ids, start, BOS), x)
+    with torch.no_grad():
+        smear.lam.fill_(0.7)
+        smear.w.copy_(torch.randn(1, 12, generator=g))
+    out = smear(x, ids, start, BOS)
+    for t in range(6):
+        want = x[t] if t in (0, 3, 4) else x[t] + 0.7 * torch.sigmoid(smear.w[0] @ x[t, :12]) * x[t - 1]
+        torch.testing.assert_close(out[t], want, atol=1e-6, rtol=1e-6)
+
+
+def test_input_smear_and_resid_mix_start_as_the_plain_model():
+    """lam = 0 and resid_mix = [1, 0] at init: the model computes exactly what the same weights compute without them."""
+    torch.manual_seed(0)
+    plain = randomised(all_on(smear_gate="off", resid_mix=False))
+    mixed = GPT(all_on(smear_gate="input", resid_mix=True), BOS).eval()
+    missing, unexpected = mixed.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and set(missing) == {"smear.w", "smear.lam"} | {f"blocks.{i}.resid_mix" for i in range(4)}
+    _, ids = packed_docs()
+    cu = segment_bounds(ids, BOS, 128)
+    with torch.no_grad():
+        assert torch.equal(mixed(ids, cu, 128), plain(ids, cu, 128))
+
+
+def test_resid_mix_block_reads_the_learned_mix_of_stream_and_x0():
+    cfg = all_on(resid_mix=True)
+    model = randomised(cfg)
+    block, plain = model.blocks[0], GPT(all_on(resid_mix=False), BOS).blocks[0]
+    plain.load_state_dict({k: v for k, v in block.state_dict().items() if k != "resid_mix"})
+    g = torch.Generator().manual_seed(1)
+    x, x0 = torch.randn(9, cfg.model_dim, generator=g), torch.randn(9, cfg.model_dim, generator=g)
+    cos, sin = model.rotary(torch.arange(9))
+    cu = torch.tensor([0, 9], dtype=torch.int32)
+    m = block.resid_mix.detach()
+    with torch.no_grad():
+        torch.testing.assert_close(block(x, cos, sin, cu, 9, "sdpa", x0), plain(m[0] * x + m[1] * x0, cos, sin, cu, 9, "sdpa"))
+
+
+def test_orthogonal_init_of_qkv_and_mlp_up():
+    model = GPT(all_on(init="orthogonal"), BOS)
+    for block in model.blocks:
+        for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.fc):
+            w = lin.weight
+            gram = w @ w.T if w.size(0) <= w.size(1) else w.T @ w  # orthonormal rows or columns, gain 1
+            torch.testing.assert_close(gram, torch.eye(gram.size(0)), atol=1e-5, rtol=0)
+        assert not block.attn.proj.weight.any() and not block.mlp.proj.weight.any()  # branch outputs still start at 0
+    default = GPT(all_on(init="default"), BOS).blocks[0].mlp.fc.weight
+    assert not torch.allclose(default.T @ default, torch.eye(default.size(1)), atol=0.1)
+
+
+def test_variant_parameters_are_control_tensors_and_targets_stay():
+    """The new parameters are raw control tensors (GPTQ, group compression) trained by Adam; GPTQ and LoRA targets and
+    the quantized matrices are the same names as with our variants."""
+    from lcq.grouping import role_of
+    from lcq.gptq import tensor_role
+    from lcq.lora import DEFAULT_TARGETS, match_targets
+
+    ours, theirs = GPT(all_on(smear_gate="blend", resid_mix=False, init="default"), BOS), GPT(all_on(), BOS)
+    assert gptq_targets(ours) == gptq_targets(theirs)
+    assert match_targets(ours, DEFAULT_TARGETS) == match_targets(theirs, DEFAULT_TARGETS)
+    new = set(theirs.state_dict()) - set(ours.state_dict())
+    assert new == {"smear.w", "smear.lam"} | {f"blocks.{i}.resid_mix" for i in range(4)}
+    state = theirs.state_dict()
+    assert all(tensor_role(n, state[n]) == "raw" and role_of(n, state[n]) is None for n in new)
+    _, muon = build_optimizers(theirs, all_on())
+    muon_ids = {id(p) for g in muon.param_groups for p in g["params"]}
+    assert not any(id(p) in muon_ids for n, p in theirs.named_parameters() if n in new)
+
+
+def test_record_preset_runs_1855s_variants_ours_one_knob_away():
+    from lcq.config import resolve
+
+    cfg, _ = resolve(["--print_config"], env={})
+    assert (cfg.smear_gate, cfg.resid_mix, cfg.init) == ("input", True, "orthogonal")
+    ours, _ = resolve([], env={"SMEAR_GATE": "blend", "RESID_MIX": "0", "INIT": "default"})
+    assert (ours.smear_gate, ours.resid_mix, ours.init) == ("blend", False, "default")
+    # an artifact written before issue 19 records SMEAR_GATE as on/off
+    assert make_config("tiny", smear_gate=True).smear_gate == "blend"
+    assert make_config("tiny", smear_gate=False).smear_gate == "off"
+    for knob, bad in (("smear_gate", "on"), ("init", "xavier")):
+        with pytest.raises(ConfigError, match=knob.upper()):
+            make_config("tiny", **{knob: bad})
+
+
+def test_resid_mix_reaches_every_attention_read_lane_layers_included():
+    """With every resid_mix at [0, 1] each attention, in the sequential blocks and the lane layers alike, reads only the
+    normed x0 (#1855 mixes x0 into lane 0's attention read; lane 1's MLP reads its own lane)."""
+    from lcq.model import rms_norm, segment_positions
+
+    model = randomised(all_on(smear_gate="input", resid_mix=True))
+    with torch.no_grad():
+        for block in model.blocks:
+            block.resid_mix.copy_(torch.stack([torch.zeros(64), torch.ones(64)]))
+    seen = {}
+    for i, block in enumerate(model.blocks):
+        block.attn.register_forward_pre_hook(lambda m, a, i=i: None if i in seen else seen.update({i: a[0]}))
+    _, ids = packed_docs()
+    cu = segment_bounds(ids, BOS, 128)
+    _, start = segment_positions(cu, ids.numel())
+    with torch.no_grad():
+        model(ids, cu, 128)
+        x0 = rms_norm(model.smear(model.tok_emb(ids), ids, start, BOS))
+    assert sorted(seen) == [0, 1, 2, 3] and model.lanes.start == 3
+    for i, block in enumerate(model.blocks):
+        torch.testing.assert_close(seen[i], rms_norm(x0) * block.ln_scale, atol=1e-5, rtol=1e-5)

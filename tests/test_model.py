@@ -31,10 +31,12 @@ def packed_docs():
 RECORD_STACK = {"num_layers": 4, "xsa_last_n": 4, "ln_scale": True, "skip_gates": True, "qk_gain_init": 5.0,
                 "recur_passes": 3, "recur_start_layer": 1, "recur_end_layer": 2, "parallel_start_layer": 3,
                 "attn_gate_window": 12, "attn_gate_scale": 0.5}
+# ... and on #1855's own SmearGate, resid_mix and init (issue 19), as the record preset runs them.
+RECORD_VARIANTS = {**RECORD_STACK, "smear_gate": "input", "resid_mix": True, "init": "orthogonal"}
 
 
 @pytest.mark.parametrize("flags", [{}, {"smear_gate": False, "unet_skips": False, "qk_norm": False, "mlp_act": "relu2"},
-                                   RECORD_STACK])
+                                   RECORD_STACK, RECORD_VARIANTS])
 def test_document_isolation_and_causality_through_full_model(flags):
     model = randomised_model(**flags)
     docs, ids = packed_docs()
@@ -57,7 +59,7 @@ def test_document_isolation_and_causality_through_full_model(flags):
         assert torch.equal(out2[42:], base[42:])
 
 
-@pytest.mark.parametrize("flags", [{}, RECORD_STACK])
+@pytest.mark.parametrize("flags", [{}, RECORD_STACK, RECORD_VARIANTS])
 def test_each_document_alone_equals_packed(flags):
     model = randomised_model(**flags)
     docs, ids = packed_docs()
