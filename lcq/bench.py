@@ -364,6 +364,8 @@ def _field_default(name: str):
 # Features that change only how the trained weights are quantized or stored: their arms re-quantize the all-on model
 # instead of training again (same weights, so the delta is the quantizer's or the compressor's alone).
 QUANT_ONLY_FEATURES = ("role_clips", "int7_embed", "lqer", "group_compression")
+# #1855's own variants of parts we also build (issue 19): their no_<name> arm is not "off" but our variant.
+OUR_VARIANTS = {"input_smear": "SMEAR_GATE=blend", "resid_mix": "RESID_MIX=0", "orthogonal_init": "INIT=default"}
 
 
 def bench_features(cfg: Config, dinfo: D.DistInfo, clock: float, steps: int = 0, only: list[str] | None = None) -> dict:
@@ -421,6 +423,7 @@ def bench_features(cfg: Config, dinfo: D.DistInfo, clock: float, steps: int = 0,
               f"{r['delta_bpb']:>+9.5f} {r['model_bytes']:>9} {r['delta_bytes']:>+8}")
     print("d bpb = bpb with the feature off minus bpb with all on (> 0: the feature helps at this scale); "
           "d bytes = model bytes likewise (< 0: the feature costs bytes)")
+    print("; ".join(f"no_{k} = ours, {v}" for k, v in OUR_VARIANTS.items() if k in feats))
     return dict(bench="features", preset=cfg.preset, seed=cfg.seed, clock_s=None if steps else clock,
                 steps=steps or None, features={k: v for k, v in feats.items()}, rows=rows)
 
