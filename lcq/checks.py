@@ -7,9 +7,12 @@ train id range is checked on a bounded sample; only the val split, which the run
 """
 from __future__ import annotations
 
+import json
 import math
 import os
+import resource
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -173,6 +176,117 @@ def check_outputs_free(cfg: Config, training: bool = True,
                else "choose another RUN_ID (or move the old files)")
         raise StartupError(f"{knob}: {path} already exists (another run's output); this run never overwrites it. "
                            f"Fix: {fix}")
+
+
+def output_folders(cfg: Config) -> list[tuple[str, str]]:
+    """(knob, folder) of every place the run writes: its log, artifact, eval dumps, submission.json and (when lrzip is
+    on PATH) the temp folder lrzip works in."""
+    out = [("LOG_DIR", cfg.log_dir)]
+    if not cfg.eval_only:
+        out.append(("ARTIFACT_PATH", os.path.dirname(cfg.artifact_file) or "."))
+        if cfg.submission_json:
+            out.append(("SUBMISSION_JSON", os.path.dirname(cfg.submission_json) or "."))
+    if cfg.eval_dump:
+        out.append(("EVAL_DUMP", os.path.dirname(cfg.eval_dump) or "."))
+    if shutil.which("lrzip"):
+        out.append(("TMPDIR", tempfile.gettempdir()))
+    return out
+
+
+def check_output_folders(cfg: Config) -> None:
+    """Issue 17: each folder the run writes exists (created if needed) and takes a real file (a probe written and
+    deleted), and the file-size limit (ulimit -f) holds an artifact of ARTIFACT_CAP_BYTES; else StartupError naming
+    the knob and the path. Found here, not after the paid run."""
+    for knob, folder in output_folders(cfg):
+        probe = os.path.join(folder, f".lcq-probe-{os.getpid()}")
+        try:
+            os.makedirs(folder, exist_ok=True)
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.write(fd, b"0")
+            finally:
+                os.close(fd)
+            os.unlink(probe)
+        except OSError as e:
+            raise StartupError(f"{knob}: cannot write in {os.path.abspath(folder)} ({e.strerror or e}). Fix: point "
+                               f"{knob} at a writable folder") from None
+    soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    need = cfg.artifact_cap_bytes + DISK_MARGIN_BYTES
+    if not cfg.eval_only and soft != resource.RLIM_INFINITY and soft < need:
+        raise StartupError(f"ARTIFACT_CAP_BYTES: the file-size limit (ulimit -f) is {soft:,} bytes, below an artifact "
+                           f"of up to {cfg.artifact_cap_bytes:,} bytes + {DISK_MARGIN_BYTES:,}. Fix: `ulimit -f "
+                           "unlimited` before the run")
+
+
+def _is_run_output(path: str) -> bool:
+    """A file some run wrote under its own name: a run's summary JSON or a file beside that run's log."""
+    p = Path(path)
+    stems = [p.name[:i] for i, c in enumerate(p.name) if c == "." and i]
+    if any(p.parent.joinpath(stem + ".txt").is_file() for stem in stems if p.name != stem + ".txt"):
+        return True
+    try:
+        with open(p, "rb") as f:
+            doc = json.loads(f.read(1 << 20) or b"null")
+    except (OSError, ValueError):
+        return False
+    return isinstance(doc, dict) and "run_id" in doc and "stages" in doc
+
+
+def check_submission_json(cfg: Config) -> None:
+    """SUBMISSION_JSON may not name an output of this run or of another (issue 17: logs/<run>.json was overwritten)."""
+    if not cfg.submission_json or cfg.eval_only:
+        return
+    target = os.path.realpath(cfg.submission_json)
+    mine = {os.path.realpath(p) for _, p in run_outputs(cfg)}
+    if target in mine or (os.path.exists(target) and _is_run_output(target)):
+        raise StartupError(f"SUBMISSION_JSON: {cfg.submission_json} is a run's output (its log or summary), which "
+                           "this run never overwrites. Fix: leave SUBMISSION_JSON at submission.json or name a file "
+                           "outside LOG_DIR's run files")
+
+
+def claim(knob: str, path: str) -> str:
+    """Create `path` empty with O_EXCL: of two runs naming one output, exactly one gets it (issue 17; an exists()
+    check let both write). The loser's StartupError names the knob; nothing of the winner is touched."""
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+    except FileExistsError:
+        fix = ("choose another ARTIFACT_PATH or leave it empty (<LOG_DIR>/<RUN_ID>.lcq)" if knob == "ARTIFACT_PATH"
+               else "choose another RUN_ID (or move the old files)")
+        raise StartupError(f"{knob}: {path} already exists (another run's output, or its claim if it is empty); this "
+                           f"run never overwrites it. Fix: {fix}") from None
+    except OSError as e:
+        raise StartupError(f"{knob}: cannot create {path} ({e.strerror or e}). Fix: point {knob} at a writable "
+                           "folder") from None
+    return path
+
+
+def release(paths: list[str]) -> None:
+    """Remove claims that are still empty (the run stopped before writing them)."""
+    for path in paths:
+        try:
+            if os.path.getsize(path) == 0:
+                os.unlink(path)
+        except OSError:
+            pass
+
+
+def sweep_temp_files(cfg: Config) -> tuple[list[str], list[str]]:
+    """Temp files of dead runs (atomic writes interrupted by SIGKILL) in LOG_DIR and the artifact's folder: those named
+    for this run's claimed outputs are removed (no live run can hold them); others are reported (their run may still be
+    writing). Returns (removed, reported)."""
+    own = {os.path.basename(p) for _, p in run_outputs(cfg, not cfg.eval_only)}
+    removed, reported = [], []
+    folders = {os.path.realpath(f) for k, f in output_folders(cfg) if k in ("LOG_DIR", "ARTIFACT_PATH")}
+    for folder in sorted(folders):
+        for p in sorted(Path(folder).glob(".*.tmp")):
+            name = p.name[1:]
+            if any(name.startswith(o + ".") for o in own):
+                p.unlink(missing_ok=True)
+                removed.append(str(p))
+            else:
+                reported.append(str(p))
+    return removed, reported
 
 
 def demo_layout(data_path: str, tokenizer_path: str) -> bool:

@@ -24,7 +24,8 @@ import torch.nn as nn
 from . import artifact
 from . import dist as D
 from . import grouping
-from .checks import (NonFiniteError, StartupError, check_disk, check_outputs_free, check_reserve, check_shards,
+from .checks import (NonFiniteError, StartupError, check_disk, check_output_folders, check_reserve, check_shards,
+                     check_submission_json, claim, release, run_outputs, sweep_temp_files,
                      check_tokenizer_file, check_train_ids, check_val_ids, demo_layout, finite)
 from .config import Config, ConfigError
 from .data import (TrainLoader, file_sha256, list_shards, load_val_bytes, load_val_tokens, sidecar_files, train_pattern,
@@ -78,6 +79,8 @@ def install_signal_handlers() -> None:
 def exit_status(exc: BaseException) -> int:
     if isinstance(exc, Interrupted):
         return 128 + exc.signum
+    if isinstance(exc, RankStartupError):
+        return exc.status
     if isinstance(exc, KeyboardInterrupt):
         return 128 + signal.SIGINT
     if isinstance(exc, (StartupError, ConfigError, artifact.ArtifactError)):
@@ -114,6 +117,7 @@ def fail(run: Run | None, exc: BaseException, t_launch: float) -> int:
     else:
         traceback.print_exception(exc, file=sys.stderr)
     if run is not None:
+        release(run.claims)  # an empty artifact or script claim is not left to block the next run
         run.log.summary["wall_time_s"] = round(time.perf_counter() - t_launch, 3)
         run.log.fail(failure_message(exc), status, line=failure_line(exc))
     return status
@@ -145,6 +149,7 @@ class Run:
     # rank 0: the quantized base model's artifact section, compressed on host threads from the end of GPTQ (issue 8)
     base_job: artifact.CompressJob | None = None
     script_job: Future | None = None  # rank 0: the single-file train_gpt.py (its bytes are the code bytes), built beside it
+    claims: list[str] = field(default_factory=list)  # rank 0: outputs created empty at start-up (issue 17)
     serialize_budget: float | None = None  # seconds, projected by LCQ from the compression rate measured in this run
 
     @property
@@ -174,30 +179,88 @@ def open_run(cfg: Config, dinfo: D.DistInfo) -> Run:
             ensure_demo(cfg.data_path, cfg.tokenizer_path)
             print(f"built demo dataset in {time.perf_counter() - t:.1f}s: {cfg.data_path}", flush=True)
         D.barrier()
-    # Before the log opens: its own name may be another run's file, which this run must not touch.
-    check_outputs_free(cfg, training=not cfg.eval_only, knob_names=("RUN_ID",))
-    D.barrier()  # every rank has checked before rank 0 creates the log (else a slower rank finds it and stops)
+    # Before the log opens (issue 17): every folder the run writes takes a file, and rank 0 claims the run's names with
+    # exclusive create, so of two runs given one RUN_ID exactly one goes on and the other's files are never touched.
+    claims: list[str] = []
+    try:
+        problem = None
+        if dinfo.is_master:
+            try:
+                check_output_folders(cfg)
+                check_submission_json(cfg)
+                for knob, path in run_outputs(cfg, training=not cfg.eval_only):
+                    if knob == "RUN_ID":
+                        claims.append(claim(knob, path))
+            except StartupError as e:
+                problem = (CONFIG_EXIT_CODE, str(e))
+        agree(problem)
+    except BaseException:
+        release(claims)
+        raise
     log = RunLog(cfg, dinfo)
     try:
         log.header()
-        sp, bos_id, extra = startup_checks(cfg)
+        problem = None
+        try:
+            sp, bos_id, extra = startup_checks(cfg)
+            val_tokens = load_val_tokens(cfg.data_path, cfg.val_max_tokens)
+            check_val_split(cfg, val_tokens, bos_id)
+            # A byte sidecar shipped with the data is the byte count (CaseOps pieces are not the scored text); else the table.
+            val_bytes = load_val_bytes(cfg.data_path, val_tokens.size)
+            check_byte_source(sp, val_bytes is not None, cfg.tokenizer_path, cfg.data_path)
+            if dinfo.is_master and not cfg.eval_only:
+                claims.append(claim("ARTIFACT_PATH", cfg.artifact_file))
+        except Exception as e:
+            # input that fails to load here (a tokenizer that does not parse, an unpaired byte sidecar) is a start-up fault
+            err = StartupError(str(e)) if isinstance(e, (OSError, ValueError)) and not isinstance(e, StartupError) else e
+            problem = (exit_status(err), failure_message(err))
+        agree(problem)
+        if dinfo.is_master:
+            removed, stale = sweep_temp_files(cfg)
+            extra.update({"temp_files_removed": " ".join(removed)} if removed else {})
+            extra.update({"temp_files_of_other_runs": " ".join(stale) + " (not removed: their run may be live; delete "
+                          "them once it is not)"} if stale else {})
         for k, v in extra.items():
             log(f"{k}: {v}")
-        val_tokens = load_val_tokens(cfg.data_path, cfg.val_max_tokens)
-        # A byte sidecar shipped with the data is the byte count (CaseOps pieces are not the scored text); else the table.
-        val_bytes = load_val_bytes(cfg.data_path, val_tokens.size)
         if val_bytes is not None:
             log("val bytes from sidecar " + " ".join(os.path.basename(f) for f in sidecar_files(cfg.data_path)))
-        check_byte_source(sp, val_bytes is not None, cfg.tokenizer_path, cfg.data_path)
         tables = byte_tables(sp, cfg.vocab_size).to(dinfo.device)
     except BaseException as e:
-        # input that fails to load here (a tokenizer that does not parse, an unpaired byte sidecar) is a start-up fault
-        err = StartupError(str(e)) if isinstance(e, (OSError, ValueError)) and not isinstance(e, StartupError) else e
-        log.fail(failure_message(err), exit_status(err), line=failure_line(err))
-        if err is e:
-            raise
-        raise err from e
-    return Run(cfg=cfg, dinfo=dinfo, log=log, bos_id=bos_id, tables=tables, val_tokens=val_tokens, val_bytes=val_bytes)
+        release(claims)
+        log.fail(failure_message(e), exit_status(e), line=failure_line(e))
+        raise
+    return Run(cfg=cfg, dinfo=dinfo, log=log, bos_id=bos_id, tables=tables, val_tokens=val_tokens, val_bytes=val_bytes,
+               claims=claims)
+
+
+class RankStartupError(StartupError):
+    """A start-up failure of one rank, raised on every rank with that rank's status (issue 17)."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status
+
+
+def agree(problem: tuple[int, str] | None) -> None:
+    """Every rank learns the lowest failing rank's (status, message) and raises it, so rank 0's log and JSON say what
+    failed where, with its status (not the SIGTERM torchrun sends the survivors)."""
+    first = D.first_error(problem)
+    if first is not None:
+        rank, (status, message) = first
+        raise RankStartupError(message if rank == 0 else f"rank {rank}: {message}", status)
+
+
+def check_val_split(cfg: Config, val_tokens: np.ndarray, bos_id: int) -> None:
+    """A val split the eval can score: at least one target (its first token is context only), and documents (issue 17:
+    an empty split failed after the paid run; one without BOS was scored as one document without a word). Refused."""
+    where = f"DATA_PATH={cfg.data_path}" + (f" (VAL_MAX_TOKENS={cfg.val_max_tokens})" if cfg.val_max_tokens else "")
+    if val_tokens.size < 2:
+        raise StartupError(f"{where}: the val split holds {val_tokens.size} token(s), so no token would be scored. Fix: "
+                           "point DATA_PATH at shards with a non-empty fineweb_val_*.bin (or raise VAL_MAX_TOKENS)")
+    if not (val_tokens == bos_id).any():
+        raise StartupError(f"{where}: no val token is the BOS id {bos_id}, so the split has no document boundaries "
+                           "and would be scored as one document. Fix: rebuild the val shards with a BOS at the start "
+                           "of every document (`python -m lcq.corpus`), with this TOKENIZER_PATH")
 
 
 def startup_checks(cfg: Config):
@@ -207,6 +270,12 @@ def startup_checks(cfg: Config):
     if cfg.eval_only and not os.path.isfile(cfg.artifact_file):
         raise StartupError(f"--artifact {cfg.artifact_file}: no such file. Fix: pass the .lcq a training run wrote "
                            "(logs/<run_id>.lcq, or the run's ARTIFACT_PATH)")
+    if cfg.eval_only and cfg.ttt_enabled and cfg.ttt_init == "artifact":
+        # before the first scored stage (issue 17: this was found after the sliding eval); section names only
+        with open(cfg.artifact_file, "rb") as f:
+            if "lora" not in artifact.sections_of(f.read(), cfg.artifact_file):
+                raise StartupError(f"TTT_INIT=artifact: {cfg.artifact_file} ships no LoRA factors to start from. Fix: "
+                                   "TTT_INIT=zero or auto, or an artifact trained with LCQ_MERGE=side or fused")
     check_tokenizer_file(cfg)
     try:
         sp = load_tokenizer(cfg.tokenizer_path)
@@ -224,7 +293,6 @@ def startup_checks(cfg: Config):
     sampled = check_train_ids(train_files, cfg.vocab_size)
     post = None if cfg.eval_only else check_reserve(cfg)
     free = check_disk(cfg, 0 if cfg.eval_only else cfg.artifact_cap_bytes)
-    check_outputs_free(cfg, training=not cfg.eval_only, knob_names=("ARTIFACT_PATH",))
     extra = {"tokenizer": f"{cfg.tokenizer_path} sha256={file_sha256(cfg.tokenizer_path)[:16]} bos_id={bos_id}",
              "data_val_files": " ".join(f"{os.path.basename(f)}:sha256={file_sha256(f)[:16]}" for f in val_files)}
     if not cfg.eval_only:
