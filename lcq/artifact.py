@@ -699,9 +699,8 @@ def _read_sections(blob: bytes, source: str) -> list[SectionInfo]:
         raise ArtifactError(f"{source}: {len(body) - at} bytes after the last of {count} sections")
     raw = sum(sec.raw_bytes for sec in out)
     if raw > max_raw_bytes(len(blob)):
-        raise ArtifactError(f"{source}: the chunk tables claim {raw:,} uncompressed bytes from a {len(blob):,}-byte "
-                            f"file, more than {max_raw_bytes(len(blob)):,} (what any artifact this lcq writes needs); "
-                            "refused before decompressing")
+        raise ArtifactError(f"{source}: chunk tables claim {raw} raw bytes from {len(blob)}, refused before "
+                            "decompressing")
     return out
 
 
@@ -765,7 +764,7 @@ def _decode_tensor(entry, data: memoryview, where: str) -> tuple[str, torch.Tens
     if width:
         perm, buf = buf[:shape[0] * width].view(f"<u{width}"), buf[shape[0] * width:]
         if perm.size and int(perm.max()) >= shape[0]:  # before bincount, which allocates max + 1 counters
-            raise ArtifactError(f"{where}: the stored row order names row {int(perm.max())} of {shape[0]}")
+            raise ArtifactError(f"{where}: row order names row {perm.max()} of {shape[0]}")
         seen = np.bincount(perm, minlength=shape[0])
         if seen.size != shape[0] or not np.all(seen == 1):
             raise ArtifactError(f"{where}: the stored row order is not a permutation of {shape[0]} rows")
@@ -819,19 +818,13 @@ def _parse(raw: bytes, source: str) -> tuple[dict[str, torch.Tensor], dict]:
 
 def _bounded(compressor: str, stored: memoryview, n: int) -> bytes:
     """Decompress at most n + 1 bytes (enough to see a chunk that is longer than its table says) and stop there."""
-    if compressor == "brotli":
-        d, out = brotli.Decompressor(), []
-        got = len(piece := d.process(stored, output_buffer_limit=n + 1))
-        out.append(piece)
-        while got <= n and not d.is_finished() and piece:
-            got += len(piece := d.process(b"", output_buffer_limit=n + 1 - got))
-            out.append(piece)
-        return b"".join(out)
+    if compressor == "brotli":  # the output stops growing at the limit: fewer bytes means the stream ended
+        return brotli.Decompressor().process(stored, output_buffer_limit=n + 1)
     if compressor == "lzma":
         return lzma.LZMADecompressor(format=lzma.FORMAT_RAW, filters=_LZMA_FILTERS).decompress(stored, max_length=n + 1)
     if compressor == "lrzip":  # lrzip stores the decoded size at bytes 6..14 of its header and allocates by it
         if len(stored) < 14 or bytes(stored[:4]) != b"LRZI" or struct.unpack_from("<Q", stored, 6)[0] != n:
-            raise ValueError(f"its lrzip header does not declare the table's {n} bytes")
+            raise ValueError("lrzip header does not declare the table's length")
     return _COMPRESSORS[compressor][2](stored)
 
 
@@ -844,7 +837,7 @@ def _decompress_chunk(sec: SectionInfo, i: int, source: str) -> bytes:
                             f"({e})") from e
     if len(raw) != n:
         raise ArtifactError(f"{source}: section {sec.name!r}: chunk {i} decompressed to "
-                            f"{'more than ' if len(raw) > n else ''}{len(raw)} bytes but the table says {n}")
+                            f"{'more than ' * (len(raw) > n)}{len(raw)} bytes but the table says {n}")
     return raw
 
 

@@ -79,12 +79,10 @@ def install_signal_handlers() -> None:
 def exit_status(exc: BaseException) -> int:
     if isinstance(exc, Interrupted):
         return 128 + exc.signum
-    if isinstance(exc, RankStartupError):
-        return exc.status
     if isinstance(exc, KeyboardInterrupt):
         return 128 + signal.SIGINT
     if isinstance(exc, (StartupError, ConfigError, artifact.ArtifactError)):
-        return CONFIG_EXIT_CODE
+        return getattr(exc, "status", CONFIG_EXIT_CODE)
     if isinstance(exc, NonFiniteError):
         return NONFINITE_EXIT_CODE
     return ERROR_EXIT_CODE
@@ -181,22 +179,16 @@ def open_run(cfg: Config, dinfo: D.DistInfo) -> Run:
         D.barrier()
     # Before the log opens (issue 17): every folder the run writes takes a file, and rank 0 claims the run's names with
     # exclusive create, so of two runs given one RUN_ID exactly one goes on and the other's files are never touched.
-    claims: list[str] = []
-    try:
-        problem = None
-        if dinfo.is_master:
-            try:
-                check_output_folders(cfg)
-                check_submission_json(cfg)
-                for knob, path in run_outputs(cfg, training=not cfg.eval_only):
-                    if knob == "RUN_ID":
-                        claims.append(claim(knob, path))
-            except StartupError as e:
-                problem = (CONFIG_EXIT_CODE, str(e))
-        agree(problem)
-    except BaseException:
-        release(claims)
-        raise
+    claims, problem = [], None
+    if dinfo.is_master:
+        try:
+            check_output_folders(cfg, log_dir=True)
+            for knob, path in run_outputs(cfg, training=not cfg.eval_only)[:3]:
+                claims.append(claim(knob, path))
+        except StartupError as e:
+            release(claims)
+            problem = (CONFIG_EXIT_CODE, str(e))
+    agree(problem)
     log = RunLog(cfg, dinfo)
     try:
         log.header()
@@ -208,8 +200,11 @@ def open_run(cfg: Config, dinfo: D.DistInfo) -> Run:
             # A byte sidecar shipped with the data is the byte count (CaseOps pieces are not the scored text); else the table.
             val_bytes = load_val_bytes(cfg.data_path, val_tokens.size)
             check_byte_source(sp, val_bytes is not None, cfg.tokenizer_path, cfg.data_path)
-            if dinfo.is_master and not cfg.eval_only:
-                claims.append(claim("ARTIFACT_PATH", cfg.artifact_file))
+            if dinfo.is_master:
+                check_output_folders(cfg, log_dir=False)
+                check_submission_json(cfg)
+                if not cfg.eval_only:
+                    claims.append(claim("ARTIFACT_PATH", cfg.artifact_file))
         except Exception as e:
             # input that fails to load here (a tokenizer that does not parse, an unpaired byte sidecar) is a start-up fault
             err = StartupError(str(e)) if isinstance(e, (OSError, ValueError)) and not isinstance(e, StartupError) else e
@@ -217,11 +212,10 @@ def open_run(cfg: Config, dinfo: D.DistInfo) -> Run:
         agree(problem)
         if dinfo.is_master:
             removed, stale = sweep_temp_files(cfg)
-            extra.update({"temp_files_removed": " ".join(removed)} if removed else {})
-            extra.update({"temp_files_of_other_runs": " ".join(stale) + " (not removed: their run may be live; delete "
-                          "them once it is not)"} if stale else {})
+            extra["temp_files_removed"], extra["temp_files_of_other_runs"] = " ".join(removed), " ".join(stale)
         for k, v in extra.items():
-            log(f"{k}: {v}")
+            if v:
+                log(f"{k}: {v}")
         if val_bytes is not None:
             log("val bytes from sidecar " + " ".join(os.path.basename(f) for f in sidecar_files(cfg.data_path)))
         tables = byte_tables(sp, cfg.vocab_size).to(dinfo.device)
@@ -233,34 +227,23 @@ def open_run(cfg: Config, dinfo: D.DistInfo) -> Run:
                claims=claims)
 
 
-class RankStartupError(StartupError):
-    """A start-up failure of one rank, raised on every rank with that rank's status (issue 17)."""
-
-    def __init__(self, message: str, status: int):
-        super().__init__(message)
-        self.status = status
-
-
 def agree(problem: tuple[int, str] | None) -> None:
-    """Every rank learns the lowest failing rank's (status, message) and raises it, so rank 0's log and JSON say what
-    failed where, with its status (not the SIGTERM torchrun sends the survivors)."""
+    """Every rank raises the lowest failing rank's (status, message): rank 0's log and JSON say what failed where, with
+    its status, not the SIGTERM torchrun sends the survivors (issue 17)."""
     first = D.first_error(problem)
-    if first is not None:
+    if first:
         rank, (status, message) = first
-        raise RankStartupError(message if rank == 0 else f"rank {rank}: {message}", status)
+        err = StartupError(f"rank {rank}: " * (rank > 0) + message)
+        err.status = status
+        raise err
 
 
 def check_val_split(cfg: Config, val_tokens: np.ndarray, bos_id: int) -> None:
-    """A val split the eval can score: at least one target (its first token is context only), and documents (issue 17:
-    an empty split failed after the paid run; one without BOS was scored as one document without a word). Refused."""
-    where = f"DATA_PATH={cfg.data_path}" + (f" (VAL_MAX_TOKENS={cfg.val_max_tokens})" if cfg.val_max_tokens else "")
-    if val_tokens.size < 2:
-        raise StartupError(f"{where}: the val split holds {val_tokens.size} token(s), so no token would be scored. Fix: "
-                           "point DATA_PATH at shards with a non-empty fineweb_val_*.bin (or raise VAL_MAX_TOKENS)")
-    if not (val_tokens == bos_id).any():
-        raise StartupError(f"{where}: no val token is the BOS id {bos_id}, so the split has no document boundaries "
-                           "and would be scored as one document. Fix: rebuild the val shards with a BOS at the start "
-                           "of every document (`python -m lcq.corpus`), with this TOKENIZER_PATH")
+    """Refused (issue 17): a val split with no target (an empty split failed after the paid run), or without a BOS
+    (it was scored as one document)."""
+    if val_tokens.size < 2 or not (val_tokens == bos_id).any():
+        raise StartupError(f"DATA_PATH={cfg.data_path}: {val_tokens.size} val token(s), " + ("none scored" if
+                           val_tokens.size < 2 else f"no BOS id {bos_id}: one document") + ". Fix: rebuild the val shards")
 
 
 def startup_checks(cfg: Config):
@@ -271,11 +254,10 @@ def startup_checks(cfg: Config):
         raise StartupError(f"--artifact {cfg.artifact_file}: no such file. Fix: pass the .lcq a training run wrote "
                            "(logs/<run_id>.lcq, or the run's ARTIFACT_PATH)")
     if cfg.eval_only and cfg.ttt_enabled and cfg.ttt_init == "artifact":
-        # before the first scored stage (issue 17: this was found after the sliding eval); section names only
+        # before the first scored stage (issue 17: found after the sliding eval); section names only
         with open(cfg.artifact_file, "rb") as f:
             if "lora" not in artifact.sections_of(f.read(), cfg.artifact_file):
-                raise StartupError(f"TTT_INIT=artifact: {cfg.artifact_file} ships no LoRA factors to start from. Fix: "
-                                   "TTT_INIT=zero or auto, or an artifact trained with LCQ_MERGE=side or fused")
+                raise StartupError(f"TTT_INIT=artifact: {cfg.artifact_file} ships no LoRA. Fix: TTT_INIT=zero or auto")
     check_tokenizer_file(cfg)
     try:
         sp = load_tokenizer(cfg.tokenizer_path)
@@ -301,8 +283,7 @@ def startup_checks(cfg: Config):
         f"ok in {time.perf_counter() - t0:.2f}s: {len(train_files)} train + {len(val_files)} val shard headers and "
         f"sizes, val ids < {cfg.vocab_size}, {sampled} sampled train ids < {cfg.vocab_size}"
         + ("" if post is None else f", GPTQ/LCQ reserve {post:.1f}s >= GPTQ_MIN_SECONDS {cfg.gptq_min_seconds:g}")
-        + ", free disk " + " ".join(f"{d}:{b / 1e9:.1f}GB" for d, b in free.items())
-        + ("" if cfg.eval_only else f", no output of RUN_ID={cfg.run_id} or ARTIFACT_PATH exists yet"))
+        + ", free disk " + " ".join(f"{d}:{b / 1e9:.1f}GB" for d, b in free.items()))
     return sp, bos_id, extra
 
 
