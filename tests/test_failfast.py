@@ -561,3 +561,21 @@ def test_a_start_up_failure_on_rank_1_is_in_rank_0s_log_with_status_2(tmp_path, 
     log, summary = outputs(tmp_path, "ranks")
     assert "error: rank 1: " in log and "bad magic" in log and "step:" not in log
     assert summary["status"] == CONFIG_EXIT_CODE and summary["error"].startswith("rank 1: ")
+
+
+def test_audit_cross_checks_a_logs_own_numbers(trained):
+    text = (trained / "logs" / "src.txt").read_text()
+    score = next(ln for ln in text.splitlines() if ln.startswith("final_exact"))
+    better = score.split(" val_bpb:")[0] + " val_bpb:3.00000000"
+
+    def failed(log_text: str, name: str) -> set[str]:
+        folder = trained / name
+        folder.mkdir()
+        (folder / "train_seed1337.log").write_text(log_text)
+        return {c.name for c in S.audit(folder) if not c.ok}
+    assert not {"final_is_last_stage[seed 1337]", "bpb_from_loss[seed 1337]"} & failed(text, "audit_honest")
+    # the final line and the stage line edited together: the arithmetic still gives the old score
+    both = text.replace(score.replace("final_exact", "quantized_exact"), better.replace("final_exact", "quantized_exact"))
+    assert "bpb_from_loss[seed 1337]" in failed(both.replace(score, better), "audit_both")
+    # only the final line edited: it no longer repeats the last stage
+    assert "final_is_last_stage[seed 1337]" in failed(text.replace(score, better), "audit_final")
