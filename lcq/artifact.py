@@ -656,6 +656,14 @@ class SectionInfo:
     chunks: tuple[tuple[int, memoryview], ...]  # (raw length, stored bytes)
 
 
+def max_raw_bytes(file_bytes: int) -> int:
+    """The most uncompressed bytes a reader accepts from a file of `file_bytes` (issue 17: a re-hashed 3.3 KB chunk
+    inflated to 4 GiB). Our payloads are int codes and scales that compress 1.3-3x, so 32x the file, with a floor for
+    the small files of tests and all-zero factors (a zero-started LoRA compresses ~1000x), bounds a crafted file's
+    memory by a multiple of its size."""
+    return max(128 << 20, 32 * file_bytes)
+
+
 def _read_sections(blob: bytes, source: str) -> list[SectionInfo]:
     count, body = _read_header(blob, source)
     out, at = [], 0
@@ -689,6 +697,10 @@ def _read_sections(blob: bytes, source: str) -> list[SectionInfo]:
         out.append(SectionInfo(name, _COMPRESSOR_BY_ID[cid], raw_len, at - start, chunks))
     if at != len(body):
         raise ArtifactError(f"{source}: {len(body) - at} bytes after the last of {count} sections")
+    raw = sum(sec.raw_bytes for sec in out)
+    if raw > max_raw_bytes(len(blob)):
+        raise ArtifactError(f"{source}: chunk tables claim {raw} raw bytes from {len(blob)}, refused before "
+                            "decompressing")
     return out
 
 
@@ -751,6 +763,8 @@ def _decode_tensor(entry, data: memoryview, where: str) -> tuple[str, torch.Tens
     perm = None
     if width:
         perm, buf = buf[:shape[0] * width].view(f"<u{width}"), buf[shape[0] * width:]
+        if perm.size and int(perm.max()) >= shape[0]:  # before bincount, which allocates max + 1 counters
+            raise ArtifactError(f"{where}: row order names row {perm.max()} of {shape[0]}")
         seen = np.bincount(perm, minlength=shape[0])
         if seen.size != shape[0] or not np.all(seen == 1):
             raise ArtifactError(f"{where}: the stored row order is not a permutation of {shape[0]} rows")
@@ -802,16 +816,28 @@ def _parse(raw: bytes, source: str) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, manifest["meta"]
 
 
+def _bounded(compressor: str, stored: memoryview, n: int) -> bytes:
+    """Decompress at most n + 1 bytes (enough to see a chunk that is longer than its table says) and stop there."""
+    if compressor == "brotli":  # the output stops growing at the limit: fewer bytes means the stream ended
+        return brotli.Decompressor().process(stored, output_buffer_limit=n + 1)
+    if compressor == "lzma":
+        return lzma.LZMADecompressor(format=lzma.FORMAT_RAW, filters=_LZMA_FILTERS).decompress(stored, max_length=n + 1)
+    if compressor == "lrzip":  # lrzip stores the decoded size at bytes 6..14 of its header and allocates by it
+        if len(stored) < 14 or bytes(stored[:4]) != b"LRZI" or struct.unpack_from("<Q", stored, 6)[0] != n:
+            raise ValueError("lrzip header does not declare the table's length")
+    return _COMPRESSORS[compressor][2](stored)
+
+
 def _decompress_chunk(sec: SectionInfo, i: int, source: str) -> bytes:
     n, stored = sec.chunks[i]
     try:
-        raw = _COMPRESSORS[sec.compressor][2](stored)
+        raw = _bounded(sec.compressor, stored, n)
     except Exception as e:  # lzma.LZMAError, brotli.error, a failed lrzip: wrap whatever the codec raises
         raise ArtifactError(f"{source}: section {sec.name!r}: {sec.compressor} chunk {i} does not decompress "
                             f"({e})") from e
     if len(raw) != n:
-        raise ArtifactError(f"{source}: section {sec.name!r}: chunk {i} decompressed to {len(raw)} bytes but "
-                            f"the table says {n}")
+        raise ArtifactError(f"{source}: section {sec.name!r}: chunk {i} decompressed to "
+                            f"{'more than ' * (len(raw) > n)}{len(raw)} bytes but the table says {n}")
     return raw
 
 

@@ -7,9 +7,12 @@ train id range is checked on a bounded sample; only the val split, which the run
 """
 from __future__ import annotations
 
+import json
 import math
 import os
+import resource
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -162,17 +165,76 @@ def run_outputs(cfg: Config, training: bool = True) -> list[tuple[str, str]]:
     return [("RUN_ID", base + ext) for ext in (".txt", ".json", ".train_gpt.py")] + [("ARTIFACT_PATH", cfg.artifact_file)]
 
 
-def check_outputs_free(cfg: Config, training: bool = True,
-                       knob_names: tuple[str, ...] = ("RUN_ID", "ARTIFACT_PATH")) -> None:
-    """No output of this run (of those named by `knob_names`) may replace a file that already exists: it belongs to
-    another run, whose log points at those bytes."""
-    for knob, path in run_outputs(cfg, training):
-        if knob not in knob_names or not os.path.exists(path):
-            continue
-        fix = ("choose another ARTIFACT_PATH or leave it empty (<LOG_DIR>/<RUN_ID>.lcq)" if knob == "ARTIFACT_PATH"
-               else "choose another RUN_ID (or move the old files)")
-        raise StartupError(f"{knob}: {path} already exists (another run's output); this run never overwrites it. "
-                           f"Fix: {fix}")
+def output_folders(cfg: Config) -> list[tuple[str, str]]:
+    """(knob, folder) of every place the run writes: log, artifact, submission.json, eval dumps and (lrzip on PATH)
+    lrzip's temp folder."""
+    out = [("LOG_DIR", os.path.join(cfg.log_dir, "x"))]
+    if not cfg.eval_only:
+        out += [("ARTIFACT_PATH", cfg.artifact_file)] + [("SUBMISSION_JSON", cfg.submission_json)] * bool(cfg.submission_json)
+    out += [("EVAL_DUMP", cfg.eval_dump)] * bool(cfg.eval_dump)
+    out = [(k, os.path.dirname(p) or ".") for k, p in out]
+    return out + [("TMPDIR", tempfile.gettempdir())] * bool(shutil.which("lrzip"))
+
+
+def check_output_folders(cfg: Config, log_dir: bool) -> None:
+    """Issue 17: every folder the run writes (log_dir: LOG_DIR alone, before the log opens; else the others) is created
+    if needed and takes a probe file, written and deleted; ulimit -f holds the cap. Found here, not after the paid run."""
+    for knob, folder in output_folders(cfg):
+        if (knob == "LOG_DIR") == log_dir:
+            probe = os.path.join(folder, f".lcq-probe-{os.getpid()}")
+            try:
+                os.makedirs(folder, exist_ok=True)
+                os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL))
+                os.unlink(probe)
+            except OSError as e:
+                raise StartupError(f"{knob}: cannot write in {os.path.abspath(folder)} ({e.strerror})") from None
+    soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if not (log_dir or cfg.eval_only) and 0 <= soft < cfg.artifact_cap_bytes + DISK_MARGIN_BYTES:
+        raise StartupError(f"ARTIFACT_CAP_BYTES={cfg.artifact_cap_bytes} > ulimit -f ({soft} bytes)")
+
+
+def check_submission_json(cfg: Config) -> None:
+    """SUBMISSION_JSON may not name an output of this run or another's summary (issue 17)."""
+    path = cfg.submission_json
+    if not path or cfg.eval_only:
+        return
+    try:
+        with open(path, "rb") as f:
+            doc = json.loads(f.read(1 << 20))
+    except (OSError, ValueError):
+        doc = None
+    if os.path.realpath(path) in {os.path.realpath(p) for _, p in run_outputs(cfg)} or \
+            isinstance(doc, dict) and "stages" in doc:
+        raise StartupError(f"SUBMISSION_JSON: {path} is a run's output")
+
+
+def claim(knob: str, path: str) -> str:
+    """Create `path` empty with O_EXCL: of two runs naming one output exactly one gets it (issue 17: an exists() check
+    let both write); nothing of the other is touched."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+    except OSError as e:
+        why = "already exists (another run's output)" if isinstance(e, FileExistsError) else f"fails: {e.strerror}"
+        raise StartupError(f"{knob}: {path} {why}. Fix: another {knob}") from None
+    return path
+
+
+def release(paths: list[str]) -> None:
+    """Remove this run's claims that are still empty."""
+    for p in paths:
+        if os.path.isfile(p) and not os.path.getsize(p):
+            os.unlink(p)
+
+
+def sweep_temp_files(cfg: Config) -> tuple[list[str], list[str]]:
+    """Temp files of killed runs in LOG_DIR and the artifact's folder: (removed: named for this run's claimed outputs,
+    which no live run can hold; reported: the rest, whose run may be live)."""
+    own = tuple(f".{os.path.basename(p)}." for _, p in run_outputs(cfg, not cfg.eval_only))
+    found = {p for k, f in output_folders(cfg)[:2] for p in Path(f).glob(".*.tmp")}
+    removed = sorted(str(p) for p in found if p.name.startswith(own))
+    for p in removed:
+        os.unlink(p)
+    return removed, sorted(str(p) for p in found if not p.name.startswith(own))
 
 
 def demo_layout(data_path: str, tokenizer_path: str) -> bool:

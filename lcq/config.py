@@ -9,6 +9,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import time
 from dataclasses import dataclass, fields
 
@@ -17,6 +18,8 @@ from .seq_schedule import parse_seq_schedule
 
 class ConfigError(ValueError):
     """A knob with a value that does not parse or is out of range."""
+
+
 
 
 @dataclass(frozen=True)
@@ -224,6 +227,9 @@ class Config:
                 raise ConfigError(f"{name.upper()}={getattr(self, name)!r}: {msg}")
 
         need(self.preset in PRESETS, "preset", f"unknown preset; choose one of {sorted(PRESETS)}")
+        # A run's name names files in LOG_DIR, never a path (issue 17: RUN_ID=../x wrote outside LOG_DIR; 240
+        # characters failed on the artifact's temp name after LCQ).
+        need(re.fullmatch(r"\w[\w.-]{,99}", self.run_id or "x", re.A), "run_id", r"must match \w[\w.-]{,99}")
         need(self.vocab_size > 0, "vocab_size", "must be > 0")
         need(self.max_wallclock_seconds > 0, "max_wallclock_seconds", "must be > 0")
         need(0 <= self.train_reserve_seconds < self.max_wallclock_seconds, "train_reserve_seconds",

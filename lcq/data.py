@@ -178,7 +178,8 @@ def load_val_bytes(data_path: str, n_tokens: int) -> np.ndarray | None:
 class TokenStream:
     """Reads train shards in order, forever, wrapping around. Records which files it opened."""
 
-    def __init__(self, pattern: str):
+    def __init__(self, pattern: str, vocab_size: int = 0):
+        self.vocab_size = vocab_size  # > 0: every token taken is checked < vocab_size (issue 17)
         self.files = list_shards(pattern, "train")
         self.files_read: list[str] = []
         self._file_idx = -1
@@ -201,7 +202,13 @@ class TokenStream:
                 if self._tokens.size == 0:
                     continue
             k = min(n, self._tokens.size - self._pos)
-            out.append(np.asarray(self._tokens[self._pos:self._pos + k]))
+            piece = np.asarray(self._tokens[self._pos:self._pos + k])
+            # start-up samples ~1M ids; the rest are checked as read: 0.02 ms per 786K-token batch (BENCHMARKS.md)
+            if self.vocab_size and k and int(piece.max()) >= self.vocab_size:
+                at = self._pos + int(np.argmax(piece >= self.vocab_size))
+                raise ShardError(f"{self.files[self._file_idx]}: token id {self._tokens[at]} at position {at} >= "
+                                 f"VOCAB_SIZE={self.vocab_size}. Fix: re-tokenize it with TOKENIZER_PATH")
+            out.append(piece)
             self._pos += k
             n -= k
         return np.concatenate(out) if out else np.zeros(0, dtype=np.uint16)
@@ -230,8 +237,8 @@ def segment_bounds(x: torch.Tensor, bos_id: int, max_seqlen: int) -> torch.Tenso
 class TrainLoader:
     """Each rank takes a disjoint slice of the same global chunk of the stream every step."""
 
-    def __init__(self, pattern: str, rank: int, world_size: int, device: torch.device):
-        self.stream = TokenStream(pattern)
+    def __init__(self, pattern: str, rank: int, world_size: int, device: torch.device, vocab_size: int = 0):
+        self.stream = TokenStream(pattern, vocab_size)
         self.rank, self.world_size, self.device = rank, world_size, device
 
     @property

@@ -64,6 +64,16 @@ def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def first_error(message: str | None) -> tuple[int, str] | None:
+    """(rank, message) of the lowest rank that failed a check, seen by every rank (None: all passed). A rank that
+    stopped alone would leave the others to be killed by torchrun (status 143), its message on its own stderr only."""
+    out = [message]
+    if is_dist():
+        out *= dist.get_world_size()
+        dist.all_gather_object(out, message)
+    return next(((r, m) for r, m in enumerate(out) if m), None)
+
+
 def sync(device: torch.device) -> None:
     """Wait for queued device work so that wall-clock readings mean what they say."""
     if device.type == "cuda":

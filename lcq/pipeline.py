@@ -24,7 +24,8 @@ import torch.nn as nn
 from . import artifact
 from . import dist as D
 from . import grouping
-from .checks import (NonFiniteError, StartupError, check_disk, check_outputs_free, check_reserve, check_shards,
+from .checks import (NonFiniteError, StartupError, check_disk, check_output_folders, check_reserve, check_shards,
+                     check_submission_json, claim, release, run_outputs, sweep_temp_files,
                      check_tokenizer_file, check_train_ids, check_val_ids, demo_layout, finite)
 from .config import Config, ConfigError
 from .data import (TrainLoader, file_sha256, list_shards, load_val_bytes, load_val_tokens, sidecar_files, train_pattern,
@@ -81,7 +82,7 @@ def exit_status(exc: BaseException) -> int:
     if isinstance(exc, KeyboardInterrupt):
         return 128 + signal.SIGINT
     if isinstance(exc, (StartupError, ConfigError, artifact.ArtifactError)):
-        return CONFIG_EXIT_CODE
+        return getattr(exc, "status", CONFIG_EXIT_CODE)
     if isinstance(exc, NonFiniteError):
         return NONFINITE_EXIT_CODE
     return ERROR_EXIT_CODE
@@ -114,6 +115,7 @@ def fail(run: Run | None, exc: BaseException, t_launch: float) -> int:
     else:
         traceback.print_exception(exc, file=sys.stderr)
     if run is not None:
+        release(run.claims)  # an empty artifact or script claim is not left to block the next run
         run.log.summary["wall_time_s"] = round(time.perf_counter() - t_launch, 3)
         run.log.fail(failure_message(exc), status, line=failure_line(exc))
     return status
@@ -145,6 +147,7 @@ class Run:
     # rank 0: the quantized base model's artifact section, compressed on host threads from the end of GPTQ (issue 8)
     base_job: artifact.CompressJob | None = None
     script_job: Future | None = None  # rank 0: the single-file train_gpt.py (its bytes are the code bytes), built beside it
+    claims: list[str] = field(default_factory=list)  # rank 0: outputs created empty at start-up (issue 17)
     serialize_budget: float | None = None  # seconds, projected by LCQ from the compression rate measured in this run
 
     @property
@@ -174,30 +177,73 @@ def open_run(cfg: Config, dinfo: D.DistInfo) -> Run:
             ensure_demo(cfg.data_path, cfg.tokenizer_path)
             print(f"built demo dataset in {time.perf_counter() - t:.1f}s: {cfg.data_path}", flush=True)
         D.barrier()
-    # Before the log opens: its own name may be another run's file, which this run must not touch.
-    check_outputs_free(cfg, training=not cfg.eval_only, knob_names=("RUN_ID",))
-    D.barrier()  # every rank has checked before rank 0 creates the log (else a slower rank finds it and stops)
+    # Before the log opens (issue 17): every folder the run writes takes a file, and rank 0 claims the run's names with
+    # exclusive create, so of two runs given one RUN_ID exactly one goes on and the other's files are never touched.
+    claims, problem = [], None
+    if dinfo.is_master:
+        try:
+            check_output_folders(cfg, log_dir=True)
+            for knob, path in run_outputs(cfg, training=not cfg.eval_only)[:3]:
+                claims.append(claim(knob, path))
+        except StartupError as e:
+            release(claims)
+            problem = (CONFIG_EXIT_CODE, str(e))
+    agree(problem)
     log = RunLog(cfg, dinfo)
     try:
         log.header()
-        sp, bos_id, extra = startup_checks(cfg)
+        problem = None
+        try:
+            sp, bos_id, extra = startup_checks(cfg)
+            val_tokens = load_val_tokens(cfg.data_path, cfg.val_max_tokens)
+            check_val_split(cfg, val_tokens, bos_id)
+            # A byte sidecar shipped with the data is the byte count (CaseOps pieces are not the scored text); else the table.
+            val_bytes = load_val_bytes(cfg.data_path, val_tokens.size)
+            check_byte_source(sp, val_bytes is not None, cfg.tokenizer_path, cfg.data_path)
+            if dinfo.is_master:
+                check_output_folders(cfg, log_dir=False)
+                check_submission_json(cfg)
+                if not cfg.eval_only:
+                    claims.append(claim("ARTIFACT_PATH", cfg.artifact_file))
+        except Exception as e:
+            # input that fails to load here (a tokenizer that does not parse, an unpaired byte sidecar) is a start-up fault
+            err = StartupError(str(e)) if isinstance(e, (OSError, ValueError)) and not isinstance(e, StartupError) else e
+            problem = (exit_status(err), failure_message(err))
+        agree(problem)
+        if dinfo.is_master:
+            removed, stale = sweep_temp_files(cfg)
+            extra["temp_files_removed"], extra["temp_files_of_other_runs"] = " ".join(removed), " ".join(stale)
         for k, v in extra.items():
-            log(f"{k}: {v}")
-        val_tokens = load_val_tokens(cfg.data_path, cfg.val_max_tokens)
-        # A byte sidecar shipped with the data is the byte count (CaseOps pieces are not the scored text); else the table.
-        val_bytes = load_val_bytes(cfg.data_path, val_tokens.size)
+            if v:
+                log(f"{k}: {v}")
         if val_bytes is not None:
             log("val bytes from sidecar " + " ".join(os.path.basename(f) for f in sidecar_files(cfg.data_path)))
-        check_byte_source(sp, val_bytes is not None, cfg.tokenizer_path, cfg.data_path)
         tables = byte_tables(sp, cfg.vocab_size).to(dinfo.device)
     except BaseException as e:
-        # input that fails to load here (a tokenizer that does not parse, an unpaired byte sidecar) is a start-up fault
-        err = StartupError(str(e)) if isinstance(e, (OSError, ValueError)) and not isinstance(e, StartupError) else e
-        log.fail(failure_message(err), exit_status(err), line=failure_line(err))
-        if err is e:
-            raise
-        raise err from e
-    return Run(cfg=cfg, dinfo=dinfo, log=log, bos_id=bos_id, tables=tables, val_tokens=val_tokens, val_bytes=val_bytes)
+        release(claims)
+        log.fail(failure_message(e), exit_status(e), line=failure_line(e))
+        raise
+    return Run(cfg=cfg, dinfo=dinfo, log=log, bos_id=bos_id, tables=tables, val_tokens=val_tokens, val_bytes=val_bytes,
+               claims=claims)
+
+
+def agree(problem: tuple[int, str] | None) -> None:
+    """Every rank raises the lowest failing rank's (status, message): rank 0's log and JSON say what failed where, with
+    its status, not the SIGTERM torchrun sends the survivors (issue 17)."""
+    first = D.first_error(problem)
+    if first:
+        rank, (status, message) = first
+        err = StartupError(f"rank {rank}: " * (rank > 0) + message)
+        err.status = status
+        raise err
+
+
+def check_val_split(cfg: Config, val_tokens: np.ndarray, bos_id: int) -> None:
+    """Refused (issue 17): a val split with no target (an empty split failed after the paid run), or without a BOS
+    (it was scored as one document)."""
+    if val_tokens.size < 2 or not (val_tokens == bos_id).any():
+        raise StartupError(f"DATA_PATH={cfg.data_path}: {val_tokens.size} val token(s), " + ("none scored" if
+                           val_tokens.size < 2 else f"no BOS id {bos_id}: one document") + ". Fix: rebuild the val shards")
 
 
 def startup_checks(cfg: Config):
@@ -207,6 +253,11 @@ def startup_checks(cfg: Config):
     if cfg.eval_only and not os.path.isfile(cfg.artifact_file):
         raise StartupError(f"--artifact {cfg.artifact_file}: no such file. Fix: pass the .lcq a training run wrote "
                            "(logs/<run_id>.lcq, or the run's ARTIFACT_PATH)")
+    if cfg.eval_only and cfg.ttt_enabled and cfg.ttt_init == "artifact":
+        # before the first scored stage (issue 17: found after the sliding eval); section names only
+        with open(cfg.artifact_file, "rb") as f:
+            if "lora" not in artifact.sections_of(f.read(), cfg.artifact_file):
+                raise StartupError(f"TTT_INIT=artifact: {cfg.artifact_file} ships no LoRA. Fix: TTT_INIT=zero or auto")
     check_tokenizer_file(cfg)
     try:
         sp = load_tokenizer(cfg.tokenizer_path)
@@ -224,7 +275,6 @@ def startup_checks(cfg: Config):
     sampled = check_train_ids(train_files, cfg.vocab_size)
     post = None if cfg.eval_only else check_reserve(cfg)
     free = check_disk(cfg, 0 if cfg.eval_only else cfg.artifact_cap_bytes)
-    check_outputs_free(cfg, training=not cfg.eval_only, knob_names=("ARTIFACT_PATH",))
     extra = {"tokenizer": f"{cfg.tokenizer_path} sha256={file_sha256(cfg.tokenizer_path)[:16]} bos_id={bos_id}",
              "data_val_files": " ".join(f"{os.path.basename(f)}:sha256={file_sha256(f)[:16]}" for f in val_files)}
     if not cfg.eval_only:
@@ -233,8 +283,7 @@ def startup_checks(cfg: Config):
         f"ok in {time.perf_counter() - t0:.2f}s: {len(train_files)} train + {len(val_files)} val shard headers and "
         f"sizes, val ids < {cfg.vocab_size}, {sampled} sampled train ids < {cfg.vocab_size}"
         + ("" if post is None else f", GPTQ/LCQ reserve {post:.1f}s >= GPTQ_MIN_SECONDS {cfg.gptq_min_seconds:g}")
-        + ", free disk " + " ".join(f"{d}:{b / 1e9:.1f}GB" for d, b in free.items())
-        + ("" if cfg.eval_only else f", no output of RUN_ID={cfg.run_id} or ARTIFACT_PATH exists yet"))
+        + ", free disk " + " ".join(f"{d}:{b / 1e9:.1f}GB" for d, b in free.items()))
     return sp, bos_id, extra
 
 

@@ -65,10 +65,8 @@ class RunLog:
         self.summary: dict = {"run_id": cfg.run_id, "config": cfg.to_dict(), "stages": {},
                               "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.t_start))}
         if dinfo.is_master:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            if self.path.exists():
-                # Never overwrite an earlier run's log: it may be the only evidence of a paid run.
-                raise FileExistsError(f"{self.path} already exists; choose another RUN_ID (or move the old log)")
+            # the file is this run's own claim: open_run created it exclusively (issue 17), so no other run's log is
+            # ever appended to
             self._fh = open(self.path, "a", encoding="utf-8")
         self.closed = False
 

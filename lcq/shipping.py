@@ -70,12 +70,37 @@ def check_artifact_fits(path: str, meta: dict, cfg: Config, bos_id: int) -> dict
             f"bos_id {meta['bos_id']}, but TOKENIZER_PATH={cfg.tokenizer_path} has sha256 {mine['sha256'][:16]}, "
             f"vocab {mine['vocab_size']}, bos_id {bos_id}. Fix: set TOKENIZER_PATH (and VOCAB_SIZE, DATA_PATH) to the "
             "tokenizer and data the artifact was trained with")
-    model = meta.get("model") or {}
-    unknown = sorted(set(model) - set(MODEL_FIELDS))
+    return {k: (getattr(cfg, k), v) for k, v in meta["model"].items() if getattr(cfg, k) != v}
+
+
+def _refuse(path: str, what: str) -> artifact.ArtifactError:
+    return artifact.ArtifactError(f"{path}: {what}, refused before allocating")
+
+
+def model_config(path: str, meta: dict, cfg: Config, tensors: dict[str, torch.Tensor]) -> Config:
+    """The network an artifact claims, checked before it sizes anything (issue 17: crafted dims made the loader try
+    terabytes; an unknown field raised a TypeError): known fields that pass the config's checks, the weight count they
+    imply (computed, never allocated) within 4x of the values the file holds, and LoRA ranks equal to their factors'
+    rows."""
+    model = meta.get("model")
+    unknown = sorted(set(model) - set(MODEL_FIELDS)) if isinstance(model, dict) else "meta.model"
     if unknown:
         raise artifact.ArtifactError(f"{path}: model fields {unknown} are unknown to this version of lcq; score it "
                                      "with the version that wrote it")
-    return {k: (getattr(cfg, k), v) for k, v in model.items() if getattr(cfg, k) != v}
+    try:
+        mcfg = replace(cfg, **model)
+    except Exception as e:
+        raise _refuse(path, f"model fields: {e}") from None
+    d = mcfg.model_dim
+    claimed = mcfg.vocab_size * d + mcfg.num_layers * d * (2 * d + 2 * d // mcfg.num_heads * mcfg.num_kv_heads
+                                                           + 2 * int(mcfg.mlp_mult * d))
+    held = sum(t.numel() for t in tensors.values())
+    bad = [n for n, r in dict((meta.get("lora") or {}).get("ranks", {})).items()
+           if tensors.get(f"{LORA_PREFIX}{n}.A_q", torch.empty(0)).shape[:1] != (r,)]
+    if claimed > 4 * held + (1 << 16) or bad:
+        raise _refuse(path, f"its model fields imply ~{claimed} weights (it holds {held}), lora ranks {bad} without "
+                      "their factors")
+    return mcfg
 
 
 def model_from_state(cfg: Config, bos_id: int, state: dict[str, torch.Tensor], device: torch.device) -> GPT:
@@ -113,10 +138,13 @@ def load_shipped(path: str, cfg: Config, device: torch.device, with_lora: bool =
     if meta.get("format") != FORMAT:
         raise artifact.ArtifactError(f"{path}: format {meta.get('format')!r} is not {FORMAT!r}; "
                                      "was it written by this version of lcq?")
-    model_cfg = replace(cfg, **meta["model"])
+    model_cfg = model_config(path, meta, cfg, tensors)
     lora = meta.get("lora")
     base = {k: v for k, v in tensors.items() if group_of(k) == "model"}
-    model = model_from_state(model_cfg, int(meta["bos_id"]), dequantize_state(base, meta["qmeta"]), device)
+    try:
+        model = model_from_state(model_cfg, meta["bos_id"], dequantize_state(base, meta["qmeta"]), device)
+    except (KeyError, TypeError, ValueError) as e:
+        raise _refuse(path, f"its tensors do not make the model its meta describes ({type(e).__name__}: {e})") from None
     if with_lora and lora:
         apply_lora(model, tensors, lora)
         merge_lora(model)

@@ -74,6 +74,10 @@ def parse_log(text: str) -> dict:
     out["val_loss"], out["val_bpb"] = (float(exact[0]), float(exact[1])) if exact else (None, None)
     out["exact"] = {s: (float(a), float(b)) for s, a, b in
                     re.findall(rf"^(\w+)_exact val_loss:{_NUM} val_bpb:{_NUM}$", text, re.M) if s != "final"}
+    # issue 17: each score block (tokens, bytes, exact line) in log order, for audit's arithmetic cross-checks
+    out["scored"] = [(s, int(n), int(b), float(a), float(c)) for n, b, s, a, c in re.findall(
+        rf"^val_tokens:(\d+) val_bytes:(\d+)\n(\w+) val_loss:\S+ val_bpb:\S+ eval_time:\S+\n\3_exact val_loss:{_NUM} "
+        rf"val_bpb:{_NUM}$", text, re.M)]
     out["eval_s"] = {s: float(t) for s, t in re.findall(r"^stage:eval_(\S+) time:([0-9.]+)s", text, re.M)}
     train = last(r"^stage:train time:[0-9.]+s .*?\bsteps:(\d+)\b.*?\bstep_avg_ms:([0-9.]+)")
     out["steps"], out["step_avg_ms"] = (int(train[0]), float(train[1])) if train else (None, None)
@@ -399,6 +403,9 @@ def audit(folder: str | os.PathLike) -> list[Check]:
             ok = math.isfinite(log["val_bpb"]) and math.isfinite(log["val_loss"])
             add(f"score_finite{tag}", ok, f"final val_bpb {log['val_bpb']} val_loss {log['val_loss']}" +
                 ("" if ok else ": NaN/inf is not a score, never submitted"))
+        if log["val_bpb"] is not None:
+            add(*_final_matches_last_stage(tag, log))
+            add(*_bpb_from_loss(tag, log))
         if log["total"] is None:
             continue
         add(f"code_bytes{tag}", code_bytes == log["code"],
@@ -437,6 +444,28 @@ def audit(folder: str | os.PathLike) -> list[Check]:
     if script.is_file():
         add(*_check_script(script, record, parsed))
     return checks
+
+
+def _final_matches_last_stage(tag: str, log: dict) -> tuple[str, bool, str]:
+    """final_exact must repeat the last scored stage's exact line, and final must name that stage (issue 17: a log and
+    submission.json edited together passed every other check)."""
+    last = log["scored"][-1] if log["scored"] else None
+    ok = last is not None and last[0] == log["final_stage"] and (last[3], last[4]) == (log["val_loss"], log["val_bpb"])
+    return (f"final_is_last_stage{tag}", ok, f"final_exact {log['val_loss']}/{log['val_bpb']} ({log['final_stage']}) vs "
+            f"last stage line " + ("none" if last is None else f"{last[0]} {last[3]}/{last[4]}"))
+
+
+def _bpb_from_loss(tag: str, log: dict) -> tuple[str, bool, str]:
+    """Every scored stage's val_bpb = val_loss / ln 2 x tokens / bytes, to the printed 8 decimals (rounding the loss
+    moves the product by at most 0.5e-8 / ln 2 x tokens / bytes, plus 0.5e-8 for the bpb itself; 2x margin)."""
+    bad = []
+    for stage, tokens, nbytes, loss, bpb in log["scored"]:
+        want = loss / math.log(2) * tokens / nbytes if nbytes else math.inf
+        if not abs(want - bpb) <= 2 * (0.5e-8 / math.log(2) * tokens / max(nbytes, 1) + 0.5e-8):
+            bad.append(f"{stage}: {bpb} != {loss} / ln 2 x {tokens} / {nbytes} = {want:.8f}")
+    return (f"bpb_from_loss{tag}", log["scored"] and not bad, "; ".join(bad) if bad else
+            f"{len(log['scored'])} stage(s): val_bpb = val_loss / ln 2 x tokens / bytes" if log["scored"] else
+            "no val_tokens/val_bytes/exact lines to check")
 
 
 def _max_present(*xs):

@@ -129,7 +129,7 @@ def train(model: nn.Module, cfg: Config, dinfo: D.DistInfo, log, bos_id: int,
         log.stage("warmup", time.perf_counter() - t_w, steps=cfg.warmup_steps, charged="no")
 
     torch.manual_seed(cfg.seed)
-    loader = TrainLoader(train_pattern(cfg.data_path), dinfo.rank, dinfo.world_size, device)
+    loader = TrainLoader(train_pattern(cfg.data_path), dinfo.rank, dinfo.world_size, device, cfg.vocab_size)
     ema = EMA(model, cfg.ema_decay) if cfg.ema_decay else None
     budget_s = cfg.train_budget_seconds
     tokens_per_step = local_tokens * dinfo.world_size * cfg.grad_accum_steps

@@ -73,8 +73,8 @@ def settings(tmp_path, data_path, tok, run_id, env) -> dict[str, str]:
     root_json = tmp_path / "submission.json"
     if not root_json.exists():
         root_json.write_bytes(GOOD_ROOT_JSON)
-    return dict(PRESET="tiny", DATA_PATH=str(data_path), TOKENIZER_PATH=str(tok), LOG_DIR=str(tmp_path / "logs"),
-                RUN_ID=run_id, SUBMISSION_JSON=str(root_json), **{k: str(v) for k, v in env.items()})
+    return {**dict(PRESET="tiny", DATA_PATH=str(data_path), TOKENIZER_PATH=str(tok), LOG_DIR=str(tmp_path / "logs"),
+                   RUN_ID=run_id, SUBMISSION_JSON=str(root_json)), **{k: str(v) for k, v in env.items()}}
 
 
 def run(tmp_path, data_path, tok, run_id, *args, **env):
@@ -382,3 +382,200 @@ def test_a_nan_score_is_refused_by_name(trained):
     (folder / "submission.json").write_text(json.dumps({"val_bpb": None, "val_loss": None}))
     failed = {c.name for c in S.audit(folder) if not c.ok}
     assert {"score_finite[seed 1337]", "json_score_finite"} <= failed
+
+
+# ---------------------------------------------------------------------------------------------- issue 17: names, folders, claims
+
+def assert_stopped_unlogged(proc, *needles):
+    """A failure found before the log can open (its folder or its name is the fault): exit 2, the message on stderr
+    naming the knob, no traceback."""
+    assert proc.returncode == CONFIG_EXIT_CODE, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    for needle in needles:
+        assert needle in proc.stderr, (needle, proc.stderr[-2000:])
+
+
+@pytest.mark.parametrize("run_id", ["../escape", "/tmp/abs", "a/b", "x" * 240, ".hidden"])
+def test_a_run_id_that_is_not_a_plain_name_stops_before_anything_is_written(tmp_path, demo_data, run_id):
+    (tmp_path / "inner").mkdir()
+    before = snapshot(tmp_path)
+    proc = run(tmp_path / "inner", *demo_data, run_id)
+    assert_stopped_unlogged(proc, "RUN_ID=")
+    assert snapshot(tmp_path).keys() - before.keys() <= {"inner/submission.json"}  # the good root file run() puts there
+    assert not (tmp_path / "escape.txt").exists() and not (tmp_path / "inner" / "logs").exists()
+
+
+def test_log_dir_on_a_regular_file_names_the_knob(tmp_path, demo_data):
+    (tmp_path / "afile").write_bytes(b"not a folder")
+    before = snapshot(tmp_path)
+    proc = run(tmp_path, *demo_data, "logfile", LOG_DIR=tmp_path / "afile" / "logs")
+    assert_stopped_unlogged(proc, "LOG_DIR", "afile")
+    assert_unchanged(tmp_path, before)
+
+
+@pytest.mark.parametrize("knob", ["ARTIFACT_PATH", "EVAL_DUMP", "SUBMISSION_JSON"])
+def test_an_output_folder_that_takes_no_file_stops_before_training(tmp_path, demo_data, knob):
+    (tmp_path / "afile").write_bytes(b"not a folder")
+    before = snapshot(tmp_path)
+    proc = run(tmp_path, *demo_data, "folder", **{knob: tmp_path / "afile" / "out.x"})
+    assert_failed_before_training(proc, tmp_path, "folder", knob, "afile")
+    assert_unchanged(tmp_path, before)
+    assert not [p for p in (tmp_path / "logs").iterdir() if p.suffix not in (".txt", ".json")]  # claims released
+
+
+def test_a_file_size_limit_below_the_cap_stops_before_training(tmp_path, demo_data):
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (8 << 20, hard))  # a log and a JSON fit; a 16 MB artifact would not
+    try:
+        proc = run(tmp_path, *demo_data, "fsize")
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert_failed_before_training(proc, tmp_path, "fsize", "ulimit -f", "ARTIFACT_CAP_BYTES")
+
+
+def test_submission_json_may_not_be_another_runs_summary(trained, tmp_path, demo_data):
+    other = trained / "logs" / "src.json"
+    before = snapshot(trained)
+    proc = run(tmp_path, *demo_data, "subjson", SUBMISSION_JSON=other)
+    assert_failed_before_training(proc, tmp_path, "subjson", "SUBMISSION_JSON", "src.json", "a run's output")
+    assert_unchanged(trained, before)
+
+
+def test_two_runs_racing_for_one_output_exactly_one_claims_it(tmp_path):
+    from lcq.checks import claim
+    path, wins, losses = str(tmp_path / "shared.lcq"), [], []
+    barrier = threading.Barrier(8)
+
+    def contender():
+        barrier.wait()
+        try:
+            wins.append(claim("ARTIFACT_PATH", path))
+        except StartupError as e:
+            losses.append(str(e))
+    threads = [threading.Thread(target=contender) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(wins) == 1 and len(losses) == 7 and all("ARTIFACT_PATH" in m for m in losses)
+
+
+def test_a_second_run_on_a_live_runs_artifact_path_stops_and_the_first_keeps_its_files(tmp_path, demo_data):
+    art = tmp_path / "shared.lcq"
+    cfg = make_config("tiny", data_path=demo_data[0], tokenizer_path=demo_data[1], log_dir=str(tmp_path / "logs"),
+                      run_id="first", artifact_path=str(art), submission_json="")
+    first = open_run(cfg, DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
+    try:
+        assert art.exists()  # claimed at start-up, before training
+        before = snapshot(tmp_path)
+        proc = run(tmp_path, *demo_data, "second", ARTIFACT_PATH=art)
+        assert_failed_before_training(proc, tmp_path, "second", "ARTIFACT_PATH", "already exists")
+        assert_unchanged(tmp_path, {k: v for k, v in before.items() if not k.startswith("logs/second")})
+    finally:
+        first.log.close()
+
+
+def test_stale_temp_files_are_swept_when_named_for_this_run_and_reported_otherwise(tmp_path, demo_data):
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    mine, theirs = logs / ".sweep.lcq.k2j4.tmp", logs / ".other.lcq.x9q1.tmp"
+    mine.write_bytes(b"a complete artifact of a run killed by SIGKILL")
+    theirs.write_bytes(b"maybe a live run's write")
+    cfg = make_config("tiny", data_path=demo_data[0], tokenizer_path=demo_data[1], log_dir=str(logs), run_id="sweep",
+                      submission_json="")
+    r = open_run(cfg, DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
+    r.log.close()
+    log = (logs / "sweep.txt").read_text()
+    assert not mine.exists() and f"temp_files_removed: {mine}" in log
+    assert theirs.read_bytes() == b"maybe a live run's write" and f"temp_files_of_other_runs: {theirs}" in log
+
+
+# ---------------------------------------------------------------------------------------------- issue 17: data gaps
+
+def test_a_val_split_with_no_scored_token_is_refused_at_start(tmp_path, demo_data):
+    from lcq.data import write_shard
+    data, tok = copy_data(demo_data, tmp_path)
+    write_shard(data / "fineweb_val_000000.bin", np.zeros(0, dtype=np.uint16))
+    before = snapshot(tmp_path)
+    proc = run(tmp_path, data, tok, "emptyval")
+    assert_failed_before_training(proc, tmp_path, "emptyval", "0 val token(s), none scored", "DATA_PATH")
+    assert_unchanged(tmp_path, before)
+
+
+def test_a_val_split_without_bos_is_refused_at_start(tmp_path, demo_data):
+    from lcq.data import read_shard, write_shard
+    data, tok = copy_data(demo_data, tmp_path)
+    val = data / "fineweb_val_000000.bin"
+    toks = np.asarray(read_shard(val)).copy()
+    toks[toks == 1] = 5  # the demo tokenizer's BOS is id 1
+    write_shard(val, toks)
+    proc = run(tmp_path, data, tok, "nobos")
+    assert_failed_before_training(proc, tmp_path, "nobos", "no BOS id 1: one document")
+
+
+def test_a_train_id_past_the_vocab_found_while_training_names_shard_and_position(tmp_path, demo_data):
+    from lcq.data import ShardError, TrainLoader
+    data, _ = copy_data(demo_data, tmp_path)
+    files = sorted(data.glob("fineweb_train_*.bin"))
+    blob = bytearray(files[0].read_bytes())
+    pos = 5000  # between the start-up sample's chunks (4 per shard, 4096 tokens in all here)
+    blob[HEADER_BYTES + 2 * pos:HEADER_BYTES + 2 * pos + 2] = np.array([4000], dtype="<u2").tobytes()
+    files[0].write_bytes(bytes(blob))
+    assert check_train_ids([str(f) for f in files], 1024, sample_tokens=4096)  # the sample misses it
+    loader = TrainLoader(str(data / "fineweb_train_*.bin"), 0, 1, torch.device("cpu"), vocab_size=1024)
+    loader.next_batch(4096, 256, 1)  # positions 0..4096 are clean
+    with pytest.raises(ShardError, match=f"fineweb_train_000000.bin: token id 4000 at position {pos} >= VOCAB_SIZE"):
+        loader.next_batch(4096, 256, 1)
+
+
+def test_eval_only_ttt_from_the_artifact_is_refused_before_the_first_scored_stage(trained, tmp_path, demo_data):
+    art = trained / "logs" / "src.lcq"  # trained with LCQ off: no LoRA section
+    before = snapshot(trained)
+    proc = run(tmp_path, *demo_data, "tttinit", "--eval_only", "--artifact", str(art), TTT_ENABLED=1,
+               TTT_INIT="artifact")
+    assert_failed_before_training(proc, tmp_path, "tttinit", "TTT_INIT=artifact", "ships no LoRA")
+    assert "val_bpb" not in outputs(tmp_path, "tttinit")[0]
+    assert_unchanged(trained, before)
+
+
+# ---------------------------------------------------------------------------------------------- issue 17: ranks
+
+def test_a_start_up_failure_on_rank_1_is_in_rank_0s_log_with_status_2(tmp_path, demo_data, free_port):
+    import subprocess
+    good, tok = demo_data
+    bad, _ = copy_data(demo_data, tmp_path)
+    shard = bad / "fineweb_train_000001.bin"
+    blob = bytearray(shard.read_bytes())
+    blob[:4] = np.array([MAGIC + 1], dtype="<i4").tobytes()
+    shard.write_bytes(bytes(blob))
+    procs = []
+    for rank, data in ((0, good), (1, bad)):  # one host, one shard each rank sees differently (another node's disk)
+        env = {k: v for k, v in os.environ.items() if k not in KNOB_VARS}
+        env.update(settings(tmp_path, data, tok, "ranks", {}), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port), OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+        procs.append(subprocess.Popen([sys.executable, str(REPO / "train_gpt.py")], cwd=tmp_path, env=env,
+                                      stderr=subprocess.PIPE, text=True))
+    errs = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [CONFIG_EXIT_CODE, CONFIG_EXIT_CODE], errs
+    log, summary = outputs(tmp_path, "ranks")
+    assert "error: rank 1: " in log and "bad magic" in log and "step:" not in log
+    assert summary["status"] == CONFIG_EXIT_CODE and summary["error"].startswith("rank 1: ")
+
+
+def test_audit_cross_checks_a_logs_own_numbers(trained):
+    text = (trained / "logs" / "src.txt").read_text()
+    score = next(ln for ln in text.splitlines() if ln.startswith("final_exact"))
+    better = score.split(" val_bpb:")[0] + " val_bpb:3.00000000"
+
+    def failed(log_text: str, name: str) -> set[str]:
+        folder = trained / name
+        folder.mkdir()
+        (folder / "train_seed1337.log").write_text(log_text)
+        return {c.name for c in S.audit(folder) if not c.ok}
+    assert not {"final_is_last_stage[seed 1337]", "bpb_from_loss[seed 1337]"} & failed(text, "audit_honest")
+    # the final line and the stage line edited together: the arithmetic still gives the old score
+    both = text.replace(score.replace("final_exact", "quantized_exact"), better.replace("final_exact", "quantized_exact"))
+    assert "bpb_from_loss[seed 1337]" in failed(both.replace(score, better), "audit_both")
+    # only the final line edited: it no longer repeats the last stage
+    assert "final_is_last_stage[seed 1337]" in failed(text.replace(score, better), "audit_final")
