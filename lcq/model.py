@@ -142,8 +142,8 @@ class MLP(nn.Module):
         self.slope = cfg.leaky_relu_slope if cfg.mlp_act == "leaky_relu2" else 0.0
 
     def forward(self, x):
-        if type(self.fc) is CastedLinear and not (self.fc._forward_hooks or self.fc._forward_pre_hooks):
-            # the fused kernel (lcq/kernels.py); GPTQ's hooks and LoRA's wrappers need the module calls below
+        if all(type(m) is CastedLinear and not (m._forward_hooks or m._forward_pre_hooks) for m in (self.fc, self.proj)):
+            # the fused kernel (lcq/kernels.py); the hooks of GPTQ and LCQ and LoRA's wrappers need the module calls below
             return kernels.mlp(x, self.fc.weight, self.proj.weight, self.slope)
         h = self.fc(x)
         h = F.leaky_relu(h, self.slope) if self.slope else F.relu(h)
