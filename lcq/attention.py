@@ -16,9 +16,8 @@ import torch.nn.functional as F
 # before any forward (resolve_backend runs when the model is built), so a compiled forward only reads this dict.
 _KERNELS: dict[str, tuple] = {}
 
-INSTALL_HINT = ("install flash-attn for this torch/CUDA: flash-attn 2 is `pip install flash-attn --no-build-isolation`; "
-                "flash-attn 3 (Hopper, faster on H100) is built from github.com/Dao-AILab/flash-attention: "
-                "`cd hopper && python setup.py install`, importable as flash_attn_interface")
+INSTALL_HINT = ("install flash-attn 3 for this torch/CUDA (README, requirements-gpu.txt): `pip install --no-deps "
+                "flash_attn_3 --find-links https://windreamer.github.io/flash-attention3-wheels/cu128_torch291/`")
 
 
 def _load(kind: str):

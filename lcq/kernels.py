@@ -32,11 +32,6 @@ def use_triton(t: torch.Tensor) -> bool:
     return triton is not None and (t.is_cuda or INTERPRET)
 
 
-def in_use(device: torch.device) -> str:
-    """Which implementation the kernels of this module run on `device` (preflight shows it)."""
-    return "triton" if triton is not None and (device.type == "cuda" or INTERPRET) else "torch"
-
-
 def up_ref(a, b, slope: float, pre=None):
     """Forward (pre None): (a @ b, leaky(a @ b)^2). Backward (pre given, a the gradient of the MLP's output, b its
     down-projection): (a @ b * d leaky(pre)^2 / d pre, leaky(pre)^2)."""

@@ -109,6 +109,28 @@ def test_bf16_autocast_keeps_the_residual_in_bf16():
         assert model.hidden(ids, cu, 64).dtype == torch.float32  # no autocast: fp32 as before
 
 
+def test_gpu_box_recipe_is_one_recipe_and_preflight_names_each_missing_piece(monkeypatch):
+    from pathlib import Path
+
+    from lcq import artifact, attention, preflight
+    from lcq.config import make_config
+
+    repo = Path(__file__).resolve().parents[1]
+    req, readme = (repo / "requirements-gpu.txt").read_text(), (repo / "README.md").read_text()
+    assert "torch==2.9.1+cu128" in req.splitlines() and "--extra-index-url https://download.pytorch.org/whl/cu128" in req
+    for text in (req, readme, attention.INSTALL_HINT):
+        assert preflight.FA3_INSTALL in text
+    assert artifact.LRZIP_INSTALL in readme and "pip install -r requirements-gpu.txt" in readme
+    cfg = make_config("tiny", compressor="group")
+    assert preflight.setup_row(cfg, torch.device("cpu")).status in ("GO", "WARN")  # CPU needs no GPU piece
+    monkeypatch.setattr(kernels, "triton", None)
+    monkeypatch.setattr(preflight.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(artifact, "lrzip_binary", lambda: None)
+    row = preflight.setup_row(cfg, torch.device("cuda"))
+    assert row.status == "NO-GO" and preflight.FA3_INSTALL in row.result and preflight.TORCH_INSTALL in row.result
+    assert artifact.LRZIP_INSTALL in row.result and set(row.data["missing"]) == {"triton", "flash-attn 3 (flash_attn_interface)"}
+
+
 if __name__ == "__main__":
     assert kernels.INTERPRET and kernels.use_triton(torch.zeros(1)), "run with TRITON_INTERPRET=1 and triton installed"
     run_all()
