@@ -16,9 +16,8 @@ import torch.nn.functional as F
 # before any forward (resolve_backend runs when the model is built), so a compiled forward only reads this dict.
 _KERNELS: dict[str, tuple] = {}
 
-INSTALL_HINT = ("install flash-attn for this torch/CUDA: flash-attn 2 is `pip install flash-attn --no-build-isolation`; "
-                "flash-attn 3 (Hopper, faster on H100) is built from github.com/Dao-AILab/flash-attention: "
-                "`cd hopper && python setup.py install`, importable as flash_attn_interface")
+INSTALL_HINT = ("install flash-attn 3 for this torch/CUDA (README, requirements-gpu.txt): `pip install --no-deps "
+                "flash_attn_3 --find-links https://windreamer.github.io/flash-attention3-wheels/cu128_torch291/`")
 
 
 def _load(kind: str):
@@ -108,9 +107,9 @@ def sdpa_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: t
     nb = n // block + 1
     pad = nb * block - n
     cu = cu_seqlens.to(device=q.device, dtype=torch.long)
-    marks = torch.zeros(n, dtype=torch.long, device=q.device)
+    marks = torch.zeros(n + 1, dtype=torch.long, device=q.device)  # + 1: padded cu_seqlens end in n's
     marks[cu[1:-1]] = 1
-    seg = torch.cumsum(marks, 0)  # segment id (>= 0) of every token
+    seg = torch.cumsum(marks[:n], 0)  # segment id (>= 0) of every token
     # Padding: one block of id -2 in front (the keys "before" block 0) and ids -1 at the end; a padded query attends to
     # itself at least, so no row of the mask is empty, and no real query ever matches a padded key.
     seg_p = torch.cat([seg.new_full((block,), -2), seg, seg.new_full((pad,), -1)]).view(nb + 1, block)

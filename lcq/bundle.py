@@ -49,7 +49,7 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 # --eval_only alike. A new module that a run imports must be listed here: tests/test_bundle.py derives the imports of
 # the entry script and fails naming any module that is neither here nor in LEFT_OUT.
 MODULES = ("lcq", "lcq.artifact", "lcq.attention", "lcq.checks", "lcq.config", "lcq.data", "lcq.dist", "lcq.distill",
-           "lcq.evaluate", "lcq.gptq", "lcq.grouping", "lcq.lanes", "lcq.lora", "lcq.model", "lcq.optim", "lcq.pipeline", "lcq.record",
+           "lcq.evaluate", "lcq.gptq", "lcq.grouping", "lcq.kernels", "lcq.lanes", "lcq.lora", "lcq.model", "lcq.optim", "lcq.pipeline", "lcq.record",
            "lcq.recurrence", "lcq.runlog", "lcq.script", "lcq.seq_schedule", "lcq.shipping", "lcq.tokenizer", "lcq.train",
            "lcq.ttt")
 # Reached by some code path of the package but not carried, with why. The loader answers an import of any of them with
@@ -72,6 +72,7 @@ class _Bundle(A.MetaPathFinder,A.Loader):
  def find_spec(s,n,*a):
   if n in s.sources and n!="__entry__":return U.spec_from_loader(n,s,is_package=n=="lcq")
   if n[:4]=="lcq.":raise ImportError(n+" is not in this single-file script: run from the lcq repo")
+ def get_source(s,n):return s.sources[n]
  def exec_module(s,m):m.__file__="<lcq-bundle>/"+m.__name__.replace(".","/")+".py";exec(compile(s.sources[m.__name__],m.__file__,"exec"),m.__dict__)
 _b=_Bundle(__file__,'''
 FOOTER = b'''.encode("latin-1"))

@@ -16,6 +16,7 @@ import contextlib
 import glob
 import hashlib
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -234,27 +235,59 @@ def segment_bounds(x: torch.Tensor, bos_id: int, max_seqlen: int) -> torch.Tenso
     return bounds.to(torch.int32)
 
 
+def cu_buckets(n: int) -> list[int]:
+    """The lengths cu_seqlens of an n-token row is padded to (issue 18): 65, 513, 4097, ... (8x apart) and n + 1 (every
+    token its own segment), so a compiled step with static shapes sees a few cu_seqlens shapes, not one per layout."""
+    out, b = [], 64
+    while b < n:
+        out.append(b + 1)
+        b *= 8
+    return out + [n + 1]
+
+
+def pad_cu(cu: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """cu_seqlens padded with its last offset (empty segments, which attend to nothing) to the first size that fits."""
+    size = next(s for s in sizes if s >= cu.numel())
+    return torch.cat([cu, cu[-1:].expand(size - cu.numel())])
+
+
 class TrainLoader:
-    """Each rank takes a disjoint slice of the same global chunk of the stream every step."""
+    """Each rank takes a disjoint slice of the same global chunk of the stream every step.
 
-    def __init__(self, pattern: str, rank: int, world_size: int, device: torch.device, vocab_size: int = 0):
-        self.stream = TokenStream(pattern, vocab_size)
-        self.rank, self.world_size, self.device = rank, world_size, device
+    The next batch is prepared on a background thread while the current step runs (issue 18: the GPU no longer idles
+    while the host reads, converts and cuts a batch), into pinned memory on CUDA, and copied without blocking. One
+    worker takes the chunks in order, so the batches are those of the synchronous path."""
 
-    @property
-    def files_read(self) -> list[str]:
-        return self.stream.files_read
+    def __init__(self, pattern: str, rank: int, world_size: int, device: torch.device, buckets: list[int] | None = None,
+                 vocab_size: int = 0):
+        self.stream = TokenStream(pattern, vocab_size)  # vocab_size > 0: ids checked as read (issue 17)
+        self.rank, self.world_size, self.device, self.buckets = rank, world_size, device, buckets
+        self.files_read: list[str] = []  # the shards the batches handed out so far came from
+        self._pool, self._ahead = ThreadPoolExecutor(1), None
 
-    def next_batch(self, local_tokens: int, seq_len: int, bos_id: int):
-        """Return (x, y, cu_seqlens) for this rank: x, y flat int64 of local_tokens tokens."""
+    def _bounds(self, x, seq_len: int, bos_id: int) -> torch.Tensor:
+        cu = segment_bounds(x, bos_id, seq_len)
+        return pad_cu(cu, self.buckets) if self.buckets else cu
+
+    def _prepare(self, local_tokens: int, seq_len: int, bos_id: int):
         span = local_tokens + 1
         chunk = self.stream.take(span * self.world_size)
         local = torch.from_numpy(chunk[self.rank * span:(self.rank + 1) * span].astype(np.int64))
-        x, y = local[:-1], local[1:]
-        cu = segment_bounds(x, bos_id, seq_len)
+        out = [local[:-1], local[1:], self._bounds(local[:-1], seq_len, bos_id)]
+        if self.device.type == "cuda":
+            out = [t.pin_memory() for t in out]
+        return out, seq_len, list(self.stream.files_read)
+
+    def next_batch(self, local_tokens: int, seq_len: int, bos_id: int):
+        """Return (x, y, cu_seqlens) for this rank: x, y flat int64 of local_tokens tokens."""
+        if self._ahead is None:
+            self._ahead = self._pool.submit(self._prepare, local_tokens, seq_len, bos_id)
+        out, made_for, self.files_read = self._ahead.result()
+        if made_for != seq_len:  # a new context stage: the same next tokens, cut at the new length
+            out[2] = self._bounds(out[0], seq_len, bos_id)
+        self._ahead = self._pool.submit(self._prepare, local_tokens, seq_len, bos_id)
         nb = self.device.type == "cuda"
-        return (x.to(self.device, non_blocking=nb), y.to(self.device, non_blocking=nb),
-                cu.to(self.device, non_blocking=nb))
+        return tuple(t.to(self.device, non_blocking=nb) for t in out)
 
 
 def doc_starts(tokens: np.ndarray, bos_id: int) -> np.ndarray:

@@ -208,7 +208,8 @@ def distill(student: nn.Module, teacher: nn.Module, cfg: Config, dinfo: D.DistIn
     params = lora_parameters(student)
     opt = torch.optim.AdamW(params, lr=cfg.lcq_lr, betas=(0.9, 0.99), weight_decay=0.0)
     local = max(2, cfg.lcq_batch_tokens // dinfo.world_size)
-    loader = TrainLoader(train_pattern(cfg.data_path), dinfo.rank, dinfo.world_size, device, cfg.vocab_size)
+    loader = TrainLoader(train_pattern(cfg.data_path), dinfo.rank, dinfo.world_size, device,
+                         vocab_size=cfg.vocab_size)
     # A fixed held-out batch, taken from train shards before any training step, so a log shows whether KL moved.
     heldout = loader.next_batch(local, cfg.train_seq_len, bos_id)
     teacher.eval()

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import kernels
 from .attention import resolve_backend, varlen_attention
 from .config import Config
 from .lanes import ParallelLanes
@@ -38,9 +39,10 @@ class CastedLinear(nn.Linear):
 def segment_positions(cu_seqlens: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(position inside its segment, is-segment-start) for each of the n packed tokens."""
     cu = cu_seqlens.to(torch.long)
-    marks = torch.zeros(n, dtype=torch.long, device=cu.device)
+    # n + 1 marks: cu_seqlens padded with trailing n's (empty segments, lcq/data.py pad_cu) mark the slot past the end
+    marks = torch.zeros(n + 1, dtype=torch.long, device=cu.device)
     marks[cu[1:-1]] = 1
-    seg = torch.cumsum(marks, 0)
+    seg = torch.cumsum(marks[:n], 0)
     pos = torch.arange(n, device=cu.device) - cu[:-1][seg]
     return pos, pos == 0
 
@@ -141,6 +143,9 @@ class MLP(nn.Module):
         self.slope = cfg.leaky_relu_slope if cfg.mlp_act == "leaky_relu2" else 0.0
 
     def forward(self, x):
+        if all(type(m) is CastedLinear and not (m._forward_hooks or m._forward_pre_hooks) for m in (self.fc, self.proj)):
+            # the fused kernel (lcq/kernels.py); the hooks of GPTQ and LCQ and LoRA's wrappers need the module calls below
+            return kernels.mlp(x, self.fc.weight, self.proj.weight, self.slope)
         h = self.fc(x)
         h = F.leaky_relu(h, self.slope) if self.slope else F.relu(h)
         return self.proj(h.square())
@@ -263,11 +268,13 @@ class GPT(nn.Module):
             return x + scaled
         return torch.lerp(scaled, x, torch.sigmoid(self.skip_gates[j]).to(x.dtype))
 
-    def forward(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
-        """input_ids: (N,) packed tokens; cu_seqlens: (S+1,) int32 segment offsets. Returns logits (N, vocab), float32."""
+    def hidden(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
+        """The head's input (N, d) for packed tokens (N,) with cu_seqlens (S+1,) int32 segment offsets."""
         pos, seg_start = segment_positions(cu_seqlens, input_ids.numel())
         cos, sin = self.rotary(pos)
-        x, smear = self.tok_emb(input_ids), self.smear
+        # bf16 residual stream under bf16 autocast (#1855): the embedding output, and so every residual add, skip and lane,
+        # is in the matmuls' dtype; the fp32 master weights and control tensors stay as they are.
+        x, smear = self.tok_emb(input_ids).to(kernels.compute_dtype(self.tok_emb.weight)), self.smear
         if smear is not None and smear.before_norm:
             x = smear(x, input_ids, seg_start, self.bos_id)
         x = rms_norm(x)
@@ -294,13 +301,20 @@ class GPT(nn.Module):
                 skips.append(x)
         if lane1 is not None:
             x = self.lanes.merge(x, lane1)
-        logits = self.lm_head(rms_norm(x)).float()
+        return rms_norm(x)
+
+    def forward(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
+        """input_ids: (N,) packed tokens; cu_seqlens: (S+1,) int32 segment offsets. Returns logits (N, vocab), float32."""
+        logits = self.lm_head(self.hidden(input_ids, cu_seqlens, max_seqlen)).float()
         if self.logit_softcap:
             logits = self.logit_softcap * torch.tanh(logits / self.logit_softcap)
         return logits
 
     def loss(self, input_ids, targets, cu_seqlens, max_seqlen: int) -> torch.Tensor:
-        return F.cross_entropy(self(input_ids, cu_seqlens, max_seqlen), targets)
+        logits = self.lm_head(self.hidden(input_ids, cu_seqlens, max_seqlen))
+        if self.logit_softcap:
+            return kernels.softcap_ce(logits, targets, self.logit_softcap)  # the fused CE of lcq/kernels.py
+        return F.cross_entropy(logits.float(), targets)
 
 
 def build_model(cfg: Config, bos_id: int, device: torch.device) -> GPT:

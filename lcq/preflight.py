@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import json
 import os
 import platform
@@ -31,10 +32,10 @@ import torch.nn.functional as F
 
 from . import artifact
 from . import dist as D
-from . import grouping
+from . import grouping, kernels
 from .attention import varlen_attention
 from .config import Config, ConfigError, replace, resolve
-from .data import doc_starts, list_shards, read_header, segment_bounds, val_pattern
+from .data import cu_buckets, doc_starts, list_shards, read_header, segment_bounds, val_pattern
 from .evaluate import evaluate, plan_windows
 from .gptq import quantize_state, tensor_role
 from .lora import quantize_factors
@@ -57,6 +58,13 @@ BYTES_MARGIN = 0.01
 MEMORY_SHARE = 0.90
 GO, NO_GO, WARN, INFO = "GO", "NO-GO", "WARN", "INFO"
 ENTRY = Path(__file__).resolve().parents[1] / "train_gpt.py"  # the script a run ships (not this module's __main__)
+
+
+# The GPU box's pieces and their install lines (README "A record run", requirements-gpu.txt; #1855's README pins the same
+# torch build and flash-attn 3 wheel index)
+TORCH_INSTALL = "pip install -r requirements-gpu.txt  (torch==2.9.1+cu128, which brings its triton)"
+FA3_INSTALL = ("pip install --no-deps flash_attn_3 --find-links "
+               "https://windreamer.github.io/flash-attention3-wheels/cu128_torch291/")
 
 
 @dataclass
@@ -167,7 +175,7 @@ def timed_steps(run, steps: int) -> tuple[Row, Row]:
                     f"budget" + (" (ITERATIONS caps it)" if projected == cfg.iterations else ""),
                     f"mean of {steps} timed steps (lcq.train, {res.tokens_per_step} tokens/step, "
                     f"{res.tokens_per_step // (dinfo.world_size * cfg.grad_accum_steps)} per device per micro-step) "
-                    f"after {cfg.warmup_steps} warm-up steps; steps = budget / (ms/step x {1 + TIME_MARGIN:.2f})",
+                    f"after {cfg.warmup_steps} warm-up steps (or one per compiled shape, if more); steps = budget / (ms/step x {1 + TIME_MARGIN:.2f})",
                     dict(ms_per_step=ms, tokens_per_step=res.tokens_per_step, tok_per_s=tok_s,
                          projected_steps=projected, train_budget_s=budget, timed_steps=steps))
     if not compiled:
@@ -177,10 +185,15 @@ def timed_steps(run, steps: int) -> tuple[Row, Row]:
         graphs = int(counters["stats"]["unique_graphs"])
         breaks = int(sum(counters["graph_break"].values()))
         reasons = "; ".join(list(counters["graph_break"])[:2])
+        # static shapes (lcq/train.py): one training graph per cu_seqlens bucket and layer order, all in the warm-up
+        buckets = cu_buckets(res.tokens_per_step // (dinfo.world_size * cfg.grad_accum_steps))
+        want = len(buckets) * (1 + (cfg.recur_passes > 1))
         compile_row = Row("compile", GO if breaks == 0 else WARN,
-                          f"{graphs} graph(s), {breaks} graph break(s)" + (f": {reasons}" if breaks else ""),
+                          f"{graphs} graph(s) ({want} training: cu_seqlens buckets {buckets} x layer orders), "
+                          f"{breaks} graph break(s)" + (f": {reasons}" if breaks else ""),
                           "torch._dynamo counters over the warm-up and timed steps (a break costs speed, which the "
-                          "train row already measures)", dict(enabled=True, graphs=graphs, breaks=breaks))
+                          "train row already measures)",
+                          dict(enabled=True, graphs=graphs, training_graphs=want, breaks=breaks))
     return train_row, compile_row
 
 
@@ -417,11 +430,37 @@ def ledger_row(cfg: Config, stages: list, gptq_ok: bool, serialize_ok: bool) -> 
 
 # ------------------------------------------------------------------------------------------------------ main
 
-ORDER = ("attention", "compile", "collective", "train", "memory", "gptq", "serialize", "eval", "artifact", "ledger")
+ORDER = ("setup", "attention", "compile", "collective", "train", "memory", "gptq", "serialize", "eval", "artifact", "ledger")
+
+
+def kernels_in_use(device: torch.device) -> str:
+    """Which implementation lcq/kernels.py runs on `device`."""
+    return "triton" if kernels.triton is not None and (device.type == "cuda" or kernels.INTERPRET) else "torch reference"
+
+
+def setup_row(cfg: Config, device: torch.device) -> Row:
+    """Each piece of the GPU box set-up this run needs and misses, with its install line (issue 18)."""
+    missing = {}
+    if device.type == "cuda":
+        if kernels.triton is None:
+            missing["triton"] = TORCH_INSTALL
+        if cfg.attention_backend in ("auto", "fa3") and importlib.util.find_spec("flash_attn_interface") is None:
+            missing["flash-attn 3 (flash_attn_interface)"] = FA3_INSTALL
+    lrzip = cfg.compressor != "group" or artifact.lrzip_binary() is not None
+    text = "; ".join(f"missing {k}: {v}" for k, v in missing.items())
+    return Row("setup", NO_GO if missing else GO if lrzip else WARN,
+               (text or "every piece present") + ("" if lrzip else f"; lrzip not on PATH ({artifact.LRZIP_INSTALL}): "
+                                                  "COMPRESSOR=group compresses without it, a little larger"),
+               f"torch {torch.__version__} (CUDA {torch.version.cuda}); kernels: {kernels_in_use(device)} (fused "
+               "LeakyReLU^2 MLP, softcapped CE, lcq/kernels.py)",
+               dict(missing=missing, lrzip=lrzip, kernels=kernels_in_use(device)))
 
 
 def preflight(cfg: Config, dinfo: D.DistInfo, steps: int) -> tuple[list[Row], object]:
     rows: dict[str, Row] = {}
+    rows["setup"] = setup_row(cfg, dinfo.device)
+    if rows["setup"].status == NO_GO:  # before the model: a missing kernel would stop it with one piece named
+        raise RuntimeError(rows["setup"].result)
     run = open_run(cfg, dinfo)
     if dinfo.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dinfo.device)

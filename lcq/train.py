@@ -13,7 +13,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from . import dist as D
 from .checks import NonFiniteError, check_finite_weights
 from .config import Config
-from .data import TrainLoader, segment_bounds, train_pattern
+from .data import TrainLoader, cu_buckets, pad_cu, segment_bounds, train_pattern
 from .model import autocast_for
 from .optim import EMA, apply_schedule, build_optimizers, training_progress
 from .recurrence import recurrence_due
@@ -51,6 +51,22 @@ def all_reduce_grads(params: list[nn.Parameter], world_size: int) -> None:
         g.copy_(synced)
 
 
+def compile_loss(model: nn.Module, graphs: int, backend: str = "inductor"):
+    """The training loss compiled with static shapes (issue 18): one graph per cu_seqlens bucket and layer order, all
+    built in the warm-up; fullgraph, so a graph break is an error instead of a silent slowdown."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, graphs)  # else eager past 8
+    return torch.compile(model.loss, dynamic=False, fullgraph=True, backend=backend)
+
+
+def warmup_batch(gen, vocab: int, n: int, bos_id: int, window: int, buckets: list[int], size: int):
+    """Synthetic (x, y, cu_seqlens) of n tokens whose padded cu_seqlens has `size` entries: BOS at evenly spaced
+    places, as many as leave room for the cuts every `window` tokens (no other token is a BOS)."""
+    toks = torch.randint(0, vocab - 1, (n + 1,), generator=gen)
+    toks += toks >= bos_id
+    toks[torch.linspace(0, n - 1, max(1, size - 1 - -(-n // window))).long()] = bos_id
+    return toks[:-1], toks[1:], pad_cu(segment_bounds(toks[:-1], bos_id, window), buckets)
+
+
 def out_of_time(flag: torch.Tensor, elapsed: float, steps: int, last_step_s: float, budget_s: float) -> bool:
     """True on every rank once the next step could cross the budget, estimated by the slower of the average and the
     last step. Ranks agree through a MAX all-reduce of `flag`, so no rank steps alone. The decision is the flag's first
@@ -77,19 +93,20 @@ def train(model: nn.Module, cfg: Config, dinfo: D.DistInfo, log, bos_id: int,
     params = [p for p in model.parameters() if p.requires_grad]
     optimizers = build_optimizers(model, cfg)
     local_tokens = local_batch_tokens(cfg, dinfo.world_size)
-    # dynamic=True: the packed row keeps its length, but the segment count changes every batch and max_seqlen with each
-    # TRAIN_SEQ_SCHEDULE stage. max_seqlen is then a symbolic int: Dynamo traced one graph for lengths 16, 32 and 64 on
-    # the SDPA path (CPU, CompileCounter), so expect one graph per layer order (2 with depth recurrence); an attention
-    # kernel that specialises on it gives at most one per (length, order) pair, which the warm-up below visits.
-    fwd = torch.compile(model.loss, dynamic=True) if (cfg.compile and device.type == "cuda") else model.loss
-    autocast = autocast_for(device, cfg.autocast_cpu_bf16)
     seq = SeqSchedule(cfg.train_seq_schedule, cfg.train_seq_len)  # progressive context (#2014); off: TRAIN_SEQ_LEN
+    # Static shapes (issue 18): max_seqlen is always the longest stage's length (a valid upper bound at every stage),
+    # and cu_seqlens is padded to one of a few lengths, so no batch's layout or stage changes a shape
+    window, buckets = max(seq.lengths), cu_buckets(local_tokens)
+    looped = cfg.recur_passes > 1  # depth recurrence starts at RECUR_FROM_PROGRESS (lcq/recurrence.py)
+    shapes = len(buckets) * (1 + looped)
+    fwd = compile_loss(model, shapes) if (cfg.compile and device.type == "cuda") else model.loss
+    autocast = autocast_for(device, cfg.autocast_cpu_bf16)
 
-    def step_on(batches, seq_len: int) -> torch.Tensor:
+    def step_on(batches) -> torch.Tensor:
         total = torch.zeros((), device=device)
         for x, y, cu in batches:
             with autocast:
-                loss = fwd(x, y, cu, seq_len) / cfg.grad_accum_steps
+                loss = fwd(x, y, cu, window) / cfg.grad_accum_steps
             loss.backward()
             total += loss.detach()
         all_reduce_grads(params, dinfo.world_size)
@@ -102,34 +119,28 @@ def train(model: nn.Module, cfg: Config, dinfo: D.DistInfo, log, bos_id: int,
 
     # Warm-up (compilation, allocator, kernels) on synthetic tokens: never val tokens, and the initial weights and
     # optimizer state are restored afterwards, so these steps neither train the model nor count against the budget.
-    looped = cfg.recur_passes > 1  # depth recurrence starts at RECUR_FROM_PROGRESS (lcq/recurrence.py)
     if cfg.warmup_steps:
         t_w = time.perf_counter()
         init_model = copy.deepcopy(model.state_dict())
         init_opts = [copy.deepcopy(o.state_dict()) for o in optimizers]
         gen = torch.Generator().manual_seed(cfg.seed + dinfo.rank)
-        n_len = len(seq.lengths)
-        for w in range(cfg.warmup_steps):
-            # every context length in turn, then (with recurrence) both layer orders, as #1855 and #2014 warm theirs, so
-            # no (length, order) pair compiles on the clock when WARMUP_STEPS >= their number
-            seq_len = seq.lengths[w % n_len]
+        # every cu_seqlens bucket, then (with recurrence) both layer orders, as #1855 warms its shapes: each compiled
+        # graph is built here, none on the clock
+        for w in range(max(cfg.warmup_steps, shapes)):
             if looped:
-                model.recur_active = (w // n_len) % 2 == 1
-            batches = []
-            for _ in range(cfg.grad_accum_steps):
-                toks = torch.randint(0, cfg.vocab_size, (local_tokens + 1,), generator=gen)
-                toks[:: max(2, seq_len // 3)] = bos_id  # exercise multi-document segments
-                x, y = toks[:-1], toks[1:]
-                batches.append((x.to(device), y.to(device), segment_bounds(x, bos_id, seq_len).to(device)))
-            step_on(batches, seq_len)
+                model.recur_active = (w // len(buckets)) % 2 == 1
+            batches = [[t.to(device) for t in warmup_batch(gen, cfg.vocab_size, local_tokens, bos_id, window, buckets,
+                                                          buckets[w % len(buckets)])] for _ in range(cfg.grad_accum_steps)]
+            step_on(batches)
         model.load_state_dict(init_model)
         for o, s in zip(optimizers, init_opts):
             o.load_state_dict(s)
         D.sync(device)
-        log.stage("warmup", time.perf_counter() - t_w, steps=cfg.warmup_steps, charged="no")
+        log.stage("warmup", time.perf_counter() - t_w, steps=max(cfg.warmup_steps, shapes), charged="no")
 
     torch.manual_seed(cfg.seed)
-    loader = TrainLoader(train_pattern(cfg.data_path), dinfo.rank, dinfo.world_size, device, cfg.vocab_size)
+    loader = TrainLoader(train_pattern(cfg.data_path), dinfo.rank, dinfo.world_size, device, buckets,
+                         vocab_size=cfg.vocab_size)
     ema = EMA(model, cfg.ema_decay) if cfg.ema_decay else None
     budget_s = cfg.train_budget_seconds
     tokens_per_step = local_tokens * dinfo.world_size * cfg.grad_accum_steps
@@ -157,7 +168,7 @@ def train(model: nn.Module, cfg: Config, dinfo: D.DistInfo, log, bos_id: int,
         if seq.staged and seq.advance(int(stop_flag[3].item())):
             log(f"train_seq_len:{seq.length} step:{step} progress:{progress:.3f}")
         batches = [loader.next_batch(local_tokens, seq.length, bos_id) for _ in range(cfg.grad_accum_steps)]
-        loss = step_on(batches, seq.length)
+        loss = step_on(batches)
         stop_flag[1] = (~torch.isfinite(loss)).float()
         if ema is not None:
             ema.update(model)

@@ -174,6 +174,8 @@ def test_bundle_runs_from_an_empty_dir_without_lcq(tmp_path):
     # One interpreter (torch imports once): run the script as __main__, then ask its loader for a left-out module.
     probe = ("import runpy,sys\nsys.argv=[sys.argv[1],'--print_config']\ntry:runpy.run_path(sys.argv[0],run_name='__main__')\n"
              "except SystemExit as e:assert e.code==0,e\nimport lcq.script\nassert lcq.script.running_bundle()\n"
+             # triton.jit reads its kernels' source: the loader serves it (get_source), else the import fails on CUDA
+             "import lcq.kernels as k\nassert k.triton is None or 'tl.dot' in k._up_kernel.src\n"
              "try:import lcq.corpus\nexcept ImportError as e:print(e,file=sys.stderr)\n")
     proc = subprocess.run([sys.executable, "-c", probe, str(script)], cwd=run_dir, capture_output=True, text=True,
                           env=dict(os.environ, PYTHONPATH=str(poison.parent), OMP_NUM_THREADS="1"), timeout=120)

@@ -170,7 +170,7 @@ def test_positional_max_seqlen_lands_in_seqused_on_some_fa3_releases():
 
 def test_cuda_auto_refuses_silent_sdpa_fallback(monkeypatch):
     install(monkeypatch)
-    with pytest.raises(RuntimeError, match=r"ATTENTION_BACKEND=auto on CUDA.*pip install flash-attn.*ATTENTION_BACKEND=sdpa"):
+    with pytest.raises(RuntimeError, match=r"ATTENTION_BACKEND=auto on CUDA.*pip install --no-deps flash_attn_3.*ATTENTION_BACKEND=sdpa"):
         resolve_backend("auto", CUDA)
     with pytest.raises(RuntimeError, match="ATTENTION_BACKEND=fa3: cannot import"):
         resolve_backend("fa3", CUDA)

@@ -4,7 +4,7 @@ import os
 import subprocess
 import sys
 
-ROWS = ("attention", "compile", "collective", "train", "memory", "gptq", "serialize", "eval", "artifact", "ledger")
+ROWS = ("setup", "attention", "compile", "collective", "train", "memory", "gptq", "serialize", "eval", "artifact", "ledger")
 
 
 def preflight(tmp_path, demo_data, *args, nproc=1, extra_env=None):

@@ -1,0 +1,138 @@
+"""lcq/kernels.py: the fused MLP and softcapped CE equal the unfused torch math in values and gradients, both the torch
+reference (in this process) and the Triton kernels (run by Triton's interpreter on CPU tensors, in a subprocess with
+TRITON_INTERPRET=1, so no other test runs under the interpreter)."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lcq import kernels
+
+# (N, d, hidden): single tiles, and shapes past one tile that are multiples of no block side (tiles 64 x 64, inner 32)
+MLP_SHAPES = [(5, 16, 32), (37, 24, 50), (131, 70, 150)]
+# (rows, vocab): vocab below, at and past the CE kernel's block (1024) without being a multiple of it
+CE_SHAPES = [(3, 37), (6, 1024), (4, 2500)]
+
+
+def unfused_mlp(x, w1, w2, slope):
+    return F.linear(F.leaky_relu(F.linear(x, w1), slope).square(), w2)
+
+
+def unfused_ce(z, t, cap):
+    return F.cross_entropy(cap * torch.tanh(z.float() / cap), t)
+
+
+def grads(fn, *args):
+    args = [a.detach().clone().requires_grad_() if a.is_floating_point() else a for a in args]
+    out = fn(*args)
+    out.backward(torch.ones_like(out) if out.ndim else None)
+    return out.detach(), [a.grad for a in args if a.is_floating_point()]
+
+
+def check_mlp(n, d, hidden, slope, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x, w1, w2 = (torch.randn(*s, generator=g) for s in ((n, d), (hidden, d), (d, hidden)))
+    w1 /= d ** 0.5
+    w2 /= hidden ** 0.5
+    out, gr = grads(lambda a, b, c: kernels.mlp(a, b, c, slope), x, w1, w2)
+    ref, gref = grads(lambda a, b, c: unfused_mlp(a, b, c, slope), x, w1, w2)
+    # fp32 throughout: only the summation order differs (tile by tile against one matmul)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    for a, b in zip(gr, gref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def check_ce(rows, vocab, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(rows, vocab, generator=g) * 25  # past the cap, so the softcap bends
+    t = torch.randint(0, vocab, (rows,), generator=g)
+    out, (gz,) = grads(lambda a: kernels.softcap_ce(a, t, 30.0), z)
+    ref, (gref,) = grads(lambda a: unfused_ce(a, t, 30.0), z)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gz, gref, rtol=1e-4, atol=1e-7)
+
+
+def run_all():
+    for n, d, hidden in MLP_SHAPES:
+        for slope in (0.5, 0.0):  # LeakyReLU(0.5)^2 and relu^2
+            check_mlp(n, d, hidden, slope)
+    for rows, vocab in CE_SHAPES:
+        check_ce(rows, vocab)
+
+
+def test_reference_path_matches_unfused_math():
+    assert not kernels.use_triton(torch.zeros(1)) or kernels.INTERPRET
+    run_all()
+
+
+def test_triton_kernels_match_under_the_interpreter():
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "triton kernels checked" in proc.stdout
+
+
+def test_reference_stores_no_softcapped_logits():
+    """The CE keeps one logits-sized tensor for its backward (the gradient its forward formed), the MLP (x, w1, w2,
+    pre-activation): the unfused graphs keep the fp32 logits, their tanh and the softcapped log-softmax, and the
+    pre-activation, its LeakyReLU and the activation."""
+    z = torch.randn(8, 40, requires_grad=True)
+    loss = kernels.softcap_ce(z, torch.randint(0, 40, (8,)), 30.0)
+    saved = loss.grad_fn.next_functions[0][0].saved_tensors
+    assert [tuple(s.shape) for s in saved] == [(8, 40)]
+    x = torch.randn(6, 16, requires_grad=True)
+    out = kernels.mlp(x, torch.randn(32, 16), torch.randn(16, 32), 0.5)
+    assert [tuple(s.shape) for s in out.grad_fn.saved_tensors] == [(6, 16), (32, 16), (16, 32), (6, 32)]
+
+
+def test_bf16_autocast_keeps_the_residual_in_bf16():
+    from lcq.config import make_config
+    from lcq.data import segment_bounds
+    from lcq.model import GPT
+
+    torch.manual_seed(0)
+    model = GPT(make_config("tiny", vocab_size=64), bos_id=1)
+    ids = torch.randint(2, 64, (40,))
+    ids[0] = ids[17] = 1
+    cu = segment_bounds(ids, 1, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model.hidden(ids, cu, 64).dtype == torch.bfloat16
+        loss = model.loss(ids, ids, cu, 64)
+    loss.backward()
+    assert loss.dtype == torch.float32
+    assert {p.dtype for p in model.parameters()} == {torch.float32}  # master weights stay fp32
+    assert {p.grad.dtype for p in model.parameters() if p.grad is not None} == {torch.float32}
+    with torch.no_grad():
+        assert model.hidden(ids, cu, 64).dtype == torch.float32  # no autocast: fp32 as before
+
+
+def test_gpu_box_recipe_is_one_recipe_and_preflight_names_each_missing_piece(monkeypatch):
+    from pathlib import Path
+
+    from lcq import artifact, attention, preflight
+    from lcq.config import make_config
+
+    repo = Path(__file__).resolve().parents[1]
+    req, readme = (repo / "requirements-gpu.txt").read_text(), (repo / "README.md").read_text()
+    assert "torch==2.9.1+cu128" in req.splitlines() and "--extra-index-url https://download.pytorch.org/whl/cu128" in req
+    for text in (req, readme, attention.INSTALL_HINT):
+        assert preflight.FA3_INSTALL in text
+    assert artifact.LRZIP_INSTALL in readme and "pip install -r requirements-gpu.txt" in readme
+    cfg = make_config("tiny", compressor="group")
+    assert preflight.setup_row(cfg, torch.device("cpu")).status in ("GO", "WARN")  # CPU needs no GPU piece
+    monkeypatch.setattr(kernels, "triton", None)
+    monkeypatch.setattr(preflight.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(artifact, "lrzip_binary", lambda: None)
+    row = preflight.setup_row(cfg, torch.device("cuda"))
+    assert row.status == "NO-GO" and preflight.FA3_INSTALL in row.result and preflight.TORCH_INSTALL in row.result
+    assert artifact.LRZIP_INSTALL in row.result and set(row.data["missing"]) == {"triton", "flash-attn 3 (flash_attn_interface)"}
+
+
+if __name__ == "__main__":
+    assert kernels.INTERPRET and kernels.use_triton(torch.zeros(1)), "run with TRITON_INTERPRET=1 and triton installed"
+    run_all()
+    print("triton kernels checked")
