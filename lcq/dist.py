@@ -74,6 +74,26 @@ def first_error(message: str | None) -> tuple[int, str] | None:
     return next(((r, m) for r, m in enumerate(out) if m), None)
 
 
+def all_reduce_avg(t: torch.Tensor):
+    """Average over ranks in the collective, asynchronously: returns the work handle to wait on."""
+    return dist.all_reduce(t, op=dist.ReduceOp.AVG, async_op=True)
+
+
+def reduce_scatter_avg(out: torch.Tensor, t: torch.Tensor):
+    """out <- this rank's 1/world slice (along dim 0) of the average of t over ranks; async, returns the work handle."""
+    return dist.reduce_scatter_tensor(out, t, op=dist.ReduceOp.AVG, async_op=True)
+
+
+def all_gather(out: torch.Tensor, t: torch.Tensor):
+    """out <- every rank's t, concatenated along dim 0 in rank order; async, returns the work handle."""
+    return dist.all_gather_into_tensor(out, t, async_op=True)
+
+
+def to_host(t: torch.Tensor) -> list:
+    """The one device->host read of a training step (issue 18): a copy to the host (a sync on CUDA) as a list."""
+    return t.to("cpu", copy=True).tolist()
+
+
 def sync(device: torch.device) -> None:
     """Wait for queued device work so that wall-clock readings mean what they say."""
     if device.type == "cuda":

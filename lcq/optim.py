@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from . import dist as D
 from .config import Config
 
 
@@ -26,55 +27,220 @@ NS_COEFFS: dict[str, tuple[tuple[float, float, float], ...]] = {
 
 def newton_schulz(g: torch.Tensor, steps: int, coeffs: str = "jordan") -> torch.Tensor:
     """Approximately orthogonalise g (replace its singular values by ~1) with `steps` quintic Newton-Schulz iterations
-    using the NS_COEFFS[coeffs] schedule; works as well as exact orthogonalisation for the Muon update."""
+    using the NS_COEFFS[coeffs] schedule; works as well as exact orthogonalisation for the Muon update. g is one matrix or
+    a bank of same-shape matrices (n, rows, cols), each orthogonalised on its own in one batched matmul per product."""
     table = NS_COEFFS[coeffs]
     x = g.to(torch.bfloat16 if g.is_cuda else torch.float32)
-    transposed = x.size(0) > x.size(1)
+    transposed = x.size(-2) > x.size(-1)
     if transposed:
-        x = x.T
-    x = x / (x.norm() + 1e-7)
+        x = x.mT
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    mm_add = torch.baddbmm if x.ndim == 3 else torch.addmm
     for i in range(steps):
         a, b, c = table[min(i, len(table) - 1)]
-        m = x @ x.T
-        x = a * x + (b * m + c * m @ m) @ x
+        m = x @ x.mT
+        x = mm_add(x, mm_add(m, m, m, beta=b, alpha=c), x, beta=a)  # a x + (b m + c m^2) x
     if transposed:
-        x = x.T
+        x = x.mT
     return x.to(g.dtype)
+
+
+def row_normalize(u: torch.Tensor) -> torch.Tensor:
+    """Each row of the momentum update scaled to unit L2 norm before Newton-Schulz (#1855's MUON_ROW_NORMALIZE: rows are
+    the weight's output units, so no unit's update dominates the orthogonalisation)."""
+    return u / u.norm(dim=-1, keepdim=True).clamp_min(1e-7)
+
+
+def reference_muon_step(params, grads, bufs, lr: float, momentum: float, steps: int, wd: float, coeffs: str,
+                        row_norm: bool) -> None:
+    """The single-rank Muon update one matrix at a time, as it ran before banking (issue 18): the known answer the
+    banked, sharded Muon is tested against and the old path `python -m lcq.bench step` counts."""
+    for p, g, buf in zip(params, grads, bufs):
+        buf.mul_(momentum).add_(g)
+        update = g.add(buf, alpha=momentum)
+        if row_norm:
+            update = row_normalize(update)
+        update = newton_schulz(update, steps, coeffs) * max(1.0, p.size(0) / p.size(1)) ** 0.5
+        if wd:
+            p.mul_(1 - lr * wd)
+        p.add_(update, alpha=-lr)
+
+
+class Bank:
+    """Same-shape matrices whose gradients live in one fp32 buffer (n_pad, rows, cols); each parameter's .grad is a view
+    of it, so backward accumulates straight into the bank. n_pad rounds n up to a multiple of the world size: rank r
+    owns matrices [r*k, (r+1)*k) (k = n_pad / world); the padding stays zero."""
+
+    def __init__(self, params: list[nn.Parameter], world: int):
+        self.params = params
+        n = len(params)
+        self.k = -(-n // world)
+        self.buf = torch.zeros(self.k * world, *params[0].shape, device=params[0].device)
+        self.scale = max(1.0, params[0].size(0) / params[0].size(1)) ** 0.5  # RMS scale as before (modded-nanogpt)
+        # this rank's averaged gradients (k, rows, cols), set by GradSync.finish for one step; None: read the .grads
+        self.shard: torch.Tensor | None = None
+
+    def grads(self) -> torch.Tensor:
+        if self.shard is not None:
+            return self.shard
+        if self.k != len(self.params):
+            raise RuntimeError("Muon on more than one rank needs GradSync (lcq/train.py) to reduce-scatter its gradients")
+        return torch.stack([p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params])
 
 
 class Muon(torch.optim.Optimizer):
     """SGD-momentum (Nesterov) whose update is orthogonalised per matrix (Muon, Jordan et al. 2024).
 
-    Every rank holds the same all-reduced gradients, so every rank computes the same update: no extra communication."""
+    Same-shape matrices are banked (Bank) and orthogonalised in one batched Newton-Schulz, compiled on CUDA. With
+    world > 1 the bank's gradients arrive reduce-scattered in bf16 (GradSync): each rank keeps the momentum of its share
+    and orthogonalises only that share, and the updates are all-gathered in bf16, as #1855 does and the challenge's
+    baseline splits Newton-Schulz over ranks. Weight decay and the RMS scale are the per-matrix ones."""
 
     def __init__(self, params, lr: float, momentum: float, backend_steps: int, weight_decay: float,
-                 ns_coeffs: str = "jordan"):
+                 ns_coeffs: str = "jordan", row_normalize: bool = False, world: int = 1, compile: bool = False):
         if ns_coeffs not in NS_COEFFS:
             raise ValueError(f"Muon: ns_coeffs must be one of {sorted(NS_COEFFS)}, got {ns_coeffs!r}")
         super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps, weight_decay=weight_decay,
-                                      ns_coeffs=ns_coeffs))
+                                      ns_coeffs=ns_coeffs, row_normalize=row_normalize))
+        self.world = world
+        shapes: dict[tuple, list] = {}
+        for p in self.param_groups[0]["params"]:
+            shapes.setdefault(tuple(p.shape), []).append(p)
+        self.banks = [Bank(ps, world) for ps in shapes.values()]
+        self.ns = torch.compile(newton_schulz) if compile else newton_schulz
 
     @torch.no_grad()
     def step(self):
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
-                buf.mul_(group["momentum"]).add_(p.grad)
-                update = p.grad.add(buf, alpha=group["momentum"])
-                update = newton_schulz(update, group["backend_steps"], group["ns_coeffs"])
-                # Scale so the update's RMS does not shrink for wide matrices (modded-nanogpt's max(1, rows/cols)^0.5).
-                update = update * max(1.0, p.size(0) / p.size(1)) ** 0.5
-                if group["weight_decay"]:
-                    p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(update, alpha=-group["lr"])
+        group = self.param_groups[0]
+        lr, mom, wd = group["lr"], group["momentum"], group["weight_decay"]
+        pending = None
+        for bank in self.banks:
+            g, bank.shard = bank.grads(), None
+            buf = self.state[bank.params[0]].setdefault("momentum_buffer", torch.zeros_like(g))
+            buf.mul_(mom).add_(g)
+            update = g.add(buf, alpha=mom)
+            if group["row_normalize"]:
+                update = row_normalize(update)
+            update = self.ns(update, group["backend_steps"], group["ns_coeffs"])
+            if self.world > 1:
+                full = torch.empty_like(bank.buf, dtype=torch.bfloat16)
+                work = D.all_gather(full, update.bfloat16())
+            else:
+                full, work = update, None
+            if pending:  # apply the previous bank while this one's gather is in flight
+                self._apply(*pending, lr, wd)
+            pending = (bank, full, work)
+        if pending:
+            self._apply(*pending, lr, wd)
+
+    @staticmethod
+    def _apply(bank: Bank, full: torch.Tensor, work, lr: float, wd: float) -> None:
+        if work is not None:
+            work.wait()
+        if wd:
+            torch._foreach_mul_(bank.params, 1 - lr * wd)
+        torch._foreach_add_(bank.params, full[: len(bank.params)].float().unbind(0), alpha=-lr * bank.scale)
 
 
-def build_optimizers(model: nn.Module, cfg: Config) -> list[torch.optim.Optimizer]:
+class GradSync:
+    """Averages gradients over ranks, overlapped with backward (issue 18). Each Muon bank is one bucket; the other
+    parameters share flat fp32 buffers of at most BUCKET_NUMEL elements, their .grad views of it (as DDP's
+    gradient_as_bucket_view). A post-accumulate-grad hook counts each bucket's gradients in; once all are in during the
+    micro-step that ends a step, the bucket is sent in bf16 as soon as every bucket before it has been (the same order on
+    every rank): a bank reduce-scattered (each rank receives the average of its share), the others all-reduced.
+    ReduceOp.AVG averages in the collective (no sum then divide). One rank: nothing is sent."""
+
+    BUCKET_NUMEL = 1 << 22
+
+    def __init__(self, muon: Muon, others: list[nn.Parameter], world: int):
+        self.world = world
+        buckets: list = [[]]
+        for p in reversed(others):  # backward reaches the last layers first
+            if buckets[-1] and sum(q.numel() for q in buckets[-1]) + p.numel() > self.BUCKET_NUMEL:
+                buckets.append([])
+            buckets[-1].append(p)
+        self.flats = [torch.zeros(sum(p.numel() for p in ps), device=ps[0].device) for ps in buckets if ps]
+        self.buckets = [(ps, flat) for ps, flat in zip([b for b in buckets if b], self.flats)]
+        self.buckets += [(b.params, b) for b in reversed(muon.banks)]
+        self.views = []
+        for ps, owner in self.buckets:
+            store = owner if isinstance(owner, torch.Tensor) else owner.buf
+            if isinstance(owner, torch.Tensor):
+                views, at = [], 0
+                for p in ps:
+                    views.append(store[at:at + p.numel()].view_as(p))
+                    at += p.numel()
+            else:
+                views = list(store.unbind(0)[: len(ps)])
+            self.views += zip(ps, views)
+        index = {p: i for i, (ps, _) in enumerate(self.buckets) for p in ps}
+        self.armed = False
+        if world > 1:
+            for p in index:
+                p.register_post_accumulate_grad_hook(lambda p, i=index[p]: self._ready(i))
+        self.zero()
+
+    def zero(self) -> None:
+        """Zero every gradient buffer and point each .grad back at its view (a set_to_none elsewhere would detach it)."""
+        for flat in self.flats:
+            flat.zero_()
+        for bank in (o for _, o in self.buckets if isinstance(o, Bank)):
+            bank.buf.zero_()
+        for p, v in self.views:
+            p.grad = v
+        self.left = [len(ps) for ps, _ in self.buckets]
+        self.sent: list = []
+
+    def _ready(self, i: int) -> None:
+        if self.armed:
+            self.left[i] -= 1
+            while len(self.sent) < len(self.buckets) and not self.left[len(self.sent)]:
+                self._send(len(self.sent))
+
+    def _send(self, i: int) -> None:
+        owner = self.buckets[i][1]
+        if isinstance(owner, Bank):
+            shard = torch.empty_like(owner.buf[: owner.k], dtype=torch.bfloat16)
+            self.sent.append((owner, shard, D.reduce_scatter_avg(shard, owner.buf.bfloat16())))
+        else:
+            half = owner.bfloat16()
+            self.sent.append((owner, half, D.all_reduce_avg(half)))
+
+    def finish(self) -> None:
+        """After the step's last backward: send what has not been sent (a parameter without a gradient this step), wait,
+        and put the averages in place: the flat buffers in fp32, each bank's share in Bank.shard."""
+        self.armed = False
+        if self.world == 1:  # the .grads are views of the banks: nothing to send or copy
+            for _, owner in self.buckets:
+                if isinstance(owner, Bank):
+                    owner.shard = owner.buf
+            return
+        while len(self.sent) < len(self.buckets):
+            self._send(len(self.sent))
+        for owner, half, work in self.sent:
+            work.wait()
+            if isinstance(owner, Bank):
+                owner.shard = half.float()
+            else:
+                owner.copy_(half)
+
+    def clip_(self, max_norm: float) -> None:
+        """clip_grad_norm_ over every parameter: the replicated buffers count once, the banks' shards add over ranks."""
+        shards = [b.grads() for _, b in self.buckets if isinstance(b, Bank)]
+        sq = torch.stack([t.square().sum() for t in shards]).sum()
+        if self.world > 1:
+            D.all_reduce_sum(sq)
+        if self.flats:
+            sq = sq + torch.stack([f.square().sum() for f in self.flats]).sum()
+        coef = (max_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)
+        torch._foreach_mul_(self.flats + shards, coef)
+
+
+def build_optimizers(model: nn.Module, cfg: Config, world: int = 1) -> list[torch.optim.Optimizer]:
     """Muon for the linear layers' weights inside the blocks; AdamW for the tied embedding and every other parameter
     (gains, gates, skip weights, lane mixes: #1855 routes these "control tensors" to Adam too, 2-D or not).
-    Weight decay is decoupled; with EMBED/SCALAR_WEIGHT_DECAY at 0 AdamW is plain Adam."""
+    Weight decay is decoupled; with EMBED/SCALAR_WEIGHT_DECAY at 0 AdamW is plain Adam. Fused AdamW (CPU too): one
+    kernel per group instead of ~10 ops per tensor (issue 18). Muon is sharded over `world` ranks (GradSync)."""
     matrices, scalars = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad or name == "tok_emb.weight":
@@ -85,9 +251,10 @@ def build_optimizers(model: nn.Module, cfg: Config) -> list[torch.optim.Optimize
     adam = torch.optim.AdamW(
         [dict(params=[model.tok_emb.weight], lr=cfg.embed_lr, base_lr=cfg.embed_lr, weight_decay=cfg.embed_weight_decay),
          dict(params=scalars, lr=cfg.scalar_lr, base_lr=cfg.scalar_lr, weight_decay=cfg.scalar_weight_decay)],
-        betas=betas, eps=cfg.adam_eps, fused=next(model.parameters()).is_cuda)
+        betas=betas, eps=cfg.adam_eps, fused=True)
     muon = Muon(matrices, lr=cfg.matrix_lr, momentum=cfg.muon_momentum, backend_steps=cfg.muon_backend_steps,
-                weight_decay=cfg.muon_weight_decay, ns_coeffs=cfg.muon_ns_coeffs)
+                weight_decay=cfg.muon_weight_decay, ns_coeffs=cfg.muon_ns_coeffs, row_normalize=cfg.muon_row_normalize,
+                world=world, compile=cfg.compile and matrices[0].is_cuda)
     for g in muon.param_groups:
         g["base_lr"] = cfg.matrix_lr
     return [adam, muon]

@@ -15,7 +15,7 @@ from .checks import NonFiniteError, check_finite_weights
 from .config import Config
 from .data import TrainLoader, cu_buckets, pad_cu, segment_bounds, train_pattern
 from .model import autocast_for
-from .optim import EMA, apply_schedule, build_optimizers, training_progress
+from .optim import EMA, GradSync, apply_schedule, build_optimizers, training_progress
 from .recurrence import recurrence_due
 from .seq_schedule import SeqSchedule
 
@@ -72,9 +72,15 @@ def out_of_time(flag: torch.Tensor, elapsed: float, steps: int, last_step_s: flo
     last step. Ranks agree through a MAX all-reduce of `flag`, so no rank steps alone. The decision is the flag's first
     element; the train loop puts its non-finite-loss flag, recurrence flag and context stage in the others, agreed in
     the same collective."""
-    flag.view(-1)[0] = 1.0 if elapsed + max(elapsed / steps, last_step_s) > budget_s else 0.0
+    return bool(agree(flag.view(-1), elapsed, steps, last_step_s, budget_s)[0])
+
+
+def agree(flag: torch.Tensor, elapsed: float, steps: int, last_step_s: float, budget_s: float) -> list[float]:
+    """out_of_time's collective, with the whole flag read back in one device->host copy: the training step's only
+    host sync (issue 18; each .item() of a CUDA tensor is one)."""
+    flag[0] = 1.0 if elapsed + max(elapsed / steps, last_step_s) > budget_s else 0.0
     D.all_reduce_max(flag)
-    return bool(flag.view(-1)[0].item())
+    return D.to_host(flag)
 
 
 def nonfinite_message(step: int, loss: float, cfg: Config) -> str:
@@ -91,7 +97,10 @@ def train(model: nn.Module, cfg: Config, dinfo: D.DistInfo, log, bos_id: int,
     eval_fn(step) -> str, if given, runs every VAL_LOSS_EVERY steps for monitoring; its time is not charged."""
     device = dinfo.device
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizers = build_optimizers(model, cfg)
+    optimizers = build_optimizers(model, cfg, dinfo.world_size)
+    # gradients averaged in bf16 buckets while backward runs; Muon's banks reduce-scattered to their owners (issue 18)
+    in_muon = {id(p) for p in optimizers[1].param_groups[0]["params"]}
+    gsync = GradSync(optimizers[1], [p for p in params if id(p) not in in_muon], dinfo.world_size)
     local_tokens = local_batch_tokens(cfg, dinfo.world_size)
     seq = SeqSchedule(cfg.train_seq_schedule, cfg.train_seq_len)  # progressive context (#2014); off: TRAIN_SEQ_LEN
     # Static shapes (issue 18): max_seqlen is always the longest stage's length (a valid upper bound at every stage),
@@ -104,17 +113,18 @@ def train(model: nn.Module, cfg: Config, dinfo: D.DistInfo, log, bos_id: int,
 
     def step_on(batches) -> torch.Tensor:
         total = torch.zeros((), device=device)
-        for x, y, cu in batches:
+        for i, (x, y, cu) in enumerate(batches):
+            gsync.armed = i == len(batches) - 1  # only the step's last backward sends
             with autocast:
                 loss = fwd(x, y, cu, window) / cfg.grad_accum_steps
             loss.backward()
             total += loss.detach()
-        all_reduce_grads(params, dinfo.world_size)
+        gsync.finish()
         if cfg.grad_clip_norm:
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip_norm)
+            gsync.clip_(cfg.grad_clip_norm)
         for opt in optimizers:
             opt.step()
-        model.zero_grad(set_to_none=True)
+        gsync.zero()
         return total
 
     # Warm-up (compilation, allocator, kernels) on synthetic tokens: never val tokens, and the initial weights and
@@ -155,6 +165,7 @@ def train(model: nn.Module, cfg: Config, dinfo: D.DistInfo, log, bos_id: int,
     # apart; MAX: the rank furthest on decides), without a second collective per step
     stop_flag = torch.zeros(4, device=device)
     stop_flag[2] = float(looped and recurrence_due(0.0, cfg.recur_from_progress))
+    agreed = stop_flag.tolist()  # the flag as the host last read it
     progress = 0.0
     if seq.staged:
         log(f"train_seq_schedule:{seq.describe()} train_seq_len:{seq.length} tokens_per_step:{tokens_per_step}")
@@ -162,10 +173,10 @@ def train(model: nn.Module, cfg: Config, dinfo: D.DistInfo, log, bos_id: int,
         t_step = time.perf_counter()
         elapsed = train_time + (t_step - t0)
         apply_schedule(optimizers, step, elapsed, cfg)
-        if looped and bool(stop_flag[2].item()) != model.recur_active:
+        if looped and bool(agreed[2]) != model.recur_active:
             model.recur_active = not model.recur_active
             log(f"recurrence:{'on' if model.recur_active else 'off'} step:{step} layers:{model.layer_order()}")
-        if seq.staged and seq.advance(int(stop_flag[3].item())):
+        if seq.staged and seq.advance(int(agreed[3])):
             log(f"train_seq_len:{seq.length} step:{step} progress:{progress:.3f}")
         batches = [loader.next_batch(local_tokens, seq.length, bos_id) for _ in range(cfg.grad_accum_steps)]
         loss = step_on(batches)
@@ -179,8 +190,9 @@ def train(model: nn.Module, cfg: Config, dinfo: D.DistInfo, log, bos_id: int,
             progress = training_progress(step, elapsed, cfg)
             stop_flag[2] = float(looped and recurrence_due(progress, cfg.recur_from_progress))
             stop_flag[3] = seq.due(progress)
-        stop = out_of_time(stop_flag, elapsed, step, now - t_step, budget_s) and step < cfg.iterations
-        if stop_flag[1].item():
+        agreed = agree(stop_flag, elapsed, step, now - t_step, budget_s)
+        stop = bool(agreed[0]) and step < cfg.iterations
+        if agreed[1]:
             raise NonFiniteError(nonfinite_message(step, float(loss.item()), cfg))
         last_step = stop or step == cfg.iterations
         if step % cfg.train_log_every == 0 or last_step or step <= 2:

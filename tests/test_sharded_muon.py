@@ -1,0 +1,99 @@
+"""Banked, sharded Muon (issue 18) against the per-matrix single-rank update it replaced (reference_muon_step).
+
+Shapes are chosen so that banks are smaller than, equal to and larger than the world (3, 8 and 9 matrices on 8 ranks:
+padding, an exact split and two matrices per rank). All are far from square: a random square matrix has singular
+values near 0, where 5 Newton-Schulz steps amplify the bf16 roundings of the sharded path beyond any fixed bound."""
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+
+from lcq.optim import GradSync, Muon, reference_muon_step, row_normalize
+
+SHAPES = [(16, 8)] * 3 + [(8, 24)] * 8 + [(6, 14)] * 9
+OTHER_SHAPES = [(10,), (4, 4)]
+LR, MOM, WD, STEPS = 0.05, 0.95, 0.04, 2
+
+
+def make_params():
+    torch.manual_seed(0)
+    return ([nn.Parameter(torch.randn(s) * 0.1) for s in SHAPES], [nn.Parameter(torch.randn(s)) for s in OTHER_SHAPES])
+
+
+def rank_grads(rank: int, step: int):
+    gen = torch.Generator().manual_seed(1000 * step + rank)
+    return [torch.randn(s, generator=gen) for s in SHAPES + OTHER_SHAPES]
+
+
+def _worker(rank, world, port, out, row_norm):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        mats, others = make_params()
+        muon = Muon(mats, lr=LR, momentum=MOM, backend_steps=5, weight_decay=WD, ns_coeffs="polar_express",
+                    row_normalize=row_norm, world=world)
+        sync = GradSync(muon, others, world)
+        for step in range(STEPS):
+            sync.armed = True
+            # d loss / d p = this rank's gradient for p: backward fires the gradient hooks that send the buckets
+            sum((p * g).sum() for p, g in zip(mats + others, rank_grads(rank, step))).backward()
+            sync.finish()
+            averaged = [p.grad.clone() for p in others]
+            muon.step()
+            sync.zero()
+        if rank == 0:
+            torch.save({"mats": [p.detach() for p in mats], "others": averaged}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def reference(row_norm: bool):
+    mats, _ = make_params()
+    bufs = [torch.zeros_like(p) for p in mats]
+    for step in range(STEPS):
+        grads = [torch.stack(gs).mean(0) for gs in zip(*(rank_grads(r, step) for r in range(8)))]
+        with torch.no_grad():
+            reference_muon_step(mats, grads[:len(mats)], bufs, LR, MOM, 5, WD, "polar_express", row_norm)
+    return mats, grads[len(mats):]
+
+
+def test_sharded_muon_on_8_gloo_ranks_equals_the_single_rank_update(tmp_path, free_port):
+    out = tmp_path / "rank0.pt"
+    mp.spawn(_worker, args=(8, free_port, str(out), True), nprocs=8, join=True)
+    got = torch.load(out)
+    want_mats, want_others = reference(True)
+    init, _ = make_params()
+    for i, (g, w, p0) in enumerate(zip(got["mats"], want_mats, init)):
+        # compare the applied updates (weights minus their decayed start), per matrix. The gradients travel in bf16
+        # (8 ranks summed: <= 8 roundings of 2^-8 relative) and the update is gathered in bf16 (2^-8 relative); Newton-
+        # Schulz is smooth in its input, so 5% of the update's largest entry leaves a >3x margin over those roundings.
+        dg, dw = g - p0 * (1 - LR * WD) ** STEPS, w.detach() - p0 * (1 - LR * WD) ** STEPS
+        assert (dg - dw).abs().max() <= 0.05 * dw.abs().max(), f"matrix {i} {tuple(g.shape)}"
+    for g, w in zip(got["others"], want_others):
+        # averaged in one bf16 all-reduce: |error| <= (8 + 1) roundings of 2^-8 of the largest gradient (|g| < 6)
+        torch.testing.assert_close(g, w, atol=9 * 6 * 2 ** -8, rtol=0)
+
+
+def test_banked_muon_one_rank_matches_per_matrix_reference_in_fp32():
+    for row_norm in (False, True):
+        mats, others = make_params()
+        muon = Muon(mats, lr=LR, momentum=MOM, backend_steps=5, weight_decay=WD, ns_coeffs="jordan",
+                    row_normalize=row_norm)
+        ref, _ = make_params()
+        bufs = [torch.zeros_like(p) for p in ref]
+        for step in range(STEPS):
+            grads = rank_grads(0, step)[:len(mats)]
+            for p, g in zip(mats, grads):
+                p.grad = g.clone()
+            muon.step()  # no GradSync: the bank stacks the .grads
+            with torch.no_grad():
+                reference_muon_step(ref, grads, bufs, LR, MOM, 5, WD, "jordan", row_norm)
+        for a, b in zip(mats, ref):
+            # the same fp32 math, batched vs one matrix at a time: rounding-level differences only
+            torch.testing.assert_close(a.detach(), b.detach(), atol=1e-5, rtol=1e-4)
+
+
+def test_row_normalize_gives_unit_rows_in_the_direction_of_each_row():
+    u = torch.tensor([[3.0, 4.0], [0.0, -2.0]])
+    torch.testing.assert_close(row_normalize(u), torch.tensor([[0.6, 0.8], [0.0, -1.0]]))
+    bank = torch.randn(3, 5, 7)
+    torch.testing.assert_close(row_normalize(bank).norm(dim=-1), torch.ones(3, 5))
