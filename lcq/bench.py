@@ -7,6 +7,7 @@
     python -m lcq.bench sizing --preset record  # projected artifact bytes from measured bytes/param of its codes
     python -m lcq.bench serialize  # record-size artifact: bytes and charged seconds, serial vs parallel vs overlapped
     python -m lcq.bench compressors [--codes RUN.lcq]  # model section bytes/seconds: brotli vs auto vs group
+    python -m lcq.bench step --preset record --world 8  # one training step's ATen ops, host reads, bytes sent (issue 18)
 
 Each trains the demo-preset model on the embedded corpus (or the preset/knobs given, e.g. --preset record on a GPU box),
 writes its run logs under LOG_DIR, prints a table and ends with one JSON line holding the figures.
@@ -677,7 +678,8 @@ def bench_compressors(cfg: Config, path: str, threads: int, compressors: tuple[s
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m lcq.bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("kind", choices=("quant", "lcq", "attribution", "features", "sizing", "serialize", "compressors"))
+    ap.add_argument("kind", choices=("quant", "lcq", "attribution", "features", "sizing", "serialize", "compressors",
+                                     "step"))
     ap.add_argument("--bits", default=None, help="comma-separated bit widths (quant: 4,5,6,8; lcq: 4,6)")
     ap.add_argument("--ranks", default="4,16,64", help="lcq: comma-separated LoRA ranks")
     ap.add_argument("--inits", default="zero,svd,act_svd,grail", help="lcq: comma-separated inits")
@@ -699,6 +701,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="compressors: comma-separated COMPRESSOR values to compare on the model section")
     ap.add_argument("--codes", default="", help="compressors: an artifact (.lcq) whose model tensors to compress "
                                                "instead of the preset's random-init payload")
+    ap.add_argument("--world", type=int, default=8, help="step: gloo ranks the step runs on")
+    ap.add_argument("--tokens", type=int, default=512, help="step: tokens per rank")
     args, rest = ap.parse_known_args(argv)
     # serialize, compressors: the record-size payload, no training
     default = "record" if args.kind in ("serialize", "compressors") else "demo"
@@ -714,6 +718,9 @@ def main(argv: list[str] | None = None) -> int:
             result = bench_serialize(cfg, args.lcq_window, args.threads, tuple(args.strategies.split(",")))
         elif args.kind == "compressors":
             result = bench_compressors(cfg, args.codes, args.threads, tuple(args.compressors.split(",")))
+        elif args.kind == "step":
+            from .bench_step import bench_step
+            result = bench_step(cfg, args.world, args.tokens)
         elif args.kind == "sizing":
             result = bench_sizing(cfg)
         elif args.kind == "features":

@@ -97,3 +97,16 @@ def test_row_normalize_gives_unit_rows_in_the_direction_of_each_row():
     torch.testing.assert_close(row_normalize(u), torch.tensor([[0.6, 0.8], [0.0, -1.0]]))
     bank = torch.randn(3, 5, 7)
     torch.testing.assert_close(row_normalize(bank).norm(dim=-1), torch.ones(3, 5))
+
+
+def test_step_bench_counts_one_host_read_and_fewer_optimizer_ops_after_banking():
+    from lcq.bench_step import bench_step
+    from lcq.config import make_config
+
+    r = bench_step(make_config("tiny"), world=2, tokens=128)
+    # the new step reads the agreed flag once; the old one read it twice (no recurrence in tiny) or three times
+    assert r["syncs_per_step"] == 1 and r["before"]["syncs_per_step"] >= 2
+    # banked Newton-Schulz: one batched chain per bank instead of one per matrix
+    assert r["optimizer_ops_per_rank"] < r["before"]["optimizer_ops_per_rank"]
+    # bf16 buckets: the gradients travel in half the bytes, the all-gather of updates adds at most one bf16 copy
+    assert r["reduce_bytes_per_step"] < r["before"]["reduce_bytes_per_step"]
