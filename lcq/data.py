@@ -236,13 +236,10 @@ def segment_bounds(x: torch.Tensor, bos_id: int, max_seqlen: int) -> torch.Tenso
 
 
 def cu_buckets(n: int) -> list[int]:
-    """The lengths cu_seqlens of an n-token row is padded to (issue 18): 65, 513, 4097, ... (8x apart) and n + 1 (every
-    token its own segment), so a compiled step with static shapes sees a few cu_seqlens shapes, not one per layout."""
-    out, b = [], 64
-    while b < n:
-        out.append(b + 1)
-        b *= 8
-    return out + [n + 1]
+    """The lengths cu_seqlens of an n-token row is padded to (issue 18): 65, 513, 4097, 32769 (8x apart, below n) and
+    n + 1 (every token its own segment), so a compiled step with static shapes sees a few cu_seqlens shapes, not one per
+    layout."""
+    return [b + 1 for b in (64, 512, 4096, 32768) if b < n] + [n + 1]
 
 
 def pad_cu(cu: torch.Tensor, sizes: list[int]) -> torch.Tensor:

@@ -31,6 +31,7 @@ def test_tiny_preflight_prints_every_row_and_goes(tmp_path, demo_data):
     assert any(line.startswith("verdict: GO") for line in lines)
     assert report["preflight"] == "go" and report["failed"] == [] and set(report["rows"]) == set(ROWS)
     rows = report["rows"]
+    assert rows["setup"]["kernels"] == "torch reference" and rows["setup"]["missing"] == {}  # a CPU run needs no GPU piece
     assert rows["attention"]["backend"] == "sdpa" and rows["attention"]["max_abs_diff"] <= rows["attention"]["tol"]
     assert rows["train"]["timed_steps"] == 2 and rows["train"]["ms_per_step"] > 0
     assert 1 <= rows["train"]["projected_steps"] <= 12  # the tiny preset's ITERATIONS caps the projection
