@@ -391,6 +391,15 @@ class Unit:
     compressors: tuple[str, ...]
 
 
+def serialize_threads(requested: int) -> int:
+    """Compression threads for SERIALIZE_THREADS=requested. 0: the host's cores less two per rank process on this host
+    (LOCAL_WORLD_SIZE, set by torchrun), at least one: the ranks are still running LCQ while the model section
+    compresses, and a launch-bound rank needs its core and its loader thread's (issue 18)."""
+    if requested:
+        return requested
+    return max(1, (os.cpu_count() or 1) - 2 * int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
 class CompressJob:
     """Sections being compressed on host threads (lzma and brotli release the GIL; lrzip runs as a child process),
     started at construction.

@@ -194,7 +194,8 @@ class Config:
     # (issue 8: the base section compresses during LCQ, the LoRA section after it); this is the fallback when no rate
     # was measured. Whole-artifact brotli-11 on a 16 MB payload took 31 s on the 2-core CI machine.
     serialize_reserve_seconds: float = 35.0
-    # host threads that compress artifact sections (0 = every core); the bytes never depend on it (issue 8)
+    # host threads that compress artifact sections (0 = the host's cores less two per local rank, at least one: the ranks
+    # still run LCQ meanwhile, issue 18); the bytes never depend on it (issue 8)
     serialize_threads: int = 0
 
     # --- LCQ: post-quantization LoRA distillation ---
@@ -340,7 +341,7 @@ class Config:
              "choose brotli, lzma, auto or group (per-role sections; uses lrzip when installed: apt-get install lrzip)")
         need(self.artifact_cap_bytes > 0, "artifact_cap_bytes", "must be > 0")
         need(self.serialize_reserve_seconds >= 0, "serialize_reserve_seconds", "must be >= 0")
-        need(self.serialize_threads >= 0, "serialize_threads", "must be >= 0 (0 = every core of the host)")
+        need(self.serialize_threads >= 0, "serialize_threads", "must be >= 0 (0 = host cores less two per local rank)")
         need(self.lcq_rank == "auto" or (self.lcq_rank.isdigit() and int(self.lcq_rank) >= 0), "lcq_rank",
              "must be an integer >= 0 (0 turns LCQ off) or auto")
         need(self.lcq_alpha > 0, "lcq_alpha", "must be > 0")

@@ -492,8 +492,11 @@ def start_base_section(run: Run) -> None:
         if run.cfg.compressor == "group":
             run.log(grouping.describe_backends())
         # COMPRESSOR=group: the model's sections per role bucket (lcq/grouping.py), planned on the job's own thread
+        threads = artifact.serialize_threads(run.cfg.serialize_threads)
+        run.log(f"serialize_threads:{threads} host_cores:{os.cpu_count()} "
+                f"local_ranks:{os.environ.get('LOCAL_WORLD_SIZE', '1')}")
         run.base_job = grouping.model_job(tensors, artifact_meta(run.cfg, run.bos_id, run.qmeta, None),
-                                          run.cfg.compressor, run.cfg.serialize_threads or None)
+                                          run.cfg.compressor, threads)
 
 
 def lora_raw_bytes(model: nn.Module, ranks: dict[str, int], bits: int) -> int:
@@ -657,7 +660,7 @@ def ship(run: Run) -> bool:
     path = cfg.artifact_file
     facts = {}
     if dinfo.is_master:
-        threads = cfg.serialize_threads or None
+        threads = artifact.serialize_threads(cfg.serialize_threads)
         lora_job = None
         if run.lora_tensors:  # starts first: it compresses while the base section's last chunks finish
             lora_job = artifact.SectionJob("lora", {k: v.detach().cpu() for k, v in run.lora_tensors.items()},

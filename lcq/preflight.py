@@ -253,7 +253,7 @@ def artifact_rows(run) -> tuple[Row, dict]:
     quantizer and compressor; the refill's base section is also the timed compression (lcq.grouping.model_job, the
     job the pipeline starts on host threads when GPTQ ends). Returns (artifact row, serialize measurements)."""
     cfg = run.cfg
-    threads = cfg.serialize_threads or None
+    threads = artifact.serialize_threads(cfg.serialize_threads)
     t0 = time.perf_counter()
     code = len(shipped_script(ENTRY))
     script_s = time.perf_counter() - t0  # the pipeline renders it on a host thread from GPTQ's end, like the base
@@ -323,7 +323,7 @@ def serialize_plan(cfg: Config, gptq_s: float, m: dict) -> tuple[Row, list]:
               f"host compression {rates} MB/s per thread x {m['threads']} threads; full base section {base_s:.2f}s, "
               f"on the clock {serialize_s:.2f}s; LCQ + serialize window {window:.1f}s",
               f"timed model job (lcq.grouping.model_job) of the full-size Gaussian-refill payload ({m['raw_bytes']:,} raw bytes, "
-              f"COMPRESSOR={cfg.compressor}, SERIALIZE_THREADS={cfg.serialize_threads or 'all cores'}); LoRA section "
+              f"COMPRESSOR={cfg.compressor}, SERIALIZE_THREADS={cfg.serialize_threads} -> {m['threads']} threads); LoRA section "
               f"{lora_s:.2f}s (timed, see the artifact row); rendering the shipped script {script_s:.2f}s (timed); "
               f"{how}; go if x{k:.2f} fits"
               + ("; on CPU LCQ shares these cores, so the overlap is optimistic" if m.get("cpu") else ""),

@@ -110,3 +110,17 @@ def test_step_bench_counts_one_host_read_and_fewer_optimizer_ops_after_banking()
     assert r["optimizer_ops_per_rank"] < r["before"]["optimizer_ops_per_rank"]
     # bf16 buckets: the gradients travel in half the bytes, the all-gather of updates adds at most one bf16 copy
     assert r["reduce_bytes_per_step"] < r["before"]["reduce_bytes_per_step"]
+
+
+def test_serialize_threads_zero_leaves_two_cores_per_local_rank(monkeypatch):
+    import os
+
+    from lcq.artifact import serialize_threads
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 26)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert serialize_threads(0) == 10 and serialize_threads(3) == 3  # an explicit count is kept as given
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "16")
+    assert serialize_threads(0) == 1  # never below one
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    assert serialize_threads(0) == 24  # a single process: one rank
