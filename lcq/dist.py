@@ -74,6 +74,28 @@ def first_error(message: str | None) -> tuple[int, str] | None:
     return next(((r, m) for r, m in enumerate(out) if m), None)
 
 
+class RankFailed(RuntimeError):
+    """Another rank failed at a point where this one waits for it (lcq.dist.on_master)."""
+
+
+def on_master(fn, what: str):
+    """fn() on rank 0 (None elsewhere), and every rank learns how it ended in one collective: an exception on rank 0 is
+    raised there, and as RankFailed naming it on every other rank, at once instead of at the collective timeout (30
+    minutes on NCCL) that a barrier behind a dead rank 0 would wait for (issue 18)."""
+    out, err = None, None
+    if not is_dist() or dist.get_rank() == 0:
+        try:
+            out = fn()
+        except BaseException as e:  # Interrupted too: the others must not wait for a rank that is unwinding
+            err = e
+    failed = first_error(None if err is None else f"{type(err).__name__}: {err}")
+    if err is not None:
+        raise err
+    if failed:
+        raise RankFailed(f"rank {failed[0]} failed while {what}: {failed[1]}")
+    return out
+
+
 def all_reduce_avg(t: torch.Tensor):
     """Average over ranks in the collective, asynchronously: returns the work handle to wait on."""
     return dist.all_reduce(t, op=dist.ReduceOp.AVG, async_op=True)

@@ -659,7 +659,8 @@ def ship(run: Run) -> bool:
     t0 = time.perf_counter()
     path = cfg.artifact_file
     facts = {}
-    if dinfo.is_master:
+
+    def write() -> bytes:  # rank 0; its failure ends every rank (D.on_master)
         threads = artifact.serialize_threads(cfg.serialize_threads)
         lora_job = None
         if run.lora_tensors:  # starts first: it compresses while the base section's last chunks finish
@@ -679,7 +680,8 @@ def ship(run: Run) -> bool:
         script = run.script_job.result()
         atomic_write(os.path.join(cfg.log_dir, f"{cfg.run_id}.train_gpt.py"), script)
         run.base_job = None
-    D.barrier()
+        return script
+    script = D.on_master(write, "writing the artifact")
     budget = cfg.serialize_reserve_seconds if run.serialize_budget is None else run.serialize_budget
     run.charge("serialize", time.perf_counter() - t0, budget, compressor=cfg.compressor, **facts, path=path)
     # The training clock stops here; the rest is accounting.

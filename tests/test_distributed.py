@@ -1,4 +1,6 @@
-"""Banked, sharded Muon (issue 18) against the per-matrix single-rank update it replaced (reference_muon_step).
+"""Issue 18 across ranks: banked, sharded Muon against the per-matrix single-rank update it replaced
+(reference_muon_step), the step bench, SERIALIZE_THREADS, and a failure on rank 0 ending every rank.
+
 
 Shapes are chosen so that banks are smaller than, equal to and larger than the world (3, 8 and 9 matrices on 8 ranks:
 padding, an exact split and two matrices per rank). All are far from square: a random square matrix has singular
@@ -124,3 +126,36 @@ def test_serialize_threads_zero_leaves_two_cores_per_local_rank(monkeypatch):
     assert serialize_threads(0) == 1  # never below one
     monkeypatch.delenv("LOCAL_WORLD_SIZE")
     assert serialize_threads(0) == 24  # a single process: one rank
+
+
+def _failing_master(rank, port, out):
+    import time
+
+    from lcq import dist as D
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    t0 = time.perf_counter()
+
+    def write():
+        if rank == 0:
+            raise OSError("injected: compression failed")
+        return b"never"
+
+    try:
+        D.on_master(write, "writing the artifact")
+        got = "returned"
+    except BaseException as e:
+        got = f"{type(e).__name__}: {e}"
+    with open(f"{out}.{rank}", "w") as f:
+        f.write(f"{time.perf_counter() - t0:.3f}\n{got}")
+    dist.destroy_process_group()
+
+
+def test_a_failure_in_rank_0s_artifact_write_ends_every_rank_at_once(tmp_path, free_port):
+    """What ship() does around rank 0's compression and write: rank 1 does not wait behind a dead rank 0."""
+    out = str(tmp_path / "r")
+    mp.spawn(_failing_master, args=(free_port, out), nprocs=2, join=True)
+    r0, r1 = (open(f"{out}.{r}").read().split("\n", 1) for r in range(2))
+    assert r0[1] == "OSError: injected: compression failed"
+    assert r1[1].startswith("RankFailed: rank 0 failed while writing the artifact: OSError: injected")
+    assert float(r1[0]) < 60  # one all_gather, not a barrier's timeout
