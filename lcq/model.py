@@ -358,11 +358,12 @@ def eval_forward(model: nn.Module, device: torch.device):
 def gptq_targets(model: GPT) -> dict[str, str]:
     """Weight name -> name of the module whose input feeds it (the tied embedding is calibrated at the head).
 
-    A looped layer (depth recurrence) is one stored module, so its hook sees every pass and its Hessian covers them all."""
+    A looped layer (depth recurrence) is one stored module, so its hook sees every pass and its Hessian covers them all.
+    q, k and v read the same input, so c_q's hook serves all three (issue 18: one Hessian sum instead of three)."""
     out = {}
     for name, mod in model.named_modules():
         if isinstance(mod, nn.Linear) and name.startswith("blocks."):
-            out[f"{name}.weight"] = name
+            out[f"{name}.weight"] = name[:-1] + "q" if name.endswith((".attn.c_k", ".attn.c_v")) else name
     out["tok_emb.weight"] = "lm_head"
     return out
 

@@ -92,3 +92,21 @@ def test_segment_bounds_split_long_documents():
     ids = torch.tensor([BOS] + [5] * 9 + [BOS] + [6] * 3)
     assert segment_bounds(ids, BOS, 4).tolist() == [0, 4, 8, 10, 12, 14]
     assert segment_bounds(ids, BOS, 100).tolist() == [0, 10, 14]
+
+
+def test_q_k_v_share_one_hessian_equal_to_their_own_inputs():
+    """c_k and c_v are calibrated at c_q's hook: the sum a hook on each of them would collect is the same one."""
+    from lcq.gptq import collect_hessians
+
+    model = randomised_model()
+    _, ids = packed_docs()
+    cu = segment_bounds(ids, BOS, 128)
+    targets = gptq_targets(model)
+    assert targets["blocks.1.attn.c_k.weight"] == targets["blocks.1.attn.c_v.weight"] == "blocks.1.attn.c_q"
+    own = {w: w[:-len(".weight")] for w in ("blocks.1.attn.c_q.weight", "blocks.1.attn.c_k.weight",
+                                           "blocks.1.attn.c_v.weight")}
+    with torch.no_grad():
+        shared = collect_hessians(model, targets, lambda: model(ids, cu, 128))
+        separate = collect_hessians(model, own, lambda: model(ids, cu, 128))
+    for w in own:
+        assert torch.equal(shared[w], separate[w])
