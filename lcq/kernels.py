@@ -8,14 +8,16 @@
   recomputed from the raw logits in registers: the softcapped logits are never written, in fp32 or any dtype.
 
 The Triton kernels run on CUDA tensors when triton imports, and on CPU tensors under TRITON_INTERPRET=1 (how
-tests/test_kernels.py checks them); the torch reference runs everywhere else. They use plain tl.load/tl.dot block loops,
-which is what the interpreter runs.
+tests/test_kernels.py checks them); the torch reference, the unfused math the model ran before, runs everywhere else
+(on CPU the fused graphs' extra recomputation made a demo step slower, measured side by side). The kernels use plain
+tl.load/tl.dot block loops, which is what the interpreter runs.
 """
 from __future__ import annotations
 
 import os
 
 import torch
+import torch.nn.functional as F
 
 try:
     import triton
@@ -30,13 +32,12 @@ def use_triton(t: torch.Tensor) -> bool:
     return triton is not None and (t.is_cuda or INTERPRET)
 
 
-def up_ref(a, b, slope: float, pre=None):
-    """a (M, K), b (N, K). Forward (pre None): (a @ b.T, leaky(a @ b.T)^2). Backward (pre given, a the gradient of the
-    MLP's output, b its down-projection transposed): (a @ b.T * d leaky(pre)^2 / d pre, leaky(pre)^2)."""
-    acc = a @ b.t()
-    h = acc if pre is None else pre
-    act = torch.where(h > 0, h, slope * h)
-    return acc if pre is None else acc * torch.where(h > 0, 2 * h, 2 * slope * slope * h), act * act
+def mlp_ref(x, w1, w2, slope: float):
+    return F.linear(F.leaky_relu(F.linear(x, w1), slope).square(), w2)
+
+
+def ce_ref(z, t, cap: float):
+    return F.cross_entropy(cap * torch.tanh(z.float() / cap), t)
 
 
 if triton is not None:
@@ -86,9 +87,8 @@ if triton is not None:
 
 
 def up(a, b, slope: float, pre=None):
-    """up_ref's contract, in one Triton kernel where use_triton."""
-    if not use_triton(a):
-        return up_ref(a, b, slope, pre)
+    """a (M, K), b (N, K). Forward (pre None): (a @ b.T, leaky(a @ b.T)^2). Backward (pre given, a the gradient of the
+    MLP's output, b its down-projection transposed): (a @ b.T * d leaky(pre)^2 / d pre, leaky(pre)^2)."""
     a, b = a.contiguous(), b.contiguous()
     (m, k), n = a.shape, b.shape[0]
     o1, o2 = a.new_empty(m, n), a.new_empty(m, n)
@@ -120,19 +120,10 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 def mlp(x, w1, w2, slope: float):
     """x: (N, d); w1: (hidden, d); w2: (d, hidden), fp32 master weights cast to the compute dtype here."""
+    if not use_triton(x):
+        return mlp_ref(x, w1, w2, slope)
     dt = compute_dtype(x)
     return _MLP.apply(x.to(dt), w1.to(dt), w2.to(dt), slope)
-
-
-def ce_ref(z, t, cap: float):
-    """(per-row loss, its gradient with respect to the raw logits z) of the cross-entropy of cap * tanh(z / cap)."""
-    th = torch.tanh(z.float() / cap)
-    lse = torch.logsumexp(cap * th, -1, keepdim=True)
-    p = torch.exp(cap * th - lse)
-    rows = torch.arange(z.size(0), device=z.device)
-    loss = lse[:, 0] - cap * th[rows, t]
-    p[rows, t] -= 1
-    return loss, (p * (1 - th * th)).to(z.dtype)
 
 
 class _CE(torch.autograd.Function):
@@ -142,11 +133,8 @@ class _CE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z, t, cap):
-        if use_triton(z):
-            loss, dz = z.new_empty(z.size(0), dtype=torch.float32), torch.empty_like(z)
-            _ce_kernel[(z.size(0),)](z, t, loss, dz, z.size(1), z.stride(0), cap, BLOCK=1024)
-        else:
-            loss, dz = ce_ref(z, t, cap)
+        loss, dz = z.new_empty(z.size(0), dtype=torch.float32), torch.empty_like(z)
+        _ce_kernel[(z.size(0),)](z, t, loss, dz, z.size(1), z.stride(0), cap, BLOCK=1024)
         ctx.save_for_backward(dz)
         return loss
 
@@ -157,4 +145,6 @@ class _CE(torch.autograd.Function):
 
 def softcap_ce(logits, targets, cap: float):
     """Mean cross-entropy of cap * tanh(logits / cap); logits (N, V) in the head's dtype, targets (N,) int64."""
+    if not use_triton(logits):
+        return ce_ref(logits, targets, cap)
     return _CE.apply(logits.contiguous(), targets, float(cap)).mean()
