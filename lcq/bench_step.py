@@ -5,7 +5,7 @@ least one kernel launch), device->host reads (each a sync on CUDA), and bytes se
 model runs one step at a small per-rank batch on `--world N` gloo ranks, twice, side by side:
 
 - `before`: the step as it ran before issue 18: fp32 flat all-reduce of every gradient (sum, then divide),
-  clip_grad_norm_, per-matrix Muon on every rank (optim.reference_muon_step), and the three .item() reads of the stop
+  clip_grad_norm_, per-matrix Muon on every rank (reference_muon_step below), and the three .item() reads of the stop
   flag (two, without depth recurrence);
 - `after`: the step train() runs now: GradSync's bf16 buckets (Muon banks reduce-scattered to their owners), banked
   Muon on this rank's share, GradSync.clip_, and train.agree's one read.
@@ -28,6 +28,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from .config import Config
 from .data import segment_bounds
+from .optim import newton_schulz, row_normalize
 
 # Reads of device memory by the host: on CUDA each blocks until the queue drains.
 SYNC_OPS = {"_local_scalar_dense", "item", "is_nonzero", "nonzero", "masked_select", "unique", "_unique2"}
@@ -62,6 +63,22 @@ class OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def reference_muon_step(params, grads, bufs, lr: float, momentum: float, steps: int, wd: float, coeffs: str,
+                        row_norm: bool) -> None:
+    """The single-rank Muon update one matrix at a time, as lcq/optim.py ran it before banking (issue 18): the known
+    answer the banked, sharded Muon is tested against and the old path this bench counts. Kept here, not in the
+    shipped optimizer: a run never calls it."""
+    for p, g, buf in zip(params, grads, bufs):
+        buf.mul_(momentum).add_(g)
+        update = g.add(buf, alpha=momentum)
+        if row_norm:
+            update = row_normalize(update)
+        update = newton_schulz(update, steps, coeffs) * max(1.0, p.size(0) / p.size(1)) ** 0.5
+        if wd:
+            p.mul_(1 - lr * wd)
+        p.add_(update, alpha=-lr)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -70,7 +87,7 @@ def _free_port() -> int:
 
 def _one_step(cfg: Config, world: int, rank: int, tokens: int, path: str) -> dict:
     from .model import GPT
-    from .optim import GradSync, build_optimizers, reference_muon_step
+    from .optim import GradSync, build_optimizers
     from .train import agree, all_reduce_grads
 
     torch.manual_seed(cfg.seed)

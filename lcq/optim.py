@@ -51,21 +51,6 @@ def row_normalize(u: torch.Tensor) -> torch.Tensor:
     return u / u.norm(dim=-1, keepdim=True).clamp_min(1e-7)
 
 
-def reference_muon_step(params, grads, bufs, lr: float, momentum: float, steps: int, wd: float, coeffs: str,
-                        row_norm: bool) -> None:
-    """The single-rank Muon update one matrix at a time, as it ran before banking (issue 18): the known answer the
-    banked, sharded Muon is tested against and the old path `python -m lcq.bench step` counts."""
-    for p, g, buf in zip(params, grads, bufs):
-        buf.mul_(momentum).add_(g)
-        update = g.add(buf, alpha=momentum)
-        if row_norm:
-            update = row_normalize(update)
-        update = newton_schulz(update, steps, coeffs) * max(1.0, p.size(0) / p.size(1)) ** 0.5
-        if wd:
-            p.mul_(1 - lr * wd)
-        p.add_(update, alpha=-lr)
-
-
 class Bank:
     """Same-shape matrices whose gradients live in one fp32 buffer (n_pad, rows, cols); each parameter's .grad is a view
     of it, so backward accumulates straight into the bank. n_pad rounds n up to a multiple of the world size: rank r

@@ -10,7 +10,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 
-from lcq.optim import GradSync, Muon, reference_muon_step, row_normalize
+from lcq.bench_step import reference_muon_step
+from lcq.optim import GradSync, Muon, row_normalize
 
 SHAPES = [(16, 8)] * 3 + [(8, 24)] * 8 + [(6, 14)] * 9
 OTHER_SHAPES = [(10,), (4, 4)]
