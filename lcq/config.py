@@ -308,10 +308,9 @@ class Config:
              "ttt_phase_docs", f"must be >= TTT_PHASES={self.ttt_phases} (one document per phase at least) when "
              "TTT_PHASES > 0, and 0 when TTT_PHASES=0")
         need(self.ttt_phase_lr >= 0, "ttt_phase_lr", "must be >= 0")
-        need(self.ttt_batch_docs >= 1, "ttt_batch_docs", "must be >= 1 (1 = one document at a time)")
-        need(self.ttt_alpha >= 0 and self.ttt_eps > 0, "ttt_alpha", "TTT_ALPHA must be >= 0 and TTT_EPS > 0")
-        need(self.ttt_phase_momentum >= 0 and self.ttt_phase_clip >= 0 and self.ttt_phase_tokens >= 0,
-             "ttt_phase_momentum", "TTT_PHASE_MOMENTUM, TTT_PHASE_CLIP and TTT_PHASE_TOKENS must be >= 0")
+        need(self.ttt_batch_docs >= 1 and self.ttt_eps > 0 and min(self.ttt_alpha, self.ttt_phase_momentum,
+             self.ttt_phase_clip, self.ttt_phase_tokens) >= 0, "ttt_batch_docs",
+             "TTT_BATCH_DOCS must be >= 1, TTT_EPS > 0, TTT_ALPHA and TTT_PHASE_MOMENTUM/CLIP/TOKENS >= 0")
         # Known before training: a start from the artifact needs shipped factors (fail now, not after a paid run).
         need(self.eval_only or not self.ttt_enabled or self.ttt_init != "artifact"
              or (self.lcq_rank != "0" and self.lcq_merge != "baked"), "ttt_init",

@@ -169,8 +169,6 @@ def buckets(window: int) -> list[int]:
 
 def batch_cost(plans: list[np.ndarray], slots: int, window: int) -> int:
     """Forward tokens of one batch (padding included): the work split's estimate of its time."""
-    if not plans:
-        return 0
     lens = [p[:, 1] - p[:, 0] for p in plans]
     return sum(slots * bucket(int(max(x[k] for x in lens if k < len(x))), window)
                for k in range(max(len(x) for x in lens)))
@@ -205,9 +203,8 @@ def ttt_forward(model: nn.Module, device: torch.device, backend: str | None = No
 def warm_up(fwd, ad: SlotAdapters, window: int, vocab: int, device: torch.device, learn: bool) -> int:
     """Compile every chunk shape on synthetic tokens (never val tokens) before the eval clock; the adapters take no step
     and their gradients are dropped, so the start point is unchanged. Returns the number of shapes."""
-    g = torch.Generator().manual_seed(0)
     for L in buckets(window):
-        x = torch.randint(0, vocab, (ad.slots * L,), generator=g).to(device)
+        x = torch.randint(0, vocab, (ad.slots * L,), device=device)
         cu = torch.arange(0, ad.slots * L + 1, L, dtype=torch.int32, device=device)
         with torch.set_grad_enabled(learn):
             loss = fwd(x, cu, L).float().logsumexp(-1).mean()
@@ -226,12 +223,9 @@ def adapt_batch(fwd, ad: SlotAdapters, val: ValStream, plans: list[np.ndarray], 
     of the scores and the loss, and a slot only steps when its own document learns, so no document reads another."""
     S, dev = ad.slots, val.device
     n = np.array([len(p) for p in plans] + [0] * (S - len(plans)))
-    ad.reset(torch.ones(S, dtype=torch.bool), keep_a=spec.warm_start_a)
+    ad.reset(spec.warm_start_a)
     for k in range(int(n.max())):
-        rows = np.zeros((S, 3), dtype=np.int64)
-        for s, p in enumerate(plans):
-            if k < len(p):
-                rows[s] = p[k]
+        rows = np.array([p[k] if k < len(p) else (0, 0, 0) for p in plans] + [(0, 0, 0)] * (S - len(plans)))
         L = bucket(int((rows[:, 1] - rows[:, 0]).max()), window)
         off = np.arange(L)
         idx = rows[:, :1] + off
@@ -309,8 +303,7 @@ def evaluate_ttt(model: nn.Module, val_tokens: np.ndarray, bos_id: int, tables, 
         shapes = warm_up(fwd, ad, window, model.tok_emb.num_embeddings, dinfo.device, spec.steps > 0)
         D.sync(dinfo.device)
         if log is not None:
-            log(f"ttt_warmup: {shapes} shapes of [{S}, L] compiled on synthetic tokens in "
-                f"{time.perf_counter() - tw:.2f}s (before the eval clock, not charged)")
+            log(f"ttt_warmup: {shapes} shapes {time.perf_counter() - tw:.2f}s (synthetic tokens, before the eval clock)")
     D.sync(dinfo.device)
     t0 = time.perf_counter()
     scored = Scored.empty()
@@ -323,12 +316,12 @@ def evaluate_ttt(model: nn.Module, val_tokens: np.ndarray, bos_id: int, tables, 
             if r == dinfo.rank:
                 adapt_batch(fwd, ad, val, [plans[d] for d in b], spec, window, scored)
         if hi in bounds:
-            ad.remove()
+            ad.install(back=True)
             steps = global_phase(model, val, spans[order[:hi]], window, spec, spec.phase_tokens or batch_tokens, dinfo)
             ad.install()
-            ad.reset(torch.ones(S, dtype=torch.bool))  # fresh adapters after a phase (A too)
+            ad.reset()  # fresh adapters after a phase (A too)
             if log is not None:
                 log(f"ttt_phase:{bounds.index(hi) + 1}/{len(bounds)} docs_scored:{hi} sgd_steps:{steps} "
                     f"elapsed:{time.perf_counter() - t0:.2f}s")
-    ad.remove()
+    ad.install(back=True)
     return finish_scores(scored, val, dinfo, t0, dump)

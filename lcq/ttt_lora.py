@@ -32,40 +32,32 @@ class SlotAdapters:
 
     def __init__(self, model: nn.Module, slots: int, lr: float, betas: tuple[float, float], eps: float,
                  weight_decay: float):
-        self.model, self.slots = model, slots
-        self.lr, self.betas, self.eps, self.wd = lr, betas, eps, weight_decay
+        self.model, self.slots, self.lr, self.betas, self.eps, self.wd = model, slots, lr, betas, eps, weight_decay
         self.mods = {n: SlotLoRA(m, slots) for n, m in lora_modules(model).items()}
-        self.params = [p for m in self.mods.values() for p in (m.A, m.B)]
-        self.start = [m.inner.lora_A.detach() if i % 2 == 0 else m.inner.lora_B.detach()
-                      for m in self.mods.values() for i in range(2)]
-        self.m = [torch.zeros_like(p) for p in self.params]
-        self.v = [torch.zeros_like(p) for p in self.params]
-        self.t = torch.zeros(slots, device=self.params[0].device if self.params else "cpu")
+        # (factor, its start, Adam m, Adam v, is A)
+        self.state = [(p, s.detach(), torch.zeros_like(p), torch.zeros_like(p), i == 0) for m in self.mods.values()
+                      for i, (p, s) in enumerate(((m.A, m.inner.lora_A), (m.B, m.inner.lora_B)))]
+        self.params = [x[0] for x in self.state]
+        self.t = torch.zeros(slots, device=self.params[0].device)
         self.install()
 
-    def install(self) -> None:
-        model = self.model
-        model.requires_grad_(False)
+    def install(self, back: bool = False) -> None:
+        """Put the SlotLoRAs in (back: the LoRALinear wrappers, their start factors untouched)."""
+        self.model.requires_grad_(False)
         for n, m in self.mods.items():
-            _set_submodule(model, n, m)
-            m.A.requires_grad_(True)
-            m.B.requires_grad_(True)
-
-    def remove(self) -> None:
-        """Put the LoRALinear wrappers back (their start factors untouched)."""
-        for n, m in self.mods.items():
-            _set_submodule(self.model, n, m.inner)
+            _set_submodule(self.model, n, m.inner if back else m)
+        for p in self.params:
+            p.requires_grad_(True)
 
     @torch.no_grad()
-    def reset(self, slots: torch.Tensor, keep_a: bool = False) -> None:
-        """Slots (bool (S,)) back to the start factors with fresh Adam state; keep_a keeps A (TTT_WARM_START_A)."""
-        mask = slots.to(self.t.device)
-        for i, (p, s) in enumerate(zip(self.params, self.start)):
-            if not (keep_a and i % 2 == 0):
-                p.copy_(torch.where(mask[:, None, None], s, p))
-            self.m[i].mul_(~mask[:, None, None])
-            self.v[i].mul_(~mask[:, None, None])
-        self.t.mul_(~mask)
+    def reset(self, keep_a: bool = False) -> None:
+        """Every slot back to the start factors with fresh Adam state; keep_a keeps A (TTT_WARM_START_A)."""
+        for p, s, m, v, is_a in self.state:
+            if not (keep_a and is_a):
+                p.copy_(s.expand_as(p))
+            m.zero_()
+            v.zero_()
+        self.t.zero_()
 
     @torch.no_grad()
     def step(self, learn: torch.Tensor) -> None:
@@ -76,11 +68,10 @@ class SlotAdapters:
         self.t.add_(a.float())
         t = self.t.clamp_min(1.0)[:, None, None]
         bc1, bc2 = 1 - b1 ** t, (1 - b2 ** t).sqrt()
-        a3 = a[:, None, None]
-        for p, m, v in zip(self.params, self.m, self.v):
-            g = p.grad if p.grad is not None else torch.zeros_like(p)
-            m.copy_(torch.where(a3, b1 * m + (1 - b1) * g, m))
-            v.copy_(torch.where(a3, b2 * v + (1 - b2) * g * g, v))
-            upd = p * (self.lr * self.wd) + (self.lr / bc1) * m / (v.sqrt() / bc2 + self.eps)
-            p.sub_(torch.where(a3, upd, 0.0))
+        a = a[:, None, None]
+        for p, _, m, v, _ in self.state:
+            g = p.grad
+            m.copy_(torch.where(a, b1 * m + (1 - b1) * g, m))
+            v.copy_(torch.where(a, b2 * v + (1 - b2) * g * g, v))
+            p.sub_(torch.where(a, p * (self.lr * self.wd) + (self.lr / bc1) * m / (v.sqrt() / bc2 + self.eps), 0.0))
             p.grad = None
