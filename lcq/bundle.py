@@ -51,7 +51,7 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 MODULES = ("lcq", "lcq.artifact", "lcq.attention", "lcq.checks", "lcq.config", "lcq.data", "lcq.dist", "lcq.distill",
            "lcq.evaluate", "lcq.gptq", "lcq.grouping", "lcq.kernels", "lcq.lanes", "lcq.lora", "lcq.model", "lcq.optim", "lcq.pipeline", "lcq.record",
            "lcq.recurrence", "lcq.runlog", "lcq.script", "lcq.seq_schedule", "lcq.shipping", "lcq.tokenizer", "lcq.train",
-           "lcq.ttt")
+           "lcq.ttt", "lcq.ttt_lora")
 # Reached by some code path of the package but not carried, with why. The loader answers an import of any of them with
 # an ImportError that says to run from the repo.
 LEFT_OUT = {

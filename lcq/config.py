@@ -154,6 +154,15 @@ class Config:
     ttt_phases: int = 0  # global SGD phases on the base weights over documents already scored (#1855: 3); 0 = none
     ttt_phase_docs: int = 0  # documents scored before the last phase boundary (#1855: 2500); boundaries split it evenly
     ttt_phase_lr: float = 1e-3  # SGD learning rate of the global phases
+    # --- batched score-first TTT (issue 15; #1855's per-document adapters as batched tensors, its global phases) ---
+    ttt_batch_docs: int = 1  # documents a rank adapts together, each with its own adapter and Adam state (#1855: 64)
+    ttt_alpha: float = 0.0  # LoRA alpha of a zero-started adapter; 0 = LCQ_ALPHA (#1855: 144 at rank 80)
+    ttt_eps: float = 1e-8  # Adam eps of the adapter (#1855: 1e-10)
+    ttt_warm_start_a: bool = False  # keep each slot's A across its batches, zero only B (#1855's TTT_WARM_START_A)
+    ttt_phase_momentum: float = 0.0  # SGD momentum of a global phase (#1855: 0.9)
+    ttt_phase_clip: float = 0.0  # grad-norm clip of a global phase step; 0 = none (#1855: 1.0)
+    ttt_phase_cosine: bool = False  # phase lr cosine from TTT_PHASE_LR to 0 over the phase's steps (#1855)
+    ttt_phase_tokens: int = 0  # tokens per phase SGD step, all ranks together; 0 = EVAL_BATCH_TOKENS (#1855: 32,768)
 
     # --- quantization (GPTQ) ---
     quant_method: str = "gptq"  # gptq | rtn (round-to-nearest: the baseline GPTQ must beat)
@@ -319,6 +328,9 @@ class Config:
              "ttt_phase_docs", f"must be >= TTT_PHASES={self.ttt_phases} (one document per phase at least) when "
              "TTT_PHASES > 0, and 0 when TTT_PHASES=0")
         need(self.ttt_phase_lr >= 0, "ttt_phase_lr", "must be >= 0")
+        need(self.ttt_batch_docs >= 1 and self.ttt_eps > 0 and min(self.ttt_alpha, self.ttt_phase_momentum,
+             self.ttt_phase_clip, self.ttt_phase_tokens) >= 0, "ttt_batch_docs",
+             "TTT_BATCH_DOCS must be >= 1, TTT_EPS > 0, TTT_ALPHA and TTT_PHASE_MOMENTUM/CLIP/TOKENS >= 0")
         # Known before training: a start from the artifact needs shipped factors (fail now, not after a paid run).
         need(self.eval_only or not self.ttt_enabled or self.ttt_init != "artifact"
              or (self.lcq_rank != "0" and self.lcq_merge != "baked"), "ttt_init",
@@ -444,9 +456,9 @@ RECORD_FEATURES: dict[str, dict] = {
 # Presets override field defaults. `record` is the 8xH100 submission configuration.
 PRESETS: dict[str, dict] = {
     "record": dict(
-        # sp8192 (#1855 used a CaseOps variant of it; this is the plain official export)
-        vocab_size=8192, data_path="./data/datasets/fineweb10B_sp8192",
-        tokenizer_path="./data/tokenizers/fineweb_8192_bpe.model",
+        # CaseOps sp8192 with its val byte sidecar (#1729, the data of #1855): `download --variant caseops`
+        vocab_size=8192, data_path="./data/datasets/fineweb10B_sp8192_lossless_caps_caseops_v1_reserved",
+        tokenizer_path="./data/tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model",
         **{k: v for group in RECORD_FEATURES.values() for k, v in group.items()},
         # Sized for the cap: `python -m lcq.bench sizing --preset record` (brotli-11 on Gaussian codes at these bits
         # and clips: 0.422 B/param int6 attention, 0.441 int6 MLP, 0.536 int7 embedding) projects #1855's 4x MLP
@@ -462,6 +474,11 @@ PRESETS: dict[str, dict] = {
         # The model fills the cap to ~15.89 MB, so a fixed rank-8 LoRA (~0.69 MB on these shapes) would fail the gate:
         # LCQ takes the largest rank that fits what is left, measured on the real compressed model section.
         lcq_rank="auto",
+        # #1855's score-first TTT (its train_seed42.log hyperparameters; batched as in #1855, lcq/ttt.py)
+        ttt_enabled=True, ttt_rank=80, ttt_alpha=144.0, ttt_lr=1e-4, ttt_beta1=0.0, ttt_beta2=0.99, ttt_eps=1e-10,
+        ttt_weight_decay=0.5, ttt_chunk_tokens=48, ttt_batch_docs=64,
+        ttt_phases=3, ttt_phase_docs=2500, ttt_phase_lr=1e-3, ttt_phase_momentum=0.9, ttt_phase_clip=1.0,
+        ttt_phase_cosine=True, ttt_phase_tokens=32_768,
     ),
     # CPU, a few minutes end to end on the embedded demo corpus.
     "demo": dict(

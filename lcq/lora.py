@@ -14,7 +14,6 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from . import gptq
 
@@ -29,6 +28,12 @@ DEFAULT_TARGETS: tuple[str, ...] = (
     "blocks.*.mlp.fc",
     "blocks.*.mlp.proj",
 )
+
+
+def low_rank(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
+    """The LoRA term scale * (x @ A^T) @ B^T, factors cast to x's dtype. Factors may carry leading batch dims (one LoRA per
+    document slot in lcq/ttt_lora.py: A (S, r, in), B (S, out, r), x (S, L, in)); matmul broadcasts them."""
+    return scale * torch.matmul(torch.matmul(x, A.to(x.dtype).mT), B.to(x.dtype).mT)
 
 
 class LoRALinear(nn.Module):
@@ -59,8 +64,7 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        low = F.linear(F.linear(x, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
-        return self.base(x) + self.scale * low
+        return self.base(x) + low_rank(x, self.lora_A, self.lora_B, self.scale)
 
     def delta_weight(self) -> torch.Tensor:
         """scale * B @ A, (out, in) float32."""

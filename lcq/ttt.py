@@ -4,37 +4,43 @@ The records' eval (PRs #1626 -> #1736 -> #1855, DESIGN.md) adapts a per-document
 global SGD phases on the base weights. Here, per document (inputs from its BOS up to the next BOS, which is its last
 target, exactly as lcq/evaluate.py defines the targets):
 
-1. The document's sliding windows (the README's window/stride rule, lcq.evaluate.plan_doc) are cut into chunks of
-   TTT_CHUNK_TOKENS targets. Each chunk is scored first, through the same forward as the sliding eval, with the adapter
-   as it stands; its nll and bytes are added at that moment.
+1. Chunks: the document's sliding windows (lcq.evaluate.plan_doc; the pipeline passes stride = TTT_CHUNK_TOKENS, so a
+   chunk is scored from its own document's last `window` tokens, #1855's rule) with their scored targets cut into
+   pieces of at most TTT_CHUNK_TOKENS. Each chunk is scored first with the adapter as it stands; its nll and bytes are
+   added at that moment.
 2. Only then does the adapter take TTT_STEPS Adam steps on that chunk's targets (the first one reuses the scoring
    forward's loss). The last chunk of a document takes none: the adapter resets before anything could use it.
 3. At every document start the adapter and its optimizer state reset to the start point: the LoRA shipped in the
-   artifact (TTT_INIT=artifact) or a fresh adapter with B = 0 (TTT_INIT=zero).
-4. With TTT_PHASES > 0, after the documents before each phase boundary are scored, the base weights take SGD steps
-   over the documents scored since the previous boundary (gradients all-reduced over ranks), then scoring goes on.
+   artifact (TTT_INIT=artifact) or a fresh adapter with B = 0 (TTT_INIT=zero). TTT_BATCH_DOCS documents run side by
+   side, each with its own adapter (lcq/ttt_lora.py); a document's scores do not depend on which others share its batch.
+4. With TTT_PHASES > 0, after the first documents (in scoring order: longest first) up to each phase boundary are
+   scored, the base weights take SGD steps over all of them (gradients all-reduced over ranks), then scoring goes on.
 
 Compliance (issue #1017's conditions): C1 the start point comes from the artifact (or zero) and the seed, never from a
 training process; C3 a target's nll is fixed before any update that has seen it; C4 one left-to-right pass, nothing is
-rescored. Ranks split the documents of each phase segment; the sums are all-reduced like the sliding eval's.
+rescored. Ranks split the batches of each phase segment by estimated cost; the sums are all-reduced like the sliding
+eval's.
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from . import artifact
 from . import dist as D
 from .config import Config, replace
-from .evaluate import (EvalResult, Scored, ValStream, _batches, document_spans, finish_scores, forward_rows, plan_doc,
-                       score_rows)
-from .lora import (DEFAULT_TARGETS, LoRALinear, attach_lora, load_lora_state, lora_modules, lora_parameters, lora_state,
-                   match_targets, merge_lora)
+from .evaluate import EvalResult, Scored, ValStream, _batches, document_spans, finish_scores, forward_rows, plan_doc
+from .lora import DEFAULT_TARGETS, LoRALinear, attach_lora, lora_modules, lora_parameters, match_targets, merge_lora
+from .model import autocast_for
 from .shipping import apply_lora, load_shipped
+from .tokenizer import token_bytes
+from .ttt_lora import SlotAdapters
 
 
 @dataclass(frozen=True)
@@ -48,12 +54,21 @@ class TTTSpec:
     phases: int
     phase_docs: int
     phase_lr: float
+    batch_docs: int = 1
+    eps: float = 1e-8
+    warm_start_a: bool = False
+    phase_momentum: float = 0.0
+    phase_clip: float = 0.0
+    phase_cosine: bool = False
+    phase_tokens: int = 0
 
 
 def spec_from_config(cfg: Config) -> TTTSpec:
     return TTTSpec(chunk_tokens=cfg.ttt_chunk_tokens, steps=cfg.ttt_steps, lr=cfg.ttt_lr, beta1=cfg.ttt_beta1,
                    beta2=cfg.ttt_beta2, weight_decay=cfg.ttt_weight_decay, phases=cfg.ttt_phases,
-                   phase_docs=cfg.ttt_phase_docs, phase_lr=cfg.ttt_phase_lr)
+                   phase_docs=cfg.ttt_phase_docs, phase_lr=cfg.ttt_phase_lr, batch_docs=cfg.ttt_batch_docs,
+                   eps=cfg.ttt_eps, warm_start_a=cfg.ttt_warm_start_a, phase_momentum=cfg.ttt_phase_momentum,
+                   phase_clip=cfg.ttt_phase_clip, phase_cosine=cfg.ttt_phase_cosine, phase_tokens=cfg.ttt_phase_tokens)
 
 
 def stage_name(artifact_has_lora: bool) -> str:
@@ -103,7 +118,7 @@ def prepare_adapter(model: nn.Module, init: str, cfg: Config) -> nn.Module:
     names = adapter_names(model, cfg)
     if names:
         torch.manual_seed(cfg.seed)
-        attach_lora(model, names, cfg.ttt_rank, cfg.lcq_alpha)
+        attach_lora(model, names, cfg.ttt_rank, cfg.ttt_alpha or cfg.lcq_alpha)
     model.requires_grad_(False)
     for p in lora_parameters(model):
         p.requires_grad_(True)
@@ -123,107 +138,190 @@ def load_for_ttt(path: str, cfg: Config, device: torch.device, init: str | None 
 
 
 def phase_bounds(n_docs: int, spec: TTTSpec) -> list[int]:
-    """Document indices where a global phase runs (after every document before it is scored)."""
+    """Scoring-order document counts after which a global phase runs (every document before it is scored by then)."""
     if not spec.phases:
         return []
     bounds = [min(n_docs, round(spec.phase_docs * (i + 1) / spec.phases)) for i in range(spec.phases)]
     return sorted({b for b in bounds if 0 < b < n_docs})
 
 
-def chunk_rows(rows: np.ndarray, lo: int, hi: int) -> np.ndarray:
-    """The sliding windows' rows restricted to targets whose input positions lie in [lo, hi): each window is cut at hi
-    (causal attention: the kept logits do not depend on what is cut) and scores from max(score_from, lo)."""
-    out = [(b, min(e, hi), max(f, lo)) for b, e, f in rows.tolist() if max(f, lo) < min(e, hi)]
+def doc_chunks(first: int, end: int, window: int, stride: int, chunk: int) -> np.ndarray:
+    """A document's chunks as rows (begin, end, score_from), one forward each: every sliding window's scored targets
+    (lcq.evaluate.plan_doc) cut into pieces of at most `chunk`, each read from the window's begin up to the piece's end
+    (causal attention: cutting a window at its end changes none of the kept logits)."""
+    out = []
+    for b, e, f in plan_doc(first, end, window, stride).tolist():
+        out += [(b, min(lo + chunk, e), lo) for lo in range(f, e, chunk)]
     return np.array(out, dtype=np.int64).reshape(-1, 3)
 
 
-def adapt_document(model: nn.Module, val: ValStream, first: int, end: int, window: int, stride: int, batch_tokens: int,
-                   spec: TTTSpec, start: dict[str, torch.Tensor], out: Scored) -> None:
-    """Score one document chunk by chunk, stepping the adapter after each chunk is scored; reset it first."""
-    load_lora_state(model, start)
-    params = lora_parameters(model)
-    opt = torch.optim.AdamW(params, lr=spec.lr, betas=(spec.beta1, spec.beta2), weight_decay=spec.weight_decay)
-    rows = plan_doc(first, end, window, stride)
-    lows = list(range(first, end, spec.chunk_tokens))
-    for k, lo in enumerate(lows):
-        sub = chunk_rows(rows, lo, min(lo + spec.chunk_tokens, end))
-        learn = spec.steps > 0 and k + 1 < len(lows)  # no step after the document's last chunk: it resets next
-        if not learn:
-            score_rows(model, val, sub, batch_tokens, out)
-            continue
-        for step in range(spec.steps):
-            losses, count = [], 0
-            for batch in _batches(sub, batch_tokens):
-                pos, nll, nbytes = forward_rows(model, val, batch)
-                if step == 0:
-                    out.add(pos, nll.detach(), nbytes)  # the score is fixed here, before any update sees it (C3)
-                losses.append(nll.sum())
-                count += nll.numel()
-            (torch.stack(losses).sum() / count).backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+def bucket(n: int, window: int) -> int:
+    """The padded row length of a chunk forward: a power of two up to window/8, then a multiple of window/8, so a whole
+    eval runs about a dozen shapes (one compiled graph each) and pads a long row by at most an eighth of the window."""
+    step = max(16, window // 8)
+    b = max(16, 1 << (max(n, 1) - 1).bit_length()) if n <= step else -(-n // step) * step
+    return min(b, window)
 
 
-def global_phase(model: nn.Module, val: ValStream, spans: np.ndarray, window: int, batch_tokens: int, lr: float,
+def buckets(window: int) -> list[int]:
+    return sorted({bucket(n, window) for n in range(1, window + 1)})
+
+
+def batch_cost(plans: list[np.ndarray], slots: int, window: int) -> int:
+    """Forward tokens of one batch (padding included): the work split's estimate of its time."""
+    lens = [p[:, 1] - p[:, 0] for p in plans]
+    return sum(slots * bucket(int(max(x[k] for x in lens if k < len(x))), window)
+               for k in range(max(len(x) for x in lens)))
+
+
+def split_batches(costs: list[int], world: int) -> list[int]:
+    """Owner rank of each batch: longest first to the least loaded rank (ties to the lower rank, then the earlier
+    batch). Deterministic from the costs and the world size alone, so every rank of every node computes the same split
+    and an --eval_only on the same number of ranks scores each document on the same rank."""
+    load, owner = [0] * world, [0] * len(costs)
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        r = min(range(world), key=lambda r: (load[r], r))
+        owner[i], load[r] = r, load[r] + costs[i]
+    return owner
+
+
+def ttt_forward(model: nn.Module, device: torch.device, backend: str | None = None):
+    """The chunk forward: compiled with static shapes (dynamic=False; one graph per (slots, bucket) shape) when the
+    model's compile_eval is set or a backend is given, eager otherwise; under autocast as the sliding eval."""
+    backend = backend or ("inductor" if getattr(model, "compile_eval", False) else None)
+    if backend:
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    fwd = torch.compile(model, dynamic=False, backend=backend) if backend else model
+    autocast = autocast_for(device, getattr(model, "autocast_cpu_bf16", False))
+
+    def forward(x, cu, max_seqlen):
+        with autocast:
+            return fwd(x, cu, max_seqlen)
+    return forward
+
+
+def warm_up(fwd, ad: SlotAdapters, window: int, vocab: int, device: torch.device, learn: bool) -> int:
+    """Compile every chunk shape on synthetic tokens (never val tokens) before the eval clock; the adapters take no step
+    and their gradients are dropped, so the start point is unchanged. Returns the number of shapes."""
+    for L in buckets(window):
+        x = torch.randint(0, vocab, (ad.slots * L,), device=device)
+        cu = torch.arange(0, ad.slots * L + 1, L, dtype=torch.int32, device=device)
+        with torch.set_grad_enabled(learn):
+            loss = fwd(x, cu, L).float().logsumexp(-1).mean()
+        if learn:
+            loss.backward()
+        for p in ad.params:
+            p.grad = None
+    return len(buckets(window))
+
+
+def adapt_batch(fwd, ad: SlotAdapters, val: ValStream, plans: list[np.ndarray], spec: TTTSpec, window: int,
+                out: Scored) -> None:
+    """Score a batch of documents chunk by chunk, slot s holding document s, and step each slot's adapter after its
+    chunk is scored. Chunk k of every document runs as one [slots, L] forward: rows are padded at their end (causal:
+    nothing real reads a pad) and each row is its own segment. Pads, empty slots and finished documents are masked out
+    of the scores and the loss, and a slot only steps when its own document learns, so no document reads another."""
+    S, dev = ad.slots, val.device
+    n = np.array([len(p) for p in plans] + [0] * (S - len(plans)))
+    ad.reset(spec.warm_start_a)
+    for k in range(int(n.max())):
+        rows = np.array([p[k] if k < len(p) else (0, 0, 0) for p in plans] + [(0, 0, 0)] * (S - len(plans)))
+        L = bucket(int((rows[:, 1] - rows[:, 0]).max()), window)
+        off = np.arange(L)
+        idx = rows[:, :1] + off
+        real = off < (rows[:, 1] - rows[:, 0])[:, None]
+        keep = real & (idx >= rows[:, 2:])
+        learn = (spec.steps > 0) & (k + 1 < n)  # a document's last chunk takes no step: its slot resets next
+        w = keep * learn[:, None] / np.maximum(keep.sum(1, keepdims=True), 1)  # each document's mean chunk loss
+        idx_t = torch.from_numpy(np.where(real, idx, 0).ravel()).to(dev)
+        kept = torch.from_numpy(np.flatnonzero(keep)).to(dev)
+        x, y = val.tokens[idx_t], val.tokens[idx_t + 1]
+        pos = idx_t[kept] + 1
+        nbytes = val.val_bytes[pos] if val.val_bytes is not None else token_bytes(y[kept], x[kept], val.tables)
+        cu = torch.arange(0, S * L + 1, L, dtype=torch.int32, device=dev)
+        w_t = torch.from_numpy(w.ravel().astype(np.float32)).to(dev)
+        learn_t = torch.from_numpy(learn)
+        for step in range(spec.steps if learn.any() else 1):
+            with torch.set_grad_enabled(spec.steps > 0):  # one graph per shape: the last chunks run it too
+                nll = F.cross_entropy(fwd(x, cu, L).float(), y, reduction="none")
+            if step == 0:
+                out.add(pos, nll.detach()[kept], nbytes)  # the score is fixed here, before any update sees it (C3)
+            if learn.any():
+                (nll * w_t).sum().backward()
+                ad.step(learn_t)
+
+
+def global_phase(model: nn.Module, val: ValStream, spans: np.ndarray, window: int, spec: TTTSpec, step_tokens: int,
                  dinfo: D.DistInfo) -> int:
-    """SGD on the base weights over already-scored documents (this rank's share), non-overlapping windows of each, one
-    step per batch; gradients and token counts summed over ranks (every rank takes the same number of steps)."""
+    """SGD on the base weights over every document scored so far (#1855): their non-overlapping windows, each its own
+    segment, packed into steps of `step_tokens` over all ranks (rank r takes rows r, r + world, ...: the same steps
+    whatever TTT_BATCH_DOCS or the rank that scored them); momentum, cosine lr, gradients summed over ranks and clipped."""
     rows = [plan_doc(s, e, window, window) for s, e in spans.tolist()]
     rows = np.concatenate(rows) if rows else np.zeros((0, 3), dtype=np.int64)
-    batches = list(_batches(rows, batch_tokens)) if len(rows) else []
-    n_steps = int(D.all_reduce_max(torch.tensor(len(batches), device=val.device)).item())
+    steps = list(_batches(rows, step_tokens)) if len(rows) else []
     base = [p for n, p in model.named_parameters() if ".lora_" not in n and p.is_floating_point()]
-    adapter = lora_parameters(model)
     model.requires_grad_(False)
     for p in base:
         p.requires_grad_(True)
-    opt = torch.optim.SGD(base, lr=lr)
-    for i in range(n_steps):
-        if i < len(batches):
-            _, nll, _ = forward_rows(model, val, batches[i])
-            count = torch.tensor(float(nll.numel()), device=val.device)
-            total = nll.sum()
-        else:
-            count = torch.zeros((), device=val.device)
-            total = sum(p.sum() * 0.0 for p in base)  # no batch left here: a zero gradient, same all-reduces
-        D.all_reduce_sum(count)
-        (total / count.clamp_min(1.0)).backward()
+    opt = torch.optim.SGD(base, lr=spec.phase_lr, momentum=spec.phase_momentum)
+    for i, batch in enumerate(steps):
+        if spec.phase_cosine:
+            opt.param_groups[0]["lr"] = spec.phase_lr * 0.5 * (1 + math.cos(math.pi * i / len(steps)))
+        mine = batch[dinfo.rank::dinfo.world_size]
+        total = forward_rows(model, val, mine)[1].sum() if len(mine) else sum(p.sum() * 0.0 for p in base)
+        (total / float((batch[:, 1] - batch[:, 0]).sum())).backward()
         for p in base:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             D.all_reduce_sum(p.grad)
+        if spec.phase_clip:
+            torch.nn.utils.clip_grad_norm_(base, spec.phase_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
     model.requires_grad_(False)
-    for p in adapter:
-        p.requires_grad_(True)
-    return n_steps
+    return len(steps)
 
 
 def evaluate_ttt(model: nn.Module, val_tokens: np.ndarray, bos_id: int, tables, window: int, stride: int,
                  batch_tokens: int, dinfo: D.DistInfo, spec: TTTSpec, val_bytes: np.ndarray | None = None,
-                 dump: str | None = None, log=None) -> EvalResult:
-    """Score the val stream with score-first TTT. `model` carries its adapter at the start point (prepare_adapter); it
-    is trained in place (its base weights too, with phases), so pass a fresh copy."""
-    D.sync(dinfo.device)
-    t0 = time.perf_counter()
+                 dump: str | None = None, log=None, backend: str | None = None) -> EvalResult:
+    """Score the val stream with score-first TTT. `model` carries its adapter at the start point (prepare_adapter); its
+    base weights are trained in place by the phases, so pass a fresh copy. Documents are scored longest first (then by
+    index), TTT_BATCH_DOCS at a time per rank; batches never straddle a phase boundary. The compile warm-up runs before
+    the clock this result's seconds start from."""
     model.eval()  # no dropout in the GPT; eval mode only fixes the module flags
     val = ValStream(val_tokens, bos_id, tables, dinfo.device, val_bytes)
     spans = document_spans(val.starts, val.n)
     spans = spans[spans[:, 1] > spans[:, 0]]  # documents with at least one target (an empty last BOS has none)
-    start = lora_state(model)
+    order = np.lexsort((np.arange(len(spans)), spans[:, 0] - spans[:, 1]))
+    plans = [doc_chunks(s, e, window, stride, spec.chunk_tokens) for s, e in spans.tolist()]
+    S = spec.batch_docs
+    ad = SlotAdapters(model, S, spec.lr, (spec.beta1, spec.beta2), spec.eps, spec.weight_decay)
+    fwd = ttt_forward(model, dinfo.device, backend)
+    if backend or getattr(model, "compile_eval", False):
+        tw = time.perf_counter()
+        shapes = warm_up(fwd, ad, window, model.tok_emb.num_embeddings, dinfo.device, spec.steps > 0)
+        D.sync(dinfo.device)
+        if log is not None:
+            log(f"ttt_warmup: {shapes} shapes {time.perf_counter() - tw:.2f}s (synthetic tokens, before the eval clock)")
+    D.sync(dinfo.device)
+    t0 = time.perf_counter()
     scored = Scored.empty()
     bounds = phase_bounds(len(spans), spec)
     edges = [0, *bounds, len(spans)]
     for lo, hi in zip(edges[:-1], edges[1:]):
-        mine = spans[lo:hi][dinfo.rank::dinfo.world_size]  # ranks split the documents of each segment
-        for first, end in mine.tolist():
-            adapt_document(model, val, first, end, window, stride, batch_tokens, spec, start, scored)
+        batches = [order[i:min(i + S, hi)] for i in range(lo, hi, S)]
+        owner = split_batches([batch_cost([plans[d] for d in b], S, window) for b in batches], dinfo.world_size)
+        for b, r in zip(batches, owner):
+            if r == dinfo.rank:
+                adapt_batch(fwd, ad, val, [plans[d] for d in b], spec, window, scored)
         if hi in bounds:
-            load_lora_state(model, start)
-            steps = global_phase(model, val, mine, window, batch_tokens, spec.phase_lr, dinfo)
+            ad.install(back=True)
+            steps = global_phase(model, val, spans[order[:hi]], window, spec, spec.phase_tokens or batch_tokens, dinfo)
+            ad.install()
+            ad.reset()  # fresh adapters after a phase (A too)
             if log is not None:
                 log(f"ttt_phase:{bounds.index(hi) + 1}/{len(bounds)} docs_scored:{hi} sgd_steps:{steps} "
                     f"elapsed:{time.perf_counter() - t0:.2f}s")
-    load_lora_state(model, start)
+    ad.install(back=True)
     return finish_scores(scored, val, dinfo, t0, dump)

@@ -163,7 +163,7 @@ def test_bad_feature_knobs_name_the_knob(overrides, knob):
 def test_record_preset_shows_the_stack():
     cfg = make_config("record")
     assert (cfg.vocab_size, cfg.num_layers, cfg.model_dim, cfg.num_heads, cfg.num_kv_heads) == (8192, 11, 512, 8, 4)
-    assert "sp8192" in cfg.data_path and cfg.tokenizer_path.endswith("fineweb_8192_bpe.model")
+    assert "sp8192_lossless_caps_caseops" in cfg.data_path and cfg.tokenizer_path.endswith("caseops_v1_reserved.model")
     assert (cfg.xsa_last_n, cfg.recur_passes, cfg.recur_start_layer, cfg.recur_end_layer) == (11, 3, 3, 5)
     assert (cfg.parallel_start_layer, cfg.attn_gate_window, cfg.lqer_rank, cfg.embed_bits) == (8, 12, 4, 7)
     assert (cfg.min_lr_frac, cfg.warmdown_frac, cfg.adam_beta2, cfg.ema_decay) == (0.10, 0.85, 0.99, 0.9965)
