@@ -32,6 +32,7 @@ from . import dist as D
 from .config import RECORD_FEATURES, Config, replace, resolve
 from .evaluate import EvalResult
 from .gptq import QuantSpec, clip_for, dequantize_state, quantize_rtn, quantize_state, tensor_role
+from .lora import config_format
 from .pipeline import (TIED, Run, build, evaluate_shipped, lcq, open_run, quant_spec, quantize, run_training, score,
                        score_ttt, ship)
 from .runlog import atomic_write
@@ -512,8 +513,8 @@ def serialize_payload(cfg: Config) -> tuple[dict, dict, dict, dict, int]:
     with torch.no_grad():
         for m in lora_modules(model).values():
             m.set_factors(torch.randn_like(m.lora_B) * 0.01, torch.randn_like(m.lora_A) * m.lora_A.shape[1] ** -0.5)
-    lora, ranks, alpha = pack_lora(model, cfg.lcq_factor_bits)
-    lora_meta = dict(merge="side", init="random", ranks=ranks, alpha=alpha, bits=cfg.lcq_factor_bits)
+    lora, ranks, alpha = pack_lora(model, config_format(cfg))
+    lora_meta = dict(merge="side", init="random", ranks=ranks, alpha=alpha, format=list(config_format(cfg)))
     return tensors, {"bench": "serialize", "qmeta": qmeta, "lora": None}, lora, lora_meta, params
 
 
