@@ -443,9 +443,13 @@ PRESETS: dict[str, dict] = {
         muon_momentum_warmup_steps=1500, muon_weight_decay=0.095, embed_weight_decay=0.085, scalar_weight_decay=0.02,
         adam_beta2=0.99, warmdown_frac=0.85, ema_decay=0.9965,
         gptq_calib_batches=16,  # #1855: GPTQ_CALIBRATION_BATCHES=16
-        # The model fills the cap to ~15.89 MB, so a fixed rank-8 LoRA (~0.69 MB on these shapes) would fail the gate:
-        # LCQ takes the largest rank that fits what is left, measured on the real compressed model section.
-        lcq_rank="auto",
+        # The model fills the cap to ~15.89 MB, so a fixed rank-8 LoRA (~0.69 MB on these shapes) would fail the gate.
+        # Issue 16: the LoRA gets what the real compressed model section and the code leave (LCQ_BYTES=auto, ~88 KB
+        # under the projection after the 20 KB headroom), spent a rank unit at a time where the closed form removes
+        # the most Hessian-weighted error per byte, in LQER's 2+4-bit storage (#1855; a unit over an MLP matrix is
+        # ~0.77 KB instead of int8's ~2.5 KB). It costs no model bytes (MLP width and clips as above): no equal-bytes
+        # measurement yet says a LoRA byte beats a model byte, so the model is not narrowed for it.
+        lcq_rank="auto", lcq_bytes="auto", lcq_factor_bits=4, lcq_factor_asym=True,
     ),
     # CPU, a few minutes end to end on the embedded demo corpus.
     "demo": dict(

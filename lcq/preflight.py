@@ -205,8 +205,12 @@ def lora_ranks(run, code: int, model_bytes: int) -> tuple[dict[str, int], str]:
     if not cfg.lcq_enabled:
         return {}, "LCQ off"
     names = lcq_target_names(run.model, cfg)
-    if cfg.lcq_rank == "auto":
-        room = cfg.artifact_cap_bytes - code - model_bytes - cfg.lcq_auto_headroom_bytes
+    room = cfg.artifact_cap_bytes - code - model_bytes - cfg.lcq_auto_headroom_bytes
+    if cfg.lcq_bytes != "0":  # the allocation follows the real errors; a uniform rank of at most its bytes stands in
+        budget = room if cfg.lcq_bytes == "auto" else int(cfg.lcq_bytes)
+        rank = max(0, int(budget // lora_bytes_per_rank(run.model, names, config_format(cfg))))
+        note = f"LCQ_BYTES={cfg.lcq_bytes}: at most {budget} bytes, sized as uniform rank {rank}"
+    elif cfg.lcq_rank == "auto":
         rank = max(0, int(room // lora_bytes_per_rank(run.model, names, config_format(cfg))))
         note = f"LCQ_RANK=auto: rank {rank} fits the room left"
     else:
