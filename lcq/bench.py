@@ -33,8 +33,9 @@ from . import dist as D
 from .config import RECORD_FEATURES, Config, replace, resolve
 from .evaluate import EvalResult
 from .gptq import QuantSpec, clip_for, dequantize_state, quantize_rtn, quantize_state, tensor_role
-from .pipeline import (TIED, Run, build, evaluate_shipped, lcq, open_run, quant_spec, quantize, run_training, score,
-                       score_ttt, ship)
+from .lora import LORA_ENTRY_BYTES, LORA_SECTION_BYTES, config_format, factor_bytes
+from .pipeline import (TIED, Run, build, evaluate_shipped, lcq, lcq_target_names, open_run, quant_spec, quantize,
+                       run_training, score, score_ttt, ship)
 from .runlog import atomic_write
 from .shipping import artifact_meta, load_shipped, model_from_state, pack_lora
 
@@ -469,8 +470,20 @@ def bench_sizing(cfg: Config) -> dict:
         print(f"{g:<6} {r['params']:>11,} {r['bits']:>4} {r['clip']:>5} {r['bytes'] / r['params']:>8.4f} {r['bytes']:>11,.0f}")
     print(f"control tensors {control:,} B, LQER factors <= {lqer:,} B, code {code:,} B: total {total:,.0f} of "
           f"{cfg.artifact_cap_bytes:,} ({cfg.artifact_cap_bytes - total:+,.0f})")
+    # The LoRA the preset would ship under this projection: LCQ_BYTES (auto = the cap less the above and the headroom),
+    # and the rank units it buys at the targets' mean unit cost with every target paying its manifest entry (a lower
+    # estimate: the real split follows the trained model's errors, lcq.lora.allocate_bytes).
+    names = lcq_target_names(model, cfg) if cfg.lcq_enabled else []
+    lcq_bytes = 0 if not names or cfg.lcq_bytes == "0" else int(cfg.lcq_bytes) if cfg.lcq_bytes != "auto" else \
+        max(0, cfg.artifact_cap_bytes - round(total) - cfg.lcq_auto_headroom_bytes)
+    mods, fmt = dict(model.named_modules()), config_format(cfg)
+    unit = sum(factor_bytes(mods[n].in_features, mods[n].out_features, 1, fmt) for n in names) / max(1, len(names))
+    units = int(max(0, lcq_bytes - LORA_SECTION_BYTES - LORA_ENTRY_BYTES * len(names)) // unit) if names else 0
+    print(f"LoRA (LCQ_BYTES={cfg.lcq_bytes}, factors {'+'.join(map(str, fmt[:2]))} bits): {lcq_bytes:,} B, ~{units} "
+          f"rank units over {len(names)} targets; total {total + lcq_bytes:,.0f}")
     return dict(bench="sizing", preset=cfg.preset, roles=rows, control_bytes=control, lqer_bytes=lqer, code_bytes=code,
-                projected_bytes=round(total), cap=cfg.artifact_cap_bytes)
+                projected_bytes=round(total), cap=cfg.artifact_cap_bytes, lcq_bytes=lcq_bytes, lcq_units=units,
+                projected_total_bytes=round(total) + lcq_bytes)
 
 
 def lqer_bytes_bound(model: torch.nn.Module, spec: QuantSpec) -> int:
@@ -516,8 +529,8 @@ def serialize_payload(cfg: Config) -> tuple[dict, dict, dict, dict, int]:
     with torch.no_grad():
         for m in lora_modules(model).values():
             m.set_factors(torch.randn_like(m.lora_B) * 0.01, torch.randn_like(m.lora_A) * m.lora_A.shape[1] ** -0.5)
-    lora, ranks, alpha = pack_lora(model, cfg.lcq_factor_bits)
-    lora_meta = dict(merge="side", init="random", ranks=ranks, alpha=alpha, bits=cfg.lcq_factor_bits)
+    lora, ranks, alpha = pack_lora(model, config_format(cfg))
+    lora_meta = dict(merge="side", init="random", ranks=ranks, alpha=alpha, format=list(config_format(cfg)))
     return tensors, {"bench": "serialize", "qmeta": qmeta, "lora": None}, lora, lora_meta, params
 
 

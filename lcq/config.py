@@ -228,7 +228,18 @@ class Config:
     lcq_max_steps: int = 100_000  # 0 = closed-form init only, no training
     lcq_seconds: float = 0.0  # 0: whatever GPTQ left of the reserve; > 0: at most this many seconds
     lcq_safety_seconds: float = 5.0
+    # Factor storage (issue 16): A (r, in) at LCQ_FACTOR_BITS; B (out, r) at the same bits (symmetric, one fp16 scale
+    # per rank component) or, with LCQ_FACTOR_ASYM, at int2 with one scale per tensor and A's scales per
+    # LCQ_FACTOR_GROUP inputs: #1797/#1855's LQER storage (LCQ_FACTOR_BITS=4 LCQ_FACTOR_ASYM=1 is its "2+4").
+    # Distillation trains on this grid (fake-quant forward, straight-through gradients), so what ships is what trained.
     lcq_factor_bits: int = 8
+    lcq_factor_asym: bool = False
+    lcq_factor_group: int = 64
+    # Byte-budgeted allocation (issue 16): spend this many bytes of factors (auto = what the code and the real compressed
+    # model section leave under the cap, less LCQ_AUTO_HEADROOM_BYTES) a rank unit at a time where the closed form
+    # removes the most Hessian-weighted error per byte (lcq.lora.allocate_bytes); the closed-form fits are the init and
+    # LCQ_RANK caps any one tensor's rank (auto: 64). 0 = off: uniform/rho ranks from LCQ_RANK
+    lcq_bytes: str = "0"
     lcq_grail_ridge: float = 1e-3
     lcq_grail_tokens: int = 16_384  # calibration tokens per rank for the grail init (holds every layer's inputs)
     lcq_log_every: int = 25
@@ -371,6 +382,10 @@ class Config:
         need(self.lcq_seconds >= 0, "lcq_seconds", "must be >= 0 (0 = what the reserve leaves)")
         need(self.lcq_safety_seconds >= 0, "lcq_safety_seconds", "must be >= 0")
         need(2 <= self.lcq_factor_bits <= 8, "lcq_factor_bits", "must be in 2..8")
+        need(self.lcq_factor_group >= 1, "lcq_factor_group", "must be >= 1")
+        need(self.lcq_bytes == "auto" or self.lcq_bytes.isdigit(), "lcq_bytes", "must be a byte count or auto (0 = off)")
+        need(self.lcq_bytes == "0" or self.lcq_merge != "baked", "lcq_bytes",
+             "counts shipped factor bytes, which LCQ_MERGE=baked does not ship; use side or fused, or LCQ_BYTES=0")
         need(self.lcq_grail_ridge >= 0, "lcq_grail_ridge", "must be >= 0")
         need(self.lcq_grail_tokens >= 1, "lcq_grail_tokens", "must be >= 1")
         need(self.lcq_log_every >= 1, "lcq_log_every", "must be >= 1")
@@ -471,9 +486,13 @@ PRESETS: dict[str, dict] = {
         muon_momentum_warmup_steps=1500, muon_weight_decay=0.095, embed_weight_decay=0.085, scalar_weight_decay=0.02,
         adam_beta2=0.99, warmdown_frac=0.85, ema_decay=0.9965,
         gptq_calib_batches=16,  # #1855: GPTQ_CALIBRATION_BATCHES=16
-        # The model fills the cap to ~15.89 MB, so a fixed rank-8 LoRA (~0.69 MB on these shapes) would fail the gate:
-        # LCQ takes the largest rank that fits what is left, measured on the real compressed model section.
-        lcq_rank="auto",
+        # The model fills the cap to ~15.89 MB, so a fixed rank-8 LoRA (~0.69 MB on these shapes) would fail the gate.
+        # Issue 16: the LoRA gets what the real compressed model section and the code leave (LCQ_BYTES=auto, ~88 KB
+        # under the projection after the 20 KB headroom), spent a rank unit at a time where the closed form removes
+        # the most Hessian-weighted error per byte, in LQER's 2+4-bit storage (#1855; a unit over an MLP matrix is
+        # ~0.77 KB instead of int8's ~2.5 KB). It costs no model bytes (MLP width and clips as above): no equal-bytes
+        # measurement yet says a LoRA byte beats a model byte, so the model is not narrowed for it.
+        lcq_rank="auto", lcq_bytes="auto", lcq_factor_bits=4, lcq_factor_asym=True,
         # #1855's score-first TTT (its train_seed42.log hyperparameters; batched as in #1855, lcq/ttt.py)
         ttt_enabled=True, ttt_rank=80, ttt_alpha=144.0, ttt_lr=1e-4, ttt_beta1=0.0, ttt_beta2=0.99, ttt_eps=1e-10,
         ttt_weight_decay=0.5, ttt_chunk_tokens=48, ttt_batch_docs=64,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -63,12 +64,31 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=device, dtype=torch.float32))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
+        # Quantization-aware factors (issue 16): with a format set, forward sees the factors on their integer grid
+        # (straight-through gradients), exactly what `quantized` ships; None = plain float factors (TTT, a decoded LoRA).
+        self.fmt: FactorFormat | None = None
+        self.grid: tuple[torch.Tensor, torch.Tensor] | None = None  # frozen (A, B) scales; None = from the factors
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) as forward uses them: the float Parameters, or with a format their fake-quantized values."""
+        if self.fmt is None:
+            return self.lora_A, self.lora_B
+        (A, sA), (B, sB) = on_grid(self.lora_A, self.lora_B, self.fmt, self.grid)
+        (alo, ahi), (blo, bhi) = code_ranges(self.fmt)
+        return fake_quant(A, sA, alo, ahi), fake_quant(B, sB, blo, bhi)
+
+    def quantized(self) -> dict[str, torch.Tensor]:
+        """The shipped factors: int8 codes and fp16 scales whose `dequantize_factors` is bit for bit what forward uses."""
+        return quantize_factors(self.lora_A, self.lora_B, self.fmt, self.grid)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base(x) + low_rank(x, self.lora_A, self.lora_B, self.scale)
+        A, B = self.factors()
+        return self.base(x) + low_rank(x, A, B, self.scale)
 
     def delta_weight(self) -> torch.Tensor:
-        """scale * B @ A, (out, in) float32."""
-        return self.scale * (self.lora_B @ self.lora_A)
+        """scale * B @ A, (out, in) float32 (the fake-quantized factors when a format is set)."""
+        A, B = self.factors()
+        return self.scale * (B @ A)
 
     def merged_weight(self) -> torch.Tensor:
         """base.weight + delta, (out, in) float32 (a new tensor; the base is not touched)."""
@@ -198,38 +218,222 @@ def merge_lora(model: nn.Module) -> None:
 
 
 # ---- shipped factors ---------------------------------------------------------------------------------------------
+# Formats (issue 16; one mechanism for what were LCQ's int8 factors and LQER's #1855 storage):
+# - symmetric (group 0): A (r, in) at a_bits with one fp16 scale per rank component (row), B (out, r) at b_bits = a_bits
+#   with one per component (column); codes +-(2^(bits-1) - 1), scale max|x| / (2^(bits-1) - 1);
+# - asymmetric (group > 0, #1797/#1855's LQER): A at a_bits in groups of `group` consecutive inputs of each row (the
+#   whole row when group does not divide it), B at int2 with one scale for the tensor; codes [-2^(b-1), 2^(b-1) - 1],
+#   scale max|x| / (2^(b-1) - 1/2). A is the factor that multiplies the layer input (LQER's B).
+# The artifact bit-packs codes whose range fits 2 or 4 bits (lcq/artifact.py), so 4- and 2-bit factors ship at 4 and 2.
 
-def _balance(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rescale each rank component (A[k] / c_k, B[:, k] * c_k; B @ A unchanged) so both share max-abs sqrt(a_k b_k)."""
-    a, b = A.abs().amax(1), B.abs().amax(0)
-    c = torch.where((a > 0) & (b > 0), (a / b).sqrt(), torch.ones_like(a))
-    return A / c[:, None], B * c
+
+class FactorFormat(NamedTuple):
+    a_bits: int
+    b_bits: int
+    group: int  # 0 = symmetric per component
 
 
-def quantize_factors(A: torch.Tensor, B: torch.Tensor, bits: int) -> dict[str, torch.Tensor]:
-    """Round-to-nearest factors with one fp16 scale per rank component (rows of A and of B^T), max-abs clipping.
+def factor_format(bits: int, asym: bool, group: int) -> FactorFormat:
+    """LCQ_FACTOR_BITS / LCQ_FACTOR_ASYM / LCQ_FACTOR_GROUP as a format."""
+    return FactorFormat(bits, 2, group) if asym else FactorFormat(bits, bits, 0)
 
-    Quantizing B^T rather than B gives r scales instead of `out` scales. Each component is first balanced between A and
-    B: per-row rounding does not care how a row is scaled, but the fp16 scale does (a B that grew from zero can have
-    a step below fp16's normal range), and balancing keeps both factors' steps near the geometric mean. So
-    `dequantize_factors` returns the balanced factors, whose product is B @ A up to rounding.
-    """
+
+def config_format(cfg) -> FactorFormat:
+    return factor_format(cfg.lcq_factor_bits, cfg.lcq_factor_asym, cfg.lcq_factor_group)
+
+
+def _stored_bits(bits: int) -> float:
+    return bits if bits in (2, 4) else 8  # the artifact bit-packs 2- and 4-bit codes, else one byte a code
+
+
+def factor_bytes(n_in: int, n_out: int, r: int, fmt: FactorFormat) -> float:
+    """Uncompressed bytes of one wrapper's shipped factors at rank r: codes at their stored width plus fp16 scales."""
+    if r == 0:
+        return 0.0
+    codes = r * (n_in * _stored_bits(fmt.a_bits) + n_out * _stored_bits(fmt.b_bits)) / 8
+    if fmt.group:
+        return codes + 2 * r * (n_in // fmt.group if n_in % fmt.group == 0 else 1) + 2
+    return codes + 4 * r
+
+
+def set_format(model: nn.Module, fmt: FactorFormat) -> None:
+    """Train every wrapper's factors on `fmt`'s grid from now on (fake-quant forward, straight-through backward)."""
+    for m in lora_modules(model).values():
+        m.fmt, m.grid = fmt, None
+
+
+def code_ranges(fmt: FactorFormat) -> tuple[tuple[int, int], tuple[int, int]]:
+    """((lo, hi) of A's codes, (lo, hi) of B's)."""
+    if fmt.group:
+        return tuple((-(2 ** (b - 1)), 2 ** (b - 1) - 1) for b in (fmt.a_bits, fmt.b_bits))
+    return tuple((-(2 ** (b - 1) - 1), 2 ** (b - 1) - 1) for b in (fmt.a_bits, fmt.b_bits))
+
+
+def _fp16_scale(x: torch.Tensor) -> torch.Tensor:
+    return x.clamp(2.0**-24, 65504.0).to(torch.float16)
+
+
+def factor_grid(A: torch.Tensor, B: torch.Tensor, fmt: FactorFormat, clip_a: float = 1.0,
+                clip_b: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp16 scales (A's (r, groups), B's (1, r) or (1, 1)) by the rules above, at `clip` of the max-abs. A component of
+    B that is all zero (a LoRA started at B = 0) takes A's step, so it can leave zero under straight-through training."""
+    A, B = A.detach().float(), B.detach().float()
+    (_, ahi), (_, bhi) = code_ranges(fmt)
+    if fmt.group:
+        g = fmt.group if A.shape[1] % fmt.group == 0 else A.shape[1]
+        top_a, top_b = ahi + 0.5, bhi + 0.5
+        sA = A.reshape(A.shape[0], -1, g).abs().amax(2) * clip_a / top_a
+        sB = B.abs().amax().reshape(1, 1) * clip_b / top_b
+        fallback = sA.amax().reshape(1, 1)
+    else:
+        sA = A.abs().amax(1, keepdim=True) * clip_a / ahi
+        sB = (B.abs().amax(0, keepdim=True) * clip_b / bhi)
+        fallback = sA.T
+    return _fp16_scale(sA), _fp16_scale(torch.where(sB > 0, sB, fallback.expand_as(sB)))
+
+
+def on_grid(A: torch.Tensor, B: torch.Tensor, fmt: FactorFormat, grid: tuple[torch.Tensor, torch.Tensor] | None):
+    """((A, sA), (B, sB)): the factors and their grid, frozen (`grid`) or, when None, from the factors with each
+    component first balanced between A and B (A[k] / c_k, B[:, k] * c_k; B @ A unchanged; per-row rounding ignores
+    a row's scale but the fp16 scale does not, and a B grown from zero can have a step below fp16's normal range)."""
+    if grid is not None:
+        return (A, grid[0]), (B, grid[1])
+    with torch.no_grad():
+        a, b = A.abs().amax(1), B.abs().amax(0)
+        c = torch.where((a > 0) & (b > 0), (a / b).sqrt(), torch.ones_like(a))
+    A, B = A / c[:, None], B * c
+    sA, sB = factor_grid(A, B, fmt)
+    return (A, sA), (B, sB)
+
+
+@torch.no_grad()
+def quantize_factors(A: torch.Tensor, B: torch.Tensor, fmt: FactorFormat,
+                     grid: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """A (r, in), B (out, r) -> {"A_q", "A_scale", "B_q", "B_scale"}: int8 codes and fp16 scales on `fmt`'s grid."""
     if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
         raise ValueError(f"quantize_factors: want A (r, in) and B (out, r), got {tuple(A.shape)} and {tuple(B.shape)}")
-    A, B = _balance(A.detach().float(), B.detach().float())
-    a_q, a_s = gptq.quantize_rtn(A, bits, 0.0)
-    bt_q, bt_s = gptq.quantize_rtn(B.T.contiguous(), bits, 0.0)
-    return {"A_q": a_q, "A_scale": a_s, "Bt_q": bt_q, "Bt_scale": bt_s}
+    (A, sA), (B, sB) = on_grid(A.detach().float(), B.detach().float(), fmt, grid)
+    (alo, ahi), (blo, bhi) = code_ranges(fmt)
+    return {"A_q": grid_codes(A, sA, alo, ahi).to(torch.int8), "A_scale": sA,
+            "B_q": grid_codes(B, sB, blo, bhi).to(torch.int8), "B_scale": sB}
+
+
+def _expand(s: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """A scale tensor broadcast to its factor's shape (groups repeated along rows)."""
+    s = s.float()
+    if s.shape[0] == shape[0] and s.shape[1] != shape[1]:
+        s = s.repeat_interleave(shape[1] // s.shape[1], 1)
+    return s.expand(shape)
+
+
+def grid_codes(x: torch.Tensor, s: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """Round-to-nearest float codes of x on the grid s, clamped to [lo, hi]."""
+    return torch.clamp(torch.round(x.detach().float() / _expand(s, x.shape)), lo, hi)
+
+
+def fake_quant(x: torch.Tensor, s: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """x rounded onto its grid in the forward, identity in the backward (straight-through, Bengio et al. 2013). The
+    value is `codes * scale` with the same float ops as `dequantize_factors`, plus an exact zero, so the two agree bit
+    for bit."""
+    return grid_codes(x, s, lo, hi) * _expand(s, x.shape) + (x - x.detach())
 
 
 def dequantize_factors(packed: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inverse of quantize_factors: (A, B) float32 (the balanced factors; B @ A is what is preserved)."""
-    missing = [k for k in ("A_q", "A_scale", "Bt_q", "Bt_scale") if k not in packed]
+    """(A, B) float32 from `LoRALinear.quantized` output."""
+    missing = [k for k in ("A_q", "A_scale", "B_q", "B_scale") if k not in packed]
     if missing:
         raise ValueError(f"dequantize_factors: packed factors lack {missing}")
-    A = gptq.dequantize(packed["A_q"], packed["A_scale"])
-    B = gptq.dequantize(packed["Bt_q"], packed["Bt_scale"]).T.contiguous()
-    return A, B
+    A_q, B_q = packed["A_q"], packed["B_q"]
+    return (A_q.float() * _expand(packed["A_scale"], A_q.shape), B_q.float() * _expand(packed["B_scale"], B_q.shape))
+
+
+weighted_error = gptq.weighted_error
+
+
+@torch.no_grad()
+def closed_form(E: torch.Tensor, H: torch.Tensor | None, r: int, scale: float, fmt: FactorFormat,
+                damp: float = 0.01) -> dict | None:
+    """The rank-r correction of E = W - W_hat on `fmt`'s grid that LCQ starts from and LQER ships (issue 11's fit):
+
+    - E L = U Sigma V^T with L L^T = H damped as GPTQ damps it (act_svd); A = Sigma_r V_r^T L^-1 / scale holds the
+      magnitudes (its group scales absorb them), B = U_r keeps balanced columns for its few scales;
+    - A is rounded by GPTQ against H (it multiplies the layer input as a weight does), then B is refit by weighted least
+      squares to the rounded A and rounded by GPTQ against scale^2 A_hat H A_hat^T, its clip (int2) chosen by the error.
+
+    Returns {"A", "B" (float32, on the grid), "grid" (sA, sB), "error" tr((E - scale B A) H (.)^T)} or None when the
+    rounded correction does not lower tr(E H E^T): a tensor never gets a correction that makes it worse. H None = the
+    identity (plain SVD, rounding to nearest)."""
+    r = min(r, *E.shape)
+    H32 = torch.eye(E.shape[1], device=E.device) if H is None else H.detach().to(E.device, torch.float32)
+    Hd = gptq._damped(H32, damp).double()
+    U, A0 = gptq.lqer_factors(E, r, H32, damp)  # B = U_r, A0 = Sigma_r V_r^T L^-1 (LQER's names swapped)
+    A0 = A0 / scale
+    (alo, ahi), (blo, bhi) = code_ranges(fmt)
+    sA, _ = factor_grid(A0, U, fmt)
+    A = gptq._gptq_codes(A0, H32, _expand(sA, A0.shape), alo, ahi, damp, 128, True) * _expand(sA, A0.shape)
+    E64 = E.detach().double()
+    G = A.double() @ Hd @ A.double().T
+    Bf = (E64 @ Hd @ A.double().T @ torch.linalg.pinv(G, hermitian=True) / scale).float()
+    before, best = weighted_error(E, H), None
+    for clip in gptq._LQER_A_CLIPS if fmt.b_bits <= 2 else (1.0,):
+        _, sB = factor_grid(A, Bf, fmt, clip_b=clip)
+        B = (gptq._gptq_codes(Bf, (G * scale**2).float(), _expand(sB, Bf.shape), blo, bhi, damp, 128, True)
+             * _expand(sB, Bf.shape))
+        err = weighted_error(E - scale * (B @ A).to(E.device), H)
+        if best is None or err < best["error"]:
+            best = {"A": A.contiguous(), "B": B.contiguous(), "grid": (sA, sB), "error": err}
+    return best if best["error"] < before else None
+
+
+# Raw bytes of one wrapper's manifest entries in the LoRA section (four tensors: names, shapes, layouts), charged once
+# to a tensor that gets any rank: lcq.pipeline.lora_raw_bytes's per-target allowance.
+LORA_ENTRY_BYTES = 200
+# The LoRA section's frame and meta (merge, init, ranks by name, alpha, format) and a compressor's worst-case overhead
+# on near-incompressible packed codes: what a byte budget keeps back before pricing any factor.
+LORA_SECTION_BYTES = 512
+
+
+def allocate_bytes(errors: dict[str, tuple[torch.Tensor, torch.Tensor | None]], budget: int, fmt: FactorFormat,
+                   alpha: float, max_rank: int) -> tuple[dict[str, int], dict[str, dict], list[tuple]]:
+    """Per-tensor ranks (0 = none) under `budget` raw bytes (factor_bytes, plus LORA_ENTRY_BYTES for a tensor given
+    any rank), a rank unit at a time: each unit goes to the tensor whose next rank removes the most Hessian-weighted
+    output error per added byte, that error being closed_form's exactly (rounding on `fmt`'s grid included). A tensor
+    whose next unit would not lower its error gets no more. Ties go to the name that sorts first.
+
+    Returns (ranks, the closed-form fits of the tensors given a rank, rows (name, rank, bytes, error removed))."""
+    if budget < 0:
+        raise ValueError(f"allocate_bytes: budget must be >= 0 bytes, got {budget}")
+    rank = dict.fromkeys(errors, 0)
+    error = {n: weighted_error(E, H) for n, (E, H) in errors.items()}
+    start, fits, nxt, spent = dict(error), {}, {}, 0
+
+    def cost(n: str) -> float:
+        E = errors[n][0]
+        r = rank[n]
+        return (factor_bytes(E.shape[1], E.shape[0], r + 1, fmt) - factor_bytes(E.shape[1], E.shape[0], r, fmt)
+                + (LORA_ENTRY_BYTES if r == 0 else 0))
+
+    while True:
+        best, best_ratio = None, 0.0
+        for n in sorted(errors):
+            E, H = errors[n]
+            if rank[n] >= min(max_rank, *E.shape) or spent + cost(n) > budget:
+                continue
+            if n not in nxt:
+                nxt[n] = closed_form(E, H, rank[n] + 1, alpha / (rank[n] + 1), fmt)
+            fit = nxt[n]
+            gain = error[n] - fit["error"] if fit is not None else 0.0
+            if gain > 0 and gain / cost(n) > best_ratio:
+                best, best_ratio = n, gain / cost(n)
+        if best is None:
+            break
+        spent += cost(best)
+        rank[best] += 1
+        fits[best] = nxt.pop(best)
+        error[best] = fits[best]["error"]
+    rows = [(n, rank[n], factor_bytes(errors[n][0].shape[1], errors[n][0].shape[0], rank[n], fmt) + LORA_ENTRY_BYTES,
+             start[n] - error[n]) for n in sorted(errors) if rank[n]]
+    return rank, fits, rows
 
 
 # ---- closed-form inits -------------------------------------------------------------------------------------------

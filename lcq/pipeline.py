@@ -33,7 +33,8 @@ from .data import (TrainLoader, file_sha256, list_shards, load_val_bytes, load_v
 from .distill import DistillResult, distill, energy_report, init_factors
 from .evaluate import EvalResult, dump_path, evaluate
 from .gptq import QuantSpec, collect_hessians, dequantize_state, quant_error_report, quantize_state
-from .lora import DEFAULT_TARGETS, allocate_ranks, attach_lora, match_targets, merge_lora
+from .lora import (DEFAULT_TARGETS, LORA_SECTION_BYTES, FactorFormat, allocate_bytes, allocate_ranks, attach_lora,
+                   config_format, factor_bytes, match_targets, merge_lora, set_format)
 from .model import GPT, autocast_for, build_model, configure_runtime, gptq_targets, stored_weight
 from .record import run_record, write_submission_json
 from .runlog import RunLog, atomic_write
@@ -430,15 +431,15 @@ def lcq_target_names(model: nn.Module, cfg: Config) -> list[str]:
     return names
 
 
-def lora_bytes_per_rank(model: nn.Module, names: list[str], bits: int) -> float:
+def lora_bytes_per_rank(model: nn.Module, names: list[str], fmt: FactorFormat) -> float:
     """Upper estimate of the artifact bytes one unit of rank costs over `names`: the codes as if incompressible plus
-    the two fp16 scales per rank component."""
+    their fp16 scales."""
     mods = dict(model.named_modules())
-    return sum((mods[n].in_features + mods[n].out_features) * bits / 8 + 4 for n in names)
+    return sum(factor_bytes(mods[n].in_features, mods[n].out_features, 1, fmt) for n in names)
 
 
-def auto_rank(run: Run, names: list[str], model: nn.Module) -> int:
-    """The largest uniform rank whose factors fit under the cap next to the code and the quantized model.
+def lora_room(run: Run) -> int:
+    """Bytes the code and the base model's real section leave under the cap, less LCQ_AUTO_HEADROOM_BYTES.
 
     It waits for the base model's section (compressed on host threads since GPTQ) to know its real bytes (an estimate
     could overshoot the cap and fail the gate at the end of a paid run); the wait is charged to LCQ's time."""
@@ -448,12 +449,36 @@ def auto_rank(run: Run, names: list[str], model: nn.Module) -> int:
     mine = artifact.HEADER_BYTES + sum(s.nbytes for s in run.base_job.sections()) if run.base_job is not None else 0
     model_bytes = int(D.all_reduce_max(torch.tensor(mine, dtype=torch.int64, device=run.dinfo.device)).item())
     room = cfg.artifact_cap_bytes - code - model_bytes - cfg.lcq_auto_headroom_bytes
-    rank = max(0, int(room // lora_bytes_per_rank(model, names, cfg.lcq_factor_bits)))
+    run.log(f"lcq_room: code {code} + model {model_bytes} bytes leave {room} under the cap (headroom "
+            f"{cfg.lcq_auto_headroom_bytes})")
+    return room
+
+
+def auto_rank(run: Run, names: list[str], model: nn.Module) -> int:
+    """The largest uniform rank whose factors fit under the cap next to the code and the quantized model."""
+    cfg = run.cfg
+    room = lora_room(run)
+    rank = max(0, int(room // lora_bytes_per_rank(model, names, config_format(cfg))))
     mods = dict(model.named_modules())
     rank = min(rank, min(min(mods[n].in_features, mods[n].out_features) for n in names))
-    run.log(f"lcq_auto_rank: code {code} + model {model_bytes} bytes leave {room} under the cap (headroom "
-            f"{cfg.lcq_auto_headroom_bytes}); rank {rank}")
+    run.log(f"lcq_auto_rank: {room} bytes under the cap; rank {rank}")
     return rank
+
+
+def byte_allocation(run: Run, names: list[str]) -> tuple[dict[str, int], dict[str, dict]]:
+    """LCQ_BYTES spent by lcq.lora.allocate_bytes over `names`; logs one row per tensor given a rank."""
+    cfg = run.cfg
+    # the section's raw bytes beyond the factors' entries: its manifest frame and the LoRA meta (ranks, alpha, format)
+    budget = (lora_room(run) if cfg.lcq_bytes == "auto" else int(cfg.lcq_bytes)) - LORA_SECTION_BYTES
+    max_rank = 64 if cfg.lcq_rank == "auto" else int(cfg.lcq_rank)
+    ranks, fits, rows = allocate_bytes(quant_errors(run, names), max(0, budget), config_format(cfg), cfg.lcq_alpha,
+                                       max_rank)
+    spent = sum(b for _, _, b, _ in rows)
+    run.log(f"lcq_alloc: {sum(ranks.values())} rank units over {len(rows)} of {len(names)} tensors, {spent:.0f} of "
+            f"{budget} bytes")
+    for n, r, b, gain in rows:
+        run.log(f"lcq_alloc: {n} rank {r} bytes {b:.0f} error removed {gain:.6g}")
+    return ranks, fits
 
 
 def quant_errors(run: Run, names: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -500,12 +525,11 @@ def start_base_section(run: Run) -> None:
                                           run.cfg.compressor, threads)
 
 
-def lora_raw_bytes(model: nn.Module, ranks: dict[str, int], bits: int) -> int:
-    """Upper estimate of the LoRA section's uncompressed bytes: factor codes at `bits` bits (int8 storage when more
-    than 4) plus two fp16 scales per rank component, and ~200 bytes of manifest per target."""
+def lora_raw_bytes(model: nn.Module, ranks: dict[str, int], fmt: FactorFormat) -> int:
+    """Upper estimate of the LoRA section's uncompressed bytes: the factors (lcq.lora.factor_bytes) and ~200 bytes of
+    manifest per target."""
     mods = dict(model.named_modules())
-    per_code = 1 if bits > 4 else bits / 8
-    return int(sum(r * ((mods[n].in_features + mods[n].out_features) * per_code + 4) + 200 for n, r in ranks.items()))
+    return int(sum(factor_bytes(mods[n].in_features, mods[n].out_features, r, fmt) + 200 for n, r in ranks.items()))
 
 
 # A projection needs one measured slice of each compressor; LCQ waits at most this long for it.
@@ -594,13 +618,20 @@ def lcq(run: Run) -> None:
     teacher = run.model
     student = model_from_state(cfg, run.bos_id, run.gptq_state, dinfo.device)
     names = lcq_target_names(student, cfg)
-    rank = auto_rank(run, names, student) if cfg.lcq_rank == "auto" else int(cfg.lcq_rank)
+    fits = None
+    if cfg.lcq_bytes != "0":
+        ranks, fits = byte_allocation(run, names)
+        rank = sum(ranks.values())
+    else:
+        rank = auto_rank(run, names, student) if cfg.lcq_rank == "auto" else int(cfg.lcq_rank)
     if rank == 0:
         run.log("lcq: no room for any LoRA rank under the cap; shipping the GPTQ model alone")
         run.charge("lcq", time.perf_counter() - t0, rank=0)
         return
     mods = dict(student.named_modules())
-    if cfg.lcq_rank_alloc == "rho":
+    if fits is not None:
+        pass  # byte_allocation's ranks
+    elif cfg.lcq_rank_alloc == "rho":
         budget = rank * sum(mods[n].in_features + mods[n].out_features for n in names)
         ranks = allocate_ranks(quant_errors(run, names), budget,
                                candidates=tuple(sorted({0, 1, 2, 4, 8, 16, 32, 64, 128, 256, rank})))
@@ -608,14 +639,22 @@ def lcq(run: Run) -> None:
         ranks = {n: rank for n in names}
     run.lcq_ranks = ranks
     torch.manual_seed(cfg.seed)  # the same A init on every rank
-    attach_lora(student, names, ranks, cfg.lcq_alpha)
-    init_factors(student, teacher, cfg.lcq_init, run.hessians,
-                 calibration_runner(run, cfg.lcq_grail_tokens), cfg.lcq_grail_ridge)
+    wrappers = attach_lora(student, names, ranks, cfg.lcq_alpha)
+    fmt, init = config_format(cfg), "closed_form" if fits is not None else cfg.lcq_init
+    if fits is not None:  # the closed-form fits the allocation priced, on their own grids (frozen while distilling)
+        for n, fit in fits.items():
+            wrappers[n].set_factors(fit["B"].to(dinfo.device), fit["A"].to(dinfo.device))
+            wrappers[n].fmt, wrappers[n].grid = fmt, tuple(t.to(dinfo.device) for t in fit["grid"])
+    else:
+        init_factors(student, teacher, cfg.lcq_init, run.hessians,
+                     calibration_runner(run, cfg.lcq_grail_tokens), cfg.lcq_grail_ridge)
+        if cfg.lcq_merge != "baked":  # side/fused ship the factors on this grid: train on it (baked re-quantizes W + BA)
+            set_format(student, fmt)
     elapsed = time.perf_counter() - t0
     gptq_s = next(s for stage, s, _ in run.ledger if stage == "gptq") if cfg.lcq_merge == "baked" else 0.0
     left = run.clock_left - elapsed - cfg.lcq_safety_seconds - gptq_s
     serialize_s, lora_s = plan_serialize(run, left, 0 if cfg.lcq_merge == "baked" else
-                                         lora_raw_bytes(student, ranks, cfg.lcq_factor_bits))
+                                         lora_raw_bytes(student, ranks, fmt))
     seconds = left - serialize_s
     if cfg.lcq_seconds:
         seconds = min(seconds, cfg.lcq_seconds)
@@ -640,12 +679,12 @@ def lcq(run: Run) -> None:
             run.base_job.cancel()
             run.base_job = None
     else:
-        run.lora_tensors, packed_ranks, alpha = pack_lora(student, cfg.lcq_factor_bits)
-        run.lora_meta = dict(merge=cfg.lcq_merge, init=cfg.lcq_init, ranks=packed_ranks, alpha=alpha,
-                             bits=cfg.lcq_factor_bits)
+        run.lora_tensors, packed_ranks, alpha = pack_lora(student, fmt)
+        run.lora_meta = dict(merge=cfg.lcq_merge, init=init, ranks=packed_ranks, alpha=alpha, format=list(fmt))
     D.sync(dinfo.device)
     run.charge("lcq", time.perf_counter() - t0, lcq_budget,
-               rank=cfg.lcq_rank if cfg.lcq_rank_alloc == "uniform" else "rho", init=cfg.lcq_init, merge=cfg.lcq_merge,
+               rank="bytes" if fits is not None else cfg.lcq_rank if cfg.lcq_rank_alloc == "uniform" else "rho",
+               init=init, merge=cfg.lcq_merge,
                steps=res.steps, tokens_per_step=res.tokens_per_step, kl=f"{res.kl_start:.5f}->{res.kl_end:.5f}",
                stopped_by=res.stopped_by)
 
@@ -704,7 +743,7 @@ def ship(run: Run) -> bool:
                                 total=run.size.total, cap=run.size.cap, artifact=path)
     log_ledger(run)
     if not run.size.ok:
-        hint = ("lower LCQ_RANK (or LCQ_RANK=auto), LCQ_FACTOR_BITS or LCQ_TARGETS" if lora_bytes else "") + \
+        hint = ("lower LCQ_RANK or LCQ_BYTES (or set either to auto), LCQ_FACTOR_BITS or LCQ_TARGETS" if lora_bytes else "") + \
                ("; " if lora_bytes else "") + "lower MATRIX_BITS/EMBED_BITS or the model size (NUM_LAYERS, MODEL_DIM, MLP_MULT)"
         try:
             artifact.check_gate(run.size, hint)

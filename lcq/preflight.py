@@ -38,7 +38,7 @@ from .config import Config, ConfigError, replace, resolve
 from .data import cu_buckets, doc_starts, list_shards, read_header, segment_bounds, val_pattern
 from .evaluate import evaluate, plan_windows
 from .gptq import quantize_state, tensor_role
-from .lora import quantize_factors
+from .lora import config_format, quantize_factors
 from .pipeline import build, lcq_target_names, lora_bytes_per_rank, open_run, quant_spec, quantize
 from .runlog import device_name
 from .script import shipped_script
@@ -218,9 +218,13 @@ def lora_ranks(run, code: int, model_bytes: int) -> tuple[dict[str, int], str]:
     if not cfg.lcq_enabled:
         return {}, "LCQ off"
     names = lcq_target_names(run.model, cfg)
-    if cfg.lcq_rank == "auto":
-        room = cfg.artifact_cap_bytes - code - model_bytes - cfg.lcq_auto_headroom_bytes
-        rank = max(0, int(room // lora_bytes_per_rank(run.model, names, cfg.lcq_factor_bits)))
+    room = cfg.artifact_cap_bytes - code - model_bytes - cfg.lcq_auto_headroom_bytes
+    if cfg.lcq_bytes != "0":  # the allocation follows the real errors; a uniform rank of at most its bytes stands in
+        budget = room if cfg.lcq_bytes == "auto" else int(cfg.lcq_bytes)
+        rank = max(0, int(budget // lora_bytes_per_rank(run.model, names, config_format(cfg))))
+        note = f"LCQ_BYTES={cfg.lcq_bytes}: at most {budget} bytes, sized as uniform rank {rank}"
+    elif cfg.lcq_rank == "auto":
+        rank = max(0, int(room // lora_bytes_per_rank(run.model, names, config_format(cfg))))
         note = f"LCQ_RANK=auto: rank {rank} fits the room left"
     else:
         rank = int(cfg.lcq_rank)
@@ -240,9 +244,10 @@ def lora_section(run, ranks: dict[str, int], threads) -> tuple[int, float]:
     for name, r in ranks.items():
         A = torch.randn(r, mods[name].in_features, generator=gen)
         B = torch.randn(mods[name].out_features, r, generator=gen)
-        for key, t in quantize_factors(A, B, cfg.lcq_factor_bits).items():
+        for key, t in quantize_factors(A, B, config_format(cfg)).items():
             tensors[f"{LORA_PREFIX}{name}.{key}"] = t
-    meta = dict(merge=cfg.lcq_merge, init=cfg.lcq_init, ranks=ranks, alpha=cfg.lcq_alpha, bits=cfg.lcq_factor_bits)
+    meta = dict(merge=cfg.lcq_merge, init=cfg.lcq_init, ranks=ranks, alpha=cfg.lcq_alpha,
+                format=list(config_format(cfg)))
     t0 = time.perf_counter()
     section = artifact.SectionJob("lora", tensors, meta, grouping.section_compressor(cfg.compressor), threads).result()
     return section.nbytes, time.perf_counter() - t0

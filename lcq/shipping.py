@@ -12,7 +12,7 @@ from . import artifact
 from .config import MODEL_FIELDS, Config, replace
 from .data import file_sha256
 from .gptq import dequantize_state
-from .lora import attach_lora, dequantize_factors, lora_modules, merge_lora, quantize_factors
+from .lora import FactorFormat, attach_lora, dequantize_factors, lora_modules, merge_lora, quantize_factors
 from .model import GPT, configure_runtime
 
 FORMAT = "lcq-model-1"
@@ -25,11 +25,13 @@ def group_of(name: str) -> str:
     return "lora" if name.startswith(LORA_PREFIX) else "model"
 
 
-def pack_lora(model: nn.Module, bits: int) -> tuple[dict[str, torch.Tensor], dict[str, int], float]:
-    """Quantized factors of every LoRA wrapper -> (artifact tensors, ranks by module, alpha)."""
+def pack_lora(model: nn.Module, fmt: FactorFormat) -> tuple[dict[str, torch.Tensor], dict[str, int], float]:
+    """Quantized factors of every LoRA wrapper (on its own grid when it has one, else on `fmt`'s from its factors) ->
+    (artifact tensors, ranks by module, alpha)."""
     tensors, ranks, alpha = {}, {}, None
     for name, m in lora_modules(model).items():
-        for key, t in quantize_factors(m.lora_A, m.lora_B, bits).items():
+        packed = m.quantized() if m.fmt is not None else quantize_factors(m.lora_A, m.lora_B, fmt)
+        for key, t in packed.items():
             tensors[f"{LORA_PREFIX}{name}.{key}"] = t.cpu()
         ranks[name] = m.rank
         alpha = m.scale * m.rank
@@ -120,7 +122,7 @@ def apply_lora(model: GPT, tensors: dict[str, torch.Tensor], lora: dict) -> None
     attach_lora(model, list(ranks), ranks, float(lora["alpha"]))
     device = next(model.parameters()).device
     for name, m in lora_modules(model).items():
-        packed = {k: tensors[f"{LORA_PREFIX}{name}.{k}"] for k in ("A_q", "A_scale", "Bt_q", "Bt_scale")}
+        packed = {k: tensors[f"{LORA_PREFIX}{name}.{k}"] for k in ("A_q", "A_scale", "B_q", "B_scale")}
         A, B = dequantize_factors(packed)
         m.set_factors(B.to(device), A.to(device))
     model.requires_grad_(False)

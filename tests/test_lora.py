@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lcq import lora
+from lcq import artifact, lora
 
 
 # ---- a small stand-in with the real model's module names and tied head -------------------------------------------
@@ -185,13 +185,17 @@ def test_merge_matches_wrapped_and_keeps_embedding():
 
 # ---- shipped factors ----------------------------------------------------------------------------------------------
 
+SYM8 = lora.FactorFormat(8, 8, 0)
+FORMATS = [SYM8, lora.FactorFormat(4, 4, 0), lora.FactorFormat(2, 2, 0), lora.factor_format(4, True, 16)]
+
+
 def test_quantize_factors_roundtrip():
     g = torch.Generator().manual_seed(0)
     A, B = torch.randn(8, 64, generator=g), 0.01 * torch.randn(48, 8, generator=g)
-    packed = lora.quantize_factors(A, B, bits=8)
-    assert packed["A_q"].dtype == packed["Bt_q"].dtype == torch.int8
-    assert packed["A_q"].shape == (8, 64) and packed["Bt_q"].shape == (8, 48)
-    assert packed["A_scale"].dtype == packed["Bt_scale"].dtype == torch.float16
+    packed = lora.quantize_factors(A, B, SYM8)
+    assert packed["A_q"].dtype == packed["B_q"].dtype == torch.int8
+    assert packed["A_q"].shape == (8, 64) and packed["B_q"].shape == (48, 8)
+    assert packed["A_scale"].dtype == packed["B_scale"].dtype == torch.float16
     A2, B2 = lora.dequantize_factors(packed)
     assert A2.dtype == B2.dtype == torch.float32 and A2.shape == A.shape and B2.shape == B.shape
     # Balanced: component k of both factors has max-abs sqrt(max|A[k]| * max|B[:, k]|).
@@ -199,22 +203,102 @@ def test_quantize_factors_roundtrip():
     assert torch.allclose(A2.abs().amax(1), geo, rtol=3e-3) and torch.allclose(B2.abs().amax(0), geo, rtol=3e-3)
     # Bound: every balanced entry is within half a step (its stored scale; clamping at qmax costs less, 2^-11 of the
     # row max), so |B2 A2 - B A| <= sum_k hb_k |A2[k]| + (|B2[:, k]| + hb_k) ha_k with ha, hb the half steps.
-    ha = 0.5 * packed["A_scale"].float() * (1 + 1e-3)
-    hb = 0.5 * packed["Bt_scale"].float() * (1 + 1e-3)
+    ha = 0.5 * packed["A_scale"].float()[:, 0] * (1 + 1e-3)
+    hb = 0.5 * packed["B_scale"].float()[0] * (1 + 1e-3)
     bound = (hb[None, :] @ A2.abs()) + (B2.abs() + hb[None, :]) @ ha[:, None]
     err = (B2 @ A2 - B @ A).abs()
     assert (err <= bound + 1e-7).all()
     assert err.max() < 0.01 * (B @ A).abs().max()
-    A3, B3 = lora.dequantize_factors(lora.quantize_factors(A, B, bits=8))
+    A3, B3 = lora.dequantize_factors(lora.quantize_factors(A, B, SYM8))
     assert torch.equal(A2, A3) and torch.equal(B2, B3)
     # A B that is 1e-4 of A's size (freshly trained from zero) would need a step below fp16's range; balancing keeps
     # the error the same as for the evenly scaled pair.
-    A5, B5 = lora.dequantize_factors(lora.quantize_factors(A * 100, B * 1e-2, bits=8))
+    A5, B5 = lora.dequantize_factors(lora.quantize_factors(A * 100, B * 1e-2, SYM8))
     assert math.isclose((B5 @ A5 - B @ A).norm().item(), (B2 @ A2 - B @ A).norm().item(), rel_tol=0.05)
-    A4, B4 = lora.dequantize_factors(lora.quantize_factors(A, B, bits=4))
+    A4, B4 = lora.dequantize_factors(lora.quantize_factors(A, B, lora.FactorFormat(4, 4, 0)))
     assert (B4 @ A4 - B @ A).norm() > 4 * (B2 @ A2 - B @ A).norm()
     with pytest.raises(ValueError, match="want A"):
-        lora.quantize_factors(B, A, 8)
+        lora.quantize_factors(B, A, SYM8)
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f"{f.a_bits}+{f.b_bits}g{f.group}")
+def test_fake_quantized_forward_is_the_decoded_forward(fmt):
+    """A wrapper training on a grid computes, bit for bit, what the decoded artifact's wrapper computes; its codes
+    stay in the format's range, so the artifact packs them at the format's width and decodes them bit-exactly."""
+    g = torch.Generator().manual_seed(1)
+    base = nn.Linear(32, 24, bias=False)
+    m = lora.LoRALinear(base, 4, 16.0)
+    with torch.no_grad():
+        m.lora_A.copy_(torch.randn(4, 32, generator=g))
+        m.lora_B.copy_(0.01 * torch.randn(24, 4, generator=g))
+    m.fmt = fmt
+    packed = m.quantized()
+    (alo, ahi), (blo, bhi) = lora.code_ranges(fmt)
+    assert alo <= packed["A_q"].min() and packed["A_q"].max() <= ahi
+    assert blo <= packed["B_q"].min() and packed["B_q"].max() <= bhi
+    blob = artifact.encode(packed, {}, "lzma")
+    decoded, _ = artifact.decode(blob)
+    for k, t in packed.items():
+        assert decoded[k].dtype == t.dtype and torch.equal(decoded[k], t)
+    plain = lora.LoRALinear(base, 4, 16.0)
+    A, B = lora.dequantize_factors(decoded)
+    plain.set_factors(B, A)
+    x = torch.randn(5, 32, generator=g)
+    assert torch.equal(m(x), plain(x))
+    assert torch.equal(m.delta_weight(), plain.delta_weight())
+    # straight-through: the loss's gradient in the grid values passes to the Parameters (scaled by the balancing)
+    m(x).square().sum().backward()
+    assert m.lora_A.grad is not None and m.lora_A.grad.abs().sum() > 0 and m.lora_B.grad.abs().sum() > 0
+
+
+def test_straight_through_gradient_is_the_decoded_factors_gradient():
+    """With balanced factors (equal max-abs per component, so no rescale) the fake-quant gradient is exactly the
+    gradient of the float wrapper at the decoded factors (Bengio et al.'s straight-through estimator)."""
+    g = torch.Generator().manual_seed(2)
+    base = nn.Linear(16, 12, bias=False)
+    A = torch.randn(3, 16, generator=g)
+    B = torch.randn(12, 3, generator=g)
+    A, B = A / A.abs().amax(1, keepdim=True), B / B.abs().amax(0, keepdim=True)
+    m = lora.LoRALinear(base, 3, 8.0)
+    m.set_factors(B, A)
+    m.fmt = lora.FactorFormat(4, 4, 0)
+    Ad, Bd = lora.dequantize_factors(m.quantized())
+    plain = lora.LoRALinear(base, 3, 8.0)
+    plain.set_factors(Bd, Ad)
+    x = torch.randn(7, 16, generator=g)
+    m(x).square().sum().backward()
+    plain(x).square().sum().backward()
+    assert torch.allclose(m.lora_A.grad, plain.lora_A.grad, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(m.lora_B.grad, plain.lora_B.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_factor_bytes_count_the_packed_codes_and_scales():
+    assert lora.factor_bytes(64, 48, 2, SYM8) == 2 * (64 + 48) + 4 * 2
+    assert lora.factor_bytes(64, 48, 2, lora.FactorFormat(4, 4, 0)) == 2 * (64 + 48) / 2 + 4 * 2
+    # asymmetric: A int4 with 64 / 16 group scales per row, B int2 with one scale
+    assert lora.factor_bytes(64, 48, 2, lora.factor_format(4, True, 16)) == 2 * (64 * 4 + 48 * 2) / 8 + 2 * 2 * 4 + 2
+    assert lora.factor_bytes(64, 48, 0, SYM8) == 0
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_closed_form_at_2_plus_4_bits_never_raises_the_weighted_error(seed):
+    """Issue 11's LQER guarantee, carried to the unified closed form: on any E and H, the rounded correction lowers
+    tr(E H E^T) or there is none; on an E with low-rank structure (50x the noise) there is one."""
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(256, 64, generator=g) * torch.linspace(0.1, 3.0, 64)
+    H = X.T @ X / 256
+    fmt = lora.factor_format(4, True, 16)
+    noise = 1e-3 * torch.randn(48, 64, generator=g)
+    for E in (noise, noise + torch.randn(48, 2, generator=g) @ torch.randn(2, 64, generator=g) * 0.05):
+        before = lora.weighted_error(E, H)
+        fit = lora.closed_form(E, H, 4, 2.0, fmt)
+        if fit is not None:
+            assert fit["error"] < before
+            assert math.isclose(fit["error"], lora.weighted_error(E - 2.0 * fit["B"] @ fit["A"], H), rel_tol=1e-4)
+            packed = lora.quantize_factors(fit["A"], fit["B"], fmt, fit["grid"])
+            A, B = lora.dequantize_factors(packed)
+            assert torch.equal(A, fit["A"]) and torch.equal(B, fit["B"])  # the fit is on the shipped grid
+    assert fit is not None
 
 
 # ---- closed-form inits --------------------------------------------------------------------------------------------
@@ -362,3 +446,33 @@ def test_topk_kl_is_exact_at_full_vocab_and_a_lower_bound_below_it():
         for k in (1, 5, 20):
             assert 0 <= kl_divergence_topk(s, *teacher_topk(t, tau, k), tau) <= full + 1e-6
         assert kl_divergence_topk(t, *teacher_topk(t, tau, 5), tau).abs() < 1e-5
+
+
+def test_byte_allocation_spends_at_most_its_budget_where_the_error_is():
+    """Units go where the closed form removes the most weighted error per byte: a tensor with a large low-rank error
+    gets ranks first, a near-exact one none; the priced bytes never exceed the budget."""
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(256, 64, generator=g)
+    H = X.T @ X / 256
+    errors = {
+        "big": (torch.randn(48, 4, generator=g) @ torch.randn(4, 64, generator=g) * 0.1, H),
+        "small": (0.01 * torch.randn(48, 3, generator=g) @ torch.randn(3, 64, generator=g), H),
+        "tiny": (1e-6 * torch.randn(32, 64, generator=g), H),
+    }
+    fmt = lora.factor_format(4, True, 16)
+    removed, given = [], []
+    for budget in (0, 400, 1500):
+        ranks, fits, rows = lora.allocate_bytes(errors, budget, fmt, 16.0, 6)
+        given.append(ranks)
+        assert sum(b for _, _, b, _ in rows) <= budget
+        assert set(fits) == {n for n, r in ranks.items() if r} == {n for n, *_ in rows}
+        for n, r, b, gain in rows:
+            assert fits[n]["A"].shape[0] == r and b == lora.factor_bytes(64, errors[n][0].shape[0], r, fmt) + 200
+            assert gain == pytest.approx(lora.weighted_error(*errors[n]) - fits[n]["error"], rel=1e-9) and gain > 0
+        removed.append(sum(gain for *_, gain in rows))
+    assert removed[0] == 0 < removed[1] < removed[2]
+    assert given[0] == dict.fromkeys(errors, 0)
+    assert given[1]["big"] >= 1 and given[1]["tiny"] == 0  # room for about two units: none on the near-exact tensor
+    assert given[2]["big"] >= 4  # its error has rank 4
+    with pytest.raises(ValueError, match="budget"):
+        lora.allocate_bytes(errors, -1, fmt, 16.0, 8)

@@ -77,7 +77,7 @@ def test_artifact_decodes_bit_exactly_to_the_quantized_model(shipped):
     for name, value in shipped.gptq_state.items():
         assert torch.equal(state[name], value.to(state[name].dtype)), name
     assert model.lm_head.weight is model.tok_emb.weight
-    assert meta["lora"]["merge"] == "side" and meta["lora"]["bits"] == 8
+    assert meta["lora"]["merge"] == "side" and meta["lora"]["format"] == [8, 8, 0]
 
 
 def test_side_path_and_folded_load_give_the_same_logits(shipped):
@@ -199,6 +199,32 @@ def test_raising_the_rank_until_the_cap_fails(tmp_path, demo_data):
     assert 2 <= rank < 16 and total_bytes(log) <= cap
 
 
+def test_byte_budget_is_spent_within_the_cap_and_one_byte_over_fails(tmp_path, demo_data):
+    """LCQ_BYTES=auto with a cap that leaves the LoRA exactly N bytes: the allocation (2+4-bit factors, closed-form
+    init, distilled) ships at most N and the run passes its gate; the same allocation (LCQ_BYTES=N gives the same
+    budget, so the same ranks) under a cap one byte below what it shipped fails it."""
+    low_bit = dict(LCQ_FACTOR_BITS="4", LCQ_FACTOR_ASYM="1", LCQ_FACTOR_GROUP="16")
+    no_lora = entry(tmp_path, demo_data, "b0", extra_env={"LCQ_RANK": "0"})
+    assert no_lora.returncode == 0, no_lora.stderr[-2000:]
+    n = 3000
+    cap = total_bytes((tmp_path / "logs" / "b0.txt").read_text()) + n
+    auto = entry(tmp_path, demo_data, "bauto", extra_env=dict(low_bit, LCQ_BYTES="auto", ARTIFACT_CAP_BYTES=str(cap),
+                                                              LCQ_AUTO_HEADROOM_BYTES="0"))
+    assert auto.returncode == 0, auto.stderr[-2000:]
+    log = (tmp_path / "logs" / "bauto.txt").read_text()
+    assert f"leave {n} under the cap" in log
+    rows = re.findall(r"^lcq_alloc: (\S+) rank (\d+) bytes (\d+) error removed (\S+)$", log, re.M)
+    assert rows and sum(int(b) for _, _, b, _ in rows) <= n and all(float(e) > 0 for *_, e in rows)
+    lora = int(re.search(r"lora (\d+),", log).group(1))
+    assert 0 < lora <= n and total_bytes(log) <= cap
+    over = entry(tmp_path, demo_data, "bover", extra_env=dict(low_bit, LCQ_BYTES=str(n),
+                                                              ARTIFACT_CAP_BYTES=str(total_bytes(log) - 1)))
+    assert over.returncode == 3
+    log2 = (tmp_path / "logs" / "bover.txt").read_text()
+    assert "GATE FAILED" in log2 and "1 byte over the cap" in log2
+    assert re.findall(r"^lcq_alloc: .*$", log2, re.M)[1:] == re.findall(r"^lcq_alloc: .*$", log, re.M)[1:]
+
+
 def test_rho_rank_allocation_keeps_the_uniform_budget(tmp_path, demo_data):
     proc = entry(tmp_path, demo_data, "rho", extra_env={"LCQ_RANK_ALLOC": "rho", "LCQ_RANK": "4"})
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -212,7 +238,8 @@ def test_rho_rank_allocation_keeps_the_uniform_budget(tmp_path, demo_data):
 
 
 def test_eval_only_process_matches_the_in_process_score(tmp_path, demo_data):
-    train = entry(tmp_path, demo_data, "src")
+    # low-bit factors (#1855's 2+4 storage, issue 16): trained on their grid, decoded from the artifact bit for bit
+    train = entry(tmp_path, demo_data, "src", extra_env=dict(LCQ_FACTOR_BITS="4", LCQ_FACTOR_ASYM="1", LCQ_FACTOR_GROUP="16"))
     assert train.returncode == 0, train.stderr[-2000:]
     log = (tmp_path / "logs" / "src.txt").read_text()
     art = tmp_path / "logs" / "src.lcq"
