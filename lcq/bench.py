@@ -552,9 +552,9 @@ def bench_serialize(cfg: Config, lcq_window: float | None, threads: int,
     shared host the wall time depends on the other load, the CPU time much less."""
     if lcq_window is None:  # the GPTQ + LCQ share the preset's reserve split leaves
         lcq_window = cfg.train_reserve_seconds - cfg.serialize_reserve_seconds - cfg.lcq_safety_seconds
-    if cfg.compressor == "group":
-        raise ValueError("serialize: COMPRESSOR=group splits the model into several sections; compare it with "
-                         "`python -m lcq.bench compressors`")
+    if cfg.compressor == "group":  # several model sections: only what the pipeline does applies (issue 17)
+        strategies = ("overlapped",)
+        print(grouping.describe_backends(), flush=True)
     tensors, meta, lora, lora_meta, params = serialize_payload(cfg)
     comp, workers = cfg.compressor, threads or os.cpu_count() or 1
     raw_base = len(artifact._payload(tensors, meta))
@@ -604,18 +604,23 @@ def _overlapped(tensors: dict, meta: dict, lora: dict, lora_meta: dict, comp: st
                 lcq_window: float) -> dict:
     """The pipeline's strategy (see bench_serialize); charged = from the end of the LCQ window to the bytes."""
     c0 = time.process_time()
-    base_job = artifact.SectionJob("model", tensors, meta, comp, workers)
+    base_job = grouping.model_job(tensors, meta, comp, workers)  # the pipeline's job: one section, or group's several
     from .pipeline import RATE_WAIT_SECONDS
     projected = base_job.seconds_left(RATE_WAIT_SECONDS)
     projected_at = time.perf_counter() - base_job.started
     lcq_end = base_job.started + lcq_window
-    time.sleep(max(0.0, lcq_end - time.perf_counter()))  # the device distils; the host thread only waits
+    base_s = None
+    while time.perf_counter() < lcq_end:  # the device distils; the host thread only waits (and notes the finish)
+        if base_s is None and base_job.done():
+            base_s = time.perf_counter() - base_job.started
+        time.sleep(0.1)
     t0 = time.perf_counter()
-    lora_job = artifact.SectionJob("lora", lora, lora_meta, comp, workers)
-    base = base_job.result()
-    blob = artifact.assemble([base, lora_job.result()])
-    base_s = base.seconds
-    row = dict(bytes=len(blob), charged_seconds=time.perf_counter() - t0, compressor=base.compressor,
+    lora_job = artifact.SectionJob("lora", lora, lora_meta, grouping.section_compressor(comp), workers)
+    base = base_job.sections()
+    blob = artifact.assemble([*base, lora_job.result()])
+    base_s = time.perf_counter() - base_job.started if base_s is None else base_s
+    row = dict(bytes=len(blob), charged_seconds=time.perf_counter() - t0,
+               compressor=",".join(sorted({b.compressor for b in base})), lcq_window_s=lcq_window,
                base_section_seconds=base_s, projected_base_seconds=None if projected is None else
                projected_at + projected, projected_after_s=projected_at, cpu_seconds=time.process_time() - c0)
     print(f"overlapped  {row['bytes']:>11,} bytes  {row['charged_seconds']:7.2f}s charged (model section took "
@@ -689,7 +694,8 @@ def bench_compressors(cfg: Config, path: str, threads: int, compressors: tuple[s
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m lcq.bench", description=__doc__,
+    # allow_abbrev off: a config flag such as --compressor=group is not a prefix match for --compressors
+    ap = argparse.ArgumentParser(prog="python -m lcq.bench", description=__doc__, allow_abbrev=False,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("kind", choices=("quant", "lcq", "attribution", "features", "sizing", "serialize", "compressors",
                                      "step"))

@@ -61,6 +61,15 @@ def test_serialize_bench(tmp_path, demo_data):
     assert out["bytes"]["parallel"] == out["bytes"]["overlapped"]
 
 
+def test_serialize_bench_times_group_mode_as_the_pipeline_runs_it(tmp_path, demo_data):
+    """COMPRESSOR=group (the record preset's) is timed, not refused: the overlapped strategy, its LCQ window beside."""
+    out = bench(tmp_path, demo_data, "serialize", "--lcq-window", "0.2", "--compressor=group")
+    assert out["compressor"] == "group" and set(out["bytes"]) == set(out["charged_seconds"]) == {"overlapped"}
+    row = out["strategies"]["overlapped"]
+    assert out["payload_params"] > 0 and row["charged_seconds"] >= 0 and row["lcq_window_s"] == 0.2
+    assert row["base_section_seconds"] > 0 and out["bytes"]["overlapped"] > 0
+
+
 def test_compressors_bench(tmp_path, demo_data):
     """brotli, auto and group on the same payload (each decoded back bit for bit inside the bench)."""
     out = bench(tmp_path, demo_data, "compressors")
