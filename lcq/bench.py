@@ -8,6 +8,7 @@
     python -m lcq.bench serialize  # record-size artifact: bytes and charged seconds, serial vs parallel vs overlapped
     python -m lcq.bench compressors [--codes RUN.lcq]  # model section bytes/seconds: brotli vs auto vs group
     python -m lcq.bench step --preset record --world 8  # one training step's ATen ops, host reads, bytes sent (issue 18)
+    python -m lcq.bench ttt      # batched TTT at TTT_BATCH_DOCS 1/8/32/64, and its work projected to #1855's val split
 
 Each trains the demo-preset model on the embedded corpus (or the preset/knobs given, e.g. --preset record on a GPU box),
 writes its run logs under LOG_DIR, prints a table and ends with one JSON line holding the figures.
@@ -698,7 +699,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m lcq.bench", description=__doc__, allow_abbrev=False,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("kind", choices=("quant", "lcq", "attribution", "features", "sizing", "serialize", "compressors",
-                                     "step"))
+                                     "step", "ttt"))
     ap.add_argument("--bits", default=None, help="comma-separated bit widths (quant: 4,5,6,8; lcq: 4,6)")
     ap.add_argument("--ranks", default="4,16,64", help="lcq: comma-separated LoRA ranks")
     ap.add_argument("--inits", default="zero,svd,act_svd,grail", help="lcq: comma-separated inits")
@@ -722,6 +723,8 @@ def main(argv: list[str] | None = None) -> int:
                                                "instead of the preset's random-init payload")
     ap.add_argument("--world", type=int, default=8, help="step: gloo ranks the step runs on")
     ap.add_argument("--tokens", type=int, default=512, help="step: tokens per rank")
+    ap.add_argument("--batch-docs", default="1,8,32,64", help="ttt: comma-separated TTT_BATCH_DOCS values")
+    ap.add_argument("--ttp-log", default="", help="ttt: a #1855-style log whose ttp: lines give the record's split")
     args, rest = ap.parse_known_args(argv)
     # serialize, compressors: the record-size payload, no training
     default = "record" if args.kind in ("serialize", "compressors") else "demo"
@@ -737,6 +740,9 @@ def main(argv: list[str] | None = None) -> int:
             result = bench_serialize(cfg, args.lcq_window, args.threads, tuple(args.strategies.split(",")))
         elif args.kind == "compressors":
             result = bench_compressors(cfg, args.codes, args.threads, tuple(args.compressors.split(",")))
+        elif args.kind == "ttt":
+            from .bench_ttt import bench_ttt
+            result = bench_ttt(cfg, dinfo, [int(b) for b in args.batch_docs.split(",")], args.ttp_log or None)
         elif args.kind == "step":
             from .bench_step import bench_step
             result = bench_step(cfg, args.world, args.tokens)

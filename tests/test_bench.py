@@ -78,3 +78,16 @@ def test_compressors_bench(tmp_path, demo_data):
     group = out["rows"]["group"]["sections"]
     assert list(group)[0] == "model" and "model_mlp_up" in group and all(v["bytes"] > 0 for v in group.values())
     assert sum(v["bytes"] for v in group.values()) + 48 == out["bytes"]["group"]  # the sections and the header
+
+
+def test_ttt_bench_rows_and_record_projection(tmp_path, demo_data):
+    """Batch 1 and 4 score the same targets (the bench checks the positions); the projection is a positive ratio."""
+    out = bench(tmp_path, demo_data, "ttt", "--batch-docs", "1,4")
+    rows = {r["batch_docs"]: r for r in out["rows"]}
+    assert set(rows) == {1, 4} and rows[1]["targets"] == rows[4]["targets"]
+    for r in rows.values():
+        assert {"targets_per_s", "forward_tokens_per_target", "steps_per_1k_targets", "max_abs_nll_diff"} <= set(r)
+        assert r["forward_tokens_per_target"] >= 1  # every target is read at least once
+    assert rows[4]["steps_per_1k_targets"] <= rows[1]["steps_per_1k_targets"]  # four documents share each step
+    proj = out["record_projection"]
+    assert proj["samples"] == 82 and proj["documents"] == 782 * 64 and proj["work_ratio_vs_1855"] > 0

@@ -1,0 +1,143 @@
+"""`python -m lcq.bench ttt`: batched score-first TTT (issue 15), measured side by side, and projected to the record.
+
+Rows: the preset's trained model (demo by default) scored with TTT at TTT_BATCH_DOCS 1, 8, 32, 64 on its val split,
+each from a fresh copy with a zero-started adapter: targets per second, forward tokens processed per scored target
+(padding included: the recompute factor), chunk forwards and optimizer steps per 1,000 targets, and the largest per-target
+nll difference from batch 1 (float rounding only: the scoring order, windows and phases do not depend on the batch).
+
+Record projection: #1855's val split rebuilt from the `ttp:` lines of its train_seed42.log (records/track_10min_16mb/
+2026-04-27_SP8192_LQER_SparseGate_BOSSmearFix_9HpStack_1.0611 in openai/parameter-golf): 82 of its 782 batches of 64
+documents print their length range `dl:lo-hi`; the other batches' ranges are interpolated in log length between the
+printed ones, each batch's 64 lengths spread evenly over its range. On that split, the forward tokens and steps of our
+algorithm (lcq/ttt.py: windows, chunk plans and padded shapes) beside #1855's (chunk k of a batch is one
+[64, min((k+1)*48, 2048)] forward). A ratio of work, not a time.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from . import ttt as T
+from .config import Config
+
+# (batch, shortest, longest document) from the `ttp: bN/782 ... dl:lo-hi` lines of #1855's train_seed42.log
+RECORD_BATCHES = 782
+RECORD_SLOTS = 64
+RECORD_TTP = (
+    (9, 105, 107), (24, 127, 128), (34, 137, 138), (47, 150, 151), (58, 161, 162), (71, 173, 173), (82, 183, 183),
+    (94, 193, 194), (108, 206, 207), (116, 213, 214), (131, 227, 228), (146, 241, 242), (154, 249, 250),
+    (169, 263, 264), (177, 271, 272), (192, 286, 288), (200, 296, 297), (208, 304, 305), (223, 321, 322),
+    (231, 330, 331), (243, 345, 346), (254, 358, 360), (262, 369, 370), (277, 388, 389), (285, 399, 400),
+    (293, 410, 412), (305, 429, 430), (316, 445, 446), (324, 458, 459), (332, 469, 471), (340, 482, 483),
+    (355, 504, 506), (363, 518, 521), (371, 532, 533), (379, 545, 547), (387, 559, 561), (400, 582, 584),
+    (410, 601, 603), (418, 617, 618), (426, 632, 634), (434, 647, 648), (442, 664, 666), (450, 680, 682),
+    (459, 700, 701), (470, 724, 726), (481, 749, 752), (488, 766, 769), (497, 788, 791), (505, 809, 812),
+    (513, 832, 835), (521, 854, 858), (529, 878, 882), (537, 902, 905), (545, 927, 930), (552, 949, 952),
+    (559, 972, 975), (567, 1001, 1004), (574, 1025, 1029), (581, 1052, 1056), (588, 1081, 1086), (596, 1115, 1119),
+    (603, 1146, 1150), (611, 1182, 1186), (618, 1216, 1221), (626, 1260, 1265), (634, 1302, 1308), (642, 1349, 1356),
+    (650, 1398, 1406), (658, 1452, 1459), (666, 1507, 1514), (675, 1578, 1586), (682, 1638, 1646), (688, 1696, 1706),
+    (696, 1779, 1790), (704, 1872, 1885), (716, 2054, 2069), (726, 2254, 2276), (728, 2306, 2324), (740, 2653, 2686),
+    (741, 2686, 2730), (754, 3345, 3397), (782, 30339, 97114),)
+
+
+def ttp_samples(log_text: str) -> list[tuple[int, int, int]]:
+    """(batch, lo, hi) from a #1855-style log's `ttp:` lines."""
+    out = []
+    for line in log_text.splitlines():
+        if line.startswith("ttp: b") and " dl:" in line:
+            b = int(line.split()[1][1:].split("/")[0])
+            lo, hi = line.split(" dl:")[1].split()[0].split("-")
+            out.append((b, int(lo), int(hi)))
+    return sorted(set(out))
+
+
+def record_lengths(samples) -> np.ndarray:
+    """64 document lengths per batch for all 782 batches (longest batch last), interpolated from the samples."""
+    b = np.array([s[0] for s in samples], dtype=np.float64)
+    lo = np.interp(np.arange(1, RECORD_BATCHES + 1), b, np.log([s[1] for s in samples]))
+    hi = np.interp(np.arange(1, RECORD_BATCHES + 1), b, np.log([s[2] for s in samples]))
+    return np.exp(np.linspace(lo, hi, RECORD_SLOTS, axis=1)).round().astype(np.int64)
+
+
+def projection(lengths: np.ndarray, window: int = 2048, chunk: int = 48) -> dict:
+    """Forward tokens and chunk steps on batches of documents (rows of `lengths`), ours beside #1855's."""
+    ours_tok = theirs_tok = ours_steps = theirs_steps = targets = 0
+    for row in lengths:
+        plans = [T.doc_chunks(0, int(n), window, chunk, chunk) for n in row]
+        ours_tok += T.batch_cost(plans, len(row), window)
+        ours_steps += max(len(p) for p in plans)
+        k = -(-int(row.max()) // chunk)
+        theirs_tok += len(row) * int(np.minimum((np.arange(k) + 1) * chunk, window).sum())
+        theirs_steps += k
+        targets += int(row.sum())
+    return dict(documents=int(lengths.size), targets=targets, ours_forward_tokens=ours_tok,
+                ref_1855_forward_tokens=theirs_tok, ours_steps=ours_steps, ref_1855_steps=theirs_steps,
+                work_ratio_vs_1855=ours_tok / theirs_tok, step_ratio_vs_1855=ours_steps / theirs_steps)
+
+
+def _row(model, run, cfg: Config, batch_docs: int, dump: str) -> dict:
+    spec = dataclasses.replace(T.spec_from_config(cfg), batch_docs=batch_docs)
+    m = T.prepare_adapter(copy.deepcopy(model), "zero", cfg)
+    calls, tokens = [0], [0]
+
+    def count(_mod, args, _out):
+        calls[0] += 1
+        tokens[0] += args[0].numel()
+    steps = [0]
+    step = T.SlotAdapters.step
+
+    def counted(self, learn):
+        steps[0] += 1
+        return step(self, learn)
+    hook = m.register_forward_hook(count)
+    T.SlotAdapters.step = counted  # counts optimizer steps; the method itself runs unchanged
+    try:
+        t0 = time.perf_counter()
+        res = T.evaluate_ttt(m, run.val_tokens, run.bos_id, run.tables, cfg.window, cfg.ttt_chunk_tokens,
+                             cfg.eval_batch_tokens, run.dinfo, spec, val_bytes=run.val_bytes, dump=dump)
+        wall = time.perf_counter() - t0
+    finally:
+        T.SlotAdapters.step = step
+        hook.remove()
+    n = res.tokens
+    return dict(batch_docs=batch_docs, bpb=res.val_bpb, seconds=wall, targets=n, targets_per_s=n / wall,
+                forward_tokens_per_target=tokens[0] / n, forward_calls_per_1k_targets=1000 * calls[0] / n,
+                steps_per_1k_targets=1000 * steps[0] / n)
+
+
+def bench_ttt(cfg: Config, dinfo, batch_list: list[int], log_path: str | None) -> dict:
+    from .bench import trained_run
+    run = trained_run(cfg, dinfo, "ttt")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for b in batch_list:
+            rows.append(_row(run.model, run, cfg, b, os.path.join(tmp, f"b{b}.npz")))
+            with np.load(os.path.join(tmp, f"b{rows[0]['batch_docs']}.npz")) as z0, \
+                    np.load(os.path.join(tmp, f"b{b}.npz")) as z:
+                assert np.array_equal(z0["pos"], z["pos"]), "batch size changed which targets are scored"
+                rows[-1]["max_abs_nll_diff"] = float(np.abs(z0["nll"] - z["nll"]).max())
+            r = rows[-1]
+            print(f"batch_docs {b:>3}: {r['targets_per_s']:9.1f} targets/s  {r['forward_tokens_per_target']:7.2f} "
+                  f"forward tokens/target  {r['forward_calls_per_1k_targets']:7.2f} forwards and "
+                  f"{r['steps_per_1k_targets']:7.2f} steps per 1k targets  max |nll - batch 1| "
+                  f"{r['max_abs_nll_diff']:.2e}  bpb {r['bpb']:.5f}", flush=True)
+    for r in rows:
+        r["speedup_vs_first"] = r["targets_per_s"] / rows[0]["targets_per_s"]
+    if log_path:
+        with open(log_path) as f:
+            samples, source = ttp_samples(f.read()), log_path
+    else:
+        samples, source = list(RECORD_TTP), f"the {len(RECORD_TTP)} ttp: lines of #1855's train_seed42.log"
+    proj = projection(record_lengths(samples), cfg.window if cfg.window >= 2048 else 2048)
+    proj.update(source=source, samples=len(samples))
+    print(f"record projection ({proj['documents']:,} documents, {proj['targets']:,} targets; {source}): forward tokens "
+          f"ours {proj['ours_forward_tokens']:,} vs #1855 {proj['ref_1855_forward_tokens']:,} "
+          f"(x{proj['work_ratio_vs_1855']:.3f}), chunk steps ours {proj['ours_steps']:,} vs #1855 "
+          f"{proj['ref_1855_steps']:,} (x{proj['step_ratio_vs_1855']:.3f})")
+    return dict(bench="ttt", preset=cfg.preset, rows=rows, record_projection=proj)
