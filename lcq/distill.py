@@ -15,11 +15,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import artifact
 from . import dist as D
 from .config import Config
 from .data import TrainLoader, train_pattern
-from .lora import init_act_svd, init_grail, init_svd, lora_modules, lora_parameters, recoverable_energy
+from .lora import (LORA_SECTION_BYTES, FactorFormat, allocate_bytes, config_format, factor_bytes, init_act_svd, init_grail,
+                   init_svd, lora_modules, lora_parameters, recoverable_energy)
 from .model import autocast_for, stored_weight
+from .script import shipped_script
 from .train import all_reduce_grads, out_of_time
 
 
@@ -279,3 +282,68 @@ def distill(student: nn.Module, teacher: nn.Module, cfg: Config, dinfo: D.DistIn
     student.eval()
     return DistillResult(steps=step, seconds=seconds_used, tokens_per_step=local * dinfo.world_size,
                          kl_start=kl_start, kl_end=kl_end, stopped_by=stopped_by)
+
+
+# ---- rank and byte allocation (the LCQ stage's policy; lcq.pipeline.lcq wires it) -----------------------------
+
+def lora_bytes_per_rank(model: nn.Module, names: list[str], fmt: FactorFormat) -> float:
+    """Upper estimate of the artifact bytes one unit of rank costs over `names`: the codes as if incompressible plus
+    their fp16 scales."""
+    mods = dict(model.named_modules())
+    return sum(factor_bytes(mods[n].in_features, mods[n].out_features, 1, fmt) for n in names)
+
+
+def lora_room(run) -> int:
+    """Bytes the code and the base model's real section leave under the cap, less LCQ_AUTO_HEADROOM_BYTES.
+
+    It waits for the base model's section (compressed on host threads since GPTQ) to know its real bytes (an estimate
+    could overshoot the cap and fail the gate at the end of a paid run); the wait is charged to LCQ's time."""
+    cfg = run.cfg
+    # rank 0 is already rendering the script on a thread (start_base_section); asking again would render it twice
+    code = len(run.script_job.result() if run.script_job is not None else shipped_script())
+    mine = artifact.HEADER_BYTES + sum(s.nbytes for s in run.base_job.sections()) if run.base_job is not None else 0
+    model_bytes = int(D.all_reduce_max(torch.tensor(mine, dtype=torch.int64, device=run.dinfo.device)).item())
+    room = cfg.artifact_cap_bytes - code - model_bytes - cfg.lcq_auto_headroom_bytes
+    run.log(f"lcq_room: code {code} + model {model_bytes} bytes leave {room} under the cap (headroom "
+            f"{cfg.lcq_auto_headroom_bytes})")
+    return room
+
+
+def auto_rank(run, names: list[str], model: nn.Module) -> int:
+    """The largest uniform rank whose factors fit under the cap next to the code and the quantized model."""
+    cfg = run.cfg
+    room = lora_room(run)
+    rank = max(0, int(room // lora_bytes_per_rank(model, names, config_format(cfg))))
+    mods = dict(model.named_modules())
+    rank = min(rank, min(min(mods[n].in_features, mods[n].out_features) for n in names))
+    run.log(f"lcq_auto_rank: {room} bytes under the cap; rank {rank}")
+    return rank
+
+
+def byte_allocation(run, names: list[str]) -> tuple[dict[str, int], dict[str, dict]]:
+    """LCQ_BYTES spent by lcq.lora.allocate_bytes over `names`; logs one row per tensor given a rank."""
+    cfg = run.cfg
+    # the section's raw bytes beyond the factors' entries: its manifest frame and the LoRA meta (ranks, alpha, format)
+    budget = (lora_room(run) if cfg.lcq_bytes == "auto" else int(cfg.lcq_bytes)) - LORA_SECTION_BYTES
+    max_rank = 64 if cfg.lcq_rank == "auto" else int(cfg.lcq_rank)
+    ranks, fits, rows = allocate_bytes(quant_errors(run, names), max(0, budget), config_format(cfg), cfg.lcq_alpha,
+                                       max_rank)
+    spent = sum(b for _, _, b, _ in rows)
+    run.log(f"lcq_alloc: {sum(ranks.values())} rank units over {len(rows)} of {len(names)} tensors, {spent:.0f} of "
+            f"{budget} bytes")
+    for n, r, b, gain in rows:
+        run.log(f"lcq_alloc: {n} rank {r} bytes {b:.0f} error removed {gain:.6g}")
+    return ranks, fits
+
+
+def quant_errors(run, names: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per module: (W - W_hat, H) from the float model and the GPTQ weights."""
+    return {n: (run.model.get_submodule(n).weight.detach().float() - run.gptq_state[stored_weight(n)].float(),
+                run.hessians[stored_weight(n)]) for n in names}
+
+
+def lora_raw_bytes(model: nn.Module, ranks: dict[str, int], fmt: FactorFormat) -> int:
+    """Upper estimate of the LoRA section's uncompressed bytes: the factors (lcq.lora.factor_bytes) and ~200 bytes of
+    manifest per target."""
+    mods = dict(model.named_modules())
+    return int(sum(factor_bytes(mods[n].in_features, mods[n].out_features, r, fmt) + 200 for n, r in ranks.items()))

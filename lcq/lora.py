@@ -386,7 +386,7 @@ def closed_form(E: torch.Tensor, H: torch.Tensor | None, r: int, scale: float, f
 
 
 # Raw bytes of one wrapper's manifest entries in the LoRA section (four tensors: names, shapes, layouts), charged once
-# to a tensor that gets any rank: lcq.pipeline.lora_raw_bytes's per-target allowance.
+# to a tensor that gets any rank: lcq.distill.lora_raw_bytes's per-target allowance.
 LORA_ENTRY_BYTES = 200
 # The LoRA section's frame and meta (merge, init, ranks by name, alpha, format) and a compressor's worst-case overhead
 # on near-incompressible packed codes: what a byte budget keeps back before pricing any factor.

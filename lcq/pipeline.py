@@ -30,11 +30,11 @@ from .checks import (NonFiniteError, StartupError, check_disk, check_output_fold
 from .config import Config, ConfigError
 from .data import (TrainLoader, file_sha256, list_shards, load_val_bytes, load_val_tokens, sidecar_files, train_pattern,
                    val_pattern)
-from .distill import DistillResult, distill, energy_report, init_factors
+from .distill import (DistillResult, auto_rank, byte_allocation, distill, energy_report, init_factors, lora_raw_bytes,
+                      quant_errors)
 from .evaluate import EvalResult, dump_path, evaluate
 from .gptq import QuantSpec, collect_hessians, dequantize_state, quant_error_report, quantize_state
-from .lora import (DEFAULT_TARGETS, LORA_SECTION_BYTES, FactorFormat, allocate_bytes, allocate_ranks, attach_lora,
-                   config_format, factor_bytes, match_targets, merge_lora, set_format)
+from .lora import DEFAULT_TARGETS, allocate_ranks, attach_lora, config_format, match_targets, merge_lora, set_format
 from .model import GPT, autocast_for, build_model, configure_runtime, gptq_targets, stored_weight
 from .record import run_record, write_submission_json
 from .runlog import RunLog, atomic_write
@@ -431,62 +431,6 @@ def lcq_target_names(model: nn.Module, cfg: Config) -> list[str]:
     return names
 
 
-def lora_bytes_per_rank(model: nn.Module, names: list[str], fmt: FactorFormat) -> float:
-    """Upper estimate of the artifact bytes one unit of rank costs over `names`: the codes as if incompressible plus
-    their fp16 scales."""
-    mods = dict(model.named_modules())
-    return sum(factor_bytes(mods[n].in_features, mods[n].out_features, 1, fmt) for n in names)
-
-
-def lora_room(run: Run) -> int:
-    """Bytes the code and the base model's real section leave under the cap, less LCQ_AUTO_HEADROOM_BYTES.
-
-    It waits for the base model's section (compressed on host threads since GPTQ) to know its real bytes (an estimate
-    could overshoot the cap and fail the gate at the end of a paid run); the wait is charged to LCQ's time."""
-    cfg = run.cfg
-    # rank 0 is already rendering the script on a thread (start_base_section); asking again would render it twice
-    code = len(run.script_job.result() if run.script_job is not None else shipped_script())
-    mine = artifact.HEADER_BYTES + sum(s.nbytes for s in run.base_job.sections()) if run.base_job is not None else 0
-    model_bytes = int(D.all_reduce_max(torch.tensor(mine, dtype=torch.int64, device=run.dinfo.device)).item())
-    room = cfg.artifact_cap_bytes - code - model_bytes - cfg.lcq_auto_headroom_bytes
-    run.log(f"lcq_room: code {code} + model {model_bytes} bytes leave {room} under the cap (headroom "
-            f"{cfg.lcq_auto_headroom_bytes})")
-    return room
-
-
-def auto_rank(run: Run, names: list[str], model: nn.Module) -> int:
-    """The largest uniform rank whose factors fit under the cap next to the code and the quantized model."""
-    cfg = run.cfg
-    room = lora_room(run)
-    rank = max(0, int(room // lora_bytes_per_rank(model, names, config_format(cfg))))
-    mods = dict(model.named_modules())
-    rank = min(rank, min(min(mods[n].in_features, mods[n].out_features) for n in names))
-    run.log(f"lcq_auto_rank: {room} bytes under the cap; rank {rank}")
-    return rank
-
-
-def byte_allocation(run: Run, names: list[str]) -> tuple[dict[str, int], dict[str, dict]]:
-    """LCQ_BYTES spent by lcq.lora.allocate_bytes over `names`; logs one row per tensor given a rank."""
-    cfg = run.cfg
-    # the section's raw bytes beyond the factors' entries: its manifest frame and the LoRA meta (ranks, alpha, format)
-    budget = (lora_room(run) if cfg.lcq_bytes == "auto" else int(cfg.lcq_bytes)) - LORA_SECTION_BYTES
-    max_rank = 64 if cfg.lcq_rank == "auto" else int(cfg.lcq_rank)
-    ranks, fits, rows = allocate_bytes(quant_errors(run, names), max(0, budget), config_format(cfg), cfg.lcq_alpha,
-                                       max_rank)
-    spent = sum(b for _, _, b, _ in rows)
-    run.log(f"lcq_alloc: {sum(ranks.values())} rank units over {len(rows)} of {len(names)} tensors, {spent:.0f} of "
-            f"{budget} bytes")
-    for n, r, b, gain in rows:
-        run.log(f"lcq_alloc: {n} rank {r} bytes {b:.0f} error removed {gain:.6g}")
-    return ranks, fits
-
-
-def quant_errors(run: Run, names: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Per module: (W - W_hat, H) from the float model and the GPTQ weights."""
-    return {n: (run.model.get_submodule(n).weight.detach().float() - run.gptq_state[stored_weight(n)].float(),
-                run.hessians[stored_weight(n)]) for n in names}
-
-
 def lcq_diagnostic(run: Run) -> float | None:
     """rho per tensor: the share of its Hessian-weighted quantization error that its LoRA rank can capture at best.
     Pure reporting, so it runs after the training clock stops."""
@@ -523,13 +467,6 @@ def start_base_section(run: Run) -> None:
                 f"local_ranks:{os.environ.get('LOCAL_WORLD_SIZE', '1')}")
         run.base_job = grouping.model_job(tensors, artifact_meta(run.cfg, run.bos_id, run.qmeta, None),
                                           run.cfg.compressor, threads)
-
-
-def lora_raw_bytes(model: nn.Module, ranks: dict[str, int], fmt: FactorFormat) -> int:
-    """Upper estimate of the LoRA section's uncompressed bytes: the factors (lcq.lora.factor_bytes) and ~200 bytes of
-    manifest per target."""
-    mods = dict(model.named_modules())
-    return int(sum(factor_bytes(mods[n].in_features, mods[n].out_features, r, fmt) + 200 for n, r in ranks.items()))
 
 
 # A projection needs one measured slice of each compressor; LCQ waits at most this long for it.
