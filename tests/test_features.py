@@ -204,7 +204,7 @@ def test_features_bench_end_to_end(tmp_path, demo_data, monkeypatch, capsys):
     data_path, tok = demo_data
     for k, v in dict(DATA_PATH=str(data_path), TOKENIZER_PATH=str(tok), LOG_DIR=str(tmp_path)).items():
         monkeypatch.setenv(k, v)
-    assert main(["features", "--features", "lqer", "--clock", "30", "--preset", "tiny", "--num_layers=4",
+    assert main(["features", "--features", "lqer", "--steps", "3", "--preset", "tiny", "--num_layers=4",
                  "--iterations=3", "--val_max_tokens=1024"]) == 0
     out = capsys.readouterr().out
     assert "Demo-scale deltas do not predict record-scale ones" in out
