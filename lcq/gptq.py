@@ -523,6 +523,15 @@ def _check_aliases(state_dict: Mapping[str, torch.Tensor], aliases: Mapping[str,
             raise ValueError(f"quantize_state: aliases[{alias!r}] = {target!r}: one is missing or an alias, or they differ")
 
 
+def solve_cost(rows: int, cols: int) -> int:
+    """The estimate solve_plan balances: the flops of the block updates (rows x cols^2) and of the Hessian's Cholesky
+    and inverse (~cols^3), plus 2^23 per column for the column loop's small ops, which take about as long whatever the
+    size. That constant fits the per-shape solve seconds measured on CPU (BENCHMARKS.md, issue 18: flops alone put the
+    record's 4x-wide MLP proj at 0.85 of the cost, measured 0.65), and it leaves a launch-bound GPU's split, where time
+    goes as cols, within 5% of the best at 2-8 ranks (a projection: no GPU measured it)."""
+    return cols * (cols * (rows + cols) + 2**23)
+
+
 def solve_plan(costs: Mapping[str, float], world: int) -> list[list[str]]:
     """Each rank's share of the solves: costliest first, each to the least loaded rank (lower rank on ties; LPT, Graham
     1969: the largest share is within 4/3 of the best split's), names in a fixed order so every rank makes one plan."""
@@ -553,8 +562,7 @@ def _solve(state_dict, hessians, spec, aliases, log) -> dict[str, tuple[torch.Te
     world = dist.get_world_size() if spec.method == "gptq" and dist.is_available() and dist.is_initialized() else 1
     if world == 1:
         return {n: solve(n) for n in jobs}
-    # cost: the flops of the solve's block updates (rows x cols^2) and of the Hessian's Cholesky and inverse (~cols^3)
-    shares, got = solve_plan({n: t.shape[1] ** 2 * sum(t.shape) for n, t in jobs.items()}, world), [None] * world
+    shares, got = solve_plan({n: solve_cost(*t.shape) for n, t in jobs.items()}, world), [None] * world
     try:  # as host tensors: a pickled CUDA tensor would unpickle on the sender's device
         mine = {n: [x.cpu() for x in solve(n)] for n in shares[dist.get_rank()]}
     except Exception as e:  # sent instead: every rank raises it, none waits at the gather for codes that never come

@@ -7,10 +7,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import lcq.gptq as G
-from lcq.gptq import QuantSpec, quantize_gptq, quantize_rtn, quantize_state, solve_plan
+from lcq.gptq import QuantSpec, quantize_gptq, quantize_rtn, quantize_state, solve_cost, solve_plan
 
 ALIASES = {"lm_head.weight": "tok_emb.weight"}
-# Shapes far enough apart that the plan is uneven: the 40-column proj costs as much as several of the others.
+# Shapes of three widths, so the plan gives the ranks different matrix counts (the 40-column projs cost the most).
 SHAPES = {"tok_emb.weight": (48, 16), "blocks.0.attn.c_q.weight": (16, 16), "blocks.0.attn.c_k.weight": (8, 16),
           "blocks.0.mlp.fc.weight": (40, 16), "blocks.0.mlp.proj.weight": (16, 40), "blocks.1.attn.c_q.weight": (16, 16),
           "blocks.1.mlp.proj.weight": (16, 40)}
@@ -68,7 +68,7 @@ def test_split_over_2_gloo_ranks_is_bit_identical_to_one_rank(tmp_path, free_por
             assert g["tensors"][k].dtype == v.dtype and torch.equal(g["tensors"][k], v), f"rank {r}: {k} differs"
         assert g["qmeta"] == want_meta
     # each rank solved its own share of the plan, and only that
-    cost = {n: c * c * (r + c) for n, (r, c) in SHAPES.items()}
+    cost = {n: solve_cost(r, c) for n, (r, c) in SHAPES.items()}
     plan = solve_plan(cost, 2)
     assert [g["solved"] for g in got] == plan and all(plan)
     sent = sum(r * c + 2 * r for r, c in SHAPES.values())  # int8 codes + float16 scales, each sent once
@@ -97,7 +97,7 @@ def _failing_worker(rank, world, port, out, poisoned):
 
 def test_a_failed_solve_on_one_rank_fails_every_rank(tmp_path, free_port):
     """A solve runs on one rank only, so its failure must reach the ranks waiting for its codes (issue 18)."""
-    plan = solve_plan({n: c * c * (r + c) for n, (r, c) in SHAPES.items()}, 2)
+    plan = solve_plan({n: solve_cost(r, c) for n, (r, c) in SHAPES.items()}, 2)
     out = str(tmp_path / "rank")
     mp.spawn(_failing_worker, args=(2, free_port, out, plan[1][0]), nprocs=2, join=True)
     want = "RuntimeError: GPTQ on rank 1: ValueError: quantize_gptq: H has non-finite entries"
@@ -140,3 +140,12 @@ def test_solve_plan_is_balanced_and_deterministic():
     # by hand: 9 | 7, 7 | 5 to the lighter rank 0 (9 < 14), 4 to rank 0 on the tie at 14, ... -> loads 21 and 20
     assert solve_plan(costs, 2) == [["m0", "m3", "m4", "m6"], ["m1", "m2", "m5", "m7", "m8"]]
     assert solve_plan({"a": 1, "b": 1}, 3) == [["a"], ["b"], []]  # ties go to the lower rank; a rank may get none
+
+
+def test_gptq_bench_splits_the_tiny_model_bit_identically(capsys):
+    from lcq.bench_gptq import bench_gptq
+    from lcq.config import make_config
+
+    r = bench_gptq(make_config("tiny"), world=2)
+    assert r["identical"] and sum(r["per_rank"]) == r["matrices"] and min(r["per_rank"]) > 0
+    assert "codes and scales bit-identical to 1 rank: True" in capsys.readouterr().out
