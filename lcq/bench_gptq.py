@@ -109,7 +109,7 @@ def bench_gptq(cfg: Config, world: int) -> dict:
     print(f"{'':34}{'1 rank':>10}{f'{world} ranks':>10}{'ratio':>8}")
     print(f"{'quantize_state wall (s)':34}{single:>10.2f}{split:>10.2f}{split / single:>8.2f}")
     print(f"{'quantize_state CPU s, busiest rank':34}{single_cpu:>10.2f}{split_cpu:>10.2f}{split_cpu / single_cpu:>8.2f}")
-    print(f"{'matrices per rank':34}{len(hessians):>10}{str([len(s) for s in plan]):>10}")
+    print(f"{'matrices per rank':34}{len(hessians):>10}  {[len(s) for s in plan]}")
     print(f"{'plan imbalance, by cost estimate':34}{'':>10}{by_cost:>10.3f}")
     print(f"{'plan imbalance, by measured s':34}{'':>10}{by_time:>10.3f}"
           + f"   (greedy on the measured s: {greedy:.3f})")
