@@ -556,7 +556,7 @@ def _solve(state_dict, hessians, spec, aliases, log) -> dict[str, tuple[torch.Te
         if spec.method != "gptq":
             return quantize_rtn(t, bits, clip)
         if hessians is None or name not in hessians:
-            raise KeyError(f"quantize_state: GPTQ has no Hessian for {name!r}; add it to collect_hessians targets")
+            raise KeyError(f"quantize_state: no Hessian for {name!r}; add it to collect_hessians targets")
         return quantize_gptq(t, hessians[name], bits, clip, spec.damp, spec.block_size, spec.act_order)
 
     world = dist.get_world_size() if spec.method == "gptq" and dist.is_available() and dist.is_initialized() else 1
