@@ -58,7 +58,7 @@ def _worker(rank: int, world: int, port: int, cfg: Config, out: str) -> None:
         lines: list[str] = []
         dist.barrier()
         t0, c0 = time.perf_counter(), time.process_time()
-        tensors, _ = quantize_state(state, hessians, spec, tied, lines.append)
+        tensors, _ = quantize_state(state, hessians, spec, tied, world, lines.append)
         got = [None] * world
         dist.all_gather_object(got, (time.perf_counter() - t0, time.process_time() - c0))
         if rank == 0:

@@ -60,7 +60,8 @@ def collect_hessians(
     """Return H = sum(x^T x) / tokens for the input x of each target module, keyed by weight name.
 
     `targets` maps a weight name to the nn.Linear whose input multiplies it (the tied embedding
-    "tok_emb.weight" -> "lm_head"; `lcq.model.gptq_targets`), at least one. Pass the plain (uncompiled) model: hooks sit on its submodules.
+    "tok_emb.weight" -> "lm_head"; `lcq.model.gptq_targets`), at least one. Pass the plain (uncompiled)
+    model: hooks sit on its submodules.
     Sums are float32 on each module's weight device: the solve runs in float32 and adds 1% of
     mean(diag H) as damping, which dwarfs float32 rounding of the sum, and float64 matmuls are slow
     or missing on many GPUs. Under torch.distributed the sums and token counts are all-reduced, so
@@ -532,10 +533,10 @@ def solve_cost(rows: int, cols: int) -> int:
     return cols * (cols * (rows + cols) + 2**23)
 
 
-def solve_plan(costs: Mapping[str, float], world: int) -> list[list[str]]:
+def solve_plan(costs: Mapping[str, float], world_size: int) -> list[list[str]]:
     """Each rank's share of the solves: costliest first, each to the least loaded rank (lower rank on ties; LPT, Graham
     1969: the largest share is within 4/3 of the best split's), names in a fixed order so every rank makes one plan."""
-    shares, loads = [[] for _ in range(world)], [0.0] * world
+    shares, loads = [[] for _ in range(world_size)], [0.0] * world_size
     for name in sorted(costs, key=lambda n: (-costs[n], n)):
         r = loads.index(min(loads))
         shares[r].append(name)
@@ -543,15 +544,16 @@ def solve_plan(costs: Mapping[str, float], world: int) -> list[list[str]]:
     return shares
 
 
-def _solve(state_dict, hessians, spec, aliases, log) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """(q, scale) of every tensor quantize_state quantizes. Under torch.distributed GPTQ is split (issue 18): each rank
-    solves its share and the codes and scales are gathered to every rank (one all_gather_object, as lcq.dist.first_error
-    uses). Every rank then holds the bits one rank alone computes: a solve reads only W and its Hessian, which
+def _solve(state_dict, hessians, spec, aliases, world_size, log) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """(q, scale) of every tensor quantize_state quantizes. On world_size > 1 ranks GPTQ is split (issue 18):
+    each rank solves its share and the codes and scales are gathered to every rank (one all_gather_object, as
+    lcq.dist.first_error uses). Every rank then holds the bits one rank alone computes: a solve reads only W and its Hessian, which
     collect_hessians made the same on every rank."""
     jobs = {n: t for n, t in state_dict.items() if n not in aliases and tensor_role(n, t) != "raw"}
 
     def solve(name):
-        t, role = jobs[name], tensor_role(name, jobs[name])
+        t = jobs[name]
+        role = tensor_role(name, t)
         bits, clip = spec.embed_bits if role == "embed" else spec.matrix_bits, clip_for(spec, name, role)
         if spec.method != "gptq":
             return quantize_rtn(t, bits, clip)
@@ -559,14 +561,13 @@ def _solve(state_dict, hessians, spec, aliases, log) -> dict[str, tuple[torch.Te
             raise KeyError(f"quantize_state: no Hessian for {name!r}; add it to collect_hessians targets")
         return quantize_gptq(t, hessians[name], bits, clip, spec.damp, spec.block_size, spec.act_order)
 
-    world = dist.get_world_size() if spec.method == "gptq" and dist.is_available() and dist.is_initialized() else 1
-    if world == 1:
+    if world_size == 1 or spec.method != "gptq":
         return {n: solve(n) for n in jobs}
-    shares, got = solve_plan({n: solve_cost(*t.shape) for n, t in jobs.items()}, world), [None] * world
+    shares, got = solve_plan({n: solve_cost(*t.shape) for n, t in jobs.items()}, world_size), [None] * world_size
     try:  # as host tensors: a pickled CUDA tensor would unpickle on the sender's device
         mine = {n: [x.cpu() for x in solve(n)] for n in shares[dist.get_rank()]}
     except Exception as e:  # sent instead: every rank raises it, none waits at the gather for codes that never come
-        mine = RuntimeError(f"GPTQ on rank {dist.get_rank()}: {type(e).__name__}: {e}")
+        mine = RuntimeError(f"GPTQ on rank {dist.get_rank()}: {e!r}")
     dist.all_gather_object(got, mine)
     for g in got:
         if isinstance(g, Exception):
@@ -582,17 +583,19 @@ def quantize_state(
     hessians: Mapping[str, torch.Tensor] | None,
     spec: QuantSpec,
     aliases: Mapping[str, str],
+    world_size: int = 1,
     log: Callable[[str], None] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict]:
     """Quantize a state dict -> (tensors, qmeta); see `tensor_role` for which tensors are quantized.
 
     Quantized weight n -> n+".q" (int8) and n+".scale" (float16), plus n+".lqer_{A,A_scale,B,B_scale}" when LQER
     picked it (qmeta[n]["lqer"] says how they are packed); raw tensor n -> n, floats cast to
-    spec.raw_dtype. Alias keys are not stored; qmeta["aliases"] records them. qmeta is JSON-ready. Under torch.distributed
-    every rank must call it (GPTQ's solves are split over the ranks, see `_solve`); `log` gets the split's line.
+    spec.raw_dtype. Alias keys are not stored; qmeta["aliases"] records them. qmeta is JSON-ready. world_size > 1
+    (the process group's size) splits GPTQ's solves over the ranks, and every rank must then call it (see `_solve`);
+    `log` gets the split's line. A caller on one rank alone passes world_size 1.
     """
     _check_aliases(state_dict, aliases)
-    solved = _solve(state_dict, hessians, spec, aliases, log)
+    solved = _solve(state_dict, hessians, spec, aliases, world_size, log)
     tensors: dict[str, torch.Tensor] = {}
     qmeta: dict = {}
     errors: dict[str, torch.Tensor] = {}  # W - W_hat per quantized tensor, kept only for LQER

@@ -397,7 +397,7 @@ def quantize(run: Run) -> None:
     runner = calibration_runner(run, calib_tokens)
     run.hessians = collect_hessians(model, gptq_targets(model), lambda: runner(model))
     state = {k: v.detach() for k, v in model.state_dict().items()}
-    run.qtensors, run.qmeta = quantize_state(state, run.hessians, quant_spec(cfg), TIED, run.log)
+    run.qtensors, run.qmeta = quantize_state(state, run.hessians, quant_spec(cfg), TIED, run.dinfo.world_size, run.log)
     run.gptq_state = dequantize_state(run.qtensors, run.qmeta)
     D.sync(run.dinfo.device)
     seconds = time.perf_counter() - t0

@@ -33,7 +33,8 @@ SPEC = QuantSpec(attn_clip_sigmas=13.0, mlp_clip_sigmas=11.5, block_size=8)  # b
 
 def _worker(rank, world, port, out):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
     solved, real = [], G.quantize_gptq
 
     def counting(W, H, *args):  # the real solve, recording which matrices this rank solved
@@ -44,8 +45,12 @@ def _worker(rank, world, port, out):
         state, hess = make_inputs()
         G.quantize_gptq = counting
         lines = []
-        tensors, qmeta = quantize_state(state, hess, SPEC, ALIASES, lines.append)
-        torch.save({"tensors": tensors, "qmeta": qmeta, "solved": solved, "lines": lines}, f"{out}.{rank}")
+        tensors, qmeta = quantize_state(state, hess, SPEC, ALIASES, world, lines.append)
+        mine = list(solved)
+        if rank == 0:  # one rank alone inside the group (as the preflight's artifact row): world 1, no collective
+            alone, _ = quantize_state(state, hess, SPEC, ALIASES)
+            assert list(alone) == list(tensors) and all(torch.equal(alone[k], v) for k, v in tensors.items())
+        torch.save({"tensors": tensors, "qmeta": qmeta, "solved": mine, "lines": lines}, f"{out}.{rank}")
     finally:
         G.quantize_gptq = real
         dist.destroy_process_group()
@@ -86,7 +91,7 @@ def _failing_worker(rank, world, port, out, poisoned):
         hess[poisoned] = hess[poisoned].clone()
         hess[poisoned][0, 0] = float("nan")
         try:
-            quantize_state(state, hess, SPEC, ALIASES)
+            quantize_state(state, hess, SPEC, ALIASES, world)
             msg = None
         except Exception as e:
             msg = f"{type(e).__name__}: {e}"
@@ -100,16 +105,16 @@ def test_a_failed_solve_on_one_rank_fails_every_rank(tmp_path, free_port):
     plan = solve_plan({n: solve_cost(r, c) for n, (r, c) in SHAPES.items()}, 2)
     out = str(tmp_path / "rank")
     mp.spawn(_failing_worker, args=(2, free_port, out, plan[1][0]), nprocs=2, join=True)
-    want = "RuntimeError: GPTQ on rank 1: ValueError: quantize_gptq: H has non-finite entries"
+    want = "RuntimeError: GPTQ on rank 1: ValueError('quantize_gptq: H has non-finite entries')"
     assert [torch.load(f"{out}.{r}") for r in range(2)] == [want, want]
 
 
 def test_one_rank_is_the_per_tensor_solve():
-    """Without a process group nothing is split or logged: each tensor is solved in place, as before the split."""
+    """World 1 (the default) splits and logs nothing: each tensor is solved in place, as before the split."""
     state, hess = make_inputs()
     for spec in (SPEC, QuantSpec(method="rtn")):
         lines = []
-        tensors, _ = quantize_state(state, hess, spec, ALIASES, lines.append)
+        tensors, _ = quantize_state(state, hess, spec, ALIASES, 1, lines.append)
         assert lines == []
         keys = []
         for n, t in state.items():
