@@ -8,9 +8,9 @@ ranks use N cores: on a box with fewer free cores than ranks the split cannot be
 
 Rows: the single-rank wall, the split's wall (the slowest rank: the gather waits for it), the same as CPU seconds of the
 busiest process (what the wall would be with a free core per rank: on a loaded box the walls measure the load), and the
-plan's balance twice,
-by the cost estimate the split uses (`lcq.gptq.solve_cost`) and by each matrix's solve seconds measured one at a time
-here (CPU seconds), with each shape's share of both. The split's codes and scales are compared with the single rank's, bit for bit.
+plan's balance twice: by the cost estimate the split uses (`lcq.gptq.solve_cost`) and by each matrix's solve CPU
+seconds measured one at a time here, with each shape's share of both. The split's codes and scales are compared with
+the single rank's, bit for bit.
 """
 from __future__ import annotations
 
@@ -108,7 +108,8 @@ def bench_gptq(cfg: Config, world: int) -> dict:
           f"{os.cpu_count()} cores on this box")
     print(f"{'':34}{'1 rank':>10}{f'{world} ranks':>10}{'ratio':>8}")
     print(f"{'quantize_state wall (s)':34}{single:>10.2f}{split:>10.2f}{split / single:>8.2f}")
-    print(f"{'quantize_state CPU s, busiest rank':34}{single_cpu:>10.2f}{split_cpu:>10.2f}{split_cpu / single_cpu:>8.2f}")
+    print(f"{'quantize_state CPU s, busiest rank':34}{single_cpu:>10.2f}{split_cpu:>10.2f}"
+          f"{split_cpu / single_cpu:>8.2f}")
     print(f"{'matrices per rank':34}{len(hessians):>10}  {[len(s) for s in plan]}")
     print(f"{'plan imbalance, by cost estimate':34}{'':>10}{by_cost:>10.3f}")
     print(f"{'plan imbalance, by measured s':34}{'':>10}{by_time:>10.3f}"
@@ -127,7 +128,8 @@ def bench_gptq(cfg: Config, world: int) -> dict:
     print(f"codes and scales bit-identical to 1 rank: {identical}")
     return dict(bench="gptq", preset=cfg.preset, world_size=world, matrices=len(hessians), single_s=round(single, 3),
                 split_s=round(split, 3), speedup=round(single / split, 3), single_cpu_s=round(single_cpu, 3),
-                split_cpu_s=round(split_cpu, 3), cpu_ratio=round(split_cpu / single_cpu, 4), per_rank=[len(s) for s in plan],
+                split_cpu_s=round(split_cpu, 3), cpu_ratio=round(split_cpu / single_cpu, 4),
+                per_rank=[len(s) for s in plan],
                 imbalance_cost=round(by_cost, 4), imbalance_measured=round(by_time, 4),
                 imbalance_measured_greedy=round(greedy, 4),
                 imbalance_measured_at={w: round(a, 4) for w, (a, _) in by_world.items()},

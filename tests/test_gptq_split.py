@@ -12,7 +12,8 @@ from lcq.gptq import QuantSpec, quantize_gptq, quantize_rtn, quantize_state, sol
 ALIASES = {"lm_head.weight": "tok_emb.weight"}
 # Shapes of three widths, so the plan gives the ranks different matrix counts (the 40-column projs cost the most).
 SHAPES = {"tok_emb.weight": (48, 16), "blocks.0.attn.c_q.weight": (16, 16), "blocks.0.attn.c_k.weight": (8, 16),
-          "blocks.0.mlp.fc.weight": (40, 16), "blocks.0.mlp.proj.weight": (16, 40), "blocks.1.attn.c_q.weight": (16, 16),
+          "blocks.0.mlp.fc.weight": (40, 16), "blocks.0.mlp.proj.weight": (16, 40),
+          "blocks.1.attn.c_q.weight": (16, 16),
           "blocks.1.mlp.proj.weight": (16, 40)}
 
 
