@@ -5,6 +5,9 @@ each from a fresh copy with a zero-started adapter: targets per second, forward 
 (padding included: the recompute factor), chunk forwards and optimizer steps per 1,000 targets, and the largest per-target
 nll difference from batch 1 (float rounding only: the scoring order, windows and phases do not depend on the batch).
 
+Each row also runs the preflight's TTT projection (lcq.preflight.ttt_projection: timed pieces of real batches scaled by
+the schedule) for the same TTT_BATCH_DOCS, before the measured pass, and prints projected / measured seconds.
+
 Record projection: #1855's val split rebuilt from the `ttp:` lines of its train_seed42.log (records/track_10min_16mb/
 2026-04-27_SP8192_LQER_SparseGate_BOSSmearFix_9HpStack_1.0611 in openai/parameter-golf): 82 of its 782 batches of 64
 documents print their length range `dl:lo-hi`; the other batches' ranges are interpolated in log length between the
@@ -19,12 +22,13 @@ import dataclasses
 import os
 import tempfile
 import time
+import types
 
 import numpy as np
 import torch
 
 from . import ttt as T
-from .config import Config
+from .config import Config, replace
 
 # (batch, shortest, longest document) from the `ttp: bN/782 ... dl:lo-hi` lines of #1855's train_seed42.log
 RECORD_BATCHES = 782
@@ -82,7 +86,12 @@ def projection(lengths: np.ndarray, window: int = 2048, chunk: int = 48) -> dict
 
 
 def _row(model, run, cfg: Config, batch_docs: int, dump: str) -> dict:
+    from .preflight import ttt_projection
+
     spec = dataclasses.replace(T.spec_from_config(cfg), batch_docs=batch_docs)
+    proj = ttt_projection(types.SimpleNamespace(cfg=replace(cfg, ttt_batch_docs=batch_docs), dinfo=run.dinfo,
+                                                model=model, val_tokens=run.val_tokens, bos_id=run.bos_id,
+                                                tables=run.tables, val_bytes=run.val_bytes))
     m = T.prepare_adapter(copy.deepcopy(model), "zero", cfg)
     calls, tokens = [0], [0]
 
@@ -106,7 +115,8 @@ def _row(model, run, cfg: Config, batch_docs: int, dump: str) -> dict:
         T.SlotAdapters.step = step
         hook.remove()
     n = res.tokens
-    return dict(batch_docs=batch_docs, bpb=res.val_bpb, seconds=wall, targets=n, targets_per_s=n / wall,
+    return dict(batch_docs=batch_docs, bpb=res.val_bpb, seconds=wall, preflight_projected_s=proj["ttt_projected_s"],
+                projected_over_measured=proj["ttt_projected_s"] / res.seconds, targets=n, targets_per_s=n / wall,
                 forward_tokens_per_target=tokens[0] / n, forward_calls_per_1k_targets=1000 * calls[0] / n,
                 steps_per_1k_targets=1000 * steps[0] / n)
 
@@ -126,7 +136,8 @@ def bench_ttt(cfg: Config, dinfo, batch_list: list[int], log_path: str | None) -
             print(f"batch_docs {b:>3}: {r['targets_per_s']:9.1f} targets/s  {r['forward_tokens_per_target']:7.2f} "
                   f"forward tokens/target  {r['forward_calls_per_1k_targets']:7.2f} forwards and "
                   f"{r['steps_per_1k_targets']:7.2f} steps per 1k targets  max |nll - batch 1| "
-                  f"{r['max_abs_nll_diff']:.2e}  bpb {r['bpb']:.5f}", flush=True)
+                  f"{r['max_abs_nll_diff']:.2e}  bpb {r['bpb']:.5f}  preflight projection {r['preflight_projected_s']:.1f}s "
+                  f"vs {r['seconds']:.1f}s (x{r['projected_over_measured']:.2f})", flush=True)
     for r in rows:
         r["speedup_vs_first"] = r["targets_per_s"] / rows[0]["targets_per_s"]
     if log_path:
