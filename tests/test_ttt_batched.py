@@ -98,3 +98,51 @@ def test_buckets_and_rank_split():
     assert owner == split_batches(costs, 3)
     load = [sum(c for c, o in zip(costs, owner) if o == r) for r in range(3)]
     assert max(load) - min(load) <= max(costs) and sorted(set(owner)) == [0, 1, 2]
+
+
+def _ttt_on_ranks(rank, world, port, out):
+    import torch.distributed as dist
+
+    from lcq.dist import DistInfo
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        dinfo = DistInfo(rank=rank, world_size=world, local_rank=rank, device=torch.device("cpu"))
+        for i in range(2):  # two passes, each from a fresh model, as a run and its --eval_only would
+            evaluate_ttt(model("zero"), val_stream(LENGTHS, seed=7), BOS, synthetic_tables(), WINDOW, STRIDE, 64,
+                         dinfo, spec(**RANK_SPEC), dump=f"{out}{i}.npz")
+    finally:
+        dist.destroy_process_group()
+
+
+# 18 documents in batches of 4 with two global phases (after 3 and 6 documents): 6 batches, two of them alone in a
+# phase segment, so the split hands one rank nothing there and each phase step's rows come from both ranks
+RANK_SPEC = dict(batch_docs=4, chunk_tokens=8, beta1=0.0, beta2=0.99, phases=2, phase_docs=6, phase_momentum=0.9,
+                 phase_clip=1.0, phase_cosine=True, phase_tokens=48)
+
+
+def test_two_gloo_ranks_reproduce_themselves_and_match_one_rank(tmp_path, free_port):
+    """What --eval_only on the same number of ranks relies on: the rank split is a pure function of the costs and the
+    world size, so a second 2-rank pass from a fresh model scores every target bit for bit as the first; and 1 rank vs
+    2 ranks differ by float rounding only (the phases' gradients are summed over ranks in another order)."""
+    import torch.multiprocessing as mp
+
+    from lcq.evaluate import ValStream
+    from lcq.ttt import schedule
+
+    toks = val_stream(LENGTHS, seed=7)
+    plan = lambda: schedule(ValStream(toks, BOS, synthetic_tables(), CPU.device), WINDOW, STRIDE, spec(**RANK_SPEC), 2)
+    owners = [[o for _, _, o in plan()[3]] for _ in range(2)]
+    assert owners[0] == owners[1] and sorted({r for o in owners[0] for r in o}) == [0, 1]
+    mp.spawn(_ttt_on_ranks, args=(2, free_port, str(tmp_path / "two")), nprocs=2, join=True)
+    runs = []
+    for i in range(2):
+        with np.load(tmp_path / f"two{i}.npz") as z:
+            runs.append({k: z[k] for k in z.files})
+    one, _ = scores(tmp_path, toks, 4, name="one", **{k: v for k, v in RANK_SPEC.items() if k != "batch_docs"})
+    assert runs[0]["pos"].tolist() == list(range(1, toks.size)) and np.array_equal(runs[0]["pos"], one["pos"])
+    assert all(np.array_equal(runs[0][k], runs[1][k]) for k in ("doc", "pos", "target", "nll", "bytes"))
+    np.testing.assert_allclose(runs[0]["nll"], one["nll"], rtol=1e-4, atol=1e-5)  # bound: see test_batch_of_16_...
+    assert np.array_equal(runs[0]["bytes"], one["bytes"])
+
