@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -64,11 +64,8 @@ class TTTSpec:
 
 
 def spec_from_config(cfg: Config) -> TTTSpec:
-    return TTTSpec(chunk_tokens=cfg.ttt_chunk_tokens, steps=cfg.ttt_steps, lr=cfg.ttt_lr, beta1=cfg.ttt_beta1,
-                   beta2=cfg.ttt_beta2, weight_decay=cfg.ttt_weight_decay, phases=cfg.ttt_phases,
-                   phase_docs=cfg.ttt_phase_docs, phase_lr=cfg.ttt_phase_lr, batch_docs=cfg.ttt_batch_docs,
-                   eps=cfg.ttt_eps, warm_start_a=cfg.ttt_warm_start_a, phase_momentum=cfg.ttt_phase_momentum,
-                   phase_clip=cfg.ttt_phase_clip, phase_cosine=cfg.ttt_phase_cosine, phase_tokens=cfg.ttt_phase_tokens)
+    """Each field from its TTT_ knob (TTTSpec.x is Config.ttt_x)."""
+    return TTTSpec(**{f.name: getattr(cfg, f"ttt_{f.name}") for f in fields(TTTSpec)})
 
 
 def stage_name(artifact_has_lora: bool) -> str:

@@ -19,9 +19,12 @@ WINDOW, STRIDE = 16, 8
 LENGTHS = [13, 7, 21, 12, 2, 30, 18, 9, 17, 5, 23, 11, 3, 14, 6, 8, 10, 4]  # 18 documents: batches of 16 and 2
 
 
-def model(init):
+RECORD_TARGETS = make_config("record").ttt_targets  # #1855's: q, k, v, o and MLP (whole branches), lm_head
+
+
+def model(init, targets=""):
     torch.manual_seed(0)
-    cfg = make_config("tiny", vocab_size=V, ttt_rank=2)
+    cfg = make_config("tiny", vocab_size=V, ttt_rank=2, ttt_targets=targets)
     m = GPT(cfg, bos_id=BOS)
     with torch.no_grad():
         for p in m.parameters():
@@ -33,20 +36,21 @@ def model(init):
     return prepare_adapter(m, init, cfg)
 
 
-def scores(tmp_path, toks, batch_docs, init="zero", name="s", **kw):
+def scores(tmp_path, toks, batch_docs, init="zero", name="s", targets="", **kw):
     """Per-target dump (stream order) of one TTT run."""
     path = tmp_path / f"{name}.npz"
-    res = evaluate_ttt(model(init), toks, BOS, synthetic_tables(), WINDOW, STRIDE, 64, CPU,
+    res = evaluate_ttt(model(init, targets), toks, BOS, synthetic_tables(), WINDOW, STRIDE, 64, CPU,
                        spec(**{**dict(batch_docs=batch_docs, chunk_tokens=8, beta1=0.0, beta2=0.99), **kw}), dump=str(path))
     with np.load(path) as z:
         return {k: z[k] for k in z.files}, res
 
 
-@pytest.mark.parametrize("init,phases", [("zero", 0), ("zero", 2), ("artifact", 2)])
-def test_batch_of_16_scores_every_target_as_one_at_a_time(tmp_path, init, phases):
+@pytest.mark.parametrize("init,phases,targets", [("zero", 0, ""), ("zero", 2, ""), ("artifact", 2, ""),
+                                                ("artifact", 0, RECORD_TARGETS)])
+def test_batch_of_16_scores_every_target_as_one_at_a_time(tmp_path, init, phases, targets):
     toks = val_stream(LENGTHS, seed=4)
     kw = dict(phases=phases, phase_docs=12 if phases else 0, phase_momentum=0.9, phase_clip=1.0, phase_cosine=True,
-              phase_tokens=48)
+              phase_tokens=48, targets=targets)
     one, r1 = scores(tmp_path, toks, 1, init, "one", **kw)
     many, r16 = scores(tmp_path, toks, 16, init, "many", **kw)
     assert one["pos"].tolist() == list(range(1, toks.size)) and np.array_equal(one["pos"], many["pos"])
@@ -146,3 +150,38 @@ def test_two_gloo_ranks_reproduce_themselves_and_match_one_rank(tmp_path, free_p
     np.testing.assert_allclose(runs[0]["nll"], one["nll"], rtol=1e-4, atol=1e-5)  # bound: see test_batch_of_16_...
     assert np.array_equal(runs[0]["bytes"], one["bytes"])
 
+
+def test_record_adapters_are_1855s_o_and_mlp_read_the_blocks_normed_input():
+    """#1855 (its forward_ttt): q, k, v adapters on the projections, the o adapter reads the attention's normed input
+    and the MLP adapter the MLP's normed input, each added to its branch's output before the branch scale; lm_head's
+    reads the final norm. The record's TTT_TARGETS give exactly that, over a shipped LoRA (artifact start) too."""
+    from lcq.lora import low_rank
+
+    m = model("artifact", RECORD_TARGETS)  # shipped factors on every block's c_v, zero-started adapters elsewhere
+    mods = lora_modules(m)
+    want = {f"blocks.{i}.{n}" for i in range(2) for n in ("attn", "attn.base.c_q", "attn.base.c_k", "attn.base.c_v",
+                                                         "mlp")} | {"lm_head"}
+    assert set(mods) == want  # fc, proj and attn.proj carry none: the MLP keeps its fused kernel
+    for w in mods.values():
+        torch.nn.init.normal_(w.lora_B, std=0.1)
+    seen = {}
+
+    def grab(name):
+        def hook(mod, args, out):
+            seen[name] = (args[0].detach(), out.detach())
+        return hook
+    hooks = [mods[n].register_forward_hook(grab(n)) for n in ("blocks.1.attn", "blocks.1.mlp")]
+    hooks += [mods[n].base.register_forward_hook(grab(n + ".base")) for n in ("blocks.1.attn", "blocks.1.mlp")]
+    hooks.append(mods["blocks.1.attn.base.c_q"].register_forward_hook(grab("q")))
+    toks = torch.from_numpy(val_stream([20, 11], seed=8).astype(np.int64))
+    cu = torch.tensor([0, 12, toks.numel()], dtype=torch.int32)
+    m(toks, cu, 12)
+    for h in hooks:
+        h.remove()
+    scale = m.blocks[1].ln_scale  # the block's normed input: rms_norm(x) x its LN scale
+    for n in ("blocks.1.attn", "blocks.1.mlp"):
+        x, out = seen[n]
+        w = mods[n]
+        torch.testing.assert_close(x.pow(2).mean(-1).sqrt(), torch.full((x.shape[0],), scale), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(out, seen[n + ".base"][1] + low_rank(x, w.lora_A, w.lora_B, w.scale))
+    assert torch.equal(seen["blocks.1.attn"][0], seen["q"][0])  # o's input is what q reads
