@@ -51,8 +51,6 @@ class LoRALinear(nn.Module):
 
     def __init__(self, base: nn.Module, rank: int, alpha: float):
         super().__init__()
-        if not branch_or_linear(base):
-            raise TypeError(f"LoRALinear: base {type(base).__name__} is no nn.Linear, attn or mlp")
         if rank < 1:
             raise ValueError(f"LoRALinear: rank must be >= 1, got {rank}")
         if not alpha > 0:
@@ -111,11 +109,6 @@ class LoRALinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, scale={self.scale:g}"
 
 
-def branch_or_linear(m: nn.Module) -> bool:
-    """A module a LoRA may wrap: a linear layer, or a branch giving its in/out features (lcq.model.Attention, MLP)."""
-    return hasattr(m, "in_features") and not isinstance(m, LoRALinear)
-
-
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name), child, module)
@@ -149,7 +142,7 @@ def attach_lora(model: nn.Module, targets: list[str] | tuple[str, ...], rank: in
     matched = match_targets(model, targets)
     modules = dict(model.named_modules())
     for n in matched:
-        if not branch_or_linear(modules[n]):
+        if not hasattr(modules[n], "in_features") or isinstance(modules[n], LoRALinear):  # a linear layer or a branch
             raise TypeError(f"attach_lora: module {n!r} matched by targets is a {type(modules[n]).__name__}, "
                             "not an nn.Linear (narrow the pattern; a module can be wrapped only once)")
     if isinstance(rank, dict):
