@@ -185,3 +185,15 @@ def test_record_adapters_are_1855s_o_and_mlp_read_the_blocks_normed_input():
         torch.testing.assert_close(x.pow(2).mean(-1).sqrt(), torch.full((x.shape[0],), scale), rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(out, seen[n + ".base"][1] + low_rank(x, w.lora_A, w.lora_B, w.scale))
     assert torch.equal(seen["blocks.1.attn"][0], seen["q"][0])  # o's input is what q reads
+
+
+def test_bench_counts_what_reusing_the_context_would_save():
+    """bench ttt's TTT_CONTEXT=reuse estimate on one 100-target document (window 64, chunks 16): 7 chunk forwards whose
+    rows read 16, 32, 48, 64, 64, 64, 52 tokens (padded 16, 32, 48, 64, 64, 64, 64) for 16 x 6 + 4 new targets."""
+    from lcq.bench_ttt import projection
+
+    p = projection(np.array([[100]]), window=64, chunk=16)
+    assert p["ours_forward_tokens"] == 352 and p["reuse_forward_tokens"] == 16 * 7  # bucket(4) = 16
+    n, new = np.array([16, 32, 48, 64, 64, 64, 52]), np.array([16] * 6 + [4])
+    assert p["attention_pairs"] == int((n * (n + 1) // 2).sum()) == 9458
+    assert p["reuse_attention_pairs"] == sum(sum(range(a - b + 1, a + 1)) for a, b in zip(n, new)) == 4090
