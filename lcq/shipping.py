@@ -67,8 +67,8 @@ def check_artifact_fits(path: str, meta: dict, cfg: Config, bos_id: int) -> dict
     if tok["vocab_size"] != mine["vocab_size"] or tok["sha256"] != mine["sha256"] or int(meta["bos_id"]) != bos_id:
         raise artifact.ArtifactError(
             f"{path} was trained with a tokenizer of sha256 {str(tok['sha256'])[:16]}, vocab {tok['vocab_size']}, "
-            f"bos_id {meta['bos_id']}, not TOKENIZER_PATH={cfg.tokenizer_path} ({mine['sha256'][:16]}, "
-            f"{mine['vocab_size']}, {bos_id}). Fix: set TOKENIZER_PATH, VOCAB_SIZE, DATA_PATH to its own")
+            f"bos_id {meta['bos_id']}, not TOKENIZER_PATH={cfg.tokenizer_path} (sha256 {mine['sha256'][:16]}, "
+            f"vocab {mine['vocab_size']}, bos_id {bos_id}). Fix: set TOKENIZER_PATH, VOCAB_SIZE, DATA_PATH to its own")
     return {k: (getattr(cfg, k), v) for k, v in meta["model"].items() if getattr(cfg, k) != v}
 
 
