@@ -78,8 +78,7 @@ def resolve_init(cfg: Config, lora_meta: dict | None) -> str:
     if cfg.ttt_init == "auto":
         return "artifact" if lora_meta else "zero"
     if cfg.ttt_init == "artifact" and not lora_meta:
-        raise ValueError("TTT_INIT=artifact: the artifact carries no LoRA factors (LCQ off, or LCQ_MERGE=baked); ship "
-                         "one with LCQ_MERGE=side or fused, or set TTT_INIT=zero (or auto)")
+        raise ValueError("TTT_INIT=artifact: the artifact ships no LoRA. Fix: TTT_INIT=zero or auto")
     return cfg.ttt_init
 
 
@@ -109,7 +108,7 @@ def prepare_adapter(model: nn.Module, init: str, cfg: Config) -> nn.Module:
     from SEED, so every rank and every re-run starts from the same point."""
     if init == "artifact":
         if not lora_modules(model):
-            raise ValueError("TTT_INIT=artifact: the model carries no LoRA factors to start from")
+            raise ValueError("TTT_INIT=artifact: the model ships no LoRA")
     else:
         merge_lora(model)
     names = adapter_names(model, cfg)
