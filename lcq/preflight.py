@@ -425,7 +425,6 @@ def ttt_projection(run) -> dict:
         D.sync(dev)
         phase_s = phase_steps * float(D.all_reduce_max(torch.tensor([time.perf_counter() - t0],
                                                                     dtype=torch.float64, device=dev)))
-    del model, ad
     return dict(ttt_projected_s=float(per_rank.max()) + phase_s, ttt_batches=len(batches),
                 ttt_timed_pieces=len(picks), ttt_timed_s=[round(float(t), 4) for t in secs],
                 ttt_sec_per_forward_token=float(coef[0]), ttt_sec_per_chunk_forward=float(coef[1]),
