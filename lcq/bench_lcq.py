@@ -37,6 +37,7 @@ from .pipeline import TIED, Run, build, lcq_target_names, open_run, quant_spec, 
 from .shipping import apply_lora, artifact_meta, model_from_state, pack_lora
 
 BUDGETS = (2_000, 4_000, 8_000, 16_000, 32_000)
+METHODS = ("lqer_today", "lcq_uniform_int8", "alloc_closed", "alloc_distilled")
 ALLOC_FORMATS = {"8": factor_format(8, False, 64), "4": factor_format(4, False, 64), "2+4": factor_format(4, True, 64)}
 LQER_RANKS = (1, 2, 4, 8, 16)
 # Distillation steps for alloc_distilled and lcq_uniform_int8, pinned so that a run is reproducible (a clock would
@@ -249,7 +250,11 @@ def model_alternatives(run: Run, q_bpb: float, base_bytes: int, compressor: str,
 # ---- the bench -----------------------------------------------------------------------------------------------------
 
 def bench_equal_bytes(cfg: Config, dinfo: D.DistInfo, budgets: list[int], steps: int, cache: str,
-                      wider: float = 0.0) -> dict:
+                      wider: float = 0.0, methods: tuple[str, ...] = METHODS, head: bool = False) -> dict:
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        raise ValueError(f"--methods: unknown {unknown}; choose from {','.join(METHODS)}")
+    methods = set(methods)
     t_start = time.perf_counter()
     run, info = trained_run(cfg, dinfo, cache)
     cfg = run.cfg
@@ -277,78 +282,94 @@ def bench_equal_bytes(cfg: Config, dinfo: D.DistInfo, budgets: list[int], steps:
     # today's LQER: every quantized matrix and the tied embedding are candidates
     state = {k: v.detach() for k, v in run.model.state_dict().items()}
     lq_errors = {n: (state[n].float() - run.gptq_state[n].float(), H) for n, H in sorted(run.hessians.items())}
-    orders = {r: lqer_order(lq_errors, r, cfg.gptq_damp) for r in LQER_RANKS}
+    orders = {r: lqer_order(lq_errors, r, cfg.gptq_damp) for r in LQER_RANKS} if "lqer_today" in methods else {}
     names = lcq_target_names(run.model, cfg)
-    errors = quant_errors(run, names)
+    # LCQ_TARGETS leaves lm_head out (lcq/lora.py); with `head` the allocation rows are also run with it added, the
+    # only place a LoRA can correct the tied embedding (its head side; LQER corrects both sides)
+    sets = {"lcq": names, **({"lcq+lm_head": names + ["lm_head"]} if head and "lm_head" not in names else {})}
+    errors = {t: quant_errors(run, ns) for t, ns in sets.items()}
     for budget in budgets:
-        best = None  # (error removed, rank, k, section)
-        for r, order in orders.items():
-            for k in range(1, len(order) + 1):
-                sec = lqer_section(order[:k], comp)
-                if sec.nbytes > budget:
+        if "lqer_today" in methods:
+            best = None  # (error removed, rank, k, section)
+            for r, order in orders.items():
+                for k in range(1, len(order) + 1):
+                    sec = lqer_section(order[:k], comp)
+                    if sec.nbytes > budget:
+                        break
+                    gain = sum(g for *_, g in order[:k])
+                    if best is None or gain > best[0]:
+                        best = (gain, r, k, sec)
+            if best is None:
+                add(budget, "lqer_today", "2+4", 0, q_bpb, targets="all", rank=0, top_k=0, steps=0)
+            else:
+                add(budget, "lqer_today", "2+4", best[3].nbytes, score_lqer(run, best[3]), targets="all",
+                    rank=best[1], top_k=best[2], steps=0)
+
+        if "lcq_uniform_int8" in methods:  # today's LCQ: int8, one rank for every target, act_svd init, distilled
+            fmt8, fit_rank, sec = ALLOC_FORMATS["8"], 0, None
+            for r in range(1, 65):
+                student = model_from_state(cfg, run.bos_id, run.gptq_state, dinfo.device)
+                attach_lora(student, names, r, cfg.lcq_alpha)
+                init_factors(student, run.model, "act_svd", run.hessians, None, cfg.lcq_grail_ridge)
+                set_format(student, fmt8)
+                trial = lora_section(student, fmt8, "act_svd", comp)
+                if trial.nbytes > budget:
                     break
-                gain = sum(g for *_, g in order[:k])
-                if best is None or gain > best[0]:
-                    best = (gain, r, k, sec)
-        if best is None:
-            add(budget, "lqer_today", "2+4", 0, q_bpb, rank=0, top_k=0, steps=0)
-        else:
-            add(budget, "lqer_today", "2+4", best[3].nbytes, score_lqer(run, best[3]), rank=best[1], top_k=best[2],
-                steps=0)
+                fit_rank, sec, keep = r, trial, student
+            if sec is None:
+                add(budget, "lcq_uniform_int8", "8", 0, q_bpb, targets="lcq", rank=0, steps=0)
+            else:
+                done = distilled(run, keep, steps)
+                sec = lora_section(keep, fmt8, "act_svd", comp)
+                add(budget, "lcq_uniform_int8", "8", sec.nbytes, score_lora(run, sec), targets="lcq", rank=fit_rank,
+                    steps=done)
 
-        # today's LCQ: int8, one rank for every target, act_svd init, distilled
-        fmt8, fit_rank, sec = ALLOC_FORMATS["8"], 0, None
-        for r in range(1, 65):
-            student = model_from_state(cfg, run.bos_id, run.gptq_state, dinfo.device)
-            attach_lora(student, names, r, cfg.lcq_alpha)
-            init_factors(student, run.model, "act_svd", run.hessians, None, cfg.lcq_grail_ridge)
-            set_format(student, fmt8)
-            trial = lora_section(student, fmt8, "act_svd", comp)
-            if trial.nbytes > budget:
+        for tset, tnames in sets.items():
+            if not {"alloc_closed", "alloc_distilled"} & methods:
                 break
-            fit_rank, sec, keep = r, trial, student
-        if sec is None:
-            add(budget, "lcq_uniform_int8", "8", 0, q_bpb, rank=0, steps=0)
-        else:
-            done = distilled(run, keep, steps)
-            sec = lora_section(keep, fmt8, "act_svd", comp)
-            add(budget, "lcq_uniform_int8", "8", sec.nbytes, score_lora(run, sec), rank=fit_rank, steps=done)
-
-        # the byte allocation, closed form, at each storage
-        closed = {}
-        for bits, fmt in ALLOC_FORMATS.items():
-            ranks, fits, alloc = allocate_bytes(errors, max(0, budget - LORA_SECTION_BYTES), fmt, cfg.lcq_alpha, 64)
-            units = sum(ranks.values())
-            if not units:
-                closed[bits] = (add(budget, "alloc_closed", bits, 0, q_bpb, units=0, tensors=0, steps=0), None)
+            # the byte allocation, closed form, at each storage (alloc_distilled needs them to pick its storage)
+            closed = {}
+            for bits, fmt in ALLOC_FORMATS.items():
+                ranks, fits, alloc = allocate_bytes(errors[tset], max(0, budget - LORA_SECTION_BYTES), fmt,
+                                                    cfg.lcq_alpha, 64)
+                units = sum(ranks.values())
+                row = dict(budget_bytes=budget, method="alloc_closed", bits=bits, shipped_bytes=0, bpb=q_bpb,
+                           recovered=0.0 if gap > 0 else float("nan"), targets=tset, units=0, tensors=0, steps=0)
+                if units:
+                    sec = lora_section(student_from_fits(run, tnames, ranks, fits, fmt), fmt, "closed_form", comp)
+                    row = dict(row, shipped_bytes=sec.nbytes, bpb=score_lora(run, sec), units=units, tensors=len(alloc))
+                closed[bits] = (row, (ranks, fits) if units else None)
+                if "alloc_closed" in methods:
+                    add(budget, "alloc_closed", bits, row["shipped_bytes"], row["bpb"], targets=tset, units=row["units"],
+                        tensors=row["tensors"], steps=0)
+            if "alloc_distilled" not in methods:
                 continue
-            sec = lora_section(student_from_fits(run, names, ranks, fits, fmt), fmt, "closed_form", comp)
-            row = add(budget, "alloc_closed", bits, sec.nbytes, score_lora(run, sec), units=units, tensors=len(alloc),
-                      steps=0)
-            closed[bits] = (row, (ranks, fits))
-
-        # the allocation at its best storage here, distilled
-        bits = max(closed, key=lambda b: (closed[b][0]["recovered"], b))
-        row, plan = closed[bits]
-        if plan is None:
-            add(budget, "alloc_distilled", bits, 0, q_bpb, units=0, tensors=0, steps=0)
-        else:
-            fmt = ALLOC_FORMATS[bits]
-            student = student_from_fits(run, names, *plan, fmt)
-            done = distilled(run, student, steps)
-            sec = lora_section(student, fmt, "closed_form", comp)
-            add(budget, "alloc_distilled", bits, sec.nbytes, score_lora(run, sec), units=row["units"],
-                tensors=row["tensors"], steps=done)
+            # the allocation at its best storage here, distilled
+            bits = max(closed, key=lambda b: ((q_bpb - closed[b][0]["bpb"]), b))
+            row, plan = closed[bits]
+            if plan is None:
+                add(budget, "alloc_distilled", bits, 0, q_bpb, targets=tset, units=0, tensors=0, steps=0)
+            else:
+                fmt = ALLOC_FORMATS[bits]
+                student = student_from_fits(run, tnames, *plan, fmt)
+                done = distilled(run, student, steps)
+                sec = lora_section(student, fmt, "closed_form", comp)
+                add(budget, "alloc_distilled", bits, sec.nbytes, score_lora(run, sec), targets=tset,
+                    units=row["units"], tensors=row["tensors"], steps=done)
 
     verdicts = {}
     for budget in budgets:
         at = [r for r in rows if r["budget_bytes"] == budget]
-        lq = next(r["recovered"] for r in at if r["method"] == "lqer_today")
-        alloc = max(r["recovered"] for r in at if r["method"].startswith("alloc"))
-        verdicts[str(budget)] = dict(lqer_today=lq, best_alloc=alloc, alloc_at_least_lqer=alloc >= lq)
-    print("best allocation vs lqer_today: " + " ".join(
-        f"{b}:{v['best_alloc']:.3f}/{v['lqer_today']:.3f}{'' if v['alloc_at_least_lqer'] else ' (LOWER)'}"
-        for b, v in verdicts.items()))
+        lq = [r["recovered"] for r in at if r["method"] == "lqer_today"]
+        for tset in sets:
+            alloc = [r["recovered"] for r in at if r["method"].startswith("alloc") and r["targets"] == tset]
+            if lq and alloc:
+                verdicts[f"{budget}/{tset}"] = dict(lqer_today=lq[0], best_alloc=max(alloc),
+                                                    alloc_at_least_lqer=max(alloc) >= lq[0])
+    if verdicts:
+        print("best allocation vs lqer_today: " + " ".join(
+            f"{b}:{v['best_alloc']:.3f}/{v['lqer_today']:.3f}{'' if v['alloc_at_least_lqer'] else ' (LOWER)'}"
+            for b, v in verdicts.items()))
     base_bytes = model_bytes(run, run.qtensors, run.qmeta, comp)
     alternatives = model_alternatives(run, q_bpb, base_bytes, comp, wider, cache)
     over = [r for r in rows if r["shipped_bytes"] > r["budget_bytes"]]
@@ -357,6 +378,6 @@ def bench_equal_bytes(cfg: Config, dinfo: D.DistInfo, budgets: list[int], steps:
     run.log.close()
     return dict(bench="lcq_equal_bytes", preset=cfg.preset, seed=cfg.seed, train_steps=info["steps"],
                 cached_model=info["cached"], float_bpb=float_bpb, quant_bpb=q_bpb, matrix_bits=cfg.matrix_bits,
-                distill_steps=steps, compressor=comp, targets=names, equal_bytes=rows, verdicts=verdicts,
+                distill_steps=steps, compressor=comp, targets=sets, equal_bytes=rows, verdicts=verdicts,
                 model_bytes=base_bytes, model_instead=alternatives,
                 seconds=time.perf_counter() - t_start)
