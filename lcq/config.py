@@ -180,15 +180,6 @@ class Config:
     gptq_calib_tokens: int = 131_072  # train tokens per rank for the Hessians (never val)
     # > 0: calibrate on this many train batches of TRAIN_BATCH_TOKENS / world per rank instead (#1855: 16)
     gptq_calib_batches: int = 0
-    # LQER (#1797): rank-LQER_RANK Hessian-weighted fit of the quantization error of up to LQER_TOP_K tensors (the tied
-    # embedding first, then where the rounded factors remove the most output error; lcq/gptq.py says how it differs
-    # from #1855), factors stored as small integers next to the codes; 0 = off. asym: A int2 with one scale per tensor, B at
-    # LQER_FACTOR_BITS in groups of LQER_GROUP; otherwise both per row at LQER_FACTOR_BITS
-    lqer_rank: int = 0
-    lqer_top_k: int = 3
-    lqer_factor_bits: int = 4
-    lqer_group: int = 64
-    lqer_asym: bool = True
 
     # --- artifact and gate ---
     # brotli | lzma | auto (both on every section, keep the smaller: twice the host work). brotli by default (issue 8):
@@ -356,10 +347,6 @@ class Config:
         for name in ("matrix_clip_sigmas", "attn_clip_sigmas", "mlp_clip_sigmas", "embed_clip_sigmas"):
             need(math.isfinite(getattr(self, name)), name, "must be a finite number of row standard deviations")
         need(self.gptq_calib_batches >= 0, "gptq_calib_batches", "must be >= 0 (0 = use GPTQ_CALIB_TOKENS)")
-        need(self.lqer_rank >= 0, "lqer_rank", "must be >= 0 (0 = LQER off)")
-        need(self.lqer_top_k >= 1, "lqer_top_k", "must be >= 1")
-        need(2 <= self.lqer_factor_bits <= 8, "lqer_factor_bits", "must be in 2..8")
-        need(self.lqer_group >= 1, "lqer_group", "must be >= 1")
         need(self.compressor in ("auto", "lzma", "brotli", "group"), "compressor",
              "choose brotli, lzma, auto or group (per-role sections; uses lrzip when installed: apt-get install lrzip)")
         need(self.artifact_cap_bytes > 0, "artifact_cap_bytes", "must be > 0")
@@ -448,7 +435,6 @@ RECORD_FEATURES: dict[str, dict] = {
     "muon_row_normalize": dict(muon_row_normalize=True),
     "role_clips": dict(attn_clip_sigmas=13.0, mlp_clip_sigmas=11.5),  # #1855
     "int7_embed": dict(embed_bits=7, embed_clip_sigmas=14.0),  # int7 from #1586, 14 sigmas from #1855
-    "lqer": dict(lqer_rank=4, lqer_top_k=3, lqer_factor_bits=4, lqer_group=64, lqer_asym=True),  # #1797
     # #1855's per-group compressor (lcq/grouping.py): each role section is never larger than brotli of its plain layout;
     # on a trained demo model's GPTQ codes it took 1.9% off brotli alone (2.7% with lrzip), on random-init record-size
     # codes 0.01% (0.9% with lrzip) (BENCHMARKS.md)
@@ -588,6 +574,10 @@ def resolve(argv: list[str] | None = None, env: dict | None = None, allow_extra:
     for arg in rest:
         if arg.split("=", 1)[0] not in allow_extra:
             raise ConfigError(f"unknown argument {arg!r}; knobs are --field_name=value with fields: {', '.join(sorted(_FIELDS))}")
+    gone = [k for k, v in env.items() if k.startswith("LQER_") and v]
+    if gone:  # issue 16: README "LQER is LCQ's closed form" maps each knob
+        raise ConfigError(f"{gone[0]}: LQER is now LCQ with no distillation; use LCQ_BYTES, LCQ_FACTOR_BITS=4, "
+                          "LCQ_FACTOR_ASYM=1, LCQ_MAX_STEPS=0")
     preset = cli.get("preset") or env.get("PRESET") or "record"
     if preset not in PRESETS:
         raise ConfigError(f"PRESET={preset!r}: unknown preset; choose one of {sorted(PRESETS)}")
