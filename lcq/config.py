@@ -216,7 +216,7 @@ class Config:
     lcq_lr: float = 1e-3
     lcq_warmdown_frac: float = 0.5  # LR decays linearly to 0 over this last fraction of the LCQ steps/time
     lcq_batch_tokens: int = 131_072  # global train tokens per distillation step
-    lcq_max_steps: int = 100_000  # 0 = closed-form init only, no training
+    lcq_max_steps: int = 100_000  # 0 = closed-form init only, no training (LQER, issue 16)
     lcq_seconds: float = 0.0  # 0: whatever GPTQ left of the reserve; > 0: at most this many seconds
     lcq_safety_seconds: float = 5.0
     # Factor storage (issue 16): A (r, in) at LCQ_FACTOR_BITS; B (out, r) at the same bits (symmetric, one fp16 scale
@@ -465,7 +465,7 @@ PRESETS: dict[str, dict] = {
         # and clips: 0.422 B/param int6 attention, 0.441 int6 MLP, 0.536 int7 embedding) projects #1855's 4x MLP
         # (35.9 M params) to 16.15 MB, over the cap (#1855 fit only through its lrzip per-group compressor, ~280 KB;
         # ours with lrzip took 0.87% off brotli on such codes, not enough), and MLP hidden 1984 (3.875x, 35.2 M params)
-        # to 15.89 MB with the LQER factors' upper bound and the code: under 16,000,000, above 15.5 MB.
+        # to 15.86 MB with the code: under 16,000,000, above 15.5 MB, the rest for the LoRA below.
         mlp_mult=3.875,
         # #1855's optimizer and schedule (its README's hyperparameter table and its train_gpt.py defaults)
         matrix_lr=0.026, embed_lr=0.03, scalar_lr=0.02, muon_momentum=0.97, muon_momentum_warmup_start=0.92,
@@ -473,12 +473,18 @@ PRESETS: dict[str, dict] = {
         adam_beta2=0.99, warmdown_frac=0.85, ema_decay=0.9965,
         gptq_calib_batches=16,  # #1855: GPTQ_CALIBRATION_BATCHES=16
         # The model fills the cap to ~15.89 MB, so a fixed rank-8 LoRA (~0.69 MB on these shapes) would fail the gate.
-        # Issue 16: the LoRA gets what the real compressed model section and the code leave (LCQ_BYTES=auto, ~88 KB
+        # Issue 16: the LoRA gets what the real compressed model section and the code leave (LCQ_BYTES=auto, ~116 KB
         # under the projection after the 20 KB headroom), spent a rank unit at a time where the closed form removes
         # the most Hessian-weighted error per byte, in LQER's 2+4-bit storage (#1855; a unit over an MLP matrix is
         # ~0.77 KB instead of int8's ~2.5 KB). It costs no model bytes (MLP width and clips as above): no equal-bytes
-        # measurement yet says a LoRA byte beats a model byte, so the model is not narrowed for it.
+        # measurement yet says a LoRA byte beats a model byte, so the model is not narrowed for it. It is LQER's place
+        # too (issue 16: LQER is this closed form, distilled here in what LCQ time is left), so the tied head is a
+        # candidate: LQER's measured gain was the embedding's (issue 11, demo: -0.0130 bpb, each block matrix -0.0004 to
+        # +0.0001), and on a 100-step demo model the allocation over the blocks alone raised bpb at 4 and 8 KB while the
+        # same budgets with lm_head offered (it took rank 1) lowered it (BENCHMARKS.md, issue 16).
         lcq_rank="auto", lcq_bytes="auto", lcq_factor_bits=4, lcq_factor_asym=True,
+        lcq_targets="blocks.*.attn.c_q,blocks.*.attn.c_k,blocks.*.attn.c_v,blocks.*.attn.proj,blocks.*.mlp.fc,"
+                    "blocks.*.mlp.proj,lm_head",
         # #1855's score-first TTT (its train_seed42.log hyperparameters; batched as in #1855, lcq/ttt.py)
         ttt_enabled=True, ttt_rank=80, ttt_alpha=144.0, ttt_lr=1e-4, ttt_beta1=0.0, ttt_beta2=0.99, ttt_eps=1e-10,
         ttt_weight_decay=0.5, ttt_chunk_tokens=48, ttt_batch_docs=64,

@@ -168,6 +168,7 @@ def test_record_preset_shows_the_stack():
     assert (cfg.parallel_start_layer, cfg.attn_gate_window, cfg.embed_bits) == (8, 12, 7)
     # one low-rank correction (issue 16): the byte-allocated LoRA in #1855's 2+4-bit LQER storage
     assert (cfg.lcq_bytes, cfg.lcq_factor_bits, cfg.lcq_factor_asym) == ("auto", 4, True)
+    assert cfg.lcq_targets.endswith(",lm_head")  # the tied head is a candidate, as LQER's embedding was
     assert (cfg.min_lr_frac, cfg.warmdown_frac, cfg.adam_beta2, cfg.ema_decay) == (0.10, 0.85, 0.99, 0.9965)
 
 

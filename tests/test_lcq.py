@@ -43,11 +43,12 @@ def test_closed_form_never_raises_a_real_tensors_weighted_error(tmp_path, demo_d
 
 def test_no_distillation_ships_exactly_the_closed_form(tmp_path, demo_data):
     """LCQ_MAX_STEPS=0 with LCQ_BYTES=N is LQER: the artifact's factors decode to exactly the closed-form fits the
-    byte allocation priced (no step moved them), within N bytes, and the decoded model scores what ships."""
+    byte allocation priced (no step moved them), within N bytes; the decoded model scores what ships, and TTT starts
+    from those factors (TTT_INIT=artifact)."""
     n = 4000
     cfg = tiny_cfg(tmp_path, demo_data, "nodistill", lcq_max_steps=0, lcq_bytes=str(n), lcq_rank="4",
                    lcq_factor_bits=4, lcq_factor_asym=True, lcq_factor_group=16,
-                   lcq_targets="blocks.*.attn.c_q,blocks.*.mlp.fc,lm_head")
+                   lcq_targets="blocks.*.attn.c_q,blocks.*.mlp.fc,lm_head", ttt_enabled=True, ttt_init="artifact")
     run = run_stages(cfg)
     assert run.distill_result.steps == 0
     assert ship(run)
@@ -63,7 +64,7 @@ def test_no_distillation_ships_exactly_the_closed_form(tmp_path, demo_data):
                                                                                          "B_scale")})
         assert torch.equal(A, fit["A"]) and torch.equal(B, fit["B"]), name
     assert sum(b for *_, b, _ in rows) <= n - lora.LORA_SECTION_BYTES and 0 < run.size.lora_bytes <= n
-    assert "quantized_lcq" in run.scores
+    assert "quantized_lcq" in run.scores and "quantized_lcq_ttt" in run.scores
 
 
 def test_bad_lcq_targets_name_the_knob():
