@@ -16,8 +16,8 @@ import torch.nn.functional as F
 # before any forward (resolve_backend runs when the model is built), so a compiled forward only reads this dict.
 _KERNELS: dict[str, tuple] = {}
 
-INSTALL_HINT = ("install flash-attn 3 for this torch/CUDA (README, requirements-gpu.txt): `pip install --no-deps "
-                "flash_attn_3 --find-links https://windreamer.github.io/flash-attention3-wheels/cu128_torch291/`")
+INSTALL_HINT = ("install flash-attn 3: `pip install --no-deps flash_attn_3 --find-links "
+                "https://windreamer.github.io/flash-attention3-wheels/cu128_torch291/`")
 
 
 def _load(kind: str):
@@ -63,14 +63,11 @@ def resolve_backend(requested: str, device: torch.device) -> str:
         for kind in ("fa3", "fa2"):
             if _flash(kind) is not None:
                 return kind
-        raise RuntimeError(
-            "ATTENTION_BACKEND=auto on CUDA: neither flash_attn_interface (flash-attn 3: "
-            f"{_import_error('fa3')}) nor flash_attn (flash-attn 2: {_import_error('fa2')}) imports. {INSTALL_HINT}. "
-            "Or set ATTENTION_BACKEND=sdpa to run the much slower SDPA path on purpose")
+        raise RuntimeError(f"ATTENTION_BACKEND=auto on CUDA: flash-attn 3 ({_import_error('fa3')}) and 2 "
+                           f"({_import_error('fa2')}) do not import. {INSTALL_HINT}, or set ATTENTION_BACKEND=sdpa")
     if requested in ("fa3", "fa2") and _flash(requested) is None:
-        pkg = "flash_attn_interface (flash-attn 3)" if requested == "fa3" else "flash_attn (flash-attn 2)"
-        raise RuntimeError(f"ATTENTION_BACKEND={requested}: cannot import {pkg} ({_import_error(requested)}); "
-                           f"{INSTALL_HINT}; or use ATTENTION_BACKEND=auto/sdpa")
+        raise RuntimeError(f"ATTENTION_BACKEND={requested}: cannot import it ({_import_error(requested)}); "
+                           f"{INSTALL_HINT}, or use ATTENTION_BACKEND=auto/sdpa")
     return requested
 
 

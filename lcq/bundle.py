@@ -65,7 +65,7 @@ LEFT_OUT = {
 
 HEADER = b'''\
 #coding:latin-1
-# made by `python -m lcq.bundle` (do not edit): the lcq sources, brotli in a latin-1 string; this file's size is the code bytes
+# lcq's sources, brotli in a latin-1 string (made by python -m lcq.bundle: do not edit)
 import brotli,importlib.abc as A,importlib.util as U,sys
 class _Bundle(A.MetaPathFinder,A.Loader):
  def __init__(s,p,b):s.lcq_bundle_path=p;s.sources=dict(r.split("\\n",1)for r in brotli.decompress(b).decode().split("\\0")[1:])

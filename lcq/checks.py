@@ -56,8 +56,7 @@ def check_shards(cfg: Config, with_train: bool = True) -> tuple[list[str], list[
     if bad:
         more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
         raise StartupError(f"{len(bad)} bad shard(s) in DATA_PATH={cfg.data_path}: " + "; ".join(bad[:3]) + more +
-                           ". Fix: re-download (`python -m lcq.corpus download`) or rebuild them, or move them out "
-                           "of DATA_PATH")
+                           ". Fix: re-download or rebuild them (`python -m lcq.corpus`)")
     return train, val
 
 
@@ -71,9 +70,7 @@ def _read_tokens(f, n_tokens: int, start: int, count: int) -> np.ndarray:
 
 
 def _id_fix(what: str) -> str:
-    return (f"the {what} shards were tokenized with a larger vocabulary than TOKENIZER_PATH/VOCAB_SIZE. Fix: point "
-            "DATA_PATH at shards made with this tokenizer, or TOKENIZER_PATH and VOCAB_SIZE at the ones the shards "
-            "were made with")
+    return f"Fix: point DATA_PATH ({what}) and TOKENIZER_PATH/VOCAB_SIZE at one tokenizer's data"
 
 
 def check_val_ids(val_files: list[str], vocab_size: int) -> None:
@@ -85,8 +82,8 @@ def check_val_ids(val_files: list[str], vocab_size: int) -> None:
                 toks = _read_tokens(f, n, start, VAL_READ_TOKENS)
                 if toks.size and int(toks.max()) >= vocab_size:
                     first = start + int(np.argmax(toks >= vocab_size))
-                    raise StartupError(f"{path}: token id {int(toks.max())} (first out-of-range id at position "
-                                       f"{first}) >= VOCAB_SIZE={vocab_size}; {_id_fix('val')}")
+                    raise StartupError(f"{path}: token id {int(toks.max())} (first at position {first}) >= "
+                                       f"VOCAB_SIZE={vocab_size}. {_id_fix('val')}")
 
 
 def check_train_ids(train_files: list[str], vocab_size: int, sample_tokens: int = TRAIN_SAMPLE_TOKENS) -> int:
@@ -102,18 +99,15 @@ def check_train_ids(train_files: list[str], vocab_size: int, sample_tokens: int 
                 checked += chunk.size
                 if chunk.size and int(chunk.max()) >= vocab_size:
                     raise StartupError(f"{path}: token id {int(chunk.max())} near position {start} >= "
-                                       f"VOCAB_SIZE={vocab_size}; {_id_fix('train')}")
+                                       f"VOCAB_SIZE={vocab_size}. {_id_fix('train')}")
     return checked
 
 
 def check_tokenizer_file(cfg: Config) -> None:
     if not os.path.isfile(cfg.tokenizer_path):
-        demo = (" The demo/tiny presets build their own tokenizer only when TOKENIZER_PATH and DATA_PATH are left at "
-                "the demo layout (<root>/tokenizers/demo_sp1024.model, <root>/datasets/demo_sp1024)."
-                if cfg.auto_build_demo else "")
-        raise StartupError(f"TOKENIZER_PATH={cfg.tokenizer_path}: no such file. Fix: set TOKENIZER_PATH to the "
-                           "SentencePiece .model the shards in DATA_PATH were tokenized with (`python -m lcq.corpus "
-                           f"download` fetches the official one).{demo}")
+        demo = " (the demo presets build theirs only at the default demo paths)" * cfg.auto_build_demo
+        raise StartupError(f"TOKENIZER_PATH={cfg.tokenizer_path}: no such file. Fix: set it to the .model DATA_PATH "
+                           f"was tokenized with (`python -m lcq.corpus download`){demo}")
 
 
 def check_reserve(cfg: Config) -> float:
@@ -126,9 +120,8 @@ def check_reserve(cfg: Config) -> float:
             (f" + LCQ_SAFETY_SECONDS {safety:g}" if cfg.lcq_enabled else "") + \
             f" + GPTQ_MIN_SECONDS {cfg.gptq_min_seconds:g}"
         raise StartupError(
-            f"TRAIN_RESERVE_SECONDS={cfg.train_reserve_seconds:g} is less than {parts} = {need:g}: GPTQ/LCQ would get "
-            f"{cfg.train_reserve_seconds - cfg.serialize_reserve_seconds - safety:.2f}s. Fix: raise "
-            f"TRAIN_RESERVE_SECONDS to at least {need:g} (MAX_WALLCLOCK_SECONDS must stay above it) or lower those knobs")
+            f"TRAIN_RESERVE_SECONDS={cfg.train_reserve_seconds:g} < {parts} = {need:g}. Fix: raise it to {need:g} "
+            "or lower those knobs")
     return cfg.train_reserve_seconds - cfg.serialize_reserve_seconds - safety
 
 
@@ -149,10 +142,8 @@ def check_disk(cfg: Config, artifact_bytes: int) -> dict[str, int]:
         have = shutil.disk_usage(where).free
         free[str(where)] = have
         if have < need:
-            raise StartupError(f"{knob}: {where} has {have:,} bytes free, the run needs {need:,} (an artifact of up "
-                               f"to ARTIFACT_CAP_BYTES={cfg.artifact_cap_bytes:,} + {DISK_MARGIN_BYTES:,} for logs and "
-                               "the bundled script). Fix: free space there or point LOG_DIR/ARTIFACT_PATH at another "
-                               "disk")
+            raise StartupError(f"{knob}: {where} has {have:,} bytes free, the run needs {need:,} "
+                               "(ARTIFACT_CAP_BYTES + logs). Fix: free space or use another disk")
     return free
 
 
@@ -251,9 +242,8 @@ def check_finite_weights(model: torch.nn.Module, where: str) -> None:
     bad = [n for n, t in [*model.named_parameters(), *model.named_buffers()]
            if t.is_floating_point() and not bool(torch.isfinite(t).all())]
     if bad:
-        raise NonFiniteError(f"{where}: non-finite weights in {bad[:5]}{' ...' if len(bad) > 5 else ''}; nothing is "
-                             "quantized, shipped or scored. Fix: lower the learning rates (MATRIX_LR, EMBED_LR, "
-                             "SCALAR_LR) or set GRAD_CLIP_NORM")
+        raise NonFiniteError(f"{where}: non-finite weights in {bad[:5]}; nothing shipped. Fix: lower MATRIX_LR/"
+                             "EMBED_LR/SCALAR_LR or set GRAD_CLIP_NORM")
 
 
 def finite(x) -> bool:

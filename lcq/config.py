@@ -22,6 +22,32 @@ class ConfigError(ValueError):
 
 
 
+# Range checks by field (Config.__post_init__): each entry is (test, what the message says, the fields it holds for).
+# What 0 means where it is special (off, all, TRAIN_SEQ_LEN) is in the field's comment and the README.
+_BOUNDS = (
+    (lambda v: v > 0, "> 0", "vocab_size max_wallclock_seconds eval_budget_seconds iterations mlp_mult gptq_damp "
+     "artifact_cap_bytes lcq_alpha lcq_temperature ttt_eps"),
+    (lambda v: v >= 0, ">= 0", "gptq_min_seconds warmup_steps lr_warmup_steps val_loss_every logit_softcap "
+     "grad_clip_norm eval_seq_len val_max_tokens ttt_steps ttt_lr ttt_weight_decay ttt_phases ttt_phase_lr "
+     "gptq_calib_batches serialize_reserve_seconds serialize_threads lcq_lr lcq_max_steps lcq_seconds "
+     "lcq_safety_seconds lcq_grail_ridge lcq_auto_headroom_bytes matrix_lr embed_lr scalar_lr embed_weight_decay "
+     "scalar_weight_decay muon_weight_decay ttt_alpha ttt_phase_momentum ttt_phase_clip ttt_phase_tokens"),
+    (lambda v: v >= 1, ">= 1", "grad_accum_steps train_log_every num_layers recur_passes muon_backend_steps "
+     "ttt_chunk_tokens ttt_rank gptq_block_size lcq_factor_group lcq_grail_tokens "
+     "lcq_log_every ttt_batch_docs"),
+    (lambda v: v >= 2, ">= 2", "train_seq_len"),
+    (lambda v: 0 <= v < 1, "in [0, 1)", "muon_momentum muon_momentum_warmup_start adam_beta1 adam_beta2 ema_decay "
+     "ttt_beta1 ttt_beta2"),
+    (lambda v: 0 <= v <= 1, "in [0, 1]", "warmdown_frac recur_from_progress min_lr_frac lcq_warmdown_frac"),
+    (lambda v: 2 <= v <= 8, "in 2..8", "matrix_bits embed_bits lcq_factor_bits"),
+)
+# The values a string field may take.
+_CHOICES = dict(mlp_act="relu2 leaky_relu2", smear_gate="off blend input", init="default orthogonal",
+                muon_ns_coeffs="jordan polar_express", ttt_init="auto artifact zero", quant_method="gptq rtn",
+                lcq_init="zero svd act_svd grail", lcq_merge="side fused baked", lcq_rank_alloc="uniform rho",
+                lcq_objective="kl ttt_start", attention_backend="auto fa3 fa2 sdpa", compressor="brotli lzma auto group")
+
+
 @dataclass(frozen=True)
 class Config:
     # --- run identity and files ---
@@ -245,27 +271,14 @@ class Config:
         # A run's name names files in LOG_DIR, never a path (issue 17: RUN_ID=../x wrote outside LOG_DIR; 240
         # characters failed on the artifact's temp name after LCQ).
         need(re.fullmatch(r"\w[\w.-]{,99}", self.run_id or "x", re.A), "run_id", r"must match \w[\w.-]{,99}")
-        need(self.vocab_size > 0, "vocab_size", "must be > 0")
-        need(self.max_wallclock_seconds > 0, "max_wallclock_seconds", "must be > 0")
         need(0 <= self.train_reserve_seconds < self.max_wallclock_seconds, "train_reserve_seconds",
              "must be >= 0 and less than MAX_WALLCLOCK_SECONDS (main training needs some time)")
-        need(self.eval_budget_seconds > 0, "eval_budget_seconds", "must be > 0")
-        need(self.gptq_min_seconds >= 0, "gptq_min_seconds", "must be >= 0")
-        need(self.iterations > 0, "iterations", "must be > 0")
-        need(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
-        need(self.lr_warmup_steps >= 0, "lr_warmup_steps", "must be >= 0")
-        need(0.0 <= self.warmdown_frac <= 1.0, "warmdown_frac", "must be in [0, 1]")
-        need(self.train_seq_len >= 2, "train_seq_len", "must be >= 2")
-        need(self.grad_accum_steps >= 1, "grad_accum_steps", "must be >= 1")
         need(self.train_batch_tokens >= self.train_seq_len * self.grad_accum_steps, "train_batch_tokens",
              "must be at least TRAIN_SEQ_LEN * GRAD_ACCUM_STEPS (one sequence per micro-step)")
         try:
             parse_seq_schedule(self.train_seq_schedule, self.train_seq_len)
         except ValueError as e:
             need(False, "train_seq_schedule", str(e))
-        need(self.val_loss_every >= 0, "val_loss_every", "must be >= 0 (0 disables)")
-        need(self.train_log_every >= 1, "train_log_every", "must be >= 1")
-        need(self.num_layers >= 1, "num_layers", "must be >= 1")
         need(self.num_heads >= 1 and self.model_dim % self.num_heads == 0, "model_dim",
              f"must be divisible by NUM_HEADS={self.num_heads}")
         need(self.num_kv_heads >= 1 and self.num_heads % self.num_kv_heads == 0, "num_kv_heads",
@@ -274,19 +287,17 @@ class Config:
         need(head_dim % 2 == 0, "model_dim", "MODEL_DIM / NUM_HEADS must be even for RoPE")
         need(0 <= self.rope_dims <= head_dim and self.rope_dims % 2 == 0, "rope_dims",
              f"must be even and in [0, head_dim={head_dim}] (0 = full RoPE)")
-        need(self.mlp_mult > 0, "mlp_mult", "must be > 0")
-        need(self.mlp_act in ("relu2", "leaky_relu2"), "mlp_act", "choose relu2 or leaky_relu2")
         if isinstance(self.smear_gate, bool):  # artifacts written before issue 19 record the on/off bool
             object.__setattr__(self, "smear_gate", "blend" if self.smear_gate else "off")
-        need(self.smear_gate in ("off", "blend", "input"), "smear_gate", "choose blend, input or off")
-        need(self.init in ("default", "orthogonal"), "init", "choose default or orthogonal")
-        need(self.logit_softcap >= 0, "logit_softcap", "must be >= 0 (0 disables)")
+        for test, what, fields in _BOUNDS:
+            for name in fields.split():
+                need(test(getattr(self, name)), name, "must be " + what)
+        for name, values in _CHOICES.items():
+            need(getattr(self, name) in values.split(), name, "choose one of " + values)
         need(0 <= self.xsa_last_n <= self.num_layers, "xsa_last_n", f"must be in [0, NUM_LAYERS={self.num_layers}]")
-        need(self.recur_passes >= 1, "recur_passes", "must be >= 1 (1 = no depth recurrence)")
         if self.recur_passes > 1:
             need(0 <= self.recur_start_layer <= self.recur_end_layer < self.num_layers, "recur_end_layer",
                  f"need 0 <= RECUR_START_LAYER={self.recur_start_layer} <= RECUR_END_LAYER < NUM_LAYERS={self.num_layers}")
-        need(0 <= self.recur_from_progress <= 1, "recur_from_progress", "must be in [0, 1]")
         if self.parallel_start_layer:
             # Lanes only in the decoder half and after the looped span, so a lane never feeds an encoder skip or loop.
             first = max(self.num_layers // 2 if self.unet_skips else 1,
@@ -296,87 +307,29 @@ class Config:
         need(0 <= self.attn_gate_window <= self.model_dim, "attn_gate_window",
              f"must be in [0, MODEL_DIM={self.model_dim}] (0 = off)")
         need(math.isfinite(self.attn_gate_scale) and self.attn_gate_scale > 0, "attn_gate_scale", "must be > 0")
-        need(self.attention_backend in ("auto", "fa3", "fa2", "sdpa"), "attention_backend",
-             "choose auto, fa3, fa2 or sdpa")
         need(isinstance(self.autocast_cpu_bf16, bool), "autocast_cpu_bf16", "must be 0 or 1")
-        for name in ("matrix_lr", "embed_lr", "scalar_lr"):
-            need(getattr(self, name) >= 0, name, "must be >= 0")
-        need(0 <= self.muon_momentum < 1, "muon_momentum", "must be in [0, 1)")
-        need(0 <= self.muon_momentum_warmup_start < 1, "muon_momentum_warmup_start", "must be in [0, 1)")
-        need(self.muon_backend_steps >= 1, "muon_backend_steps", "must be >= 1")
-        need(self.muon_ns_coeffs in ("jordan", "polar_express"), "muon_ns_coeffs", "choose jordan or polar_express")
-        for name in ("embed_weight_decay", "scalar_weight_decay", "muon_weight_decay"):
-            need(getattr(self, name) >= 0, name, "must be >= 0")
-        need(0 <= self.min_lr_frac <= 1, "min_lr_frac", "must be in [0, 1] (0 = decay to zero)")
-        need(0 <= self.adam_beta1 < 1, "adam_beta1", "must be in [0, 1)")
-        need(0 <= self.adam_beta2 < 1, "adam_beta2", "must be in [0, 1)")
-        need(self.grad_clip_norm >= 0, "grad_clip_norm", "must be >= 0 (0 disables)")
-        need(0 <= self.ema_decay < 1, "ema_decay", "must be in [0, 1) (0 disables)")
-        need(self.eval_seq_len >= 0, "eval_seq_len", "must be >= 0 (0 = TRAIN_SEQ_LEN)")
         need(1 <= self.eval_stride <= self.window, "eval_stride", f"must be in [1, eval window={self.window}]")
         need(self.eval_batch_tokens >= self.window, "eval_batch_tokens",
              f"must hold at least one eval window ({self.window} tokens)")
-        need(self.val_max_tokens >= 0, "val_max_tokens", "must be >= 0 (0 = all)")
-        need(self.ttt_init in ("auto", "artifact", "zero"), "ttt_init", "choose auto, artifact or zero")
-        need(self.ttt_chunk_tokens >= 1, "ttt_chunk_tokens", "must be >= 1")
-        need(self.ttt_steps >= 0, "ttt_steps", "must be >= 0 (0 = score only)")
-        need(self.ttt_rank >= 1, "ttt_rank", "must be >= 1")
-        need(self.ttt_lr >= 0, "ttt_lr", "must be >= 0")
-        need(0 <= self.ttt_beta1 < 1, "ttt_beta1", "must be in [0, 1)")
-        need(0 <= self.ttt_beta2 < 1, "ttt_beta2", "must be in [0, 1)")
-        need(self.ttt_weight_decay >= 0, "ttt_weight_decay", "must be >= 0")
-        need(self.ttt_phases >= 0, "ttt_phases", "must be >= 0 (0 = no global phase)")
         need(self.ttt_phase_docs >= self.ttt_phases and (self.ttt_phases > 0 or self.ttt_phase_docs == 0),
              "ttt_phase_docs", f"must be >= TTT_PHASES={self.ttt_phases} (one document per phase at least) when "
              "TTT_PHASES > 0, and 0 when TTT_PHASES=0")
-        need(self.ttt_phase_lr >= 0, "ttt_phase_lr", "must be >= 0")
-        need(self.ttt_batch_docs >= 1 and self.ttt_eps > 0 and min(self.ttt_alpha, self.ttt_phase_momentum,
-             self.ttt_phase_clip, self.ttt_phase_tokens) >= 0, "ttt_batch_docs",
-             "TTT_BATCH_DOCS must be >= 1, TTT_EPS > 0, TTT_ALPHA and TTT_PHASE_MOMENTUM/CLIP/TOKENS >= 0")
         # Known before training: a start from the artifact needs shipped factors (fail now, not after a paid run).
         need(self.eval_only or not self.ttt_enabled or self.ttt_init != "artifact"
              or (self.lcq_rank != "0" and self.lcq_merge != "baked"), "ttt_init",
              "artifact needs LoRA factors in the artifact: LCQ on (LCQ_RANK != 0) with LCQ_MERGE=side or fused; "
              "or set TTT_INIT=zero/auto")
-        need(self.quant_method in ("gptq", "rtn"), "quant_method", "choose gptq or rtn")
-        need(2 <= self.matrix_bits <= 8, "matrix_bits", "must be in 2..8")
-        need(2 <= self.embed_bits <= 8, "embed_bits", "must be in 2..8")
-        need(self.gptq_damp > 0, "gptq_damp", "must be > 0")
-        need(self.gptq_block_size >= 1, "gptq_block_size", "must be >= 1")
         need(self.gptq_calib_tokens >= self.train_seq_len, "gptq_calib_tokens", "must hold at least one TRAIN_SEQ_LEN sequence")
         for name in ("matrix_clip_sigmas", "attn_clip_sigmas", "mlp_clip_sigmas", "embed_clip_sigmas"):
             need(math.isfinite(getattr(self, name)), name, "must be a finite number of row standard deviations")
-        need(self.gptq_calib_batches >= 0, "gptq_calib_batches", "must be >= 0 (0 = use GPTQ_CALIB_TOKENS)")
-        need(self.compressor in ("auto", "lzma", "brotli", "group"), "compressor",
-             "choose brotli, lzma, auto or group (per-role sections; uses lrzip when installed: apt-get install lrzip)")
-        need(self.artifact_cap_bytes > 0, "artifact_cap_bytes", "must be > 0")
-        need(self.serialize_reserve_seconds >= 0, "serialize_reserve_seconds", "must be >= 0")
-        need(self.serialize_threads >= 0, "serialize_threads", "must be >= 0 (0 = host cores less two per local rank)")
         need(self.lcq_rank == "auto" or (self.lcq_rank.isdigit() and int(self.lcq_rank) >= 0), "lcq_rank",
              "must be an integer >= 0 (0 turns LCQ off) or auto")
-        need(self.lcq_alpha > 0, "lcq_alpha", "must be > 0")
-        need(self.lcq_init in ("zero", "svd", "act_svd", "grail"), "lcq_init", "choose zero, svd, act_svd or grail")
-        need(self.lcq_merge in ("side", "fused", "baked"), "lcq_merge", "choose side, fused or baked")
-        need(self.lcq_rank_alloc in ("uniform", "rho"), "lcq_rank_alloc", "choose uniform or rho")
-        need(self.lcq_temperature > 0, "lcq_temperature", "must be > 0")
-        need(self.lcq_objective in ("kl", "ttt_start"), "lcq_objective", "choose kl or ttt_start")
         need(0 <= self.lcq_teacher_topk <= self.vocab_size, "lcq_teacher_topk",
              f"must be in [0, VOCAB_SIZE={self.vocab_size}] (0 = the full distribution)")
-        need(self.lcq_lr >= 0, "lcq_lr", "must be >= 0")
-        need(0 <= self.lcq_warmdown_frac <= 1, "lcq_warmdown_frac", "must be in [0, 1]")
         need(self.lcq_batch_tokens >= self.train_seq_len, "lcq_batch_tokens", "must hold at least one TRAIN_SEQ_LEN sequence")
-        need(self.lcq_max_steps >= 0, "lcq_max_steps", "must be >= 0")
-        need(self.lcq_seconds >= 0, "lcq_seconds", "must be >= 0 (0 = what the reserve leaves)")
-        need(self.lcq_safety_seconds >= 0, "lcq_safety_seconds", "must be >= 0")
-        need(2 <= self.lcq_factor_bits <= 8, "lcq_factor_bits", "must be in 2..8")
-        need(self.lcq_factor_group >= 1, "lcq_factor_group", "must be >= 1")
         need(self.lcq_bytes == "auto" or self.lcq_bytes.isdigit(), "lcq_bytes", "must be a byte count or auto (0 = off)")
         need(self.lcq_bytes == "0" or self.lcq_merge != "baked", "lcq_bytes",
              "counts shipped factor bytes, which LCQ_MERGE=baked does not ship; use side or fused, or LCQ_BYTES=0")
-        need(self.lcq_grail_ridge >= 0, "lcq_grail_ridge", "must be >= 0")
-        need(self.lcq_grail_tokens >= 1, "lcq_grail_tokens", "must be >= 1")
-        need(self.lcq_log_every >= 1, "lcq_log_every", "must be >= 1")
-        need(self.lcq_auto_headroom_bytes >= 0, "lcq_auto_headroom_bytes", "must be >= 0")
 
     @property
     def artifact_file(self) -> str:

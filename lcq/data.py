@@ -71,8 +71,7 @@ def read_header(path: str | os.PathLike) -> int:
     path = Path(path)
     size = path.stat().st_size
     if size < HEADER_BYTES:
-        raise ShardError(f"{path}: {size} bytes is shorter than the {HEADER_BYTES}-byte shard header; "
-                         "the file is truncated or not a token shard")
+        raise ShardError(f"{path}: {size} bytes, shorter than a shard header; truncated or not a shard")
     header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
     if header[0] != MAGIC:
         raise ShardError(f"{path}: bad magic {int(header[0])} (expected {MAGIC}); not a token shard")
@@ -81,8 +80,7 @@ def read_header(path: str | os.PathLike) -> int:
     n = int(header[2])
     expected = HEADER_BYTES + 2 * n
     if size != expected:
-        raise ShardError(f"{path}: header says {n} tokens ({expected} bytes) but the file has {size} bytes; "
-                         "re-download or rebuild it")
+        raise ShardError(f"{path}: header says {n} tokens but the file has {size} bytes; re-download or rebuild it")
     return n
 
 
@@ -103,9 +101,7 @@ def list_shards(pattern: str, what: str) -> list[str]:
     files = [f for f in sorted(glob.glob(pattern)) if not os.path.basename(f).startswith(SIDECAR_PREFIX)]
     if not files:
         raise FileNotFoundError(
-            f"no {what} shards match {pattern!r}. Set DATA_PATH to the folder holding fineweb_{what}_*.bin, "
-            "build the demo data (`python -m lcq.corpus demo`) or fetch the official data "
-            "(`python -m lcq.corpus download`)")
+            f"no {what} shards match {pattern!r}. Fix: set DATA_PATH, or `python -m lcq.corpus demo|download`")
     return files
 
 
@@ -160,15 +156,13 @@ def load_val_bytes(data_path: str, n_tokens: int) -> np.ndarray | None:
     names = [os.path.basename(f)[len(SIDECAR_PREFIX):] for f in sidecars]
     expected = [os.path.basename(f)[len("fineweb_val_"):] for f in vals]
     if names != expected:
-        raise ShardError(f"{data_path}: byte sidecar shards {[os.path.basename(f) for f in sidecars]} do not pair "
-                         f"with the val shards {[os.path.basename(f) for f in vals]}; each fineweb_val_N.bin needs its "
-                         "fineweb_val_bytes_N.bin from the same export (re-download the dataset)")
+        raise ShardError(f"{data_path}: byte sidecars {names} do not pair with val shards {expected}; re-download "
+                         "the dataset")
     parts = []
     for tok_file, byte_file in zip(vals, sidecars):
         if read_header(byte_file) != read_header(tok_file):
-            raise ShardError(f"{byte_file}: {read_header(byte_file)} entries but {os.path.basename(tok_file)} has "
-                             f"{read_header(tok_file)} tokens; the sidecar must hold one byte count per val token "
-                             "(re-download the dataset)")
+            raise ShardError(f"{byte_file}: {read_header(byte_file)} entries for {read_header(tok_file)} tokens; "
+                             "re-download the dataset")
         parts.append(np.asarray(read_shard(byte_file)))
     counts = np.concatenate(parts)
     if n_tokens > counts.size:

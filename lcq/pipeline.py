@@ -97,8 +97,7 @@ def failure_line(exc: BaseException) -> str:
 
 def failure_message(exc: BaseException) -> str:
     if isinstance(exc, (Interrupted, KeyboardInterrupt)):
-        return (f"{str(exc) or 'interrupted by SIGINT'}; the run stopped, its temp files were removed, nothing was "
-                "submitted")
+        return f"{str(exc) or 'interrupted by SIGINT'}; temp files removed, nothing submitted"
     if isinstance(exc, NAMED_ERRORS):
         return str(exc)
     return f"{type(exc).__name__}: {exc}"
@@ -250,8 +249,7 @@ def startup_checks(cfg: Config):
     knob and the fix. Returns (tokenizer, bos_id, header lines)."""
     t0 = time.perf_counter()
     if cfg.eval_only and not os.path.isfile(cfg.artifact_file):
-        raise StartupError(f"--artifact {cfg.artifact_file}: no such file. Fix: pass the .lcq a training run wrote "
-                           "(logs/<run_id>.lcq, or the run's ARTIFACT_PATH)")
+        raise StartupError(f"--artifact {cfg.artifact_file}: no such file. Fix: pass a run's .lcq")
     if cfg.eval_only and cfg.ttt_enabled and cfg.ttt_init == "artifact":
         # before the first scored stage (issue 17: found after the sliding eval); section names only
         with open(cfg.artifact_file, "rb") as f:
@@ -264,11 +262,10 @@ def startup_checks(cfg: Config):
         raise StartupError(str(e)) from None
     if sp.vocab_size() != cfg.vocab_size:
         raise StartupError(f"VOCAB_SIZE={cfg.vocab_size} but the tokenizer {cfg.tokenizer_path} has {sp.vocab_size()} "
-                           "tokens; set VOCAB_SIZE to match the tokenizer")
+                           "tokens; set VOCAB_SIZE to match")
     bos_id = sp.bos_id()
     if bos_id < 0:
-        raise StartupError(f"{cfg.tokenizer_path}: tokenizer has no BOS token; documents are delimited by BOS. Fix: "
-                           "set TOKENIZER_PATH to a tokenizer with a BOS piece")
+        raise StartupError(f"{cfg.tokenizer_path}: no BOS piece, which delimits documents. Fix: set TOKENIZER_PATH")
     train_files, val_files = check_shards(cfg, with_train=not cfg.eval_only)
     check_val_ids(val_files, cfg.vocab_size)
     sampled = check_train_ids(train_files, cfg.vocab_size)
@@ -601,9 +598,8 @@ def finish(run: Run, t_launch: float, status: int = 0) -> int:
         log(f"final {final_stage} val_loss:{final.val_loss:.4f} val_bpb:{final.val_bpb:.4f} "
             f"train_clock:{run.clock_used:.1f}s eval_time:{final.seconds:.1f}s")
         log(f"final_exact val_loss:{final.val_loss:.8f} val_bpb:{final.val_bpb:.8f}")
-        problems += [(NONFINITE_EXIT_CODE, f"SCORE NOT FINITE: {stage} val_loss {r.val_loss} val_bpb {r.val_bpb}; a NaN/inf "
-                      "score is never submitted. Fix: the weights or the eval diverged; check the training loss and the "
-                      "learning rates (MATRIX_LR, EMBED_LR, SCALAR_LR)")
+        problems += [(NONFINITE_EXIT_CODE, f"SCORE NOT FINITE: {stage} val_loss {r.val_loss} val_bpb {r.val_bpb}; never "
+                      "submitted. Fix: check the training loss and MATRIX_LR/EMBED_LR/SCALAR_LR")
                      for stage, r in run.scores.items() if not (finite(r.val_loss) and finite(r.val_bpb))]
     problems += [(CLOCK_EXIT_CODE, m) for m in clock_overruns(run)]
     if run.size is not None:
@@ -641,13 +637,11 @@ def clock_overruns(run: Run) -> list[str]:
             if t > cfg.max_wallclock_seconds:
                 stage = name
                 break
-        out.append(f"CLOCK EXCEEDED: training clock {used:.2f}s > MAX_WALLCLOCK_SECONDS={cfg.max_wallclock_seconds:g} "
-                   f"by {used - cfg.max_wallclock_seconds:.2f}s; it ran out during stage {stage} (ledger above). Fix: "
-                   "raise TRAIN_RESERVE_SECONDS or shorten the stage that overran")
+        out.append(f"CLOCK EXCEEDED: training clock {used:.2f}s > MAX_WALLCLOCK_SECONDS={cfg.max_wallclock_seconds:g}, "
+                   f"out during stage {stage}. Fix: raise TRAIN_RESERVE_SECONDS or shorten that stage")
     if run.scores:
         stage, final = list(run.scores.items())[-1]
         if final.seconds > cfg.eval_budget_seconds:
             out.append(f"CLOCK EXCEEDED: eval of {stage} took {final.seconds:.2f}s > "
-                       f"EVAL_BUDGET_SECONDS={cfg.eval_budget_seconds:g} by {final.seconds - cfg.eval_budget_seconds:.2f}s. "
-                       "Fix: raise EVAL_STRIDE or EVAL_BATCH_TOKENS, or shorten EVAL_SEQ_LEN")
+                       f"EVAL_BUDGET_SECONDS={cfg.eval_budget_seconds:g}. Fix: raise EVAL_STRIDE or EVAL_BATCH_TOKENS")
     return out

@@ -44,12 +44,9 @@ def parse_seq_schedule(text: str, final_len: int) -> tuple[tuple[int, float], ..
     if lengths[0] < 2 or any(not b > a for a, b in zip(lengths, lengths[1:])):
         raise ValueError("lengths must be >= 2 and increase strictly from stage to stage (the context grows)")
     if lengths[-1] != final_len:
-        raise ValueError(f"the last stage's length {lengths[-1]} must equal TRAIN_SEQ_LEN={final_len}, the length the "
-                         "model finishes at and that GPTQ, LCQ and the eval window use: set TRAIN_SEQ_LEN="
-                         f"{lengths[-1]} or end the schedule at {final_len}")
+        raise ValueError(f"the last stage's length {lengths[-1]} must equal TRAIN_SEQ_LEN={final_len}")
     if len(plan) > MAX_STAGES:
-        raise ValueError(f"{len(plan)} stages; at most {MAX_STAGES} (torch.compile's recompile limit, see "
-                         "lcq/seq_schedule.py)")
+        raise ValueError(f"{len(plan)} stages; at most {MAX_STAGES} (torch.compile's recompile limit)")
     return tuple(plan)
 
 

@@ -63,16 +63,13 @@ def check_artifact_fits(path: str, meta: dict, cfg: Config, bos_id: int) -> dict
     shape is what runs, so these knobs are ignored and the caller logs them."""
     tok = meta.get("tokenizer")
     if not isinstance(tok, dict) or "sha256" not in tok or "vocab_size" not in tok:
-        raise artifact.ArtifactError(f"{path}: the artifact does not record its tokenizer (sha256, vocab size), so "
-                                     "nothing shows which tokenizer scores it correctly. Fix: re-create it with this "
-                                     "version of lcq")
+        raise artifact.ArtifactError(f"{path}: records no tokenizer (sha256, vocab size). Fix: re-create it")
     mine = tokenizer_identity(cfg.tokenizer_path, cfg.vocab_size)
     if tok["vocab_size"] != mine["vocab_size"] or tok["sha256"] != mine["sha256"] or int(meta["bos_id"]) != bos_id:
         raise artifact.ArtifactError(
             f"{path} was trained with a tokenizer of sha256 {str(tok['sha256'])[:16]}, vocab {tok['vocab_size']}, "
-            f"bos_id {meta['bos_id']}, but TOKENIZER_PATH={cfg.tokenizer_path} has sha256 {mine['sha256'][:16]}, "
-            f"vocab {mine['vocab_size']}, bos_id {bos_id}. Fix: set TOKENIZER_PATH (and VOCAB_SIZE, DATA_PATH) to the "
-            "tokenizer and data the artifact was trained with")
+            f"bos_id {meta['bos_id']}, not TOKENIZER_PATH={cfg.tokenizer_path} (sha256 {mine['sha256'][:16]}, "
+            f"vocab {mine['vocab_size']}, bos_id {bos_id}). Fix: set TOKENIZER_PATH, VOCAB_SIZE, DATA_PATH to its own")
     return {k: (getattr(cfg, k), v) for k, v in meta["model"].items() if getattr(cfg, k) != v}
 
 
@@ -88,8 +85,8 @@ def model_config(path: str, meta: dict, cfg: Config, tensors: dict[str, torch.Te
     model = meta.get("model")
     unknown = sorted(set(model) - set(MODEL_FIELDS)) if isinstance(model, dict) else "meta.model"
     if unknown:
-        raise artifact.ArtifactError(f"{path}: model fields {unknown} are unknown to this version of lcq; score it "
-                                     "with the version that wrote it")
+        raise artifact.ArtifactError(f"{path}: model fields {unknown} are unknown to this lcq; use the one that "
+                                     "wrote it")
     try:
         mcfg = replace(cfg, **model)
     except Exception as e:
@@ -139,8 +136,7 @@ def load_shipped(path: str, cfg: Config, device: torch.device, with_lora: bool =
     backend) from `cfg`."""
     tensors, meta = artifact.load(path)
     if meta.get("format") != FORMAT:
-        raise artifact.ArtifactError(f"{path}: format {meta.get('format')!r} is not {FORMAT!r}; "
-                                     "was it written by this version of lcq?")
+        raise artifact.ArtifactError(f"{path}: format {meta.get('format')!r} is not {FORMAT!r}")
     model_cfg = model_config(path, meta, cfg, tensors)
     lora = meta.get("lora")
     base = {k: v for k, v in tensors.items() if group_of(k) == "model"}

@@ -28,9 +28,7 @@ def load_tokenizer(path: str | os.PathLike) -> spm.SentencePieceProcessor:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
-            f"tokenizer model {str(path)!r} not found. Set TOKENIZER_PATH to a SentencePiece .model file: "
-            "build the demo one with `python -m lcq.corpus demo` or fetch the official one with "
-            "`python -m lcq.corpus download`")
+            f"tokenizer model {str(path)!r} not found. Fix: set TOKENIZER_PATH (`python -m lcq.corpus demo|download`)")
     sp = spm.SentencePieceProcessor()
     try:
         sp.load(str(path))
@@ -53,8 +51,7 @@ def byte_tables(sp: spm.SentencePieceProcessor, vocab_size: int) -> ByteTables:
     """Build the byte tables for ids 0..vocab_size-1 (vocab_size may exceed the tokenizer's: padding)."""
     n = int(sp.vocab_size())
     if vocab_size < n:
-        raise ValueError(f"VOCAB_SIZE={vocab_size} is smaller than the tokenizer's {n} pieces; "
-                         f"set VOCAB_SIZE to at least {n}")
+        raise ValueError(f"VOCAB_SIZE={vocab_size} < the tokenizer's {n} pieces; set VOCAB_SIZE >= {n}")
     base = np.zeros(vocab_size, dtype=np.int16)
     lead = np.zeros(vocab_size, dtype=np.bool_)
     boundary = np.ones(vocab_size, dtype=np.bool_)  # padding ids stay boundary tokens worth 0 bytes
@@ -92,7 +89,6 @@ def check_byte_source(sp: spm.SentencePieceProcessor, has_sidecar: bool, tokeniz
     transformed text (3 bytes per operator, lowercase letters), a different and lower bpb than the challenge's."""
     ops = transform_operators(sp)
     if ops and not has_sidecar:
-        raise ValueError(f"TOKENIZER_PATH={tokenizer_path} has text-transform operator pieces (ids {ops[:4]}, e.g. "
-                         f"CaseOps) but DATA_PATH={data_path} has no fineweb_val_bytes_*.bin byte sidecar, and the piece "
-                         "table cannot count the original text's bytes. Fix: fetch the dataset with its sidecar "
-                         "(`python -m lcq.corpus download --variant caseops`) or point DATA_PATH at it")
+        raise ValueError(f"TOKENIZER_PATH={tokenizer_path} has text-transform pieces (ids {ops[:4]}, CaseOps) but "
+                         f"DATA_PATH={data_path} has no fineweb_val_bytes_*.bin sidecar to count bytes. Fix: "
+                         "`python -m lcq.corpus download --variant caseops`")

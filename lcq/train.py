@@ -84,10 +84,9 @@ def agree(flag: torch.Tensor, elapsed: float, steps: int, last_step_s: float, bu
 
 
 def nonfinite_message(step: int, loss: float, cfg: Config) -> str:
-    return (f"non-finite training loss at step {step}: train_loss {loss} on this rank (NaN/inf on at least one rank); "
-            f"training stopped, nothing is quantized, shipped or scored. Knobs to look at: MATRIX_LR={cfg.matrix_lr:g} "
-            f"EMBED_LR={cfg.embed_lr:g} SCALAR_LR={cfg.scalar_lr:g} (lower them), GRAD_CLIP_NORM={cfg.grad_clip_norm:g} "
-            f"(0 = off), LR_WARMUP_STEPS={cfg.lr_warmup_steps}, MUON_MOMENTUM={cfg.muon_momentum:g}")
+    return (f"non-finite training loss at step {step}: train_loss {loss} on this rank; nothing shipped. Fix: lower "
+            f"MATRIX_LR={cfg.matrix_lr:g} EMBED_LR={cfg.embed_lr:g} SCALAR_LR={cfg.scalar_lr:g}, or set "
+            f"GRAD_CLIP_NORM={cfg.grad_clip_norm:g} (0 = off), LR_WARMUP_STEPS={cfg.lr_warmup_steps}")
 
 
 def train(model: nn.Module, cfg: Config, dinfo: D.DistInfo, log, bos_id: int,

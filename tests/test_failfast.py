@@ -264,7 +264,7 @@ def test_training_clock_exceeded_is_loud_and_not_submitted(tmp_path, demo_data):
     assert proc.returncode == CLOCK_EXIT_CODE, proc.stderr[-3000:]
     log, summary = outputs(tmp_path, "clock")
     line = next(ln for ln in log.splitlines() if ln.startswith("CLOCK EXCEEDED: training clock"))
-    assert "MAX_WALLCLOCK_SECONDS=0.001" in line and "ran out during stage train" in line
+    assert "MAX_WALLCLOCK_SECONDS=0.001" in line and "out during stage train" in line
     assert summary["status"] == CLOCK_EXIT_CODE and "CLOCK EXCEEDED" in summary["error"]
     assert "not written" in log
     assert_unchanged(tmp_path, before)

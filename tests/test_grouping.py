@@ -223,8 +223,7 @@ def test_lrzip_back_end_round_trips_and_is_deterministic():
 
 def test_compressor_knob_accepts_group_and_names_the_choices():
     assert make_config("tiny", compressor="group").compressor == "group"
-    with pytest.raises(ConfigError, match=r"COMPRESSOR=.lrzip.: choose brotli, lzma, auto or group.*"
-                                          r"apt-get install lrzip"):
+    with pytest.raises(ConfigError, match=r"COMPRESSOR=.lrzip.: choose one of brotli lzma auto group"):
         make_config("tiny", compressor="lrzip")
     assert G.section_compressor("group") == "brotli" and G.section_compressor("auto") == "auto"
 

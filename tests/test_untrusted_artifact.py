@@ -125,7 +125,7 @@ def test_model_dims_beyond_what_the_file_holds_are_refused(refused):
 
 
 def test_an_unknown_model_field_gets_the_named_refusal(refused):
-    assert "['hidden_knob'] are unknown to this version of lcq" in refused["results"]["unknown_field"]
+    assert "['hidden_knob'] are unknown to this lcq" in refused["results"]["unknown_field"]
 
 
 def test_lzma_and_lrzip_chunks_are_bounded_too(tmp_path):
@@ -158,6 +158,6 @@ def test_eval_only_on_a_crafted_artifact_exits_2_before_scoring(crafted, tmp_pat
     proc = run(tmp_path, *demo_data, "crafted", "--eval_only", "--artifact", str(crafted["unknown_field"]))
     assert proc.returncode == CONFIG_EXIT_CODE, proc.stderr[-3000:]
     log, summary = outputs(tmp_path, "crafted")
-    assert "unknown to this version of lcq" in proc.stderr and summary["status"] == CONFIG_EXIT_CODE
+    assert "unknown to this lcq" in proc.stderr and summary["status"] == CONFIG_EXIT_CODE
     assert "val_bpb" not in log and "stage:eval" not in log
     assert_unchanged(crafted["unknown_field"].parent, before)
