@@ -426,7 +426,7 @@ PRESETS: dict[str, dict] = {
         adam_beta2=0.99, warmdown_frac=0.85, ema_decay=0.9965,
         gptq_calib_batches=16,  # #1855: GPTQ_CALIBRATION_BATCHES=16
         # The model fills the cap to ~15.89 MB, so a fixed rank-8 LoRA (~0.69 MB on these shapes) would fail the gate.
-        # Issue 16: the LoRA gets what the real compressed model section and the code leave (LCQ_BYTES=auto, ~116 KB
+        # Issue 16: the LoRA gets what the real compressed model section and the code leave (LCQ_BYTES=auto, ~117 KB
         # under the projection after the 20 KB headroom), spent a rank unit at a time where the closed form removes
         # the most Hessian-weighted error per byte, in LQER's 2+4-bit storage (#1855; a unit over an MLP matrix is
         # ~0.77 KB instead of int8's ~2.5 KB). It costs no model bytes (MLP width and clips as above): no equal-bytes
