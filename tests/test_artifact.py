@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from lcq import artifact as A
+from artifact_bounds import compressor_of, max_compressed_bytes, max_section_bytes
 
 DTYPES = [torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64, torch.float16, torch.bfloat16,
           torch.float32, torch.float64, torch.bool]
@@ -400,13 +401,13 @@ def test_auto_picks_the_smaller_compressor(tensors, winner):
     sizes = {c: len(A.encode(tensors, {}, c)) for c in ("lzma", "brotli")}
     assert min(sizes, key=sizes.get) == winner and sizes["lzma"] != sizes["brotli"]
     blob = A.encode(tensors, {}, "auto")
-    assert A.compressor_of(blob) == winner and len(blob) == sizes[winner]
+    assert compressor_of(blob) == winner and len(blob) == sizes[winner]
 
 
 def test_auto_tie_goes_to_fixed_order(monkeypatch):
     lzma_entry = A._COMPRESSORS["lzma"]
     monkeypatch.setitem(A._COMPRESSORS, "brotli", (2, lzma_entry[1], lzma_entry[2]))  # same bytes -> tie
-    assert A.compressor_of(A.encode({"q": int6_weights()}, {}, "auto")) == A.AUTO_ORDER[0] == "lzma"
+    assert compressor_of(A.encode({"q": int6_weights()}, {}, "auto")) == A.AUTO_ORDER[0] == "lzma"
 
 
 # ------------------------------------------------------------------------------------------- sections
@@ -461,8 +462,8 @@ def test_incompressible_chunks_stay_within_the_documented_bound(compressor):
     for n in (0, 1, 1000, 65_536, 65_537, 200_000):
         noise = {"r": torch.randint(0, 256, (n,), generator=g, dtype=torch.uint8)}
         sec = A.compress_section("x", noise, {}, compressor, chunk_bytes=70_000)
-        assert sec.nbytes <= A.max_section_bytes("x", sec.raw_bytes, chunk_bytes=70_000)
-        assert all(len(b) <= A.max_compressed_bytes(k) for k, b in sec.chunks)
+        assert sec.nbytes <= max_section_bytes("x", sec.raw_bytes, chunk_bytes=70_000)
+        assert all(len(b) <= max_compressed_bytes(k) for k, b in sec.chunks)
 
 
 def test_job_measures_its_rate_and_can_be_cancelled():
@@ -472,7 +473,7 @@ def test_job_measures_its_rate_and_can_be_cancelled():
     assert job.done() and job.seconds_left() == 0.0 and sec.raw_bytes == job.raw_bytes
     rates = job.rates()
     assert set(rates) == {"none"} and rates["none"] > 0
-    assert job.thread_seconds(job.raw_bytes) == pytest.approx(job.raw_bytes / rates["none"])
+    assert rates["none"] == pytest.approx(sec.raw_bytes / sum(t.seconds for t in job.tasks))  # timed whole chunks
     stopped = A.SectionJob("model", t, {}, "lzma", threads=1, chunk_bytes=A.SLICE_BYTES)
     stopped.cancel()
     with pytest.raises(A.ArtifactError, match="cancelled"):
