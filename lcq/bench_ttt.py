@@ -5,6 +5,9 @@ each from a fresh copy with a zero-started adapter: targets per second, forward 
 (padding included: the recompute factor), chunk forwards and optimizer steps per 1,000 targets, and the largest per-target
 nll difference from batch 1 (float rounding only: the scoring order, windows and phases do not depend on the batch).
 
+Each row also runs the preflight's TTT projection (lcq.preflight.ttt_projection: timed pieces of real batches scaled by
+the schedule) for the same TTT_BATCH_DOCS, before the measured pass, and prints projected / measured seconds.
+
 Record projection: #1855's val split rebuilt from the `ttp:` lines of its train_seed42.log (records/track_10min_16mb/
 2026-04-27_SP8192_LQER_SparseGate_BOSSmearFix_9HpStack_1.0611 in openai/parameter-golf): 82 of its 782 batches of 64
 documents print their length range `dl:lo-hi`; the other batches' ranges are interpolated in log length between the
@@ -19,12 +22,13 @@ import dataclasses
 import os
 import tempfile
 import time
+import types
 
 import numpy as np
 import torch
 
 from . import ttt as T
-from .config import Config
+from .config import Config, replace
 
 # (batch, shortest, longest document) from the `ttp: bN/782 ... dl:lo-hi` lines of #1855's train_seed42.log
 RECORD_BATCHES = 782
@@ -65,12 +69,26 @@ def record_lengths(samples) -> np.ndarray:
     return np.exp(np.linspace(lo, hi, RECORD_SLOTS, axis=1)).round().astype(np.int64)
 
 
+def reuse_tokens(plans: list[np.ndarray], slots: int, window: int) -> int:
+    """Forward tokens of one batch if each chunk forward ran only its new targets' tokens (TTT_CONTEXT=reuse, issue 15:
+    keys and values of the earlier context kept from when they were scored), padded as batch_cost pads. Not built: the
+    upper bound of what reuse saves in the per-token layers (the attention over the kept context is not counted)."""
+    new = [p[:, 1] - p[:, 2] for p in plans]
+    return sum(slots * T.bucket(int(max(x[k] for x in new if k < len(x))), window)
+               for k in range(max(len(x) for x in new)))
+
+
 def projection(lengths: np.ndarray, window: int = 2048, chunk: int = 48) -> dict:
     """Forward tokens and chunk steps on batches of documents (rows of `lengths`), ours beside #1855's."""
-    ours_tok = theirs_tok = ours_steps = theirs_steps = targets = 0
+    ours_tok = theirs_tok = ours_steps = theirs_steps = targets = reuse_tok = pairs = reuse_pairs = 0
     for row in lengths:
         plans = [T.doc_chunks(0, int(n), window, chunk, chunk) for n in row]
         ours_tok += T.batch_cost(plans, len(row), window)
+        reuse_tok += reuse_tokens(plans, len(row), window)
+        for p in plans:  # causal query-key pairs per layer, unpadded: the whole window vs only the new queries
+            n, new = p[:, 1] - p[:, 0], p[:, 1] - p[:, 2]
+            pairs += int((n * (n + 1) // 2).sum())
+            reuse_pairs += int((new * n - new * (new - 1) // 2).sum())
         ours_steps += max(len(p) for p in plans)
         k = -(-int(row.max()) // chunk)
         theirs_tok += len(row) * int(np.minimum((np.arange(k) + 1) * chunk, window).sum())
@@ -78,11 +96,18 @@ def projection(lengths: np.ndarray, window: int = 2048, chunk: int = 48) -> dict
         targets += int(row.sum())
     return dict(documents=int(lengths.size), targets=targets, ours_forward_tokens=ours_tok,
                 ref_1855_forward_tokens=theirs_tok, ours_steps=ours_steps, ref_1855_steps=theirs_steps,
-                work_ratio_vs_1855=ours_tok / theirs_tok, step_ratio_vs_1855=ours_steps / theirs_steps)
+                work_ratio_vs_1855=ours_tok / theirs_tok, step_ratio_vs_1855=ours_steps / theirs_steps,
+                reuse_forward_tokens=reuse_tok, reuse_over_recompute=reuse_tok / ours_tok, attention_pairs=pairs,
+                reuse_attention_pairs=reuse_pairs, reuse_pairs_over_recompute=reuse_pairs / pairs)
 
 
 def _row(model, run, cfg: Config, batch_docs: int, dump: str) -> dict:
+    from .preflight import ttt_projection
+
     spec = dataclasses.replace(T.spec_from_config(cfg), batch_docs=batch_docs)
+    proj = ttt_projection(types.SimpleNamespace(cfg=replace(cfg, ttt_batch_docs=batch_docs), dinfo=run.dinfo,
+                                                model=model, val_tokens=run.val_tokens, bos_id=run.bos_id,
+                                                tables=run.tables, val_bytes=run.val_bytes))
     m = T.prepare_adapter(copy.deepcopy(model), "zero", cfg)
     calls, tokens = [0], [0]
 
@@ -106,7 +131,8 @@ def _row(model, run, cfg: Config, batch_docs: int, dump: str) -> dict:
         T.SlotAdapters.step = step
         hook.remove()
     n = res.tokens
-    return dict(batch_docs=batch_docs, bpb=res.val_bpb, seconds=wall, targets=n, targets_per_s=n / wall,
+    return dict(batch_docs=batch_docs, bpb=res.val_bpb, seconds=wall, preflight_projected_s=proj["ttt_projected_s"],
+                projected_over_measured=proj["ttt_projected_s"] / res.seconds, targets=n, targets_per_s=n / wall,
                 forward_tokens_per_target=tokens[0] / n, forward_calls_per_1k_targets=1000 * calls[0] / n,
                 steps_per_1k_targets=1000 * steps[0] / n)
 
@@ -126,7 +152,8 @@ def bench_ttt(cfg: Config, dinfo, batch_list: list[int], log_path: str | None) -
             print(f"batch_docs {b:>3}: {r['targets_per_s']:9.1f} targets/s  {r['forward_tokens_per_target']:7.2f} "
                   f"forward tokens/target  {r['forward_calls_per_1k_targets']:7.2f} forwards and "
                   f"{r['steps_per_1k_targets']:7.2f} steps per 1k targets  max |nll - batch 1| "
-                  f"{r['max_abs_nll_diff']:.2e}  bpb {r['bpb']:.5f}", flush=True)
+                  f"{r['max_abs_nll_diff']:.2e}  bpb {r['bpb']:.5f}  preflight projection {r['preflight_projected_s']:.1f}s "
+                  f"vs {r['seconds']:.1f}s (x{r['projected_over_measured']:.2f})", flush=True)
     for r in rows:
         r["speedup_vs_first"] = r["targets_per_s"] / rows[0]["targets_per_s"]
     if log_path:
@@ -139,5 +166,8 @@ def bench_ttt(cfg: Config, dinfo, batch_list: list[int], log_path: str | None) -
     print(f"record projection ({proj['documents']:,} documents, {proj['targets']:,} targets; {source}): forward tokens "
           f"ours {proj['ours_forward_tokens']:,} vs #1855 {proj['ref_1855_forward_tokens']:,} "
           f"(x{proj['work_ratio_vs_1855']:.3f}), chunk steps ours {proj['ours_steps']:,} vs #1855 "
-          f"{proj['ref_1855_steps']:,} (x{proj['step_ratio_vs_1855']:.3f})")
+          f"{proj['ref_1855_steps']:,} (x{proj['step_ratio_vs_1855']:.3f}); with the context's keys/values reused "
+          f"(not built) the per-token layers would run {proj['reuse_forward_tokens']:,} tokens "
+          f"(x{proj['reuse_over_recompute']:.3f} of recompute) and attention x{proj['reuse_pairs_over_recompute']:.3f} "
+          "of its query-key pairs")
     return dict(bench="ttt", preset=cfg.preset, rows=rows, record_projection=proj)

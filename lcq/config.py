@@ -172,7 +172,9 @@ class Config:
     ttt_chunk_tokens: int = 48  # targets scored per chunk before the adapter steps on them (#1855: 48)
     ttt_steps: int = 1  # adapter steps per chunk, each after the chunk is scored
     ttt_rank: int = 80  # rank of a zero-started adapter (#1855: 80)
-    ttt_targets: str = ""  # module patterns of a zero-started adapter; empty = LCQ's defaults + lm_head (#1855)
+    # module patterns of a zero-started adapter; empty = LCQ's defaults + lm_head. blocks.*.attn / blocks.*.mlp name a whole
+    # branch: its adapter reads the block's normed input and adds to the branch output (#1855's o and MLP adapters)
+    ttt_targets: str = ""
     ttt_lr: float = 1e-4  # Adam on the adapter (#1855: 1e-4)
     ttt_beta1: float = 0.9
     ttt_beta2: float = 0.999
@@ -447,6 +449,7 @@ PRESETS: dict[str, dict] = {
         ttt_weight_decay=0.5, ttt_chunk_tokens=48, ttt_batch_docs=64,
         ttt_phases=3, ttt_phase_docs=2500, ttt_phase_lr=1e-3, ttt_phase_momentum=0.9, ttt_phase_clip=1.0,
         ttt_phase_cosine=True, ttt_phase_tokens=32_768,
+        ttt_targets="blocks.*.attn.c_[qkv],blocks.*.attn,blocks.*.mlp,lm_head",  # #1855: q, k, v, o, MLP + lm_head
     ),
     # CPU, a few minutes end to end on the embedded demo corpus.
     "demo": dict(

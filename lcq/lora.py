@@ -38,7 +38,10 @@ def low_rank(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float) ->
 
 
 class LoRALinear(nn.Module):
-    """`base(x) + scale * (x @ A^T) @ B^T` around a frozen `nn.Linear`.
+    """`base(x) + scale * (x @ A^T) @ B^T` around a frozen `nn.Linear`, or around a block's whole attention or MLP
+    branch (base(x, *rest): lcq.model.Attention / MLP, whose x is the branch's normed input): #1855's o and MLP TTT
+    adapters read the block's normed input and add to the branch output. A branch LoRA has no weight to merge into; only
+    TTT attaches one (TTT_TARGETS), LCQ_TARGETS takes linear layers only.
 
     Factors are float32 Parameters and are cast to x's dtype in forward. B starts at zero (so the wrapper equals the
     base exactly) and A is Kaiming-uniform with a = sqrt(5), the init peft uses for its default LoRA; A draws from the
@@ -46,10 +49,8 @@ class LoRALinear(nn.Module):
     weight that is shared with another module (tied embedding) safe.
     """
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float):
+    def __init__(self, base: nn.Module, rank: int, alpha: float):
         super().__init__()
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"LoRALinear: base must be an nn.Linear, got {type(base).__name__}")
         if rank < 1:
             raise ValueError(f"LoRALinear: rank must be >= 1, got {rank}")
         if not alpha > 0:
@@ -59,7 +60,7 @@ class LoRALinear(nn.Module):
         self.base = base
         self.in_features, self.out_features, self.rank = base.in_features, base.out_features, rank
         self.scale = alpha / rank
-        device = base.weight.device
+        device = next(base.parameters()).device
         self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=device, dtype=torch.float32))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=device, dtype=torch.float32))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
@@ -81,9 +82,9 @@ class LoRALinear(nn.Module):
         """The shipped factors: int8 codes and fp16 scales whose `dequantize_factors` is bit for bit what forward uses."""
         return quantize_factors(self.lora_A, self.lora_B, self.fmt, self.grid)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *rest) -> torch.Tensor:
         A, B = self.factors()
-        return self.base(x) + low_rank(x, A, B, self.scale)
+        return self.base(x, *rest) + low_rank(x, A, B, self.scale)
 
     def delta_weight(self) -> torch.Tensor:
         """scale * B @ A, (out, in) float32 (the fake-quantized factors when a format is set)."""
@@ -141,7 +142,7 @@ def attach_lora(model: nn.Module, targets: list[str] | tuple[str, ...], rank: in
     matched = match_targets(model, targets)
     modules = dict(model.named_modules())
     for n in matched:
-        if not isinstance(modules[n], nn.Linear):
+        if not hasattr(modules[n], "in_features") or isinstance(modules[n], LoRALinear):  # a linear layer or a branch
             raise TypeError(f"attach_lora: module {n!r} matched by targets is a {type(modules[n]).__name__}, "
                             "not an nn.Linear (narrow the pattern; a module can be wrapped only once)")
     if isinstance(rank, dict):
@@ -160,7 +161,7 @@ def attach_lora(model: nn.Module, targets: list[str] | tuple[str, ...], rank: in
     for p in model.parameters():
         p.requires_grad_(False)
     wrappers = {}
-    for n in matched:
+    for n in sorted(matched, key=lambda n: -n.count(".")):  # inner layers first: a branch LoRA wraps them as they are
         if ranks[n] == 0:
             continue
         wrappers[n] = LoRALinear(modules[n], ranks[n], alpha)

@@ -112,6 +112,7 @@ class Attention(nn.Module):
             self.q_gain = nn.Parameter(torch.full((h,), cfg.qk_gain_init))
         self.xsa = layer >= cfg.num_layers - cfg.xsa_last_n
         self.gate = SparseAttnGate(h, cfg.attn_gate_window, cfg.attn_gate_scale) if cfg.attn_gate_window else None
+        self.in_features = self.out_features = d  # a LoRA may wrap the whole branch (#1855's o adapter, lcq/lora.py)
 
     def forward(self, x, cos, sin, cu_seqlens, max_seqlen: int, backend: str):
         n = x.size(0)
@@ -141,6 +142,7 @@ class MLP(nn.Module):
         self.proj = CastedLinear(hidden, cfg.model_dim, bias=False)
         # relu^2 is the baseline; LeakyReLU(0.5)^2 keeps a gradient for negative inputs (public records, e.g. PR #549).
         self.slope = cfg.leaky_relu_slope if cfg.mlp_act == "leaky_relu2" else 0.0
+        self.in_features = self.out_features = cfg.model_dim  # #1855's MLP adapter wraps the branch (lcq/lora.py)
 
     def forward(self, x):
         if all(type(m) is CastedLinear and not (m._forward_hooks or m._forward_pre_hooks) for m in (self.fc, self.proj)):

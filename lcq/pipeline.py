@@ -317,11 +317,7 @@ def score_ttt(run: Run, path: str) -> EvalResult:
     model, meta, init = load_for_ttt(path, cfg, run.dinfo.device)
     stage = ttt_stage_name(bool(meta.get("lora")))
     spec = ttt_spec(cfg)
-    run.log(f"ttt: stage {stage} init {init} chunk {spec.chunk_tokens} steps {spec.steps} lr {spec.lr:g} "
-            f"betas {spec.beta1:g}/{spec.beta2:g} wd {spec.weight_decay:g} phases {spec.phases} "
-            f"phase_docs {spec.phase_docs} phase_lr {spec.phase_lr:g} batch_docs {spec.batch_docs}"
-            + f" rank {cfg.ttt_rank} targets {','.join(ttt_zero_targets(cfg))}"
-            + (" (shipped factors where they exist, zero-started elsewhere)" if init == "artifact" else ""))
+    run.log(f"ttt: stage {stage} init {init} rank {cfg.ttt_rank} targets {','.join(ttt_zero_targets(cfg))} {spec}")
     decode_s = time.perf_counter() - t0
     res = evaluate_ttt(model, run.val_tokens, run.bos_id, run.tables, cfg.window, cfg.ttt_chunk_tokens,
                        cfg.eval_batch_tokens, run.dinfo, spec, val_bytes=run.val_bytes,

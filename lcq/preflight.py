@@ -37,7 +37,7 @@ from .attention import varlen_attention
 from .config import Config, ConfigError, replace, resolve
 from .data import cu_buckets, doc_starts, list_shards, read_header, segment_bounds, val_pattern
 from .distill import lora_bytes_per_rank
-from .evaluate import evaluate, plan_windows
+from .evaluate import Scored, ValStream, _batches, evaluate, plan_doc, plan_windows
 from .gptq import quantize_state, tensor_role
 from .lora import config_format, quantize_factors
 from .pipeline import build, lcq_target_names, open_run, quant_spec, quantize
@@ -45,7 +45,7 @@ from .runlog import device_name
 from .script import shipped_script
 from .shipping import LORA_PREFIX, TIED, artifact_meta
 from .train import train
-from .ttt import evaluate_ttt, prepare_adapter
+from .ttt import SlotAdapters, adapt_batch, batch_cost, global_phase, prepare_adapter, schedule, ttt_forward, warm_up
 from .ttt import spec_from_config as ttt_spec
 
 # A projected time must fit its budget with 10% to spare: a short measurement misses step-time jitter, data-loader
@@ -341,6 +341,98 @@ def serialize_plan(cfg: Config, gptq_s: float, m: dict) -> tuple[Row, list]:
     return row, stages
 
 
+# What the TTT projection times: pieces of real batches of the val split (TTT_BATCH_DOCS documents each), TTT_SAMPLE_CHUNKS
+# chunk forwards long, cut from the median-cost and the dearest batch at their first, middle and last chunks (short to
+# full-window rows). Whole batches would not do: on a small split (demo) two batches are the whole pass, and at record
+# scale the dearest batch (the longest documents) alone takes minutes.
+TTT_SAMPLE_CHUNKS = 2
+
+
+def ttt_projection(run) -> dict:
+    """The TTT pass's seconds on this box: lcq.ttt's own schedule of the configured val split (TTT_BATCH_DOCS per batch,
+    longest first, phase segments, the cost-balanced rank split); pieces of its real batches (TTT_SAMPLE_CHUNKS) timed
+    through lcq.ttt.adapt_batch on a copy of the model with a zero-started adapter (TTT_RANK on TTT_TARGETS: a shipped
+    LCQ adapter is smaller), the slowest rank's time of each; a least-squares fit seconds = a x padded forward tokens +
+    b x chunk forwards over them (lcq.ttt.batch_cost's count), applied to every batch; a rank's time is the sum over its
+    batches, the pass the slowest rank's. Global phases: one timed SGD step
+    (after an untimed one) times the phases' steps. The compile warm-up (CUDA with COMPILE=1) is timed and reported
+    apart: it runs before the eval clock."""
+    cfg, dinfo = run.cfg, run.dinfo
+    spec, window, dev = ttt_spec(cfg), cfg.window, dinfo.device
+    model = prepare_adapter(copy.deepcopy(run.model), "zero", cfg)
+    model.eval()
+    val = ValStream(run.val_tokens, run.bos_id, run.tables, dev, run.val_bytes)
+    spans, order, plans, segs = schedule(val, window, cfg.ttt_chunk_tokens, spec, dinfo.world_size)
+    batches = [[plans[d] for d in b] for _, bs, _ in segs for b in bs]
+    owner = np.array([r for _, _, o in segs for r in o])
+    feats = np.array([(batch_cost(p, spec.batch_docs, window), max(len(x) for x in p)) for p in batches], dtype=float)
+    ad = SlotAdapters(model, spec.batch_docs, spec.lr, (spec.beta1, spec.beta2), spec.eps, spec.weight_decay)
+    fwd = ttt_forward(model, dev)
+    warm_s = 0.0
+    if getattr(model, "compile_eval", False):
+        t0 = time.perf_counter()
+        warm_up(fwd, ad, window, model.tok_emb.num_embeddings, dev, spec.steps > 0)
+        D.sync(dev)
+        warm_s = time.perf_counter() - t0
+    by_cost = np.argsort(feats[:, 0], kind="stable")
+    m = TTT_SAMPLE_CHUNKS
+
+    def piece(i: int, k: int) -> list[np.ndarray]:
+        """Chunks k..k+m-1 of batch i's documents, the first (longest) document's first chunk appended: every timed
+        forward then learns as in a whole batch (a batch's last forward is its only one without a step), and the
+        appended one is a short score-only forward."""
+        p = [x[k:k + m] for x in batches[i]]
+        p[0] = np.concatenate([p[0], batches[i][0][:1]])
+        return p
+
+    picks = {}
+    for i in dict.fromkeys((int(by_cost[len(by_cost) // 2]), int(by_cost[-1]))):
+        n0 = len(batches[i][0])
+        for k in dict.fromkeys((0, max(0, n0 // 2 - m // 2), max(0, n0 - m))):
+            picks[(i, k)] = piece(i, k)
+
+    def timed(p: list[np.ndarray]) -> float:
+        D.sync(dev)
+        t0 = time.perf_counter()
+        adapt_batch(fwd, ad, val, p, spec, window, Scored.empty())
+        D.sync(dev)
+        return time.perf_counter() - t0
+
+    timed(piece(int(by_cost[0]), 0))  # untimed: first-call overheads
+    secs = D.all_reduce_max(torch.tensor([timed(p) for p in picks.values()], dtype=torch.float64, device=dev))
+    secs = secs.cpu().numpy()
+    X = np.array([(batch_cost(p, spec.batch_docs, window), len(p[0])) for p in picks.values()], dtype=float)
+    coef = np.linalg.lstsq(X, secs, rcond=None)[0] if len(X) > 1 else np.array([-1.0, 0.0])
+    if (coef < 0).any():  # a fit the noise bent below zero: seconds proportional to forward tokens instead
+        coef = np.array([secs.sum() / X[:, 0].sum(), 0.0])
+    per_rank = np.bincount(owner, weights=feats @ coef, minlength=dinfo.world_size)
+    phase_s, phase_steps = 0.0, 0
+    if len(segs) > 1:
+        ad.install(back=True)
+        step_tokens = spec.phase_tokens or cfg.eval_batch_tokens
+        rows = [np.concatenate([plan_doc(s, e, window, window) for s, e in spans[order[:hi]].tolist()])
+                for hi, _, _ in segs[:-1]]
+        phase_steps = sum(len(list(_batches(r, step_tokens))) for r in rows)
+        # one step's worth of the first documents in scoring order (the last one cut), as global_phase packs them
+        lens = spans[order, 1] - spans[order, 0]
+        k = min(int(np.searchsorted(np.cumsum(lens), step_tokens)), len(order) - 1)
+        one = spans[order[:k + 1]].copy()
+        one[-1, 1] = min(one[-1, 1], one[-1, 0] + step_tokens - int(lens[:k].sum()))
+        global_phase(model, val, one, window, spec, step_tokens, dinfo)  # untimed: first-call overheads
+        D.sync(dev)
+        t0 = time.perf_counter()
+        global_phase(model, val, one, window, spec, step_tokens, dinfo)
+        D.sync(dev)
+        phase_s = phase_steps * float(D.all_reduce_max(torch.tensor([time.perf_counter() - t0],
+                                                                    dtype=torch.float64, device=dev)))
+    return dict(ttt_projected_s=float(per_rank.max()) + phase_s, ttt_batches=len(batches),
+                ttt_timed_pieces=len(picks), ttt_timed_s=[round(float(t), 4) for t in secs],
+                ttt_sec_per_forward_token=float(coef[0]), ttt_sec_per_chunk_forward=float(coef[1]),
+                ttt_forward_tokens=int(feats[:, 0].sum()), ttt_chunk_forwards=int(feats[:, 1].sum()),
+                ttt_rank_s=[round(float(t), 3) for t in per_rank], ttt_phase_s=phase_s, ttt_phase_steps=phase_steps,
+                ttt_warmup_s=warm_s, ttt_documents=len(spans))
+
+
 def eval_row(run) -> Row:
     """Eval tokens/s from timed lcq.evaluate calls on a val prefix; projection = forward tokens of the whole configured
     val split / that rate."""
@@ -373,18 +465,22 @@ def eval_row(run) -> Row:
     ok = projected * (1 + TIME_MARGIN) <= cfg.eval_budget_seconds
     ttt_text, ttt_basis, ttt_data = "", "", {}
     if cfg.ttt_enabled:
-        # lcq.ttt's own scoring loop on a copy of the model with a zero-started adapter (TTT_RANK on TTT_TARGETS; a
-        # shipped LCQ adapter is smaller), timed on the warm-up prefix and scaled by val tokens
-        model = prepare_adapter(copy.deepcopy(run.model), "zero", cfg)
-        t = evaluate_ttt(model, warm, *args, ttt_spec(cfg), val_bytes=side(warm)).seconds
-        del model
-        ttt_s = t * val.size / warm.size
+        ttt_data = ttt_projection(run)
+        ttt_s = ttt_data["ttt_projected_s"]
         ok = ok and ttt_s * (1 + TIME_MARGIN) <= cfg.eval_budget_seconds
-        ttt_text = f"; TTT pass projected {ttt_s:.1f}s"
-        ttt_basis = (f" TTT: lcq.ttt.evaluate_ttt timed on the first {warm.size:,} val tokens ({t:.2f}s), scaled by "
-                     "val tokens" + (f"; its {cfg.ttt_phases} global SGD phases are not scaled" if cfg.ttt_phases else
-                                     "") + ".")
-        ttt_data = dict(ttt_projected_s=ttt_s, ttt_measured_s=t, ttt_measured_tokens=int(warm.size))
+        ttt_text = f"; TTT pass projected {ttt_s:.1f}s" + (f" (+ {ttt_data['ttt_warmup_s']:.1f}s compile warm-up "
+                                                           "before the eval clock)" if ttt_data["ttt_warmup_s"] else "")
+        ttt_basis = (f" TTT: {ttt_data['ttt_documents']:,} documents in {ttt_data['ttt_batches']:,} batches of "
+                     f"TTT_BATCH_DOCS={cfg.ttt_batch_docs} (lcq.ttt.schedule, {dinfo.world_size} rank(s)), "
+                     f"{ttt_data['ttt_forward_tokens']:,} padded forward tokens in {ttt_data['ttt_chunk_forwards']:,} "
+                     f"chunk forwards; {ttt_data['ttt_timed_pieces']} pieces of real batches ({TTT_SAMPLE_CHUNKS} chunks "
+                     f"each + a short one) timed through lcq.ttt.adapt_batch "
+                     f"({', '.join(f'{t:.3f}' for t in ttt_data['ttt_timed_s'])}s; zero-started TTT_RANK="
+                     f"{cfg.ttt_rank} adapter) fit {ttt_data['ttt_sec_per_forward_token'] * 1e6:.3f} us per forward "
+                     f"token + {ttt_data['ttt_sec_per_chunk_forward'] * 1e3:.3f} ms per chunk forward; slowest rank "
+                     f"{max(ttt_data['ttt_rank_s']):.1f}s"
+                     + (f" + {ttt_data['ttt_phase_steps']} global-phase SGD steps {ttt_data['ttt_phase_s']:.1f}s "
+                        "(one timed step each)" if ttt_data["ttt_phase_steps"] else "") + ".")
     cut = cfg.val_max_tokens and val.size < shard_tokens
     used = f"first {val.size:,} (VAL_MAX_TOKENS)" if cut else f"all {val.size:,}"
     return Row("eval", GO if ok else NO_GO,

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -64,11 +64,8 @@ class TTTSpec:
 
 
 def spec_from_config(cfg: Config) -> TTTSpec:
-    return TTTSpec(chunk_tokens=cfg.ttt_chunk_tokens, steps=cfg.ttt_steps, lr=cfg.ttt_lr, beta1=cfg.ttt_beta1,
-                   beta2=cfg.ttt_beta2, weight_decay=cfg.ttt_weight_decay, phases=cfg.ttt_phases,
-                   phase_docs=cfg.ttt_phase_docs, phase_lr=cfg.ttt_phase_lr, batch_docs=cfg.ttt_batch_docs,
-                   eps=cfg.ttt_eps, warm_start_a=cfg.ttt_warm_start_a, phase_momentum=cfg.ttt_phase_momentum,
-                   phase_clip=cfg.ttt_phase_clip, phase_cosine=cfg.ttt_phase_cosine, phase_tokens=cfg.ttt_phase_tokens)
+    """Each field from its TTT_ knob (TTTSpec.x is Config.ttt_x)."""
+    return TTTSpec(**{f.name: getattr(cfg, f"ttt_{f.name}") for f in fields(TTTSpec)})
 
 
 def stage_name(artifact_has_lora: bool) -> str:
@@ -81,8 +78,7 @@ def resolve_init(cfg: Config, lora_meta: dict | None) -> str:
     if cfg.ttt_init == "auto":
         return "artifact" if lora_meta else "zero"
     if cfg.ttt_init == "artifact" and not lora_meta:
-        raise ValueError("TTT_INIT=artifact: the artifact carries no LoRA factors (LCQ off, or LCQ_MERGE=baked); ship "
-                         "one with LCQ_MERGE=side or fused, or set TTT_INIT=zero (or auto)")
+        raise ValueError("TTT_INIT=artifact: the artifact ships no LoRA. Fix: TTT_INIT=zero or auto")
     return cfg.ttt_init
 
 
@@ -112,7 +108,7 @@ def prepare_adapter(model: nn.Module, init: str, cfg: Config) -> nn.Module:
     from SEED, so every rank and every re-run starts from the same point."""
     if init == "artifact":
         if not lora_modules(model):
-            raise ValueError("TTT_INIT=artifact: the model carries no LoRA factors to start from")
+            raise ValueError("TTT_INIT=artifact: the model ships no LoRA")
     else:
         merge_lora(model)
     names = adapter_names(model, cfg)
@@ -282,21 +278,30 @@ def global_phase(model: nn.Module, val: ValStream, spans: np.ndarray, window: in
     return len(steps)
 
 
-def evaluate_ttt(model: nn.Module, val_tokens: np.ndarray, bos_id: int, tables, window: int, stride: int,
-                 batch_tokens: int, dinfo: D.DistInfo, spec: TTTSpec, val_bytes: np.ndarray | None = None,
-                 dump: str | None = None, log=None, backend: str | None = None) -> EvalResult:
-    """Score the val stream with score-first TTT. `model` carries its adapter at the start point (prepare_adapter); its
-    base weights are trained in place by the phases, so pass a fresh copy. Documents are scored longest first (then by
-    index), TTT_BATCH_DOCS at a time per rank; batches never straddle a phase boundary. The compile warm-up runs before
-    the clock this result's seconds start from."""
-    model.eval()  # no dropout in the GPT; eval mode only fixes the module flags
-    val = ValStream(val_tokens, bos_id, tables, dinfo.device, val_bytes)
+def schedule(val: ValStream, window: int, stride: int, spec: TTTSpec, world: int):
+    """evaluate_ttt's plan, the same on every rank: (spans of the documents with a target, scoring order (longest
+    first, then index), chunk plans, per phase segment (end, batches of TTT_BATCH_DOCS documents, owner rank of each))."""
     spans = document_spans(val.starts, val.n)
     spans = spans[spans[:, 1] > spans[:, 0]]  # documents with at least one target (an empty last BOS has none)
     order = np.lexsort((np.arange(len(spans)), spans[:, 0] - spans[:, 1]))
     plans = [doc_chunks(s, e, window, stride, spec.chunk_tokens) for s, e in spans.tolist()]
-    S = spec.batch_docs
-    ad = SlotAdapters(model, S, spec.lr, (spec.beta1, spec.beta2), spec.eps, spec.weight_decay)
+    S, edges, segs = spec.batch_docs, [0, *phase_bounds(len(spans), spec), len(spans)], []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        batches = [order[i:min(i + S, hi)] for i in range(lo, hi, S)]  # never straddling a phase boundary
+        segs.append((hi, batches, split_batches([batch_cost([plans[d] for d in b], S, window) for b in batches], world)))
+    return spans, order, plans, segs
+
+
+def evaluate_ttt(model: nn.Module, val_tokens: np.ndarray, bos_id: int, tables, window: int, stride: int,
+                 batch_tokens: int, dinfo: D.DistInfo, spec: TTTSpec, val_bytes: np.ndarray | None = None,
+                 dump: str | None = None, log=None, backend: str | None = None) -> EvalResult:
+    """Score the val stream with score-first TTT. `model` carries its adapter at the start point (prepare_adapter); its
+    base weights are trained in place by the phases, so pass a fresh copy. Documents are scored in `schedule`'s order,
+    TTT_BATCH_DOCS at a time per rank. The compile warm-up runs before the clock this result's seconds start from."""
+    model.eval()  # no dropout in the GPT; eval mode only fixes the module flags
+    val = ValStream(val_tokens, bos_id, tables, dinfo.device, val_bytes)
+    spans, order, plans, segs = schedule(val, window, stride, spec, dinfo.world_size)
+    ad = SlotAdapters(model, spec.batch_docs, spec.lr, (spec.beta1, spec.beta2), spec.eps, spec.weight_decay)
     fwd = ttt_forward(model, dinfo.device, backend)
     if backend or getattr(model, "compile_eval", False):
         tw = time.perf_counter()
@@ -307,21 +312,17 @@ def evaluate_ttt(model: nn.Module, val_tokens: np.ndarray, bos_id: int, tables, 
     D.sync(dinfo.device)
     t0 = time.perf_counter()
     scored = Scored.empty()
-    bounds = phase_bounds(len(spans), spec)
-    edges = [0, *bounds, len(spans)]
-    for lo, hi in zip(edges[:-1], edges[1:]):
-        batches = [order[i:min(i + S, hi)] for i in range(lo, hi, S)]
-        owner = split_batches([batch_cost([plans[d] for d in b], S, window) for b in batches], dinfo.world_size)
+    for i, (hi, batches, owner) in enumerate(segs):
         for b, r in zip(batches, owner):
             if r == dinfo.rank:
                 adapt_batch(fwd, ad, val, [plans[d] for d in b], spec, window, scored)
-        if hi in bounds:
+        if hi < len(spans):  # a phase boundary
             ad.install(back=True)
             steps = global_phase(model, val, spans[order[:hi]], window, spec, spec.phase_tokens or batch_tokens, dinfo)
             ad.install()
             ad.reset()  # fresh adapters after a phase (A too)
             if log is not None:
-                log(f"ttt_phase:{bounds.index(hi) + 1}/{len(bounds)} docs_scored:{hi} sgd_steps:{steps} "
+                log(f"ttt_phase:{i + 1}/{len(segs) - 1} docs_scored:{hi} sgd_steps:{steps} "
                     f"elapsed:{time.perf_counter() - t0:.2f}s")
     ad.install(back=True)
     return finish_scores(scored, val, dinfo, t0, dump)

@@ -21,10 +21,14 @@ class SlotLoRA(nn.Module):
         self.A = nn.Parameter(inner.lora_A.detach().expand(slots, -1, -1).clone())
         self.B = nn.Parameter(inner.lora_B.detach().expand(slots, -1, -1).clone())
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    @property
+    def base(self):  # paths through the wrapper stay valid: a branch LoRA's inner LoRAs sit under .base
+        return self.inner.base
+
+    def forward(self, x: torch.Tensor, *rest) -> torch.Tensor:
         n, s = x.shape[0], self.A.shape[0]
         low = low_rank(x.view(s, n // s, x.shape[-1]), self.A, self.B, self.inner.scale)
-        return self.inner.base(x) + low.reshape(n, -1)
+        return self.base(x, *rest) + low.reshape(n, -1)
 
 
 class SlotAdapters:

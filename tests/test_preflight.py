@@ -25,7 +25,9 @@ def table(lines):
 
 
 def test_tiny_preflight_prints_every_row_and_goes(tmp_path, demo_data):
-    proc, lines, report = preflight(tmp_path, demo_data, extra_env={"RUN_ID": "pf"})
+    # a 30 s reserve, not tiny's 10 s: the GO verdicts follow this host's seconds (the script's render took 8.7 s on a
+    # loaded 2-core box), and a test must not follow the wall clock
+    proc, lines, report = preflight(tmp_path, demo_data, extra_env={"RUN_ID": "pf", "TRAIN_RESERVE_SECONDS": "30"})
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
     assert table(lines).keys() == set(ROWS) and "NO-GO" not in table(lines).values()
     assert any(line.startswith("verdict: GO") for line in lines)
@@ -46,7 +48,7 @@ def test_tiny_preflight_prints_every_row_and_goes(tmp_path, demo_data):
     # every target except the stream's first is scored once, and windows overlap, so forward tokens >= targets
     assert ev["forward_tokens"] >= 4095 and ev["projected_s"] > 0
     ledger = rows["ledger"]
-    assert ledger["train"]["seconds"] == 50.0 and ledger["total"] <= 60.0  # tiny: 60 s cap, 10 s reserve
+    assert ledger["train"]["seconds"] == 30.0 and ledger["total"] <= 60.0  # tiny: 60 s cap, the 30 s reserve above
     # the run writes its own log and summary, never ones a real run would use
     assert (tmp_path / "logs" / "preflight_pf.txt").exists()
     summary = json.loads((tmp_path / "logs" / "preflight_pf.json").read_text())
@@ -67,3 +69,49 @@ def test_no_go_under_torchrun_names_the_failing_rows(tmp_path, demo_data):
     assert report["world_size"] == 2 and report["rows"]["collective"]["ok"]
     assert report["rows"]["eval"]["ttt_projected_s"] > 0
     assert any(line.startswith("verdict: NO-GO") and "artifact" in line for line in lines)
+
+
+def test_ttt_projection_counts_the_work_the_ttt_pass_does():
+    """The eval row's TTT projection scales timed pieces of real batches by the schedule's padded forward tokens, chunk
+    forwards and phase steps: those must be what lcq.ttt.evaluate_ttt really runs on the same split and knobs."""
+    import copy
+    import re
+    import types
+
+    import torch
+
+    from lcq.config import make_config
+    from lcq.evaluate import ValStream
+    from lcq.model import GPT
+    from lcq.preflight import ttt_projection
+    from lcq.ttt import evaluate_ttt, prepare_adapter, schedule, spec_from_config
+    from test_evaluate import BOS, V, synthetic_tables, val_stream
+    from test_ttt import CPU
+
+    torch.manual_seed(0)
+    cfg = make_config("tiny", vocab_size=V, ttt_rank=2, ttt_batch_docs=4, ttt_chunk_tokens=8, eval_seq_len=16,
+                      eval_stride=8, ttt_phases=2, ttt_phase_docs=6, ttt_phase_tokens=32)
+    toks = val_stream([13, 7, 21, 12, 2, 30, 18, 9, 17, 5, 23, 11, 3, 14, 6, 8, 10, 4], seed=4)
+    run = types.SimpleNamespace(cfg=cfg, dinfo=CPU, model=GPT(cfg, bos_id=BOS), val_tokens=toks, bos_id=BOS,
+                                tables=synthetic_tables(), val_bytes=None)
+    proj = ttt_projection(run)
+    m = prepare_adapter(copy.deepcopy(run.model), "zero", cfg)
+    calls, tokens, logs = [0], [0], []
+
+    def count(_mod, args, _out):  # every forward of the pass: chunk forwards and the phases' packed steps
+        calls[0] += 1
+        tokens[0] += args[0].numel()
+    hook = m.register_forward_hook(count)
+    spec = spec_from_config(cfg)
+    evaluate_ttt(m, toks, BOS, run.tables, cfg.window, cfg.ttt_chunk_tokens, cfg.eval_batch_tokens, CPU, spec,
+                 log=logs.append)
+    hook.remove()
+    steps = sum(int(re.search(r"sgd_steps:(\d+)", line).group(1)) for line in logs if line.startswith("ttt_phase:"))
+    spans, order, _, segs = schedule(ValStream(toks, BOS, run.tables, CPU.device), cfg.window, 8, spec, 1)
+    lens = spans[order, 1] - spans[order, 0]
+    phase_tokens = sum(int(lens[:hi].sum()) for hi, _, _ in segs[:-1])  # each phase reads every document scored so far
+    assert steps == proj["ttt_phase_steps"] > 0 and len(segs) == 3
+    assert calls[0] == proj["ttt_chunk_forwards"] + steps
+    assert tokens[0] == proj["ttt_forward_tokens"] + phase_tokens
+    assert proj["ttt_batches"] == 5 and proj["ttt_documents"] == 18 and proj["ttt_timed_pieces"] >= 2
+    assert proj["ttt_projected_s"] > 0 and len(proj["ttt_rank_s"]) == 1

@@ -19,9 +19,12 @@ WINDOW, STRIDE = 16, 8
 LENGTHS = [13, 7, 21, 12, 2, 30, 18, 9, 17, 5, 23, 11, 3, 14, 6, 8, 10, 4]  # 18 documents: batches of 16 and 2
 
 
-def model(init):
+RECORD_TARGETS = make_config("record").ttt_targets  # #1855's: q, k, v, o and MLP (whole branches), lm_head
+
+
+def model(init, targets=""):
     torch.manual_seed(0)
-    cfg = make_config("tiny", vocab_size=V, ttt_rank=2)
+    cfg = make_config("tiny", vocab_size=V, ttt_rank=2, ttt_targets=targets)
     m = GPT(cfg, bos_id=BOS)
     with torch.no_grad():
         for p in m.parameters():
@@ -33,20 +36,21 @@ def model(init):
     return prepare_adapter(m, init, cfg)
 
 
-def scores(tmp_path, toks, batch_docs, init="zero", name="s", **kw):
+def scores(tmp_path, toks, batch_docs, init="zero", name="s", targets="", **kw):
     """Per-target dump (stream order) of one TTT run."""
     path = tmp_path / f"{name}.npz"
-    res = evaluate_ttt(model(init), toks, BOS, synthetic_tables(), WINDOW, STRIDE, 64, CPU,
+    res = evaluate_ttt(model(init, targets), toks, BOS, synthetic_tables(), WINDOW, STRIDE, 64, CPU,
                        spec(**{**dict(batch_docs=batch_docs, chunk_tokens=8, beta1=0.0, beta2=0.99), **kw}), dump=str(path))
     with np.load(path) as z:
         return {k: z[k] for k in z.files}, res
 
 
-@pytest.mark.parametrize("init,phases", [("zero", 0), ("zero", 2), ("artifact", 2)])
-def test_batch_of_16_scores_every_target_as_one_at_a_time(tmp_path, init, phases):
+@pytest.mark.parametrize("init,phases,targets", [("zero", 0, ""), ("zero", 2, ""), ("artifact", 2, ""),
+                                                ("artifact", 0, RECORD_TARGETS)])
+def test_batch_of_16_scores_every_target_as_one_at_a_time(tmp_path, init, phases, targets):
     toks = val_stream(LENGTHS, seed=4)
     kw = dict(phases=phases, phase_docs=12 if phases else 0, phase_momentum=0.9, phase_clip=1.0, phase_cosine=True,
-              phase_tokens=48)
+              phase_tokens=48, targets=targets)
     one, r1 = scores(tmp_path, toks, 1, init, "one", **kw)
     many, r16 = scores(tmp_path, toks, 16, init, "many", **kw)
     assert one["pos"].tolist() == list(range(1, toks.size)) and np.array_equal(one["pos"], many["pos"])
@@ -98,3 +102,98 @@ def test_buckets_and_rank_split():
     assert owner == split_batches(costs, 3)
     load = [sum(c for c, o in zip(costs, owner) if o == r) for r in range(3)]
     assert max(load) - min(load) <= max(costs) and sorted(set(owner)) == [0, 1, 2]
+
+
+def _ttt_on_ranks(rank, world, port, out):
+    import torch.distributed as dist
+
+    from lcq.dist import DistInfo
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        dinfo = DistInfo(rank=rank, world_size=world, local_rank=rank, device=torch.device("cpu"))
+        for i in range(2):  # two passes, each from a fresh model, as a run and its --eval_only would
+            evaluate_ttt(model("zero"), val_stream(LENGTHS, seed=7), BOS, synthetic_tables(), WINDOW, STRIDE, 64,
+                         dinfo, spec(**RANK_SPEC), dump=f"{out}{i}.npz")
+    finally:
+        dist.destroy_process_group()
+
+
+# 18 documents in batches of 4 with two global phases (after 3 and 6 documents): 6 batches, two of them alone in a
+# phase segment, so the split hands one rank nothing there and each phase step's rows come from both ranks
+RANK_SPEC = dict(batch_docs=4, chunk_tokens=8, beta1=0.0, beta2=0.99, phases=2, phase_docs=6, phase_momentum=0.9,
+                 phase_clip=1.0, phase_cosine=True, phase_tokens=48)
+
+
+def test_two_gloo_ranks_reproduce_themselves_and_match_one_rank(tmp_path, free_port):
+    """What --eval_only on the same number of ranks relies on: the rank split is a pure function of the costs and the
+    world size, so a second 2-rank pass from a fresh model scores every target bit for bit as the first; and 1 rank vs
+    2 ranks differ by float rounding only (the phases' gradients are summed over ranks in another order)."""
+    import torch.multiprocessing as mp
+
+    from lcq.evaluate import ValStream
+    from lcq.ttt import schedule
+
+    toks = val_stream(LENGTHS, seed=7)
+    plan = lambda: schedule(ValStream(toks, BOS, synthetic_tables(), CPU.device), WINDOW, STRIDE, spec(**RANK_SPEC), 2)
+    owners = [[o for _, _, o in plan()[3]] for _ in range(2)]
+    assert owners[0] == owners[1] and sorted({r for o in owners[0] for r in o}) == [0, 1]
+    mp.spawn(_ttt_on_ranks, args=(2, free_port, str(tmp_path / "two")), nprocs=2, join=True)
+    runs = []
+    for i in range(2):
+        with np.load(tmp_path / f"two{i}.npz") as z:
+            runs.append({k: z[k] for k in z.files})
+    one, _ = scores(tmp_path, toks, 4, name="one", **{k: v for k, v in RANK_SPEC.items() if k != "batch_docs"})
+    assert runs[0]["pos"].tolist() == list(range(1, toks.size)) and np.array_equal(runs[0]["pos"], one["pos"])
+    assert all(np.array_equal(runs[0][k], runs[1][k]) for k in ("doc", "pos", "target", "nll", "bytes"))
+    np.testing.assert_allclose(runs[0]["nll"], one["nll"], rtol=1e-4, atol=1e-5)  # bound: see test_batch_of_16_...
+    assert np.array_equal(runs[0]["bytes"], one["bytes"])
+
+
+def test_record_adapters_are_1855s_o_and_mlp_read_the_blocks_normed_input():
+    """#1855 (its forward_ttt): q, k, v adapters on the projections, the o adapter reads the attention's normed input
+    and the MLP adapter the MLP's normed input, each added to its branch's output before the branch scale; lm_head's
+    reads the final norm. The record's TTT_TARGETS give exactly that, over a shipped LoRA (artifact start) too."""
+    from lcq.lora import low_rank
+
+    m = model("artifact", RECORD_TARGETS)  # shipped factors on every block's c_v, zero-started adapters elsewhere
+    mods = lora_modules(m)
+    want = {f"blocks.{i}.{n}" for i in range(2) for n in ("attn", "attn.base.c_q", "attn.base.c_k", "attn.base.c_v",
+                                                         "mlp")} | {"lm_head"}
+    assert set(mods) == want  # fc, proj and attn.proj carry none: the MLP keeps its fused kernel
+    for w in mods.values():
+        torch.nn.init.normal_(w.lora_B, std=0.1)
+    seen = {}
+
+    def grab(name):
+        def hook(mod, args, out):
+            seen[name] = (args[0].detach(), out.detach())
+        return hook
+    hooks = [mods[n].register_forward_hook(grab(n)) for n in ("blocks.1.attn", "blocks.1.mlp")]
+    hooks += [mods[n].base.register_forward_hook(grab(n + ".base")) for n in ("blocks.1.attn", "blocks.1.mlp")]
+    hooks.append(mods["blocks.1.attn.base.c_q"].register_forward_hook(grab("q")))
+    toks = torch.from_numpy(val_stream([20, 11], seed=8).astype(np.int64))
+    cu = torch.tensor([0, 12, toks.numel()], dtype=torch.int32)
+    m(toks, cu, 12)
+    for h in hooks:
+        h.remove()
+    scale = m.blocks[1].ln_scale  # the block's normed input: rms_norm(x) x its LN scale
+    for n in ("blocks.1.attn", "blocks.1.mlp"):
+        x, out = seen[n]
+        w = mods[n]
+        torch.testing.assert_close(x.pow(2).mean(-1).sqrt(), torch.full((x.shape[0],), scale), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(out, seen[n + ".base"][1] + low_rank(x, w.lora_A, w.lora_B, w.scale))
+    assert torch.equal(seen["blocks.1.attn"][0], seen["q"][0])  # o's input is what q reads
+
+
+def test_bench_counts_what_reusing_the_context_would_save():
+    """bench ttt's TTT_CONTEXT=reuse estimate on one 100-target document (window 64, chunks 16): 7 chunk forwards whose
+    rows read 16, 32, 48, 64, 64, 64, 52 tokens (padded 16, 32, 48, 64, 64, 64, 64) for 16 x 6 + 4 new targets."""
+    from lcq.bench_ttt import projection
+
+    p = projection(np.array([[100]]), window=64, chunk=16)
+    assert p["ours_forward_tokens"] == 352 and p["reuse_forward_tokens"] == 16 * 7  # bucket(4) = 16
+    n, new = np.array([16, 32, 48, 64, 64, 64, 52]), np.array([16] * 6 + [4])
+    assert p["attention_pairs"] == int((n * (n + 1) // 2).sum()) == 9458
+    assert p["reuse_attention_pairs"] == sum(sum(range(a - b + 1, a + 1)) for a, b in zip(n, new)) == 4090
