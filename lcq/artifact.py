@@ -509,14 +509,14 @@ class CompressJob:
     def _rates(self, bound: bool = False) -> dict[str, float] | None:
         """Under the lock: bytes per thread-second of each compressor over its finished tasks; None until each one in
         use has finished one. With `bound`, one not timed yet gets the most its running tasks allow (inf: none runs)."""
-        now, done, most = time.perf_counter(), {}, {}
+        now, n, s, most = time.perf_counter(), {}, {}, {}
         for t in self.tasks:
+            c = t.compressor
             if t.seconds is None and t.start is not None:
-                most[t.compressor] = min(most.get(t.compressor, math.inf), t.nbytes / max(now - t.start, 1e-9))
+                most[c] = min(most.get(c, math.inf), t.nbytes / max(now - t.start, 1e-9))
             elif t.seconds is not None and t.seconds < math.inf:
-                n, s = done.get(t.compressor, (0, 0.0))
-                done[t.compressor] = (n + t.nbytes, s + t.seconds)
-        rates = {c: n / max(s, 1e-9) for c, (n, s) in done.items()}
+                n[c], s[c] = n.get(c, 0) + t.nbytes, s.get(c, 0) + t.seconds
+        rates = {c: n[c] / max(s[c], 1e-9) for c in n}
         if bound:
             return {t.compressor: rates.get(t.compressor, most.get(t.compressor, math.inf)) for t in self.tasks}
         use = {t.compressor for t in self.tasks} - self.dropped
@@ -539,8 +539,7 @@ class CompressJob:
             self.dropped.update(drop)
             if drop or not self.choice and self._rates():  # with a drop, the projection is with what it drops
                 self.choice = (f"at {t:.1f}s {' '.join(drop or sorted(rates))} {'dropped' if drop else 'kept'}: "
-                               f"projected done at {t + projected_seconds(tasks, rates, self.threads):.1f}s, "
-                               f"deadline {self.deadline:.1f}s")
+                               f"projected done at {t + projected_seconds(tasks, rates, self.threads):.1f}s, due {self.deadline:.1f}s")
 
     def _futures(self) -> list[Future]:
         with self._lock:

@@ -266,11 +266,11 @@ def test_a_late_job_drops_its_slower_back_end_and_ships_the_fallback():
     assert job.dropped == {"lzma"} and sec.compressor == "brotli"
     assert sec.to_bytes() == A.compress_section("model", tensors, {}, "brotli").to_bytes()
     assert_bit_exact(tensors, A.decode(A.assemble([sec]))[0])
-    assert re.fullmatch(r"at [0-9.]+s lzma dropped: projected done at [0-9.]+s, deadline 0\.0s", job.choice)
+    assert re.fullmatch(r"at [0-9.]+s lzma dropped: projected done at [0-9.]+s, due 0\.0s", job.choice)
     roomy = A.SectionJob("model", tensors, {}, "auto", threads=1, deadline=1e6)
     assert roomy.result().to_bytes() == A.compress_section("model", tensors, {}, "auto").to_bytes()  # the smaller
     assert not roomy.dropped
-    assert re.fullmatch(r"at [0-9.]+s brotli lzma kept: projected done at [0-9.]+s, deadline 1000000\.0s",
+    assert re.fullmatch(r"at [0-9.]+s brotli lzma kept: projected done at [0-9.]+s, due 1000000\.0s",
                         roomy.choice)
 
 
@@ -354,7 +354,7 @@ def test_pipeline_ships_group_sections_and_counts_their_bytes(tmp_path, demo_dat
     assert "compressor group: no lrzip binary on PATH, brotli fallback" in log
     assert "compressors:model:brotli,model_embed:brotli/" in log and ",lora:brotli" in log
     # which back-end and why: brotli alone (no lrzip to drop), with the job's projection against its deadline
-    assert re.search(r"^compressor_choice: at [0-9.]+s brotli kept: projected done at [0-9.]+s, deadline -?[0-9.]+s$",
+    assert re.search(r"^compressor_choice: at [0-9.]+s brotli kept: projected done at [0-9.]+s, due -?[0-9.]+s$",
                      log, re.M)
     path = cfg.artifact_file
     sections = A.sections_of(Path(path).read_bytes(), path)
