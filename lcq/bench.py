@@ -2,6 +2,7 @@
 
     python -m lcq.bench quant    # GPTQ vs round-to-nearest: bpb gap ratio per bit width, bytes/param per compressor
     python -m lcq.bench lcq      # LCQ: recovered fraction per init / rank / training / shipping strategy, at int4 and int6
+    python -m lcq.bench lcq --equal-bytes  # LQER vs LCQ vs the byte allocation at LoRA budgets of 2-32 KB (issue 16)
     python -m lcq.bench attribution  # does LCQ pay once the eval does TTT? three arms x training budgets, same seed
     python -m lcq.bench features  # the record stack at demo scale: all features on, then each one off in turn
     python -m lcq.bench sizing --preset record  # projected artifact bytes from measured bytes/param of its codes
@@ -32,10 +33,11 @@ from . import artifact
 from . import grouping
 from . import dist as D
 from .config import RECORD_FEATURES, Config, replace, resolve
+from .distill import lcq_target_names
 from .evaluate import EvalResult
 from .gptq import QuantSpec, clip_for, dequantize_state, quantize_rtn, quantize_state, tensor_role
 from .lora import LORA_ENTRY_BYTES, LORA_SECTION_BYTES, config_format, factor_bytes
-from .pipeline import (TIED, Run, build, evaluate_shipped, lcq, lcq_target_names, open_run, quant_spec, quantize,
+from .pipeline import (TIED, Run, build, evaluate_shipped, lcq, open_run, quant_spec, quantize,
                        run_training, score, score_ttt, ship)
 from .runlog import atomic_write
 from .shipping import artifact_meta, load_shipped, model_from_state, pack_lora
@@ -155,7 +157,7 @@ def bench_lcq(cfg: Config, dinfo: D.DistInfo, bits_list: list[int], ranks: list[
     train_s = run.train_result.train_time_s
     pre = score(run, run.model).val_bpb
     lcq_seconds = time_frac * train_s
-    rows, lqer_rows = [], []
+    rows = []
     base_cfg = run.cfg
     for bits in bits_list:
         run.cfg = replace(base_cfg, lcq_rank="0", matrix_bits=bits, matrix_clip_sigmas=clip_for_bits(base_cfg, bits),
@@ -181,26 +183,8 @@ def bench_lcq(cfg: Config, dinfo: D.DistInfo, bits_list: list[int], ranks: list[
                              lcq_bpb=shipped, recovered=(quant - shipped) / gap if gap > 0 else float("nan"),
                              lora_bytes=run.size.lora_bytes, lcq_seconds=lcq_s, lcq_time_fraction=lcq_s / train_s,
                              steps=run.distill_result.steps))
-            if merge == "side":
-                model_bytes = run.size.model_bytes  # the GPTQ model section, the same for every side variant
             run.qtensors, run.qmeta = saved["qtensors"], saved["qmeta"]
             run.log(f"bench {json.dumps(rows[-1])}")
-        # LQER (#1797; #1855: rank 4, int4 factors, group 64, 3 tensors, ours chosen by the output error they remove): its
-        # factors are model bytes, spent in closed form without training. Its extra model bytes beside LCQ's LoRA bytes
-        # give the equal-bytes comparison issue 11 asks for.
-        lq = dict(rank=base_cfg.lqer_rank or 4, top_k=base_cfg.lqer_top_k, bits=base_cfg.lqer_factor_bits,
-                  group=base_cfg.lqer_group, asym=base_cfg.lqer_asym)
-        run.cfg = replace(run.cfg, lcq_rank="0", lqer_rank=lq["rank"], compressor="lzma",
-                          artifact_path=f"{base_cfg.log_dir}/{base_cfg.run_id}_{bits}_lqer.lcq")
-        run.lora_tensors, run.lora_meta, run.scores = {}, None, {}
-        quantize(run)
-        ship(run)
-        lqer_bpb = load_and_score(run)
-        gap = quant - pre
-        lqer_rows.append(dict(bits=bits, **{f"lqer_{k}": v for k, v in lq.items()}, quant_bpb=quant, lqer_bpb=lqer_bpb,
-                              recovered=(quant - lqer_bpb) / gap if gap > 0 else float("nan"),
-                              extra_model_bytes=run.size.model_bytes - model_bytes))
-        run.log(f"bench {json.dumps(lqer_rows[-1])}")
     print(f"\nLCQ on the {cfg.preset} model: pre-quant val_bpb {pre:.4f}, distillation budget {lcq_seconds:.1f}s "
           f"({100 * time_frac:.0f}% of {train_s:.1f}s training)")
     print(f"{'bits':>4} {'init':>8} {'rank':>4} {'trained':>7} {'merge':>6} {'quant bpb':>10} {'lcq bpb':>9} "
@@ -209,11 +193,6 @@ def bench_lcq(cfg: Config, dinfo: D.DistInfo, bits_list: list[int], ranks: list[
         print(f"{row['bits']:>4} {row['init']:>8} {row['rank']:>4} {str(row['trained']):>7} {row['merge']:>6} "
               f"{row['quant_bpb']:>10.5f} {row['lcq_bpb']:>9.5f} {row['recovered']:>9.3f} {row['lora_bytes']:>8} "
               f"{row['lcq_time_fraction']:>9.3f}")
-    print(f"\nLQER beside it (closed form, no training; its factors are model bytes):")
-    print(f"{'bits':>4} {'rank':>4} {'top_k':>5} {'quant bpb':>10} {'lqer bpb':>9} {'recovered':>9} {'extra B':>8}")
-    for row in lqer_rows:
-        print(f"{row['bits']:>4} {row['lqer_rank']:>4} {row['lqer_top_k']:>5} {row['quant_bpb']:>10.5f} "
-              f"{row['lqer_bpb']:>9.5f} {row['recovered']:>9.3f} {row['extra_model_bytes']:>8}")
     best = max((r for r in rows if not math.isnan(r["recovered"]) and r["lcq_time_fraction"] <= 0.15),
                key=lambda r: r["recovered"], default=None)
     if best:
@@ -222,7 +201,7 @@ def bench_lcq(cfg: Config, dinfo: D.DistInfo, bits_list: list[int], ranks: list[
               f"target >= 0.5: {'met' if best['recovered'] >= 0.5 else 'NOT met'}")
     run.log.close()
     return dict(bench="lcq", preset=cfg.preset, train_seconds=train_s, lcq_seconds_budget=lcq_seconds, rows=rows,
-                lqer_rows=lqer_rows, best=best)
+                best=best)
 
 
 def load_and_score(run: Run) -> float:
@@ -366,7 +345,7 @@ def _field_default(name: str):
 
 # Features that change only how the trained weights are quantized or stored: their arms re-quantize the all-on model
 # instead of training again (same weights, so the delta is the quantizer's or the compressor's alone).
-QUANT_ONLY_FEATURES = ("role_clips", "int7_embed", "lqer", "group_compression")
+QUANT_ONLY_FEATURES = ("role_clips", "int7_embed", "group_compression")
 # #1855's own variants of parts we also build (issue 19): their no_<name> arm is not "off" but our variant.
 OUR_VARIANTS = {"input_smear": "SMEAR_GATE=blend", "resid_mix": "RESID_MIX=0", "orthogonal_init": "INIT=default"}
 
@@ -375,7 +354,7 @@ def bench_features(cfg: Config, dinfo: D.DistInfo, clock: float, steps: int = 0,
     """The record stack's features at this preset's scale: one arm with all of them on, then one arm per feature with
     only that one switched back to its field default. Same seed for every arm, and the same training clock, or with
     `steps` > 0 the same number of steps (on a machine other processes load, a clock buys each arm a different number
-    of steps). LCQ off, so each arm's score is the decoded GPTQ artifact (LQER included when on)."""
+    of steps). LCQ off, so each arm's score is the decoded GPTQ artifact."""
     feats = scaled_features(cfg)
     unknown = sorted(set(only or []) - set(feats))
     if unknown:
@@ -461,15 +440,14 @@ def bench_sizing(cfg: Config) -> dict:
         r = rows.setdefault(group, dict(params=0, bytes=0.0, bits=bits, clip=key[2]))
         r["params"] += p.numel()
         r["bytes"] += per_shape[key] * p.numel()
-    lqer = lqer_bytes_bound(model, spec)
     code = len(shipped_script())
-    total = sum(r["bytes"] for r in rows.values()) + control + lqer + code
+    total = sum(r["bytes"] for r in rows.values()) + control + code
     print(f"\nprojected artifact of the {cfg.preset} preset ({sum(r['params'] for r in rows.values()):,} quantized params, "
           f"MLP {cfg.mlp_mult}x, vocab {cfg.vocab_size}); brotli-11 on Gaussian codes")
     print(f"{'role':<6} {'params':>11} {'bits':>4} {'clip':>5} {'B/param':>8} {'bytes':>11}")
     for g, r in rows.items():
         print(f"{g:<6} {r['params']:>11,} {r['bits']:>4} {r['clip']:>5} {r['bytes'] / r['params']:>8.4f} {r['bytes']:>11,.0f}")
-    print(f"control tensors {control:,} B, LQER factors <= {lqer:,} B, code {code:,} B: total {total:,.0f} of "
+    print(f"control tensors {control:,} B, code {code:,} B: total {total:,.0f} of "
           f"{cfg.artifact_cap_bytes:,} ({cfg.artifact_cap_bytes - total:+,.0f})")
     # The LoRA the preset would ship under this projection: LCQ_BYTES (auto = the cap less the above and the headroom),
     # and the rank units it buys at the targets' mean unit cost with every target paying its manifest entry (a lower
@@ -482,27 +460,9 @@ def bench_sizing(cfg: Config) -> dict:
     units = int(max(0, lcq_bytes - LORA_SECTION_BYTES - LORA_ENTRY_BYTES * len(names)) // unit) if names else 0
     print(f"LoRA (LCQ_BYTES={cfg.lcq_bytes}, factors {'+'.join(map(str, fmt[:2]))} bits): {lcq_bytes:,} B, ~{units} "
           f"rank units over {len(names)} targets; total {total + lcq_bytes:,.0f}")
-    return dict(bench="sizing", preset=cfg.preset, roles=rows, control_bytes=control, lqer_bytes=lqer, code_bytes=code,
+    return dict(bench="sizing", preset=cfg.preset, roles=rows, control_bytes=control, code_bytes=code,
                 projected_bytes=round(total), cap=cfg.artifact_cap_bytes, lcq_bytes=lcq_bytes, lcq_units=units,
                 projected_total_bytes=round(total) + lcq_bytes)
-
-
-def lqer_bytes_bound(model: torch.nn.Module, spec: QuantSpec) -> int:
-    """Most bytes LQER can store (lcq.gptq.lqer_select): rank-r factors on the tied embedding and the LQER_TOP_K - 1
-    block matrices whose factors are largest, A and B as uncompressed int8 codes plus their float16 scales (one for A
-    and one per group of B when asymmetric, else one per row of each). What it stores for the tensors it picks is at
-    most this before compression (tests/test_gptq.py), and the int2/int4 codes compress well below it."""
-    if not spec.lqer_rank:
-        return 0
-    def factor_bytes(rows: int, cols: int) -> int:
-        r = min(spec.lqer_rank, rows, cols)
-        asym = spec.lqer_asym and (r * cols) % spec.lqer_group == 0
-        return rows * r + r * cols + 2 * (1 + r * cols // spec.lqer_group if asym else rows + r)
-
-    sizes = [(tensor_role(n, p) == "embed", factor_bytes(*p.shape)) for n, p in model.named_parameters()
-             if tensor_role(n, p) != "raw"]
-    total = sum(b for _, b in sorted(sizes, reverse=True)[: spec.lqer_top_k])  # the embedding, then the largest
-    return total
 
 
 def serialize_payload(cfg: Config) -> tuple[dict, dict, dict, dict, int]:
@@ -514,7 +474,8 @@ def serialize_payload(cfg: Config) -> tuple[dict, dict, dict, dict, int]:
     meta, parameters quantized). The meta holds qmeta (not the tokenizer identity: no tokenizer file is needed)."""
     from .lora import attach_lora, lora_modules
     from .model import build_model
-    from .pipeline import lcq_target_names, quant_spec
+    from .distill import lcq_target_names
+    from .pipeline import quant_spec
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, 1, torch.device("cpu"))
     with torch.no_grad():
@@ -618,7 +579,7 @@ def _overlapped(tensors: dict, meta: dict, lora: dict, lora_meta: dict, comp: st
     c0 = _cpu_seconds()
     # the pipeline's job: one section, or group's several, due at the window's end
     base_job = grouping.model_job(tensors, meta, comp, workers, None if keep_backends else lcq_window)
-    from .pipeline import RATE_WAIT_SECONDS
+    from .shipping import RATE_WAIT_SECONDS
     projected = base_job.seconds_left(RATE_WAIT_SECONDS)  # what plan_serialize sees
     projected_at = time.perf_counter() - base_job.started
     lcq_end = base_job.started + lcq_window
@@ -735,11 +696,24 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m lcq.bench", description=__doc__, allow_abbrev=False,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("kind", choices=("quant", "lcq", "attribution", "features", "sizing", "serialize", "compressors",
-                                     "step", "ttt"))
+                                     "step", "ttt", "gptq"))
     ap.add_argument("--bits", default=None, help="comma-separated bit widths (quant: 4,5,6,8; lcq: 4,6)")
     ap.add_argument("--ranks", default="4,16,64", help="lcq: comma-separated LoRA ranks")
     ap.add_argument("--inits", default="zero,svd,act_svd,grail", help="lcq: comma-separated inits")
     ap.add_argument("--time-frac", type=float, default=0.15, help="lcq: distillation seconds as a fraction of training")
+    ap.add_argument("--equal-bytes", action="store_true",
+                    help="lcq: corrections at equal shipped LoRA bytes instead (lcq/bench_lcq.py)")
+    ap.add_argument("--byte-budgets", default="",
+                    help="lcq --equal-bytes: comma-separated LoRA section budgets in bytes (default 2-32 KB)")
+    ap.add_argument("--lcq-steps", type=int, default=None,
+                    help="lcq --equal-bytes: distillation steps (default: lcq.bench_lcq.DEMO_LCQ_STEPS)")
+    ap.add_argument("--cache", default="", help="lcq --equal-bytes: folder of trained checkpoints to reuse ('' = none)")
+    ap.add_argument("--methods", default="lqer_today,lcq_uniform_int8,alloc_closed,alloc_distilled",
+                    help="lcq --equal-bytes: comma-separated subset of the methods to run")
+    ap.add_argument("--head", action="store_true",
+                    help="lcq --equal-bytes: also run the allocation rows with lm_head among the targets")
+    ap.add_argument("--wider", type=float, default=0.0,
+                    help="lcq --equal-bytes: also train a model at this MLP_MULT to price bytes spent on the model")
     ap.add_argument("--budgets", default="60,120,240", help="attribution: comma-separated training clocks in seconds")
     ap.add_argument("--plot", default="attribution.png", help="attribution: PNG path ('' = no plot)")
     ap.add_argument("--arms", default="abc", help="attribution: which arms to run (letters of a, b, c; a lever on one arm)")
@@ -759,7 +733,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="compressors: comma-separated COMPRESSOR values to compare on the model section")
     ap.add_argument("--codes", default="", help="compressors: an artifact (.lcq) whose model tensors to compress "
                                                "instead of the preset's random-init payload")
-    ap.add_argument("--world", type=int, default=8, help="step: gloo ranks the step runs on")
+    ap.add_argument("--world", type=int, default=8, help="step, gptq: gloo ranks the step / the split runs on")
     ap.add_argument("--tokens", type=int, default=512, help="step: tokens per rank")
     ap.add_argument("--batch-docs", default="1,8,32,64", help="ttt: comma-separated TTT_BATCH_DOCS values")
     ap.add_argument("--ttp-log", default="", help="ttt: a #1855-style log whose ttp: lines give the record's split")
@@ -771,6 +745,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.kind == "quant":
             result = bench_quant(cfg, dinfo, [int(b) for b in (args.bits or "4,5,6,8").split(",")])
+        elif args.kind == "lcq" and args.equal_bytes:
+            from .bench_lcq import BUDGETS, DEMO_LCQ_STEPS, bench_equal_bytes
+            steps = DEMO_LCQ_STEPS if args.lcq_steps is None else args.lcq_steps
+            budgets = [int(b) for b in args.byte_budgets.split(",")] if args.byte_budgets else list(BUDGETS)
+            result = bench_equal_bytes(cfg, dinfo, budgets, steps, args.cache,
+                                       args.wider, tuple(args.methods.split(",")), args.head)
         elif args.kind == "lcq":
             result = bench_lcq(cfg, dinfo, [int(b) for b in (args.bits or "4,6").split(",")],
                                [int(r) for r in args.ranks.split(",")], args.inits.split(","), args.time_frac)
@@ -785,6 +765,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.kind == "step":
             from .bench_step import bench_step
             result = bench_step(cfg, args.world, args.tokens)
+        elif args.kind == "gptq":
+            from .bench_gptq import bench_gptq
+            result = bench_gptq(cfg, args.world)
         elif args.kind == "sizing":
             result = bench_sizing(cfg)
         elif args.kind == "features":

@@ -29,17 +29,17 @@ _BOUNDS = (
      "artifact_cap_bytes lcq_alpha lcq_temperature ttt_eps"),
     (lambda v: v >= 0, ">= 0", "gptq_min_seconds warmup_steps lr_warmup_steps val_loss_every logit_softcap "
      "grad_clip_norm eval_seq_len val_max_tokens ttt_steps ttt_lr ttt_weight_decay ttt_phases ttt_phase_lr "
-     "gptq_calib_batches lqer_rank serialize_reserve_seconds serialize_threads lcq_lr lcq_max_steps lcq_seconds "
+     "gptq_calib_batches serialize_reserve_seconds serialize_threads lcq_lr lcq_max_steps lcq_seconds "
      "lcq_safety_seconds lcq_grail_ridge lcq_auto_headroom_bytes matrix_lr embed_lr scalar_lr embed_weight_decay "
      "scalar_weight_decay muon_weight_decay ttt_alpha ttt_phase_momentum ttt_phase_clip ttt_phase_tokens"),
     (lambda v: v >= 1, ">= 1", "grad_accum_steps train_log_every num_layers recur_passes muon_backend_steps "
-     "ttt_chunk_tokens ttt_rank gptq_block_size lqer_top_k lqer_group lcq_factor_group lcq_grail_tokens "
+     "ttt_chunk_tokens ttt_rank gptq_block_size lcq_factor_group lcq_grail_tokens "
      "lcq_log_every ttt_batch_docs"),
     (lambda v: v >= 2, ">= 2", "train_seq_len"),
     (lambda v: 0 <= v < 1, "in [0, 1)", "muon_momentum muon_momentum_warmup_start adam_beta1 adam_beta2 ema_decay "
      "ttt_beta1 ttt_beta2"),
     (lambda v: 0 <= v <= 1, "in [0, 1]", "warmdown_frac recur_from_progress min_lr_frac lcq_warmdown_frac"),
-    (lambda v: 2 <= v <= 8, "in 2..8", "matrix_bits embed_bits lqer_factor_bits lcq_factor_bits"),
+    (lambda v: 2 <= v <= 8, "in 2..8", "matrix_bits embed_bits lcq_factor_bits"),
 )
 # The values a string field may take.
 _CHOICES = dict(mlp_act="relu2 leaky_relu2", smear_gate="off blend input", init="default orthogonal",
@@ -208,15 +208,6 @@ class Config:
     gptq_calib_tokens: int = 131_072  # train tokens per rank for the Hessians (never val)
     # > 0: calibrate on this many train batches of TRAIN_BATCH_TOKENS / world per rank instead (#1855: 16)
     gptq_calib_batches: int = 0
-    # LQER (#1797): rank-LQER_RANK Hessian-weighted fit of the quantization error of up to LQER_TOP_K tensors (the tied
-    # embedding first, then where the rounded factors remove the most output error; lcq/gptq.py says how it differs
-    # from #1855), factors stored as small integers next to the codes; 0 = off. asym: A int2 with one scale per tensor, B at
-    # LQER_FACTOR_BITS in groups of LQER_GROUP; otherwise both per row at LQER_FACTOR_BITS
-    lqer_rank: int = 0
-    lqer_top_k: int = 3
-    lqer_factor_bits: int = 4
-    lqer_group: int = 64
-    lqer_asym: bool = True
 
     # --- artifact and gate ---
     # brotli | lzma | auto (both on every section, keep the smaller: twice the host work). brotli by default (issue 8):
@@ -253,7 +244,7 @@ class Config:
     lcq_lr: float = 1e-3
     lcq_warmdown_frac: float = 0.5  # LR decays linearly to 0 over this last fraction of the LCQ steps/time
     lcq_batch_tokens: int = 131_072  # global train tokens per distillation step
-    lcq_max_steps: int = 100_000  # 0 = closed-form init only, no training
+    lcq_max_steps: int = 100_000  # 0 = closed-form init only, no training (LQER, issue 16)
     lcq_seconds: float = 0.0  # 0: whatever GPTQ left of the reserve; > 0: at most this many seconds
     lcq_safety_seconds: float = 5.0
     # Factor storage (issue 16): A (r, in) at LCQ_FACTOR_BITS; B (out, r) at the same bits (symmetric, one fp16 scale
@@ -399,7 +390,6 @@ RECORD_FEATURES: dict[str, dict] = {
     "muon_row_normalize": dict(muon_row_normalize=True),
     "role_clips": dict(attn_clip_sigmas=13.0, mlp_clip_sigmas=11.5),  # #1855
     "int7_embed": dict(embed_bits=7, embed_clip_sigmas=14.0),  # int7 from #1586, 14 sigmas from #1855
-    "lqer": dict(lqer_rank=4, lqer_top_k=3, lqer_factor_bits=4, lqer_group=64, lqer_asym=True),  # #1797
     # #1855's per-group compressor (lcq/grouping.py): each role section is never larger than brotli of its plain layout;
     # on a trained demo model's GPTQ codes it took 1.9% off brotli alone (2.7% with lrzip), on random-init record-size
     # codes 0.01% (0.9% with lrzip) (BENCHMARKS.md)
@@ -430,7 +420,7 @@ PRESETS: dict[str, dict] = {
         # and clips: 0.422 B/param int6 attention, 0.441 int6 MLP, 0.536 int7 embedding) projects #1855's 4x MLP
         # (35.9 M params) to 16.15 MB, over the cap (#1855 fit only through its lrzip per-group compressor, ~280 KB;
         # ours with lrzip took 0.87% off brotli on such codes, not enough), and MLP hidden 1984 (3.875x, 35.2 M params)
-        # to 15.89 MB with the LQER factors' upper bound and the code: under 16,000,000, above 15.5 MB.
+        # to 15.86 MB with the code: under 16,000,000, above 15.5 MB, the rest for the LoRA below.
         mlp_mult=3.875,
         # #1855's optimizer and schedule (its README's hyperparameter table and its train_gpt.py defaults)
         matrix_lr=0.026, embed_lr=0.03, scalar_lr=0.02, muon_momentum=0.97, muon_momentum_warmup_start=0.92,
@@ -438,12 +428,18 @@ PRESETS: dict[str, dict] = {
         adam_beta2=0.99, warmdown_frac=0.85, ema_decay=0.9965,
         gptq_calib_batches=16,  # #1855: GPTQ_CALIBRATION_BATCHES=16
         # The model fills the cap to ~15.89 MB, so a fixed rank-8 LoRA (~0.69 MB on these shapes) would fail the gate.
-        # Issue 16: the LoRA gets what the real compressed model section and the code leave (LCQ_BYTES=auto, ~88 KB
+        # Issue 16: the LoRA gets what the real compressed model section and the code leave (LCQ_BYTES=auto, ~117 KB
         # under the projection after the 20 KB headroom), spent a rank unit at a time where the closed form removes
         # the most Hessian-weighted error per byte, in LQER's 2+4-bit storage (#1855; a unit over an MLP matrix is
         # ~0.77 KB instead of int8's ~2.5 KB). It costs no model bytes (MLP width and clips as above): no equal-bytes
-        # measurement yet says a LoRA byte beats a model byte, so the model is not narrowed for it.
+        # measurement yet says a LoRA byte beats a model byte, so the model is not narrowed for it. It is LQER's place
+        # too (issue 16: LQER is this closed form, distilled here in what LCQ time is left), so the tied head is a
+        # candidate: LQER's measured gain was the embedding's (issue 11, demo: -0.0130 bpb, each block matrix -0.0004 to
+        # +0.0001), and on a 100-step demo model the allocation over the blocks alone raised bpb at 4 and 8 KB while the
+        # same budgets with lm_head offered (it took rank 1) lowered it (BENCHMARKS.md, issue 16).
         lcq_rank="auto", lcq_bytes="auto", lcq_factor_bits=4, lcq_factor_asym=True,
+        lcq_targets="blocks.*.attn.c_q,blocks.*.attn.c_k,blocks.*.attn.c_v,blocks.*.attn.proj,blocks.*.mlp.fc,"
+                    "blocks.*.mlp.proj,lm_head",
         # #1855's score-first TTT (its train_seed42.log hyperparameters; batched as in #1855, lcq/ttt.py)
         ttt_enabled=True, ttt_rank=80, ttt_alpha=144.0, ttt_lr=1e-4, ttt_beta1=0.0, ttt_beta2=0.99, ttt_eps=1e-10,
         ttt_weight_decay=0.5, ttt_chunk_tokens=48, ttt_batch_docs=64,
@@ -540,6 +536,10 @@ def resolve(argv: list[str] | None = None, env: dict | None = None, allow_extra:
     for arg in rest:
         if arg.split("=", 1)[0] not in allow_extra:
             raise ConfigError(f"unknown argument {arg!r}; knobs are --field_name=value with fields: {', '.join(sorted(_FIELDS))}")
+    gone = [k for k, v in env.items() if k.startswith("LQER_") and v]
+    if gone:  # issue 16: README "LQER is LCQ's closed form" maps each knob
+        raise ConfigError(f"{gone[0]}: LQER is now LCQ with no distillation; use LCQ_BYTES, LCQ_FACTOR_BITS=4, "
+                          "LCQ_FACTOR_ASYM=1, LCQ_MAX_STEPS=0")
     preset = cli.get("preset") or env.get("PRESET") or "record"
     if preset not in PRESETS:
         raise ConfigError(f"PRESET={preset!r}: unknown preset; choose one of {sorted(PRESETS)}")

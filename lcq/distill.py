@@ -1,4 +1,11 @@
-"""LCQ: distil the float (EMA) teacher into the dequantized model through LoRA factors, on train tokens, on a clock.
+"""The LCQ stage (lcq_stage) and its policy: which tensors get a low-rank correction and at what rank (byte or rank
+allocation), its closed-form init, its distillation and that distillation's budget. lcq/lora.py is the mechanics.
+
+LQER is this stage with no distillation steps (LCQ_MAX_STEPS=0): the closed form ships as fitted, in the same `lora`
+section, under the same gate.
+
+Distillation: the float (EMA) teacher distilled into the dequantized model through LoRA factors, on train tokens, on
+a clock.
 
 Student = the model decoded from the GPTQ weights + LoRA; teacher = the pre-quantization model; loss = tau^2 *
 KL(teacher || student) over next-token distributions of train-shard tokens (never val). Only the factors train (AdamW);
@@ -19,10 +26,13 @@ from . import artifact
 from . import dist as D
 from .config import Config
 from .data import TrainLoader, train_pattern
-from .lora import (LORA_SECTION_BYTES, FactorFormat, allocate_bytes, config_format, factor_bytes, init_act_svd, init_grail,
-                   init_svd, lora_modules, lora_parameters, recoverable_energy)
+from .gptq import QuantSpec, quantize_state
+from .lora import (DEFAULT_TARGETS, LORA_SECTION_BYTES, FactorFormat, allocate_bytes, allocate_ranks, attach_lora,
+                   config_format, factor_bytes, init_act_svd, init_grail, init_svd, lora_modules, lora_parameters,
+                   match_targets, merge_lora, recoverable_energy, set_format)
 from .model import autocast_for, stored_weight
 from .script import shipped_script
+from .shipping import TIED, WRITE_SECONDS, model_from_state, pack_lora, plan_serialize
 from .train import all_reduce_grads, out_of_time
 
 
@@ -284,7 +294,7 @@ def distill(student: nn.Module, teacher: nn.Module, cfg: Config, dinfo: D.DistIn
                          kl_start=kl_start, kl_end=kl_end, stopped_by=stopped_by)
 
 
-# ---- rank and byte allocation (the LCQ stage's policy; lcq.pipeline.lcq wires it) -----------------------------
+# ---- the stage: targets, rank and byte allocation, budget (lcq.pipeline.lcq wires it) ---------------------------
 
 def lora_bytes_per_rank(model: nn.Module, names: list[str], fmt: FactorFormat) -> float:
     """Upper estimate of the artifact bytes one unit of rank costs over `names`: the codes as if incompressible plus
@@ -347,3 +357,149 @@ def lora_raw_bytes(model: nn.Module, ranks: dict[str, int], fmt: FactorFormat) -
     manifest per target."""
     mods = dict(model.named_modules())
     return int(sum(factor_bytes(mods[n].in_features, mods[n].out_features, r, fmt) + 200 for n, r in ranks.items()))
+
+
+def lcq_target_names(model: nn.Module, cfg: Config) -> list[str]:
+    patterns = [p.strip() for p in cfg.lcq_targets.split(",") if p.strip()] or list(DEFAULT_TARGETS)
+    try:
+        names = match_targets(model, patterns)
+    except ValueError as e:
+        raise ValueError(f"LCQ_TARGETS: {e}") from None
+    mods = dict(model.named_modules())
+    not_linear = [n for n in names if not isinstance(mods[n], nn.Linear)]
+    if not_linear:
+        raise ValueError(f"LCQ_TARGETS matches modules that are not linear layers: {not_linear[:3]}; "
+                         "name linear layers such as blocks.*.attn.c_q")
+    if cfg.lcq_merge == "baked" and "lm_head" in names:
+        raise ValueError("LCQ_MERGE=baked cannot target lm_head: its weight is the tied embedding; drop lm_head from "
+                         "LCQ_TARGETS or use side/fused")
+    return names
+
+
+def lcq_diagnostic(run) -> float | None:
+    """rho per tensor: the share of its Hessian-weighted quantization error that its LoRA rank can capture at best.
+    Pure reporting, so it runs after the training clock stops."""
+    ranks = {n: r for n, r in run.lcq_ranks.items() if r}
+    if not ranks:
+        return None
+    report = energy_report(quant_errors(run, list(ranks)), ranks)
+    total_energy = sum(v["energy"] for v in report.values()) or 1.0
+    rho_total = sum(v["rho"] * v["energy"] for v in report.values()) / total_energy
+    worst = sorted(report.items(), key=lambda kv: kv[1]["rho"])[:3]
+    run.log(f"lcq_rho: total {rho_total:.4f} (share of the Hessian-weighted error energy the ranks can capture); "
+            "lowest: " + " ".join(f"{n}:{v['rho']:.3f}(r={v['rank']})" for n, v in worst))
+    run.log.summary["lcq_rho"] = {"total": rho_total, **{n: round(v["rho"], 5) for n, v in report.items()}}
+    return rho_total
+
+
+def distill_budget(run, initial: float, window: float, lora_s: float):
+    """Distillation's budget as a function of its elapsed seconds, re-read every step (lcq.distill): `initial` (from
+    the plan), shrunk by however late the model section is projected to finish now, from the rates its job keeps
+    measuring (an early projection is optimistic: brotli slows as its window fills, and a shared host's load moves).
+    Rank 0 projects and every rank gets its value (one scalar all-reduce per step). `window` is what LCQ could use
+    before any serialization."""
+    job, cfg = run.base_job, run.cfg
+    floor = float("-inf")
+
+    def budget(elapsed: float) -> float:
+        value = initial
+        if job is not None and cfg.lcq_merge != "baked":
+            left = job.seconds_left()
+            if left is not None:
+                late = max(0.0, elapsed + left - (window - lora_s - WRITE_SECONDS))
+                value = min(initial, window - lora_s - WRITE_SECONDS - late)
+        mine = value if run.dinfo.is_master else floor
+        value = float(D.all_reduce_max(torch.tensor(mine, dtype=torch.float64, device=run.dinfo.device)).item())
+        if value < initial:  # the serialize stage gets what LCQ gave back
+            run.serialize_budget = window - value
+        return max(0.0, value)
+
+    return budget
+
+
+def lcq_stage(run, calibrate, spec: QuantSpec) -> None:
+    """The LCQ stage on the pipeline's Run: attach LoRA to the dequantized model, initialise it in closed form, distil
+    it against the float model on train tokens until the clock says stop (LCQ_MAX_STEPS=0: not at all, so the closed
+    form ships as fitted: LQER), then pack it as shipped into run.lora_tensors / run.lora_meta (side/fused: quantized
+    factors; baked: W + BA re-quantized by `spec` into run.qtensors / run.qmeta). calibrate(*models) runs models over
+    calibration train batches (the grail init).
+
+    The base model's artifact section is already compressing on host threads (lcq.pipeline.start_base_section); the
+    distillation budget keeps back what serialization is projected to need from the rate that job measures."""
+    cfg, dinfo = run.cfg, run.dinfo
+    if not cfg.lcq_enabled:
+        return
+    D.sync(dinfo.device)
+    t0 = time.perf_counter()
+    teacher = run.model
+    student = model_from_state(cfg, run.bos_id, run.gptq_state, dinfo.device)
+    names = lcq_target_names(student, cfg)
+    fits = None
+    if cfg.lcq_bytes != "0":
+        ranks, fits = byte_allocation(run, names)
+        rank = sum(ranks.values())
+    else:
+        rank = auto_rank(run, names, student) if cfg.lcq_rank == "auto" else int(cfg.lcq_rank)
+    if rank == 0:
+        run.log("lcq: no room for any LoRA rank under the cap; shipping the GPTQ model alone")
+        run.charge("lcq", time.perf_counter() - t0, rank=0)
+        return
+    if fits is not None:
+        pass  # byte_allocation's ranks
+    elif cfg.lcq_rank_alloc == "rho":
+        mods = dict(student.named_modules())
+        budget = rank * sum(mods[n].in_features + mods[n].out_features for n in names)
+        ranks = allocate_ranks(quant_errors(run, names), budget,
+                               candidates=tuple(sorted({0, 1, 2, 4, 8, 16, 32, 64, 128, 256, rank})))
+    else:
+        ranks = {n: rank for n in names}
+    run.lcq_ranks = ranks
+    torch.manual_seed(cfg.seed)  # the same A init on every rank
+    wrappers = attach_lora(student, names, ranks, cfg.lcq_alpha)
+    fmt, init = config_format(cfg), "closed_form" if fits is not None else cfg.lcq_init
+    if fits is not None:  # the closed-form fits the allocation priced, on their own grids (frozen while distilling)
+        for n, fit in fits.items():
+            wrappers[n].set_factors(fit["B"].to(dinfo.device), fit["A"].to(dinfo.device))
+            wrappers[n].fmt, wrappers[n].grid = fmt, tuple(t.to(dinfo.device) for t in fit["grid"])
+    else:
+        init_factors(student, teacher, cfg.lcq_init, run.hessians,
+                     calibrate, cfg.lcq_grail_ridge)
+        if cfg.lcq_merge != "baked":  # side/fused ship the factors on this grid: train on it (baked re-quantizes W + BA)
+            set_format(student, fmt)
+    elapsed = time.perf_counter() - t0
+    gptq_s = next(s for stage, s, _ in run.ledger if stage == "gptq") if cfg.lcq_merge == "baked" else 0.0
+    left = run.clock_left - elapsed - cfg.lcq_safety_seconds - gptq_s
+    serialize_s, lora_s = plan_serialize(run, left, 0 if cfg.lcq_merge == "baked" else
+                                         lora_raw_bytes(student, ranks, fmt))
+    seconds = left - serialize_s
+    if cfg.lcq_seconds:
+        seconds = min(seconds, cfg.lcq_seconds)
+    seconds = max(0.0, seconds)
+    run.log(f"lcq_budget: {seconds:.2f}s for distillation (clock left {run.clock_left - elapsed:.2f}s, serialize "
+            f"{serialize_s:.2f}s projected, safety {cfg.lcq_safety_seconds:.1f}s"
+            + (f", GPTQ again {gptq_s:.2f}s" if gptq_s else "") + ")")
+    planned = run.serialize_budget
+    res = distill(student, teacher, cfg, dinfo, run.log, run.bos_id,
+                  distill_budget(run, seconds, left, lora_s) if cfg.lcq_max_steps and seconds > 0 else 0.0)
+    if run.serialize_budget is not None and planned is not None and run.serialize_budget > planned:
+        run.log(f"lcq_budget: the model section was projected later as it went; distillation gave back "
+                f"{run.serialize_budget - planned:.2f}s, serialize budget {run.serialize_budget:.2f}s")
+    lcq_budget = run.clock_left - (run.serialize_budget if run.serialize_budget is not None else serialize_s)
+    run.distill_result = res
+    if cfg.lcq_merge == "baked":
+        merge_lora(student)
+        state = {k: v.detach() for k, v in student.state_dict().items()}
+        run.qtensors, run.qmeta = quantize_state(state, run.hessians, spec, TIED)
+        run.lora_meta = dict(merge="baked", init=cfg.lcq_init, ranks=ranks, alpha=cfg.lcq_alpha)
+        if run.base_job is not None:  # compressed the weights before baking: ship compresses the new ones
+            run.base_job.cancel()
+            run.base_job = None
+    else:
+        run.lora_tensors, packed_ranks, alpha = pack_lora(student, fmt)
+        run.lora_meta = dict(merge=cfg.lcq_merge, init=init, ranks=packed_ranks, alpha=alpha, format=list(fmt))
+    D.sync(dinfo.device)
+    run.charge("lcq", time.perf_counter() - t0, lcq_budget,
+               rank="bytes" if fits is not None else cfg.lcq_rank if cfg.lcq_rank_alloc == "uniform" else "rho",
+               init=init, merge=cfg.lcq_merge,
+               steps=res.steps, tokens_per_step=res.tokens_per_step, kl=f"{res.kl_start:.5f}->{res.kl_end:.5f}",
+               stopped_by=res.stopped_by)

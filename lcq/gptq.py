@@ -59,15 +59,14 @@ def collect_hessians(
 ) -> dict[str, torch.Tensor]:
     """Return H = sum(x^T x) / tokens for the input x of each target module, keyed by weight name.
 
-    `targets` maps a weight name to the module whose input multiplies it (the tied embedding
-    "tok_emb.weight" -> "lm_head"). Pass the plain (uncompiled) model: hooks sit on its submodules.
+    `targets` maps a weight name to the nn.Linear whose input multiplies it (the tied embedding
+    "tok_emb.weight" -> "lm_head"; `lcq.model.gptq_targets`), at least one. Pass the plain (uncompiled)
+    model: hooks sit on its submodules.
     Sums are float32 on each module's weight device: the solve runs in float32 and adds 1% of
     mean(diag H) as damping, which dwarfs float32 rounding of the sum, and float64 matmuls are slow
     or missing on many GPUs. Under torch.distributed the sums and token counts are all-reduced, so
     every rank returns the Hessian of the union of all ranks' calibration tokens.
     """
-    if not targets:
-        raise ValueError("collect_hessians: targets is empty; map each weight name to the module feeding it")
     modules: dict[str, nn.Module] = {}
     for weight_name, module_name in targets.items():
         try:
@@ -79,24 +78,15 @@ def collect_hessians(
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
     for module_name, module in modules.items():
-        weight = getattr(module, "weight", None)
-        if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
-            raise TypeError(f"collect_hessians: module {module_name!r} has no 2-D .weight to size its Hessian from")
-        dim = weight.shape[1]
-        sums[module_name] = torch.zeros(dim, dim, dtype=torch.float32, device=weight.device)
+        weight = module.weight
+        sums[module_name] = torch.zeros(weight.shape[1], weight.shape[1], dtype=torch.float32, device=weight.device)
         counts[module_name] = 0
 
     def make_hook(module_name: str):
+        # A forward hook runs after the forward: the Linear has already taken x, so x is a tensor of in_features columns.
         def hook(_module: nn.Module, args: tuple, _output) -> None:
-            if not args or not isinstance(args[0], torch.Tensor):
-                raise TypeError(f"collect_hessians: {module_name!r} was called without a positional input tensor")
             acc = sums[module_name]
-            x = args[0].detach()
-            if x.shape[-1] != acc.shape[0]:
-                raise ValueError(
-                    f"collect_hessians: input to {module_name!r} has {x.shape[-1]} features, weight expects {acc.shape[0]}"
-                )
-            x = x.reshape(-1, x.shape[-1]).to(device=acc.device, dtype=torch.float32)
+            x = args[0].detach().reshape(-1, acc.shape[0]).to(device=acc.device, dtype=torch.float32)
             # Calibration runs under bf16 autocast on CUDA: keep the float32 sum out of it, whatever autocast does
             # with in-place matmuls in a given torch release (issue 8).
             with torch.autocast(acc.device.type, enabled=False):
@@ -137,8 +127,6 @@ def collect_hessians(
 def row_scales(W: torch.Tensor, bits: int, clip_sigmas: float) -> torch.Tensor:
     """float16 per-row scales by the rule in the module docstring."""
     qmax = _check_bits(bits, "row_scales")
-    if W.ndim != 2:
-        raise ValueError(f"row_scales: W must be 2-D, got shape {tuple(W.shape)}")
     W = W.detach().float()
     max_abs = W.abs().amax(dim=1)
     if clip_sigmas > 0 and W.shape[1] > 1:
@@ -193,18 +181,13 @@ def quantize_gptq(
     the IST-DASLab gptq code zeroes them, but here they are rounded like RTN (their Hessian row is
     isolated, so no error flows in or out) because the tied embedding's rows are also looked up
     directly, where those columns do matter. act_order quantizes columns in order of decreasing diag(H) (the GPTQ
-    repo's --act-order) and returns q in the original column order.
+    repo's --act-order) and returns q in the original column order. damp and block_size are checked where a run sets
+    them (QuantSpec).
     """
     qmax = _check_bits(bits, "quantize_gptq")
-    if W.ndim != 2:
-        raise ValueError(f"quantize_gptq: W must be 2-D, got shape {tuple(W.shape)}")
     rows, cols = W.shape
     if H.shape != (cols, cols):
         raise ValueError(f"quantize_gptq: H has shape {tuple(H.shape)}, expected ({cols}, {cols}) for W {tuple(W.shape)}")
-    if not (isinstance(damp, (int, float)) and math.isfinite(damp) and damp > 0):
-        raise ValueError(f"quantize_gptq: damp must be a finite number > 0, got {damp!r}")
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"quantize_gptq: block_size must be an int >= 1, got {block_size!r}")
     if not torch.isfinite(H).all():
         raise ValueError("quantize_gptq: H has non-finite entries")
     scale = row_scales(W, bits, clip_sigmas)
@@ -226,7 +209,7 @@ def _damped(H: torch.Tensor, damp: float) -> torch.Tensor:
 def _gptq_codes(W: torch.Tensor, H: torch.Tensor, scale: torch.Tensor, lo: int, hi: int, damp: float,
                 block_size: int, act_order: bool) -> torch.Tensor:
     """The GPTQ solve: float integer codes in [lo, hi] for W (rows, cols) on the grid `scale`, which is per row (rows,)
-    or per entry (rows, cols) (the LQER factors' group scales). Shared by the weights and the LQER factors."""
+    or per entry (rows, cols) (group scales). Shared by the weights and the LoRA factors' closed form (lcq/lora.py)."""
     cols = W.shape[1]
     # Work on W^T so each column is a contiguous row: the per-column updates below are then
     # contiguous rank-1 updates, several times faster on CPU than strided column slices.
@@ -290,12 +273,6 @@ class QuantSpec:
     # Per-role clips for block matrices (#1855: attention 13.0, MLP 11.5); None = matrix_clip_sigmas.
     attn_clip_sigmas: float | None = None
     mlp_clip_sigmas: float | None = None
-    # LQER (#1797): see `lqer_pack`; lqer_rank 0 = off.
-    lqer_rank: int = 0
-    lqer_top_k: int = 3
-    lqer_factor_bits: int = 4
-    lqer_group: int = 64
-    lqer_asym: bool = True
 
     def __post_init__(self) -> None:
         def fail(field: str, why: str) -> None:
@@ -313,12 +290,6 @@ class QuantSpec:
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 fail(field, "must be a finite number (<= 0 means max-abs scaling)")
-        for field, low in (("lqer_rank", 0), ("lqer_top_k", 1), ("lqer_group", 1)):
-            value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                fail(field, f"must be an int >= {low}")
-        if isinstance(self.lqer_factor_bits, bool) or self.lqer_factor_bits not in range(2, 9):
-            fail("lqer_factor_bits", "must be an int in 2..8")
         if isinstance(self.damp, bool) or not isinstance(self.damp, (int, float)) or not (
             math.isfinite(self.damp) and self.damp > 0
         ):
@@ -345,178 +316,6 @@ def clip_for(spec: QuantSpec, name: str, role: str) -> float:
     return spec.matrix_clip_sigmas
 
 
-# LQER (Zhang et al. 2024, "LQER: Low-Rank Quantization Error Reconstruction"; openai/parameter-golf PR #1797): a few
-# tensors get a rank-r correction A @ B of their quantization error E = W - W_hat, stored as small integers; the decoder
-# adds A @ B back (`lqer_unpack`). Storage is #1855's: asymmetric packing puts A (rows, r) on int2 codes [-2, 1] with one
-# scale per tensor and B (r, cols) on `bits` codes [-2^(b-1), 2^(b-1) - 1] with one scale per `group` consecutive values
-# of B flattened, scale max|x| / (2^(b-1) - 1/2); symmetric packing (or a group that does not divide B) puts both
-# factors per row on +-(2^(b-1) - 1).
-#
-# What #1855 does (records/track_10min_16mb/2026-04-27_SP8192_LQER_..._1.0611/train_gpt.py): the top-k tensors by the
-# plain norm ||E||_F, a plain SVD of E with A = U_r S_r and B = V_r^T, both factors rounded to nearest. On our demo
-# model that made bpb worse (BENCHMARKS.md, issue 11) because the layer inputs have one dominant direction (~90% of
-# tr H) and GPTQ parks its error where H is small: E is large (the largest ||E||_F are the tensors with the least
-# output error per unit of norm) and its top singular vectors are almost orthogonal to H's top eigenvector. Rounding
-# B = V_r^T to int4 leaks a little of it into that direction, which H weighs thousands of times more, so the rounded
-# correction added more output error tr(E H E^T) than it removed: 2.8x the embedding's, 3.2x and 2.6x blocks.2/3.mlp.fc's
-# on the 345-step demo model.
-# Here, with the same storage and knobs:
-# - the factors minimise the output error: E L = U Sigma V^T with L L^T = H (EoRA / QERA / act_svd, lcq/lora.py),
-#   the magnitudes go to B = Sigma_r V_r^T L^-1 (its group scales absorb them) and A = U_r keeps balanced columns for
-#   its one int2 scale;
-# - B is rounded by GPTQ against H (B multiplies the layer input as a weight does), then A is refit by weighted least
-#   squares to the rounded B and rounded by GPTQ against B_hat H B_hat^T, its int2 clip chosen from _LQER_A_CLIPS by
-#   the output error;
-# - a tensor whose rounded correction does not lower its output error gets none. The tied embedding comes first: on
-#   the 345-step demo model, correcting it alone took int6 2.18651 to 2.17352 bpb, while each of the 24 block matrices
-#   alone moved bpb by at most 0.0004 (BENCHMARKS.md), and neither its absolute nor its relative (to tr(W H W^T))
-#   output error ranked it first (its head output is the logits, and it is looked up too). The other places go to the
-#   matrices by the output error their rounded correction removes (GPTQ's objective). The embedding's H is the head's:
-#   adding the lookup side as an isotropic term (H + mean(diag H) I, 2.17896) or no weighting (2.18041) did worse,
-#   and the head-weighted correction lowered its plain ||E||_F as well (to 0.35 of it).
-# Without a Hessian (RTN with no calibration) H is the identity: plain SVD, rounding to nearest, the choice by the
-# ||E||_F^2 the correction removes.
-LQER_A_BITS = 2
-# Clips of A's int2 scale, as fractions of max|A|: with only 4 codes, max-abs scaling rounds most of A to 0.
-_LQER_A_CLIPS = (1.0, 0.85, 0.7, 0.55, 0.4)
-
-
-def _asym_scale(max_abs: torch.Tensor, bits: int) -> torch.Tensor:
-    return (max_abs / (2 ** (bits - 1) - 0.5)).clamp(_SCALE_MIN, _SCALE_MAX).to(torch.float16)
-
-
-def _sym_scale(max_abs: torch.Tensor, qmax: int) -> torch.Tensor:
-    return (max_abs / qmax).clamp(_SCALE_MIN, _SCALE_MAX).to(torch.float16)
-
-
-def weighted_error(E: torch.Tensor, H: torch.Tensor | None) -> float:
-    """tr(E H E^T) in float64 (the output error a layer input with Hessian H sees); ||E||_F^2 when H is None."""
-    E = E.detach().double()
-    if H is None:
-        return float((E * E).sum())
-    return float(((E @ H.to(E.device, torch.float64)) * E).sum())
-
-
-def lqer_bound(E: torch.Tensor, H: torch.Tensor | None, rank: int, damp: float = 0.01) -> float:
-    """An upper bound on the weighted_error(E, H) any rank-`rank` correction removes: the top `rank` eigenvalues of
-    E H E^T (Eckart-Young), taken as squared singular values of E L with L L^T = H damped as GPTQ damps it. Damping only
-    adds to H, which cannot lower those eigenvalues (Weyl), so the bound holds for H itself, and a Cholesky is much
-    cheaper than the eigendecomposition an exact H^(1/2) needs."""
-    E = E.detach().double()
-    if H is not None:
-        E = E @ torch.linalg.cholesky(_damped(H.to(E.device), damp).double())
-    return float(torch.linalg.svdvals(E)[:rank].square().sum())
-
-
-def lqer_factors(E: torch.Tensor, rank: int, H: torch.Tensor | None = None,
-                 damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
-    """Float factors of the best rank-`rank` fit of E under tr(. H .^T), H damped as GPTQ damps it (plain SVD when H is
-    None) -> A (rows, r) with orthonormal columns, B (r, cols) holding the magnitudes."""
-    E = E.detach().double()
-    M, L = E, None
-    if H is not None:
-        L = torch.linalg.cholesky(_damped(H.to(E.device), damp).double())
-        M = E @ L
-    U, S, Vh = torch.linalg.svd(M, full_matrices=False)
-    r = min(rank, S.numel())
-    B = S[:r, None] * Vh[:r]
-    if L is not None:
-        B = torch.linalg.solve_triangular(L.T, B.T, upper=True).T  # B L^-1: solves L^T X = B^T
-    return U[:, :r].float().contiguous(), B.float().contiguous()
-
-
-def lqer_pack(E: torch.Tensor, B: torch.Tensor, bits: int, group: int, asym: bool, H: torch.Tensor | None = None,
-              damp: float = 0.01) -> tuple[dict[str, torch.Tensor], dict]:
-    """Integer correction of E from the float factor B of `lqer_factors` -> (tensors 'A', 'A_scale', 'B', 'B_scale',
-    meta). B is rounded by GPTQ against H; A is the weighted least-squares fit of E to the rounded B, rounded by GPTQ
-    against B_hat H B_hat^T. H None = the identity (GPTQ is then round-to-nearest). Asymmetric packing needs B.numel()
-    divisible by `group`; otherwise (as in #1855) the factors are packed symmetrically."""
-    qmax = _check_bits(bits, "lqer_pack")
-    E = E.detach().float()
-    rows, cols = E.shape
-    H_in = torch.eye(cols, device=E.device) if H is None else H.detach().to(E.device, torch.float32)
-    asym = asym and B.numel() % group == 0
-    if asym:
-        sB = _asym_scale(B.reshape(-1, group).abs().amax(dim=1), bits)
-        grid = sB.float().repeat_interleave(group).reshape(B.shape)
-        qB = _gptq_codes(B, H_in, grid, -(2 ** (bits - 1)), 2 ** (bits - 1) - 1, damp, 128, True)
-    else:
-        sB = _sym_scale(B.abs().amax(dim=1), qmax)
-        grid = sB.float()[:, None].expand(B.shape)
-        qB = _gptq_codes(B, H_in, sB.float(), -qmax, qmax, damp, 128, True)
-    B_hat = (qB * grid).double()
-    Hd = _damped(H_in, damp).double()
-    G = B_hat @ Hd @ B_hat.T  # the Hessian of A's input B_hat x
-    A = (E.double() @ Hd @ B_hat.T @ torch.linalg.pinv(G, hermitian=True)).float()
-    G = G.float()
-    if asym:
-        best = None
-        for clip in _LQER_A_CLIPS:
-            sA = _asym_scale(A.abs().amax().reshape(1) * clip, LQER_A_BITS)
-            qA = _gptq_codes(A, G, sA.float().expand(rows), -(2 ** (LQER_A_BITS - 1)), 2 ** (LQER_A_BITS - 1) - 1,
-                             damp, 128, True)
-            err = weighted_error(E - (qA * sA.float()) @ B_hat.float(), H)
-            if best is None or err < best[0]:
-                best = (err, qA, sA)
-        _, qA, sA = best
-        packed = {"A": qA.to(torch.int8), "A_scale": sA, "B": qB.to(torch.int8), "B_scale": sB}
-        return packed, {"asym": True, "a_bits": LQER_A_BITS, "b_bits": bits, "group": group, "rank": B.shape[0]}
-    sA = _sym_scale(A.abs().amax(dim=1), qmax)
-    qA = _gptq_codes(A, G, sA.float(), -qmax, qmax, damp, 128, True)
-    packed = {"A": qA.to(torch.int8), "A_scale": sA, "B": qB.to(torch.int8), "B_scale": sB}
-    return packed, {"asym": False, "a_bits": bits, "b_bits": bits, "group": 0, "rank": B.shape[0]}
-
-
-def lqer_unpack(packed: Mapping[str, torch.Tensor], meta: Mapping) -> torch.Tensor:
-    """A @ B in float32 from `lqer_pack`'s output."""
-    A, B = packed["A"].float(), packed["B"].float()
-    if meta["asym"]:
-        A = A * packed["A_scale"].float()
-        B = (B.reshape(-1, int(meta["group"])) * packed["B_scale"].float()[:, None]).reshape(B.shape)
-    else:
-        A = A * packed["A_scale"].float()[:, None]
-        B = B * packed["B_scale"].float()[:, None]
-    return A @ B
-
-
-def lqer_select(errors: Mapping[str, torch.Tensor], hessians: Mapping[str, torch.Tensor] | None,
-                spec: "QuantSpec") -> dict[str, tuple[dict[str, torch.Tensor], dict, float]]:
-    """Up to spec.lqer_top_k tensors to correct -> {name: (packed, meta, gain)}, gain = weighted_error(E, H) -
-    weighted_error(E - A_hat B_hat, H) > 0 with H the tensor's Hessian (the identity without one). The tied embedding
-    comes first whenever its gain is positive (see the LQER comment above); the other places go to the matrices with
-    the largest gains. Matrices are packed in order of `lqer_bound` (which no packed correction can beat) and the search
-    stops once the k-th best gain found beats every bound left, so the choice is exact but most are never packed."""
-    H_of = {n: (hessians.get(n) if hessians is not None else None) for n in errors}
-
-    def attempt(name: str) -> tuple[float, dict, dict]:
-        E, H = errors[name], H_of[name]
-        _, B = lqer_factors(E, spec.lqer_rank, H, spec.damp)
-        packed, meta = lqer_pack(E, B, spec.lqer_factor_bits, spec.lqer_group, spec.lqer_asym, H, spec.damp)
-        gain = weighted_error(E, H) - weighted_error(E - lqer_unpack(packed, meta).to(E.device), H)
-        return gain, packed, meta
-
-    chosen: dict[str, tuple[dict[str, torch.Tensor], dict, float]] = {}
-    if EMBED_NAME in errors:
-        gain, packed, meta = attempt(EMBED_NAME)
-        if gain > 0:
-            chosen[EMBED_NAME] = (packed, meta, gain)
-    k = spec.lqer_top_k - len(chosen)
-    others = [n for n in errors if n != EMBED_NAME]
-    bounds = {n: lqer_bound(errors[n], H_of[n], spec.lqer_rank, spec.damp) for n in others}
-    found: list[tuple[float, str, dict, dict]] = []
-    for name in sorted(others, key=lambda n: (-bounds[n], n)):
-        if k <= 0 or bounds[name] <= 0 or (len(found) >= k and bounds[name] <= found[-1][0]):
-            break
-        gain, packed, meta = attempt(name)
-        if gain <= 0:
-            continue
-        found.append((gain, name, packed, meta))
-        found.sort(key=lambda item: (-item[0], item[1]))
-        del found[k:]
-    chosen.update({name: (packed, meta, gain) for gain, name, packed, meta in found})
-    return chosen
-
-
 def tensor_role(name: str, tensor: torch.Tensor) -> str:
     """'embed' for the token embedding, 'matrix' for 2-D float Linear weights inside blocks, else 'raw'.
 
@@ -532,15 +331,62 @@ def tensor_role(name: str, tensor: torch.Tensor) -> str:
 
 def _check_aliases(state_dict: Mapping[str, torch.Tensor], aliases: Mapping[str, str]) -> None:
     for alias, target in aliases.items():
-        if alias not in state_dict or target not in state_dict:
-            missing = alias if alias not in state_dict else target
-            raise KeyError(f"quantize_state: aliases[{alias!r}] = {target!r}, but {missing!r} is not in the state dict")
-        if target in aliases or alias == target:
-            raise ValueError(f"quantize_state: aliases[{alias!r}] = {target!r} must point at a stored (non-alias) key")
-        a, t = state_dict[alias], state_dict[target]
-        same_storage = a.data_ptr() == t.data_ptr() and a.shape == t.shape and a.stride() == t.stride()
-        if a.dtype != t.dtype or not (same_storage or torch.equal(a, t)):
-            raise ValueError(f"quantize_state: aliases[{alias!r}] = {target!r}, but the two tensors differ")
+        a, t = state_dict.get(alias), state_dict.get(target)
+        if a is None or t is None or target in aliases or a.dtype != t.dtype or not torch.equal(a, t):
+            raise ValueError(f"quantize_state: aliases[{alias!r}] = {target!r}: one is missing or an alias, or they differ")
+
+
+def solve_cost(rows: int, cols: int) -> int:
+    """The estimate solve_plan balances: the flops of the block updates (rows x cols^2) and of the Hessian's Cholesky
+    and inverse (~cols^3), plus 2^23 per column for the column loop's small ops, which take about as long whatever the
+    size. That constant fits the per-shape solve seconds measured on CPU (BENCHMARKS.md, issue 18: flops alone put the
+    record's 4x-wide MLP proj at 0.85 of the cost, measured 0.65), and it leaves a launch-bound GPU's split, where time
+    goes as cols, within 5% of the best at 2-8 ranks (a projection: no GPU measured it)."""
+    return cols * (cols * (rows + cols) + 2**23)
+
+
+def solve_plan(costs: Mapping[str, float], world_size: int) -> list[list[str]]:
+    """Each rank's share of the solves: costliest first, each to the least loaded rank (lower rank on ties; LPT, Graham
+    1969: the largest share is within 4/3 of the best split's), names in a fixed order so every rank makes one plan."""
+    shares, loads = [[] for _ in range(world_size)], [0.0] * world_size
+    for name in sorted(costs, key=lambda n: (-costs[n], n)):
+        r = loads.index(min(loads))
+        shares[r].append(name)
+        loads[r] += costs[name]
+    return shares
+
+
+def _solve(state_dict, hessians, spec, aliases, world_size, log) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """(q, scale) of every tensor quantize_state quantizes. On world_size > 1 ranks GPTQ is split (issue 18):
+    each rank solves its share and the codes and scales are gathered to every rank (one all_gather_object, as
+    lcq.dist.first_error uses). Every rank then holds the bits one rank alone computes: a solve reads only W and its Hessian, which
+    collect_hessians made the same on every rank."""
+    jobs = {n: t for n, t in state_dict.items() if n not in aliases and tensor_role(n, t) != "raw"}
+
+    def solve(name):
+        t = jobs[name]
+        role = tensor_role(name, t)
+        bits, clip = spec.embed_bits if role == "embed" else spec.matrix_bits, clip_for(spec, name, role)
+        if spec.method != "gptq":
+            return quantize_rtn(t, bits, clip)
+        # a weight collect_hessians was not given raises KeyError(name) here
+        return quantize_gptq(t, hessians[name], bits, clip, spec.damp, spec.block_size, spec.act_order)
+
+    if world_size == 1 or spec.method != "gptq":
+        return {n: solve(n) for n in jobs}
+    shares, got = solve_plan({n: solve_cost(*t.shape) for n, t in jobs.items()}, world_size), [None] * world_size
+    try:  # as host tensors: a pickled CUDA tensor would unpickle on the sender's device
+        mine = {n: [x.cpu() for x in solve(n)] for n in shares[dist.get_rank()]}
+    except Exception as e:  # sent instead: every rank raises it, none waits at the gather for codes that never come
+        mine = RuntimeError(f"GPTQ on rank {dist.get_rank()}: {e!r}")
+    dist.all_gather_object(got, mine)
+    for g in got:
+        if isinstance(g, Exception):
+            raise g
+    if log:
+        log(f"gptq_split: matrices per rank {[len(s) for s in shares]}, "
+            f"{sum(x.nbytes for g in got for v in g.values() for x in v)} bytes gathered")
+    return {n: tuple(x.to(jobs[n].device) for x in v) for g in got for n, v in g.items()}
 
 
 def quantize_state(
@@ -548,19 +394,20 @@ def quantize_state(
     hessians: Mapping[str, torch.Tensor] | None,
     spec: QuantSpec,
     aliases: Mapping[str, str],
+    world_size: int = 1,
+    log: Callable[[str], None] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict]:
     """Quantize a state dict -> (tensors, qmeta); see `tensor_role` for which tensors are quantized.
 
-    Quantized weight n -> n+".q" (int8) and n+".scale" (float16), plus n+".lqer_{A,A_scale,B,B_scale}" when LQER
-    picked it (qmeta[n]["lqer"] says how they are packed); raw tensor n -> n, floats cast to
-    spec.raw_dtype. Alias keys are not stored; qmeta["aliases"] records them. qmeta is JSON-ready.
+    Quantized weight n -> n+".q" (int8) and n+".scale" (float16); raw tensor n -> n, floats cast to spec.raw_dtype.
+    Alias keys are not stored; qmeta["aliases"] records them. qmeta is JSON-ready. world_size > 1 (the process
+    group's size) splits GPTQ's solves over the ranks, and every rank must then call it (see `_solve`); `log` gets the
+    split's line. A caller on one rank alone passes world_size 1.
     """
-    if not isinstance(spec, QuantSpec):
-        raise TypeError(f"quantize_state: spec must be a QuantSpec, got {type(spec).__name__}")
     _check_aliases(state_dict, aliases)
+    solved = _solve(state_dict, hessians, spec, aliases, world_size, log)
     tensors: dict[str, torch.Tensor] = {}
     qmeta: dict = {}
-    errors: dict[str, torch.Tensor] = {}  # W - W_hat per quantized tensor, kept only for LQER
 
     def put(key: str, value: torch.Tensor) -> None:
         if key in tensors:
@@ -586,27 +433,10 @@ def quantize_state(
             qmeta[name] = {"kind": "raw", "bits": stored.element_size() * 8, **meta}
             continue
         bits = spec.embed_bits if role == "embed" else spec.matrix_bits
-        clip = clip_for(spec, name, role)
-        if spec.method == "gptq":
-            if hessians is None or name not in hessians:
-                raise KeyError(
-                    f"quantize_state: method 'gptq' needs a Hessian for {name!r}; add it to collect_hessians targets"
-                )
-            q, scale = quantize_gptq(t, hessians[name], bits, clip, spec.damp, spec.block_size, spec.act_order)
-        else:
-            q, scale = quantize_rtn(t, bits, clip)
+        q, scale = solved[name]
         put(name + ".q", q)
         put(name + ".scale", scale)
         qmeta[name] = {"kind": "quant", "bits": bits, **meta}
-        if spec.lqer_rank:
-            errors[name] = t.detach().float() - dequantize(q, scale).to(t.device)
-    if spec.lqer_rank:
-        # Up to LQER_TOP_K tensors, the tied embedding first, then by the output error the packed correction removes (see
-        # `lqer_select`; #1855 ranks by ||E||_F), factors stored as ordinary named tensors in a fixed (name) order.
-        for name, (packed, lmeta, _) in sorted(lqer_select(errors, hessians, spec).items()):
-            for key, value in packed.items():
-                put(f"{name}.lqer_{key}", value.contiguous())
-            qmeta[name]["lqer"] = lmeta
     qmeta[ALIASES_KEY] = dict(aliases)
     return tensors, qmeta
 
@@ -643,13 +473,6 @@ def dequantize_state(tensors: Mapping[str, torch.Tensor], qmeta: Mapping) -> dic
             if q.numel() and int(q.abs().max()) > qmax:
                 raise ValueError(f"dequantize_state: {name}.q has codes outside +-{qmax} for {meta['bits']} bits")
             out[name] = dequantize(q, scale)
-            if "lqer" in meta:
-                packed = {k: take(f"{name}.lqer_{k}", name) for k in ("A", "A_scale", "B", "B_scale")}
-                rank = int(meta["lqer"]["rank"])
-                if tuple(packed["A"].shape) != (shape[0], rank) or tuple(packed["B"].shape) != (rank, shape[1]):
-                    raise ValueError(f"dequantize_state: {name} LQER factors have shapes {tuple(packed['A'].shape)} "
-                                     f"and {tuple(packed['B'].shape)}, expected ({shape[0]}, {rank}) and ({rank}, {shape[1]})")
-                out[name] = out[name] + lqer_unpack(packed, meta["lqer"]).to(out[name].device)
         elif meta["kind"] == "raw":
             t = take(name, name)
             if tuple(t.shape) != shape:
@@ -675,9 +498,7 @@ def quant_error_report(
     """(name, tr(E H E^T) / tr(W H W^T)) with E = W - W_hat for each weight with a Hessian, worst first."""
     report = []
     for name, H in hessians.items():
-        if name not in state_dict or name not in dequantized:
-            raise KeyError(f"quant_error_report: {name!r} has a Hessian but is missing from the state dicts")
-        W = state_dict[name].detach().float()
+        W = state_dict[name].detach().float()  # a weight missing here raises KeyError(name)
         H = H.to(device=W.device, dtype=torch.float32)
         E = W - dequantized[name].to(W.device).float()
         num = float(((E @ H) * E).sum())

@@ -219,7 +219,7 @@ def merge_lora(model: nn.Module) -> None:
 
 
 # ---- shipped factors ---------------------------------------------------------------------------------------------
-# Formats (issue 16; one mechanism for what were LCQ's int8 factors and LQER's #1855 storage):
+# Formats (issue 16; one mechanism for LCQ's int8 factors and #1855's LQER storage):
 # - symmetric (group 0): A (r, in) at a_bits with one fp16 scale per rank component (row), B (out, r) at b_bits = a_bits
 #   with one per component (column); codes +-(2^(bits-1) - 1), scale max|x| / (2^(bits-1) - 1);
 # - asymmetric (group > 0, #1797/#1855's LQER): A at a_bits in groups of `group` consecutive inputs of each row (the
@@ -348,13 +348,41 @@ def dequantize_factors(packed: dict[str, torch.Tensor]) -> tuple[torch.Tensor, t
     return (A_q.float() * _expand(packed["A_scale"], A_q.shape), B_q.float() * _expand(packed["B_scale"], B_q.shape))
 
 
-weighted_error = gptq.weighted_error
+def weighted_error(E: torch.Tensor, H: torch.Tensor | None) -> float:
+    """tr(E H E^T) in float64 (the output error a layer input with Hessian H sees); ||E||_F^2 when H is None."""
+    E = E.detach().double()
+    if H is None:
+        return float((E * E).sum())
+    return float(((E @ H.to(E.device, torch.float64)) * E).sum())
 
 
+def weighted_fit(E: torch.Tensor, r: int, H: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The best rank-r fit U @ M of E under tr(. H_d .^T), H_d = H damped as GPTQ damps it (Eckart-Young on E L with
+    L L^T = H_d) -> U (out, r) with orthonormal columns, M = Sigma_r V_r^T L^-1 (r, in) holding the magnitudes."""
+    L = torch.linalg.cholesky(gptq._damped(H.to(E.device), damp).double())
+    U, S, Vh = torch.linalg.svd(E.detach().double() @ L, full_matrices=False)
+    M = torch.linalg.solve_triangular(L.T, (S[:r, None] * Vh[:r]).T, upper=True).T  # solves L^T X = (S V^T)^T
+    return U[:, :r].float().contiguous(), M.float().contiguous()
+
+
+# Clips of B's int2 scale, as fractions of max|B|: with only 4 codes, max-abs scaling rounds most of B to 0.
+_INT2_CLIPS = (1.0, 0.85, 0.7, 0.55, 0.4)
+
+
+# The closed form is issue 11's LQER fit, now LCQ's only one (issue 16: LQER = LCQ with no distillation steps, in the
+# same `lora` section). Why not #1855's LQER rule (top-k tensors by ||E||_F, plain SVD of E, both factors rounded to
+# nearest; records/track_10min_16mb/2026-04-27_SP8192_LQER_..._1.0611/train_gpt.py): on our demo model it made bpb
+# worse (BENCHMARKS.md, issue 11). The layer inputs have one dominant direction (~90% of tr H) and GPTQ parks its error
+# where H is small, so the largest ||E||_F are the tensors with the least output error per unit of norm and E's top
+# singular vectors are almost orthogonal to H's top eigenvector; rounding the input-side factor to int4 leaks a little
+# of it into that direction, which H weighs thousands of times more: the rounded correction added 2.6-3.2x the output
+# error tr(E H E^T) it was meant to remove. Hence the Hessian-weighted fit, GPTQ rounding against H, and the refusal of
+# any correction that does not lower tr(E H E^T). Which tensors get one is allocate_bytes's choice, by that same error.
 @torch.no_grad()
 def closed_form(E: torch.Tensor, H: torch.Tensor | None, r: int, scale: float, fmt: FactorFormat,
                 damp: float = 0.01) -> dict | None:
-    """The rank-r correction of E = W - W_hat on `fmt`'s grid that LCQ starts from and LQER ships (issue 11's fit):
+    """The rank-r correction of E = W - W_hat on `fmt`'s grid that LCQ ships with no distillation steps and starts
+    distillation from:
 
     - E L = U Sigma V^T with L L^T = H damped as GPTQ damps it (act_svd); A = Sigma_r V_r^T L^-1 / scale holds the
       magnitudes (its group scales absorb them), B = U_r keeps balanced columns for its few scales;
@@ -367,7 +395,7 @@ def closed_form(E: torch.Tensor, H: torch.Tensor | None, r: int, scale: float, f
     r = min(r, *E.shape)
     H32 = torch.eye(E.shape[1], device=E.device) if H is None else H.detach().to(E.device, torch.float32)
     Hd = gptq._damped(H32, damp).double()
-    U, A0 = gptq.lqer_factors(E, r, H32, damp)  # B = U_r, A0 = Sigma_r V_r^T L^-1 (LQER's names swapped)
+    U, A0 = weighted_fit(E, r, H32, damp)
     A0 = A0 / scale
     (alo, ahi), (blo, bhi) = code_ranges(fmt)
     sA, _ = factor_grid(A0, U, fmt)
@@ -376,7 +404,7 @@ def closed_form(E: torch.Tensor, H: torch.Tensor | None, r: int, scale: float, f
     G = A.double() @ Hd @ A.double().T
     Bf = (E64 @ Hd @ A.double().T @ torch.linalg.pinv(G, hermitian=True) / scale).float()
     before, best = weighted_error(E, H), None
-    for clip in gptq._LQER_A_CLIPS if fmt.b_bits <= 2 else (1.0,):
+    for clip in _INT2_CLIPS if fmt.b_bits <= 2 else (1.0,):
         _, sB = factor_grid(A, Bf, fmt, clip_b=clip)
         B = (gptq._gptq_codes(Bf, (G * scale**2).float(), _expand(sB, Bf.shape), blo, bhi, damp, 128, True)
              * _expand(sB, Bf.shape))

@@ -30,16 +30,14 @@ from .checks import (NonFiniteError, StartupError, check_disk, check_output_fold
 from .config import Config, ConfigError
 from .data import (TrainLoader, file_sha256, list_shards, load_val_bytes, load_val_tokens, sidecar_files, train_pattern,
                    val_pattern)
-from .distill import (DistillResult, auto_rank, byte_allocation, distill, energy_report, init_factors, lora_raw_bytes,
-                      quant_errors)
+from .distill import DistillResult, lcq_diagnostic, lcq_stage
 from .evaluate import EvalResult, dump_path, evaluate
 from .gptq import QuantSpec, collect_hessians, dequantize_state, quant_error_report, quantize_state
-from .lora import DEFAULT_TARGETS, allocate_ranks, attach_lora, config_format, match_targets, merge_lora, set_format
-from .model import GPT, autocast_for, build_model, configure_runtime, gptq_targets, stored_weight
+from .model import GPT, autocast_for, build_model, configure_runtime, gptq_targets
 from .record import run_record, write_submission_json
 from .runlog import RunLog, atomic_write
 from .script import shipped_script
-from .shipping import TIED, artifact_meta, check_artifact_fits, load_shipped, model_from_state, pack_lora
+from .shipping import TIED, artifact_meta, check_artifact_fits, load_shipped, model_from_state
 from .tokenizer import ByteTables, byte_tables, check_byte_source, load_tokenizer
 from .train import TrainResult, train
 from .ttt import evaluate_ttt, load_for_ttt
@@ -374,13 +372,12 @@ def quant_spec(cfg: Config) -> QuantSpec:
                      matrix_clip_sigmas=cfg.matrix_clip_sigmas, embed_clip_sigmas=cfg.embed_clip_sigmas,
                      damp=cfg.gptq_damp, block_size=cfg.gptq_block_size, act_order=cfg.gptq_act_order,
                      attn_clip_sigmas=cfg.attn_clip_sigmas if cfg.attn_clip_sigmas >= 0 else None,
-                     mlp_clip_sigmas=cfg.mlp_clip_sigmas if cfg.mlp_clip_sigmas >= 0 else None,
-                     lqer_rank=cfg.lqer_rank, lqer_top_k=cfg.lqer_top_k, lqer_factor_bits=cfg.lqer_factor_bits,
-                     lqer_group=cfg.lqer_group, lqer_asym=cfg.lqer_asym)
+                     mlp_clip_sigmas=cfg.mlp_clip_sigmas if cfg.mlp_clip_sigmas >= 0 else None)
 
 
 def quantize(run: Run) -> None:
-    """Hessians from train batches (averaged over ranks), then GPTQ (or RTN) on every matrix and the embedding."""
+    """Hessians from train batches (averaged over ranks), then GPTQ (or RTN) on every matrix and the embedding, GPTQ's
+    solves split over the ranks."""
     cfg, model = run.cfg, run.model
     D.sync(run.dinfo.device)
     t0 = time.perf_counter()
@@ -389,7 +386,7 @@ def quantize(run: Run) -> None:
     runner = calibration_runner(run, calib_tokens)
     run.hessians = collect_hessians(model, gptq_targets(model), lambda: runner(model))
     state = {k: v.detach() for k, v in model.state_dict().items()}
-    run.qtensors, run.qmeta = quantize_state(state, run.hessians, quant_spec(cfg), TIED)
+    run.qtensors, run.qmeta = quantize_state(state, run.hessians, quant_spec(cfg), TIED, run.dinfo.world_size, run.log)
     run.gptq_state = dequantize_state(run.qtensors, run.qmeta)
     D.sync(run.dinfo.device)
     seconds = time.perf_counter() - t0
@@ -402,42 +399,6 @@ def quantize(run: Run) -> None:
                 "raise TRAIN_RESERVE_SECONDS or lower GPTQ_CALIB_TOKENS")
     worst = quant_error_report(state, run.gptq_state, run.hessians)[:3]
     run.log("gptq_worst_rel_err: " + " ".join(f"{n}:{e:.3e}" for n, e in worst))
-    lqer = [n for n, m in run.qmeta.items() if isinstance(m, dict) and "lqer" in m]
-    if lqer:
-        run.log(f"lqer: rank {cfg.lqer_rank} on {' '.join(lqer)}")
-
-
-def lcq_target_names(model: nn.Module, cfg: Config) -> list[str]:
-    patterns = [p.strip() for p in cfg.lcq_targets.split(",") if p.strip()] or list(DEFAULT_TARGETS)
-    try:
-        names = match_targets(model, patterns)
-    except ValueError as e:
-        raise ValueError(f"LCQ_TARGETS: {e}") from None
-    mods = dict(model.named_modules())
-    not_linear = [n for n in names if not isinstance(mods[n], nn.Linear)]
-    if not_linear:
-        raise ValueError(f"LCQ_TARGETS matches modules that are not linear layers: {not_linear[:3]}; "
-                         "name linear layers such as blocks.*.attn.c_q")
-    if cfg.lcq_merge == "baked" and "lm_head" in names:
-        raise ValueError("LCQ_MERGE=baked cannot target lm_head: its weight is the tied embedding; drop lm_head from "
-                         "LCQ_TARGETS or use side/fused")
-    return names
-
-
-def lcq_diagnostic(run: Run) -> float | None:
-    """rho per tensor: the share of its Hessian-weighted quantization error that its LoRA rank can capture at best.
-    Pure reporting, so it runs after the training clock stops."""
-    ranks = {n: r for n, r in run.lcq_ranks.items() if r}
-    if not ranks:
-        return None
-    report = energy_report(quant_errors(run, list(ranks)), ranks)
-    total_energy = sum(v["energy"] for v in report.values()) or 1.0
-    rho_total = sum(v["rho"] * v["energy"] for v in report.values()) / total_energy
-    worst = sorted(report.items(), key=lambda kv: kv[1]["rho"])[:3]
-    run.log(f"lcq_rho: total {rho_total:.4f} (share of the Hessian-weighted error energy the ranks can capture); "
-            "lowest: " + " ".join(f"{n}:{v['rho']:.3f}(r={v['rank']})" for n, v in worst))
-    run.log.summary["lcq_rho"] = {"total": rho_total, **{n: round(v["rho"], 5) for n, v in report.items()}}
-    return rho_total
 
 
 def start_base_section(run: Run) -> None:
@@ -464,160 +425,11 @@ def start_base_section(run: Run) -> None:
                                           - run.cfg.serialize_reserve_seconds)
 
 
-# A projection needs one finished chunk of each compressor; LCQ waits at most this long for it.
-RATE_WAIT_SECONDS = 5.0
-# Assembling, writing and fsyncing the artifact: a 16 MB file took 0.13 s on the 2-core CI machine; twice that.
-WRITE_SECONDS = 0.25
-
-
-def plan_serialize(run: Run, lcq_seconds_left: float, lora_bytes: int) -> tuple[float, float]:
-    """The seconds the serialize stage will be charged, projected from the compression rates the base section's job
-    has measured in this run (not a constant): compressing the LoRA section after distillation, plus waiting for the
-    base section if it is projected to finish after LCQ would (LCQ then gives that time back, so the threads that
-    compress share the cores with less), or, for baked LCQ (the model is re-quantized after distillation), the whole
-    base section again. Rank 0 projects; every rank gets its number. Logged and shown as the serialize budget in the
-    ledger. Returns (serialize budget, projected seconds of the LoRA section)."""
-    cfg, job = run.cfg, run.base_job
-    budget, lora_s, note = 0.0, 0.0, ""
-    if job is not None:
-        left = job.seconds_left(RATE_WAIT_SECONDS)
-        rates = job.rates()
-        if left is None or rates is None:
-            budget = cfg.serialize_reserve_seconds
-            note = f"no chunk timed within {RATE_WAIT_SECONDS:g}s; SERIALIZE_RESERVE_SECONDS {budget:g}s kept"
-        else:
-            per_byte = sum(1 / r for c, r in rates.items() if c not in job.dropped)  # thread-seconds, every back-end
-            lora_s = lora_bytes * per_byte / min(job.threads, len(rates))
-            if cfg.lcq_merge == "baked":
-                base_s = job.raw_bytes * per_byte / job.threads
-                wait, what = base_s, f"the re-quantized base section again {base_s:.2f}s"
-            else:
-                wait = max(0.0, left - (lcq_seconds_left - lora_s - WRITE_SECONDS))
-                what = f"base section projected done in {left:.2f}s, wait after LCQ {wait:.2f}s"
-            budget = wait + lora_s + WRITE_SECONDS
-            if wait > 0 and cfg.lcq_merge != "baked":
-                run.log(f"warning: the base section is projected {wait:.2f}s past LCQ's end; LCQ gives that back. Fix: "
-                        "more SERIALIZE_THREADS or TRAIN_RESERVE_SECONDS")
-            note = (f"base section {job.raw_bytes} raw bytes, {job.threads} threads, measured "
-                    + " ".join(f"{c} {r / 1e6:.2f}" for c, r in rates.items()) + " MB/s per thread; "
-                    f"{what}; LoRA section ~{lora_bytes} raw bytes {lora_s:.2f}s; write {WRITE_SECONDS:g}s")
-    budget, lora_s = (float(v) for v in D.all_reduce_max(
-        torch.tensor([budget, lora_s], dtype=torch.float64, device=run.dinfo.device)).tolist())
-    run.serialize_budget = budget
-    if job is not None:
-        run.log(f"serialize_plan: {note}; serialize budget {budget:.2f}s")
-    return budget, lora_s
-
-
-def distill_budget(run: Run, initial: float, window: float, lora_s: float):
-    """Distillation's budget as a function of its elapsed seconds, re-read every step (lcq.distill): `initial` (from
-    the plan), shrunk by however late the model section is projected to finish now, from the rates its job keeps
-    measuring (an early projection is optimistic: brotli slows as its window fills, and a shared host's load moves).
-    Rank 0 projects and every rank gets its value (one scalar all-reduce per step). `window` is what LCQ could use
-    before any serialization."""
-    job, cfg = run.base_job, run.cfg
-    floor = float("-inf")
-
-    def budget(elapsed: float) -> float:
-        value = initial
-        if job is not None and cfg.lcq_merge != "baked":
-            left = job.seconds_left()
-            if left is not None:
-                late = max(0.0, elapsed + left - (window - lora_s - WRITE_SECONDS))
-                value = min(initial, window - lora_s - WRITE_SECONDS - late)
-        mine = value if run.dinfo.is_master else floor
-        value = float(D.all_reduce_max(torch.tensor(mine, dtype=torch.float64, device=run.dinfo.device)).item())
-        if value < initial:  # the serialize stage gets what LCQ gave back
-            run.serialize_budget = window - value
-        return max(0.0, value)
-
-    return budget
-
-
 def lcq(run: Run) -> None:
-    """Attach LoRA to the dequantized model, initialise it in closed form, distil it against the float model on train
-    tokens until the clock says stop, then pack it as shipped (side/fused: quantized factors; baked: re-quantized).
-
-    First of all (right after GPTQ) it starts compressing the base model's artifact section on host threads; the
-    distillation budget keeps back what serialization is projected to need from the rate that job measures."""
-    cfg, dinfo = run.cfg, run.dinfo
+    """Right after GPTQ: start compressing the base model's artifact section on host threads (issue 8), then the LCQ
+    stage (lcq.distill.lcq_stage holds its policy), given the calibration batches and the GPTQ spec it may need."""
     start_base_section(run)
-    if not cfg.lcq_enabled:
-        return
-    D.sync(dinfo.device)
-    t0 = time.perf_counter()
-    teacher = run.model
-    student = model_from_state(cfg, run.bos_id, run.gptq_state, dinfo.device)
-    names = lcq_target_names(student, cfg)
-    fits = None
-    if cfg.lcq_bytes != "0":
-        ranks, fits = byte_allocation(run, names)
-        rank = sum(ranks.values())
-    else:
-        rank = auto_rank(run, names, student) if cfg.lcq_rank == "auto" else int(cfg.lcq_rank)
-    if rank == 0:
-        run.log("lcq: no room for any LoRA rank under the cap; shipping the GPTQ model alone")
-        run.charge("lcq", time.perf_counter() - t0, rank=0)
-        return
-    mods = dict(student.named_modules())
-    if fits is not None:
-        pass  # byte_allocation's ranks
-    elif cfg.lcq_rank_alloc == "rho":
-        budget = rank * sum(mods[n].in_features + mods[n].out_features for n in names)
-        ranks = allocate_ranks(quant_errors(run, names), budget,
-                               candidates=tuple(sorted({0, 1, 2, 4, 8, 16, 32, 64, 128, 256, rank})))
-    else:
-        ranks = {n: rank for n in names}
-    run.lcq_ranks = ranks
-    torch.manual_seed(cfg.seed)  # the same A init on every rank
-    wrappers = attach_lora(student, names, ranks, cfg.lcq_alpha)
-    fmt, init = config_format(cfg), "closed_form" if fits is not None else cfg.lcq_init
-    if fits is not None:  # the closed-form fits the allocation priced, on their own grids (frozen while distilling)
-        for n, fit in fits.items():
-            wrappers[n].set_factors(fit["B"].to(dinfo.device), fit["A"].to(dinfo.device))
-            wrappers[n].fmt, wrappers[n].grid = fmt, tuple(t.to(dinfo.device) for t in fit["grid"])
-    else:
-        init_factors(student, teacher, cfg.lcq_init, run.hessians,
-                     calibration_runner(run, cfg.lcq_grail_tokens), cfg.lcq_grail_ridge)
-        if cfg.lcq_merge != "baked":  # side/fused ship the factors on this grid: train on it (baked re-quantizes W + BA)
-            set_format(student, fmt)
-    elapsed = time.perf_counter() - t0
-    gptq_s = next(s for stage, s, _ in run.ledger if stage == "gptq") if cfg.lcq_merge == "baked" else 0.0
-    left = run.clock_left - elapsed - cfg.lcq_safety_seconds - gptq_s
-    serialize_s, lora_s = plan_serialize(run, left, 0 if cfg.lcq_merge == "baked" else
-                                         lora_raw_bytes(student, ranks, fmt))
-    seconds = left - serialize_s
-    if cfg.lcq_seconds:
-        seconds = min(seconds, cfg.lcq_seconds)
-    seconds = max(0.0, seconds)
-    run.log(f"lcq_budget: {seconds:.2f}s for distillation (clock left {run.clock_left - elapsed:.2f}s, serialize "
-            f"{serialize_s:.2f}s projected, safety {cfg.lcq_safety_seconds:.1f}s"
-            + (f", GPTQ again {gptq_s:.2f}s" if gptq_s else "") + ")")
-    planned = run.serialize_budget
-    res = distill(student, teacher, cfg, dinfo, run.log, run.bos_id,
-                  distill_budget(run, seconds, left, lora_s) if cfg.lcq_max_steps and seconds > 0 else 0.0)
-    if run.serialize_budget is not None and planned is not None and run.serialize_budget > planned:
-        run.log(f"lcq_budget: the model section was projected later as it went; distillation gave back "
-                f"{run.serialize_budget - planned:.2f}s, serialize budget {run.serialize_budget:.2f}s")
-    lcq_budget = run.clock_left - (run.serialize_budget if run.serialize_budget is not None else serialize_s)
-    run.distill_result = res
-    if cfg.lcq_merge == "baked":
-        merge_lora(student)
-        state = {k: v.detach() for k, v in student.state_dict().items()}
-        run.qtensors, run.qmeta = quantize_state(state, run.hessians, quant_spec(cfg), TIED)
-        run.lora_meta = dict(merge="baked", init=cfg.lcq_init, ranks=ranks, alpha=cfg.lcq_alpha)
-        if run.base_job is not None:  # compressed the weights before baking: ship compresses the new ones
-            run.base_job.cancel()
-            run.base_job = None
-    else:
-        run.lora_tensors, packed_ranks, alpha = pack_lora(student, fmt)
-        run.lora_meta = dict(merge=cfg.lcq_merge, init=init, ranks=packed_ranks, alpha=alpha, format=list(fmt))
-    D.sync(dinfo.device)
-    run.charge("lcq", time.perf_counter() - t0, lcq_budget,
-               rank="bytes" if fits is not None else cfg.lcq_rank if cfg.lcq_rank_alloc == "uniform" else "rho",
-               init=init, merge=cfg.lcq_merge,
-               steps=res.steps, tokens_per_step=res.tokens_per_step, kl=f"{res.kl_start:.5f}->{res.kl_end:.5f}",
-               stopped_by=res.stopped_by)
+    lcq_stage(run, calibration_runner(run, run.cfg.lcq_grail_tokens), quant_spec(run.cfg))
 
 
 def ship(run: Run) -> bool:

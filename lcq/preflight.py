@@ -36,11 +36,11 @@ from . import grouping, kernels
 from .attention import varlen_attention
 from .config import Config, ConfigError, replace, resolve
 from .data import cu_buckets, doc_starts, list_shards, read_header, segment_bounds, val_pattern
-from .distill import lora_bytes_per_rank
+from .distill import lcq_target_names, lora_bytes_per_rank
 from .evaluate import Scored, ValStream, _batches, evaluate, plan_doc, plan_windows
 from .gptq import quantize_state, tensor_role
 from .lora import config_format, quantize_factors
-from .pipeline import build, lcq_target_names, open_run, quant_spec, quantize
+from .pipeline import build, open_run, quant_spec, quantize
 from .runlog import device_name
 from .script import shipped_script
 from .shipping import LORA_PREFIX, TIED, artifact_meta

@@ -1,7 +1,6 @@
 """The benchmarks run end to end (tiny preset) and end with their JSON line; their figures are checked in BENCHMARKS.md
 runs, not here (no timed tests)."""
 import json
-import math
 import os
 import subprocess
 import sys
@@ -34,9 +33,6 @@ def test_lcq_bench(tmp_path, demo_data):
         ("grail", True, "baked")]
     assert rows[0]["lcq_bpb"] == rows[0]["quant_bpb"]  # B = 0: the untrained zero init is the quantized model
     assert all(r["lora_bytes"] > 0 for r in rows[:4]) and rows[4]["lora_bytes"] == 0
-    # LQER beside it, at the same bit width: its factors add model bytes (LCQ's equal-bytes comparison)
-    (lq,) = out["lqer_rows"]
-    assert lq["bits"] == 4 and lq["lqer_rank"] == 4 and lq["extra_model_bytes"] > 0 and math.isfinite(lq["lqer_bpb"])
 
 
 def test_attribution_bench(tmp_path, demo_data):
@@ -94,3 +90,28 @@ def test_ttt_bench_rows_and_record_projection(tmp_path, demo_data):
     assert rows[4]["steps_per_1k_targets"] <= rows[1]["steps_per_1k_targets"]  # four documents share each step
     proj = out["record_projection"]
     assert proj["samples"] == 82 and proj["documents"] == 782 * 64 and proj["work_ratio_vs_1855"] > 0
+
+
+def test_lcq_equal_bytes_bench_ships_within_each_budget(tmp_path, demo_data):
+    budget = 3000
+    out = bench(tmp_path, demo_data, "lcq", "--equal-bytes", "--byte-budgets", str(budget), "--lcq-steps", "2",
+                "--cache", str(tmp_path / "cache"))
+    rows = out["equal_bytes"]
+    assert [(r["method"], r["bits"]) for r in rows][:5] == [
+        ("lqer_today", "2+4"), ("lcq_uniform_int8", "8"), ("alloc_closed", "8"), ("alloc_closed", "4"),
+        ("alloc_closed", "2+4")]
+    assert rows[5]["method"] == "alloc_distilled" and rows[5]["bits"] in ("8", "4", "2+4")
+    for r in rows:
+        assert set(r) >= {"budget_bytes", "method", "bits", "shipped_bytes", "recovered"}
+        assert r["budget_bytes"] == budget and 0 <= r["shipped_bytes"] <= budget
+        if r["shipped_bytes"] == 0:  # nothing fitted: the quantized model itself
+            assert r["bpb"] == out["quant_bpb"]
+    # the distilled row ran exactly the pinned steps, the closed forms none
+    assert [r["steps"] for r in rows if r["method"] == "alloc_closed"] == [0, 0, 0]
+    assert rows[5]["steps"] in (0, 2) and (rows[5]["steps"] == 2) == (rows[5]["shipped_bytes"] > 0)
+    # the trained model is cached: a second run reuses it and scores the same float and quantized model
+    again = bench(tmp_path, demo_data, "lcq", "--equal-bytes", "--byte-budgets", str(budget), "--lcq-steps", "0",
+                  "--cache", str(tmp_path / "cache"))
+    assert again["cached_model"] and not out["cached_model"]
+    assert (again["float_bpb"], again["quant_bpb"]) == (out["float_bpb"], out["quant_bpb"])
+    assert [r["shipped_bytes"] for r in again["equal_bytes"][2:5]] == [r["shipped_bytes"] for r in rows[2:5]]

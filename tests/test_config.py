@@ -49,6 +49,17 @@ def test_unknown_cli_argument_rejected():
     assert rest == ["--verbose"] and cfg.seed == 3 and cfg.eval_only and cfg.artifact_file == "x.lcq"
 
 
+def test_removed_lqer_knobs_name_their_replacement():
+    """Issue 16: LQER is LCQ's closed form; an LQER_* knob left in the environment stops the run (it would otherwise be
+    ignored) and names the LCQ knobs that replace it; an empty one is unset, as for every knob."""
+    for knob in ("LQER_RANK", "LQER_TOP_K"):
+        with pytest.raises(ConfigError, match=f"{knob}: .*LCQ_BYTES.*LCQ_MAX_STEPS=0"):
+            resolve([], env={knob: "4"})
+    assert resolve([], env={"LQER_RANK": ""})[0].lcq_bytes == "auto"
+    with pytest.raises(ConfigError, match="unknown argument '--lqer_rank=4'"):
+        resolve(["--lqer_rank=4"], env={})
+
+
 def test_frozen_and_json_round_trip():
     cfg = make_config("tiny")
     with pytest.raises(Exception):

@@ -1,5 +1,5 @@
 """The record-stack features (issue 11): each one's known answer, document isolation with all of them on, and a tiny
-pipeline run with every new flag on (GPTQ + LQER, LCQ, the gate, the eval of what ships)."""
+pipeline run with every new flag on (GPTQ, LCQ in 2+4-bit factors, the gate, the eval of what ships)."""
 import json
 import re
 
@@ -153,7 +153,7 @@ def test_min_lr_floor_in_the_warmdown():
     (dict(muon_ns_coeffs="newton"), "MUON_NS_COEFFS"),
     (dict(min_lr_frac=1.5), "MIN_LR_FRAC"),
     (dict(xsa_last_n=5), "XSA_LAST_N"),
-    (dict(lqer_factor_bits=1), "LQER_FACTOR_BITS"),
+    (dict(lcq_factor_bits=1), "LCQ_FACTOR_BITS"),
 ])
 def test_bad_feature_knobs_name_the_knob(overrides, knob):
     with pytest.raises(ConfigError, match=knob):
@@ -165,56 +165,60 @@ def test_record_preset_shows_the_stack():
     assert (cfg.vocab_size, cfg.num_layers, cfg.model_dim, cfg.num_heads, cfg.num_kv_heads) == (8192, 11, 512, 8, 4)
     assert "sp8192_lossless_caps_caseops" in cfg.data_path and cfg.tokenizer_path.endswith("caseops_v1_reserved.model")
     assert (cfg.xsa_last_n, cfg.recur_passes, cfg.recur_start_layer, cfg.recur_end_layer) == (11, 3, 3, 5)
-    assert (cfg.parallel_start_layer, cfg.attn_gate_window, cfg.lqer_rank, cfg.embed_bits) == (8, 12, 4, 7)
+    assert (cfg.parallel_start_layer, cfg.attn_gate_window, cfg.embed_bits) == (8, 12, 7)
+    # one low-rank correction (issue 16): the byte-allocated LoRA in #1855's 2+4-bit LQER storage
+    assert (cfg.lcq_bytes, cfg.lcq_factor_bits, cfg.lcq_factor_asym) == ("auto", 4, True)
+    assert cfg.lcq_targets.endswith(",lm_head")  # the tied head is a candidate, as LQER's embedding was
     assert (cfg.min_lr_frac, cfg.warmdown_frac, cfg.adam_beta2, cfg.ema_decay) == (0.10, 0.85, 0.99, 0.9965)
 
 
 def test_tiny_pipeline_with_every_new_flag(tmp_path, demo_data):
-    """train (recurrence switching on mid-run) -> GPTQ with per-role clips, int7 embedding and LQER -> LCQ -> gate ->
+    """train (recurrence switching on mid-run) -> GPTQ with per-role clips and int7 embedding -> LCQ (2+4-bit) -> gate ->
     the eval of the artifact decoded from disk, in one process."""
     from lcq.pipeline import build, evaluate_shipped, lcq, open_run, quantize, run_training, ship
 
     data_path, tok = demo_data
     cfg = all_on(vocab_size=1024, data_path=str(data_path), tokenizer_path=str(tok), log_dir=str(tmp_path),
-                 run_id="features", submission_json="", recur_from_progress=0.5, gptq_calib_batches=2, lqer_rank=2,
+                 run_id="features", submission_json="", recur_from_progress=0.5, gptq_calib_batches=2,
                  embed_weight_decay=0.085, scalar_weight_decay=0.02, iterations=6, lcq_max_steps=2, val_max_tokens=2048,
-                 lcq_init="grail")  # grail pairs teacher/student inputs per pass of each looped layer
+                 lcq_init="grail", lcq_factor_bits=4, lcq_factor_asym=True)  # grail: per pass of each looped layer
     run = open_run(cfg, CPU)
     build(run)
     run_training(run)
     assert run.model.recur_active  # what ships runs the loop
     quantize(run)
-    assert any("lqer" in m for m in run.qmeta.values() if isinstance(m, dict))
     lcq(run)
     assert ship(run)
     evaluate_shipped(run)
     run.log.close()
     log = (tmp_path / "features.txt").read_text()
     # progress = max(step / 6, elapsed / 50 s budget) reaches 0.5 at step 3 at the latest
-    assert re.search(r"^recurrence:on step:[0-3] ", log, re.M) and "lqer: rank 2 on " in log
+    assert re.search(r"^recurrence:on step:[0-3] ", log, re.M)
     assert {"pre_quant", "quantized", "quantized_lcq"} <= set(run.scores)
     assert all(0 < run.scores[s].val_bpb < 10 for s in run.scores)
     assert run.size.lora_bytes > 0 and 0 < run.size.total <= cfg.artifact_cap_bytes
+    assert run.lora_meta["format"] == [4, 2, 64]
 
 
 def test_features_bench_end_to_end(tmp_path, demo_data, monkeypatch, capsys):
-    """`python -m lcq.bench features` on the tiny preset (4 layers so every feature fits), LQER switched off: the table and the JSON line with one row per arm, deltas against the all-on arm."""
+    """`python -m lcq.bench features` on the tiny preset (4 layers so every feature fits), the int7 embedding switched off: the table and the JSON line with one row per arm, deltas against the all-on arm."""
     from lcq.bench import main
 
     data_path, tok = demo_data
     for k, v in dict(DATA_PATH=str(data_path), TOKENIZER_PATH=str(tok), LOG_DIR=str(tmp_path)).items():
         monkeypatch.setenv(k, v)
-    assert main(["features", "--features", "lqer", "--steps", "3", "--preset", "tiny", "--num_layers=4",
+    assert main(["features", "--features", "int7_embed", "--steps", "3", "--preset", "tiny", "--num_layers=4",
                  "--iterations=3", "--val_max_tokens=1024"]) == 0
     out = capsys.readouterr().out
     assert "Demo-scale deltas do not predict record-scale ones" in out
     result = json.loads(out.strip().splitlines()[-1])
     rows = result["rows"]
-    assert [r["arm"] for r in rows] == ["all_on", "no_lqer"]
+    assert [r["arm"] for r in rows] == ["all_on", "no_int7_embed"]
     assert rows[0]["delta_bpb"] == 0 and rows[0]["delta_bytes"] == 0
-    lqer = rows[1]
-    # LQER changes only the quantized weights: same training, so the same pre-quant score, and fewer model bytes
-    assert lqer["pre_quant_bpb"] == rows[0]["pre_quant_bpb"] and lqer["delta_bytes"] < 0
+    int8 = rows[1]
+    # the embedding's bits change only the quantized weights: same training, so the same pre-quant score; int8 at 20
+    # sigmas has a finer step (20/127 of a row's std against int7's 14/63), so more model bytes
+    assert int8["pre_quant_bpb"] == rows[0]["pre_quant_bpb"] and int8["delta_bytes"] > 0
     assert all(r["steps"] == 3 and 0 < r["bpb"] < 10 for r in rows)
 
 

@@ -25,7 +25,7 @@ from lcq.gptq import (
     row_scales,
     tensor_role,
 )
-from lcq.gptq import clip_for, lqer_bound, lqer_factors, lqer_pack, lqer_unpack, weighted_error
+from lcq.gptq import clip_for
 
 # ---------------------------------------------------------------------------------------------------
 # helpers
@@ -277,7 +277,9 @@ def test_gptq_rejects_bad_arguments():
     with pytest.raises(ValueError, match="H has shape"):
         quantize_gptq(W, H[:4, :4], 4, 0.0)
     with pytest.raises(ValueError, match="damp"):
-        quantize_gptq(W, H, 4, 0.0, damp=0.0)
+        QuantSpec(damp=0.0)
+    with pytest.raises(ValueError, match="block_size"):
+        QuantSpec(block_size=0)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -499,132 +501,7 @@ def test_quant_spec_rejects_bad_values_naming_the_field(field, value):
 
 
 # ---------------------------------------------------------------------------------------------------
-# LQER and per-role clips (the record stack, issue 11)
-
-
-def dominant_direction_layer(seed: int, n: int = 4096, d_in: int = 128, d_out: int = 96):
-    """Correlated inputs plus one shared direction carrying ~80% of tr H, as RMSNorm'd residual inputs do in our models
-    (the demo model's: ~90%). GPTQ parks its error where H is small, which is what broke #1855's LQER rule (issue 11)."""
-    g = torch.Generator().manual_seed(seed)
-    X = torch.randn(n, d_in, generator=g) @ (torch.randn(d_in, d_in, generator=g) / d_in**0.5)
-    m = torch.randn(d_in, generator=g)
-    X = X + 2.0 * d_in**0.5 * (1 + 0.1 * torch.randn(n, 1, generator=g)) * m / m.norm()
-    W = torch.randn(d_out, d_in, generator=g) * 0.05
-    return W, X.T @ X / n
-
-
-def lqer_1855(E: torch.Tensor, rank: int = 4, group: int = 64) -> torch.Tensor:
-    """#1855's correction, written from its description: plain SVD, A = U_r S_r on int2 with one max-abs scale,
-    B = V_r^T on int4 in groups of `group`, both rounded to nearest."""
-    U, S, Vh = torch.linalg.svd(E, full_matrices=False)
-    A, B = U[:, :rank] * S[:rank], Vh[:rank]
-    sA = (A.abs().max() / 1.5).half().float()
-    sB = (B.reshape(-1, group).abs().amax(1) / 7.5).half().float()[:, None]
-    qB = torch.clamp(torch.round(B.reshape(-1, group) / sB), -8, 7) * sB
-    return torch.clamp(torch.round(A / sA), -2, 1) * sA @ qB.reshape(B.shape)
-
-
-def test_lqer_pack_known_answers():
-    g = torch.Generator().manual_seed(0)
-    E = torch.randn(64, 4, generator=g) @ torch.randn(4, 128, generator=g)  # exactly rank 4
-    A, B = lqer_factors(E, 4)
-    torch.testing.assert_close(A @ B, E, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(A.T @ A, torch.eye(4), atol=1e-5, rtol=0)  # A = U_r: balanced columns for one int2 scale
-    packed, meta = lqer_pack(E, B, bits=4, group=64, asym=True)
-    assert meta == {"asym": True, "a_bits": 2, "b_bits": 4, "group": 64, "rank": 4}
-    assert packed["A"].dtype == packed["B"].dtype == torch.int8
-    assert packed["A"].min() >= -2 and packed["A"].max() <= 1 and packed["A_scale"].numel() == 1
-    assert packed["B"].min() >= -8 and packed["B"].max() <= 7 and packed["B_scale"].numel() == 4 * 128 // 64
-    # Without H the packed correction is a plain least-squares one: it must lower ||E||_F (B's int4 rounding is at most
-    # half a step of max/7.5 per entry, and A is refit to the rounded B, so A_hat B_hat beats doing nothing).
-    assert weighted_error(E - lqer_unpack(packed, meta), None) < weighted_error(E, None)
-    # 8-bit symmetric factors reproduce E: each factor's rounding is at most half a step of (row max) / 127 per entry,
-    # a few tenths of a percent of ||E||_F for this E; 2% leaves a 5x margin.
-    sym, smeta = lqer_pack(E, B, bits=8, group=64, asym=False)
-    assert not smeta["asym"] and smeta["a_bits"] == smeta["b_bits"] == 8
-    assert (lqer_unpack(sym, smeta) - E).norm() <= 0.02 * E.norm()
-    # A group size that does not divide B falls back to symmetric packing (as #1855 does).
-    assert not lqer_pack(E, B, bits=4, group=48 + 1, asym=True)[1]["asym"]
-
-
-@pytest.mark.parametrize("seed", [0, 1])
-def test_lqer_lowers_the_output_error_of_a_gptq_layer(seed):
-    """The known answer of issue 11: on a GPTQ layer with a realistic H, the packed (integer) correction lowers the
-    output error tr(E H E^T); the float factors lower it by exactly what rank r allows under the damped H (Eckart-Young),
-    and no correction beats lqer_bound."""
-    W, H = dominant_direction_layer(seed)
-    q, s = quantize_gptq(W, H, 6, 0.0, damp=0.01, block_size=128, act_order=True)
-    E = W - dequantize(q, s)
-    before = weighted_error(E, H)
-    A, B = lqer_factors(E, 4, H, damp=0.01)
-    Hd = H + 0.01 * H.diagonal().mean() * torch.eye(H.shape[0])  # GPTQ's damping, which the factors are optimal for
-    top_r = torch.linalg.svdvals(E.double() @ torch.linalg.cholesky(Hd.double()))[:4].square().sum().item()
-    assert weighted_error(E - A @ B, Hd) == pytest.approx(weighted_error(E, Hd) - top_r, rel=1e-4)
-    packed, meta = lqer_pack(E, B, bits=4, group=64, asym=True, H=H, damp=0.01)
-    after = weighted_error(E - lqer_unpack(packed, meta), H)
-    # Measured ~0.87 of `before` on both seeds; the float optimum is ~0.85 and lqer_bound caps every correction.
-    assert before - after <= lqer_bound(E, H, 4) * (1 + 1e-6)
-    assert before - weighted_error(E - A @ B, H) <= lqer_bound(E, H, 4) * (1 + 1e-6)
-    assert after < 0.95 * before
-    if seed == 0:
-        # The failure this replaces: #1855's plain SVD + round to nearest makes this layer's output error worse (~1.07x;
-        # its int4 B leaks into H's dominant direction, which GPTQ kept clean), though it lowers ||E||_F.
-        old = E - lqer_1855(E)
-        assert weighted_error(old, H) > before and weighted_error(old, None) < weighted_error(E, None)
-
-
-def test_lqer_picks_the_tensors_by_the_output_error_it_removes():
-    """quantize_state puts LQER on the tied embedding first, then on the matrices by the weighted error the packed
-    correction removes (found by packing every tensor here), each of which it lowers; a tensor with the largest ||E||_F
-    but inputs too small to matter (#1855's pick) is passed over."""
-    state, hessians = {}, {}
-    for i in range(4):
-        W, H = dominant_direction_layer(10 + i, n=2048, d_in=64, d_out=48)
-        state[f"blocks.{i}.mlp.fc.weight"] = W * (1 + i)
-        hessians[f"blocks.{i}.mlp.fc.weight"] = H
-    hessians["blocks.3.mlp.fc.weight"] = hessians["blocks.3.mlp.fc.weight"] * 1e-4  # biggest weights, quiet inputs
-    W, H = dominant_direction_layer(20, n=2048, d_in=64, d_out=96)
-    state["tok_emb.weight"], hessians["tok_emb.weight"] = W, H * 1e-3  # the smallest gain of all, taken first anyway
-    spec = QuantSpec(matrix_bits=4, matrix_clip_sigmas=0.0, lqer_rank=2, lqer_top_k=3, lqer_factor_bits=4, lqer_group=32)
-    tensors, qmeta = quantize_state(state, hessians, spec, {})
-    deq = dequantize_state(tensors, qmeta)
-    gains = {}
-    for name, H in hessians.items():
-        E = state[name] - dequantize(tensors[name + ".q"], tensors[name + ".scale"])
-        _, B = lqer_factors(E, 2, H, spec.damp)
-        fixed = E - lqer_unpack(*lqer_pack(E, B, 4, 32, True, H, spec.damp))
-        gains[name] = weighted_error(E, H) - weighted_error(fixed, H)
-    assert 0 < gains["tok_emb.weight"] < min(g for n, g in gains.items() if n != "tok_emb.weight")
-    chosen = sorted(n for n, m in qmeta.items() if isinstance(m, dict) and "lqer" in m)
-    matrices = sorted((n for n in gains if n != "tok_emb.weight"), key=gains.get, reverse=True)
-    assert chosen == sorted(["tok_emb.weight", *matrices[:2]])
-    assert "blocks.3.mlp.fc.weight" not in chosen  # the largest ||E||_F: #1855 would have taken it first
-    for name in chosen:
-        base = dequantize(tensors[name + ".q"], tensors[name + ".scale"])
-        torch.testing.assert_close(deq[name], base + lqer_unpack(
-            {k: tensors[f"{name}.lqer_{k}"] for k in ("A", "A_scale", "B", "B_scale")}, qmeta[name]["lqer"]))
-        H = hessians[name]
-        assert weighted_error(state[name] - deq[name], H) < weighted_error(state[name] - base, H)
-
-
-def test_lqer_rides_in_the_quantized_state_on_the_top_k_tensors():
-    """Without Hessians (RTN) the weight is the identity: the choice is by the plain error the correction removes."""
-    g = torch.Generator().manual_seed(1)
-    state = {f"blocks.{i}.mlp.fc.weight": torch.randn(32, 64, generator=g) * (1 + i) for i in range(4)}
-    state["blocks.0.attn.gate.w"] = torch.zeros(4, 12)
-    spec = QuantSpec(method="rtn", matrix_bits=3, lqer_rank=2, lqer_top_k=2, lqer_factor_bits=4, lqer_group=64)
-    tensors, qmeta = quantize_state(state, None, spec, {})
-    chosen = sorted(n for n, m in qmeta.items() if isinstance(m, dict) and "lqer" in m)
-    assert chosen == ["blocks.2.mlp.fc.weight", "blocks.3.mlp.fc.weight"]  # the two largest errors (scaled by 1 + i)
-    assert {k for k in tensors if ".lqer_" in k} == {f"{n}.lqer_{k}" for n in chosen for k in ("A", "A_scale", "B", "B_scale")}
-    deq = dequantize_state(tensors, qmeta)
-    for name in chosen:
-        base = dequantize(tensors[name + ".q"], tensors[name + ".scale"])
-        fix = lqer_unpack({k: tensors[f"{name}.lqer_{k}"] for k in ("A", "A_scale", "B", "B_scale")}, qmeta[name]["lqer"])
-        torch.testing.assert_close(deq[name], base + fix)
-        assert (state[name] - deq[name]).norm() < (state[name] - base).norm()  # kept only when it lowers the error
-    q, s = quantize_rtn(state["blocks.0.mlp.fc.weight"], 3, spec.matrix_clip_sigmas)
-    torch.testing.assert_close(deq["blocks.0.mlp.fc.weight"], dequantize(q, s))  # not chosen: plain codes
+# Per-role clips (the record stack, issue 11). LQER, formerly here, is LCQ's closed form (issue 16): tests/test_lora.py
 
 
 def test_per_role_clips_pick_attention_and_mlp_sigmas():
@@ -633,21 +510,3 @@ def test_per_role_clips_pick_attention_and_mlp_sigmas():
     assert clip_for(spec, "blocks.3.mlp.proj.weight", "matrix") == 11.5
     assert clip_for(spec, "tok_emb.weight", "embed") == 14.0
     assert clip_for(QuantSpec(), "blocks.0.attn.c_q.weight", "matrix") == QuantSpec().matrix_clip_sigmas
-
-
-def test_sizing_bench_bounds_the_lqer_bytes_quantize_state_stores():
-    """`python -m lcq.bench sizing` adds lqer_bytes_bound for LQER: never fewer bytes than the factors a real
-    quantize_state stores (uncompressed), whichever tensors it picks; 0 with LQER off."""
-    from lcq.bench import lqer_bytes_bound
-    from lcq.config import make_config
-    from lcq.model import GPT
-
-    cfg = make_config(preset="tiny", lqer_rank=2, lqer_top_k=3, lqer_group=8)
-    torch.manual_seed(0)
-    model = GPT(cfg, 1)
-    spec = QuantSpec(method="rtn", matrix_bits=3, embed_bits=4, lqer_rank=2, lqer_top_k=3, lqer_group=8)
-    state = {k: v.detach() for k, v in model.state_dict().items()}
-    tensors, qmeta = quantize_state(state, None, spec, {"lm_head.weight": "tok_emb.weight"} if "lm_head.weight" in state else {})
-    stored = sum(t.numel() * t.element_size() for k, t in tensors.items() if ".lqer_" in k)
-    assert 0 < stored <= lqer_bytes_bound(model, spec)
-    assert lqer_bytes_bound(model, QuantSpec(lqer_rank=0)) == 0

@@ -3,8 +3,6 @@ import torch
 
 from lcq.config import make_config
 from lcq.optim import lr_multiplier, newton_schulz
-from lcq.pipeline import lcq_target_names
-from lcq.model import GPT
 from lcq.train import out_of_time
 
 
@@ -31,14 +29,3 @@ def test_newton_schulz_orthogonalises():
     g = torch.randn(64, 256, generator=torch.Generator().manual_seed(0))
     s = torch.linalg.svdvals(newton_schulz(g, 5))
     assert 0.6 < s.min() and s.max() < 1.3  # the quintic's band (Muon); a plain normalisation would spread widely
-
-
-def test_bad_lcq_targets_name_the_knob():
-    model = GPT(make_config("tiny"), bos_id=1)
-    assert len(lcq_target_names(model, make_config("tiny"))) == 12
-    with pytest.raises(ValueError, match="LCQ_TARGETS.*blocks.\\*.atn.c_q"):
-        lcq_target_names(model, make_config("tiny", lcq_targets="blocks.*.atn.c_q"))
-    with pytest.raises(ValueError, match="not linear"):
-        lcq_target_names(model, make_config("tiny", lcq_targets="blocks.*.attn"))
-    with pytest.raises(ValueError, match="baked cannot target lm_head"):
-        lcq_target_names(model, make_config("tiny", lcq_targets="lm_head", lcq_merge="baked"))
