@@ -618,12 +618,6 @@ class SectionJob(CompressJob):
         return self.sections()[0]
 
 
-def compress_section(name: str, tensors: Mapping[str, torch.Tensor], meta: dict, compressor: str,
-                     threads: int | None = None, chunk_bytes: int = CHUNK_BYTES) -> Section:
-    """Compress one section now (see SectionJob)."""
-    return SectionJob(name, tensors, meta, compressor, threads, chunk_bytes).result()
-
-
 def assemble(sections: list[Section]) -> bytes:
     """The artifact file: header + the sections in the given order."""
     if not sections or len(sections) > 0xFFFF:
@@ -634,12 +628,6 @@ def assemble(sections: list[Section]) -> bytes:
     body = b"".join(sec.to_bytes() for sec in sections)
     head = _HEAD.pack(MAGIC, FORMAT_VERSION, len(sections), len(body))
     return head + hashlib.sha256(head + body).digest() + body
-
-
-def encode(tensors: Mapping[str, torch.Tensor], meta: dict, compressor: str, threads: int | None = None) -> bytes:
-    """Serialize tensors + JSON meta into a one-section ("model") artifact; compressor is "lzma", "brotli", "none"
-    or "auto" (each of AUTO_ORDER, keep the smaller). meta comes back as JSON gives it (tuples as lists)."""
-    return assemble([compress_section("model", tensors, meta, compressor, threads)])
 
 
 # ---------------------------------------------------------------------------------------------- decode
@@ -926,11 +914,6 @@ def write(path: str | os.PathLike, blob: bytes) -> int:
             os.unlink(tmp)
         raise
     return len(blob)
-
-
-def save(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], meta: dict, compressor: str) -> int:
-    """Encode (one section) and write atomically; return bytes written."""
-    return write(path, encode(tensors, meta, compressor))
 
 
 def load(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from . import artifact
+from . import artifact_tools
 from . import grouping
 from . import dist as D
 from .config import RECORD_FEATURES, Config, replace, resolve
@@ -123,7 +124,7 @@ def bench_quant(cfg: Config, dinfo: D.DistInfo, bits_list: list[int]) -> dict:
                 cpu = {k: v.cpu() for k, v in tensors.items()}
                 meta = artifact_meta(cfg, run.bos_id, qmeta, None)
                 for comp in ("lzma", "brotli"):
-                    row[f"bytes_per_param_{comp}"] = len(artifact.encode(cpu, meta, comp)) / n_params
+                    row[f"bytes_per_param_{comp}"] = len(artifact_tools.encode(cpu, meta, comp)) / n_params
             run.log(f"bench bits:{bits} {method} clip:{k} val_bpb:{r.val_bpb:.6f} gap:{row[f'{method}_gap']:.6f}")
         row["gap_ratio_gptq_over_rtn"] = row["gptq_gap"] / row["rtn_gap"] if row["rtn_gap"] > 0 else float("nan")
         rows.append(row)
@@ -533,7 +534,7 @@ def bench_serialize(cfg: Config, lcq_window: float | None, threads: int,
         raise ValueError(f"--strategies: unknown {unknown}; choose from {','.join(SERIALIZE_STRATEGIES)}")
 
     t0, c0 = time.perf_counter(), time.process_time()
-    one = None if "serial" not in strategies else artifact.compress_section("model", {**tensors, **lora}, dict(meta, lora=lora_meta), comp,
+    one = None if "serial" not in strategies else artifact_tools.compress_section("model", {**tensors, **lora}, dict(meta, lora=lora_meta), comp,
                                     threads=len(artifact.AUTO_ORDER) if comp == "auto" else 1,
                                     chunk_bytes=1 << 62)
     if one is not None:
@@ -546,7 +547,7 @@ def bench_serialize(cfg: Config, lcq_window: float | None, threads: int,
     if "parallel" in strategies:
         t0, c0 = time.perf_counter(), time.process_time()
         base_job = artifact.SectionJob("model", tensors, meta, comp, workers)
-        lora_sec = artifact.compress_section("lora", lora, lora_meta, comp, workers)
+        lora_sec = artifact_tools.compress_section("lora", lora, lora_meta, comp, workers)
         blob = artifact.assemble([base_job.result(), lora_sec])
         rows["parallel"] = dict(bytes=len(blob), charged_seconds=time.perf_counter() - t0,
                                 compressor=base_job.result().compressor, cpu_seconds=time.process_time() - c0)

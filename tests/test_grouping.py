@@ -18,6 +18,7 @@ from lcq.config import ConfigError, make_config
 from lcq.gptq import dequantize_state, quantize_state
 from lcq.model import build_model
 from lcq.pipeline import TIED, quant_spec
+from lcq import artifact_tools as AT
 from artifact_bounds import compressor_of
 
 HAVE_LRZIP = shutil.which("lrzip") is not None
@@ -180,7 +181,7 @@ def test_each_group_section_is_never_larger_than_brotli_of_its_plain_layout():
     _, sections = group_blob(tensors, {"qmeta": qmeta})
     for sec in sections[1:]:
         role = sec.name.removeprefix("model_")
-        plain = A.compress_section(sec.name, groups[role], {"group": role}, "brotli")
+        plain = AT.compress_section(sec.name, groups[role], {"group": role}, "brotli")
         assert sec.nbytes <= plain.nbytes, sec.name
     assert any(s.variant != "row" for s in sections[1:])  # and some layout other than the plain one did win
 
@@ -199,7 +200,7 @@ def test_without_lrzip_every_section_falls_back_to_brotli(monkeypatch, tmp_path)
 def test_missing_lrzip_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(A.ArtifactError, match=r"lrzip compression needs the lrzip binary.*apt-get install lrzip"):
-        A.compress_section("model", {"w": torch.ones(4)}, {}, "lrzip")
+        AT.compress_section("model", {"w": torch.ones(4)}, {}, "lrzip")
     # an artifact whose section says lrzip (id 3), framed by the documented layout
     body = bytes([5]) + b"model" + struct.pack("<BQI", 3, 10, 1) + struct.pack("<QQ", 10, 4) + b"LRZI"
     head = struct.pack("<4sHHQ", b"LCQA", 2, 1, len(body))
@@ -213,8 +214,8 @@ def test_missing_lrzip_is_a_clear_error(monkeypatch, tmp_path):
                                            "is tested above")
 def test_lrzip_back_end_round_trips_and_is_deterministic():
     codes = {"q": clustered_rows(64, 64)}
-    blob = A.encode(codes, {"k": 1}, "lrzip")
-    assert compressor_of(blob) == "lrzip" and blob == A.encode(codes, {"k": 1}, "lrzip")
+    blob = AT.encode(codes, {"k": 1}, "lrzip")
+    assert compressor_of(blob) == "lrzip" and blob == AT.encode(codes, {"k": 1}, "lrzip")
     out, meta = A.decode(blob)
     assert torch.equal(out["q"], codes["q"]) and meta == {"k": 1}
     assert G.backends() == ("lrzip", "brotli")
@@ -264,11 +265,11 @@ def test_a_late_job_drops_its_slower_back_end_and_ships_the_fallback():
         time.sleep(0.001)
     sec = job.result()
     assert job.dropped == {"lzma"} and sec.compressor == "brotli"
-    assert sec.to_bytes() == A.compress_section("model", tensors, {}, "brotli").to_bytes()
+    assert sec.to_bytes() == AT.compress_section("model", tensors, {}, "brotli").to_bytes()
     assert_bit_exact(tensors, A.decode(A.assemble([sec]))[0])
     assert re.fullmatch(r"at [0-9.]+s lzma dropped: projected done at [0-9.]+s, due 0\.0s", job.choice)
     roomy = A.SectionJob("model", tensors, {}, "auto", threads=1, deadline=1e6)
-    assert roomy.result().to_bytes() == A.compress_section("model", tensors, {}, "auto").to_bytes()  # the smaller
+    assert roomy.result().to_bytes() == AT.compress_section("model", tensors, {}, "auto").to_bytes()  # the smaller
     assert not roomy.dropped
     assert re.fullmatch(r"at [0-9.]+s brotli lzma kept: projected done at [0-9.]+s, due 1000000\.0s",
                         roomy.choice)
