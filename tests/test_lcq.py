@@ -98,7 +98,7 @@ def test_raising_the_rank_until_the_cap_fails(tmp_path, demo_data):
     assert "lora 0," in log0 and "quantized_lcq" not in log0
     # Room for a small adapter, not for a large one. Sections are independent, so every run of this seed ships r0's
     # model section unchanged plus its LoRA section. Rank 2: 2 x 2,176 int8 codes + fp16 scales = 4,448 data bytes,
-    # under 4,600 even stored uncompressed (artifact.max_compressed_bytes), plus a manifest of names and shapes that is
+    # under 4,600 even stored uncompressed (artifact_bounds.max_compressed_bytes), plus a manifest of names and shapes that is
     # byte-identical on every machine and compresses to ~0.5 KB: < 5.2 KB, 2.8 KB under. Rank 16: 35,584 data bytes of
     # near-uniform int8 factor codes (rank 8's compress 0.94x): > 30 KB. auto: 8000 // 2,224 upper-estimate bytes per
     # rank = rank 3.
