@@ -288,8 +288,8 @@ class Config:
              f"must be even and in [0, head_dim={head_dim}] (0 = full RoPE)")
         if isinstance(self.smear_gate, bool):  # artifacts written before issue 19 record the on/off bool
             object.__setattr__(self, "smear_gate", "blend" if self.smear_gate else "off")
-        for test, what, fields in _BOUNDS:
-            for name in fields.split():
+        for test, what, names in _BOUNDS:
+            for name in names.split():
                 need(test(getattr(self, name)), name, "must be " + what)
         for name, values in _CHOICES.items():
             need(getattr(self, name) in values.split(), name, "choose one of " + values)
