@@ -325,7 +325,7 @@ def test_same_length_different_script_fails_only_the_hash(one_seed, tmp_path):
     shutil.copytree(one_seed, folder)
     script = folder / "train_gpt.py"
     data = script.read_bytes()
-    swapped = data.replace(b"(do not edit)", b"(DO NOT EDIT)", 1)
+    swapped = data.replace(b"do not edit", b"DO NOT EDIT", 1)
     assert swapped != data and len(swapped) == len(data)
     script.write_bytes(swapped)
     assert failed(S.audit(folder)) == {"code_sha256[seed 1]"}
