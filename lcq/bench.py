@@ -2,6 +2,7 @@
 
     python -m lcq.bench quant    # GPTQ vs round-to-nearest: bpb gap ratio per bit width, bytes/param per compressor
     python -m lcq.bench lcq      # LCQ: recovered fraction per init / rank / training / shipping strategy, at int4 and int6
+    python -m lcq.bench lcq --equal-bytes  # LQER vs LCQ vs the byte allocation at LoRA budgets of 2-32 KB (issue 16)
     python -m lcq.bench attribution  # does LCQ pay once the eval does TTT? three arms x training budgets, same seed
     python -m lcq.bench features  # the record stack at demo scale: all features on, then each one off in turn
     python -m lcq.bench sizing --preset record  # projected artifact bytes from measured bytes/param of its codes
@@ -664,6 +665,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ranks", default="4,16,64", help="lcq: comma-separated LoRA ranks")
     ap.add_argument("--inits", default="zero,svd,act_svd,grail", help="lcq: comma-separated inits")
     ap.add_argument("--time-frac", type=float, default=0.15, help="lcq: distillation seconds as a fraction of training")
+    ap.add_argument("--equal-bytes", action="store_true",
+                    help="lcq: corrections at equal shipped LoRA bytes instead (lcq/bench_lcq.py)")
+    ap.add_argument("--byte-budgets", default="",
+                    help="lcq --equal-bytes: comma-separated LoRA section budgets in bytes (default 2-32 KB)")
+    ap.add_argument("--lcq-steps", type=int, default=None,
+                    help="lcq --equal-bytes: distillation steps (default: lcq.bench_lcq.DEMO_LCQ_STEPS)")
+    ap.add_argument("--cache", default="", help="lcq --equal-bytes: folder of trained checkpoints to reuse ('' = none)")
+    ap.add_argument("--methods", default="lqer_today,lcq_uniform_int8,alloc_closed,alloc_distilled",
+                    help="lcq --equal-bytes: comma-separated subset of the methods to run")
+    ap.add_argument("--head", action="store_true",
+                    help="lcq --equal-bytes: also run the allocation rows with lm_head among the targets")
+    ap.add_argument("--wider", type=float, default=0.0,
+                    help="lcq --equal-bytes: also train a model at this MLP_MULT to price bytes spent on the model")
     ap.add_argument("--budgets", default="60,120,240", help="attribution: comma-separated training clocks in seconds")
     ap.add_argument("--plot", default="attribution.png", help="attribution: PNG path ('' = no plot)")
     ap.add_argument("--arms", default="abc", help="attribution: which arms to run (letters of a, b, c; a lever on one arm)")
@@ -693,6 +707,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.kind == "quant":
             result = bench_quant(cfg, dinfo, [int(b) for b in (args.bits or "4,5,6,8").split(",")])
+        elif args.kind == "lcq" and args.equal_bytes:
+            from .bench_lcq import BUDGETS, DEMO_LCQ_STEPS, bench_equal_bytes
+            steps = DEMO_LCQ_STEPS if args.lcq_steps is None else args.lcq_steps
+            budgets = [int(b) for b in args.byte_budgets.split(",")] if args.byte_budgets else list(BUDGETS)
+            result = bench_equal_bytes(cfg, dinfo, budgets, steps, args.cache,
+                                       args.wider, tuple(args.methods.split(",")), args.head)
         elif args.kind == "lcq":
             result = bench_lcq(cfg, dinfo, [int(b) for b in (args.bits or "4,6").split(",")],
                                [int(r) for r in args.ranks.split(",")], args.inits.split(","), args.time_frac)

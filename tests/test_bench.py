@@ -87,3 +87,28 @@ def test_ttt_bench_rows_and_record_projection(tmp_path, demo_data):
     assert rows[4]["steps_per_1k_targets"] <= rows[1]["steps_per_1k_targets"]  # four documents share each step
     proj = out["record_projection"]
     assert proj["samples"] == 82 and proj["documents"] == 782 * 64 and proj["work_ratio_vs_1855"] > 0
+
+
+def test_lcq_equal_bytes_bench_ships_within_each_budget(tmp_path, demo_data):
+    budget = 3000
+    out = bench(tmp_path, demo_data, "lcq", "--equal-bytes", "--byte-budgets", str(budget), "--lcq-steps", "2",
+                "--cache", str(tmp_path / "cache"))
+    rows = out["equal_bytes"]
+    assert [(r["method"], r["bits"]) for r in rows][:5] == [
+        ("lqer_today", "2+4"), ("lcq_uniform_int8", "8"), ("alloc_closed", "8"), ("alloc_closed", "4"),
+        ("alloc_closed", "2+4")]
+    assert rows[5]["method"] == "alloc_distilled" and rows[5]["bits"] in ("8", "4", "2+4")
+    for r in rows:
+        assert set(r) >= {"budget_bytes", "method", "bits", "shipped_bytes", "recovered"}
+        assert r["budget_bytes"] == budget and 0 <= r["shipped_bytes"] <= budget
+        if r["shipped_bytes"] == 0:  # nothing fitted: the quantized model itself
+            assert r["bpb"] == out["quant_bpb"]
+    # the distilled row ran exactly the pinned steps, the closed forms none
+    assert [r["steps"] for r in rows if r["method"] == "alloc_closed"] == [0, 0, 0]
+    assert rows[5]["steps"] in (0, 2) and (rows[5]["steps"] == 2) == (rows[5]["shipped_bytes"] > 0)
+    # the trained model is cached: a second run reuses it and scores the same float and quantized model
+    again = bench(tmp_path, demo_data, "lcq", "--equal-bytes", "--byte-budgets", str(budget), "--lcq-steps", "0",
+                  "--cache", str(tmp_path / "cache"))
+    assert again["cached_model"] and not out["cached_model"]
+    assert (again["float_bpb"], again["quant_bpb"]) == (out["float_bpb"], out["quant_bpb"])
+    assert [r["shipped_bytes"] for r in again["equal_bytes"][2:5]] == [r["shipped_bytes"] for r in rows[2:5]]
