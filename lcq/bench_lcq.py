@@ -29,11 +29,10 @@ import torch
 from . import artifact, grouping
 from . import dist as D
 from .config import Config, replace
-from .distill import distill, init_factors, quant_errors
-from .gptq import EMBED_NAME, _damped, _gptq_codes, weighted_error
-from .lora import LORA_SECTION_BYTES, allocate_bytes, attach_lora, factor_format, merge_lora, set_format
-from .gptq import dequantize_state, quantize_state
-from .pipeline import TIED, Run, build, lcq_target_names, open_run, quant_spec, quantize, run_training, score
+from .distill import distill, init_factors, lcq_target_names, quant_errors
+from .gptq import EMBED_NAME, _damped, _gptq_codes, dequantize_state, quantize_state
+from .lora import LORA_SECTION_BYTES, allocate_bytes, attach_lora, factor_format, merge_lora, set_format, weighted_error
+from .pipeline import TIED, Run, build, open_run, quant_spec, quantize, run_training, score
 from .shipping import apply_lora, artifact_meta, model_from_state, pack_lora
 
 BUDGETS = (2_000, 4_000, 8_000, 16_000, 32_000)
@@ -60,8 +59,7 @@ def _train_key(cfg: Config) -> str:
 def trained_run(cfg: Config, dinfo: D.DistInfo, cache: str) -> tuple[Run, dict]:
     """An opened run holding the trained float model: from `cache` (a checkpoint of the same training config and seed)
     or trained now and saved there ('' = no cache). Returns (run, {steps, train_seconds, cached})."""
-    cfg = replace(cfg, run_id=f"bench_equal_bytes_{time.strftime('%Y%m%d_%H%M%S')}", submission_json="", lcq_rank="0",
-                  lqer_rank=0)
+    cfg = replace(cfg, run_id=f"bench_equal_bytes_{time.strftime('%Y%m%d_%H%M%S')}", submission_json="", lcq_rank="0")
     run = open_run(cfg, dinfo)
     build(run)
     path = os.path.join(cache, f"{cfg.preset}_seed{cfg.seed}_{_train_key(cfg)}.pt") if cache else ""
