@@ -660,7 +660,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m lcq.bench", description=__doc__, allow_abbrev=False,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("kind", choices=("quant", "lcq", "attribution", "features", "sizing", "serialize", "compressors",
-                                     "step", "ttt"))
+                                     "step", "ttt", "gptq"))
     ap.add_argument("--bits", default=None, help="comma-separated bit widths (quant: 4,5,6,8; lcq: 4,6)")
     ap.add_argument("--ranks", default="4,16,64", help="lcq: comma-separated LoRA ranks")
     ap.add_argument("--inits", default="zero,svd,act_svd,grail", help="lcq: comma-separated inits")
@@ -695,7 +695,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="compressors: comma-separated COMPRESSOR values to compare on the model section")
     ap.add_argument("--codes", default="", help="compressors: an artifact (.lcq) whose model tensors to compress "
                                                "instead of the preset's random-init payload")
-    ap.add_argument("--world", type=int, default=8, help="step: gloo ranks the step runs on")
+    ap.add_argument("--world", type=int, default=8, help="step, gptq: gloo ranks the step / the split runs on")
     ap.add_argument("--tokens", type=int, default=512, help="step: tokens per rank")
     ap.add_argument("--batch-docs", default="1,8,32,64", help="ttt: comma-separated TTT_BATCH_DOCS values")
     ap.add_argument("--ttp-log", default="", help="ttt: a #1855-style log whose ttp: lines give the record's split")
@@ -726,6 +726,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.kind == "step":
             from .bench_step import bench_step
             result = bench_step(cfg, args.world, args.tokens)
+        elif args.kind == "gptq":
+            from .bench_gptq import bench_gptq
+            result = bench_gptq(cfg, args.world)
         elif args.kind == "sizing":
             result = bench_sizing(cfg)
         elif args.kind == "features":

@@ -59,15 +59,14 @@ def collect_hessians(
 ) -> dict[str, torch.Tensor]:
     """Return H = sum(x^T x) / tokens for the input x of each target module, keyed by weight name.
 
-    `targets` maps a weight name to the module whose input multiplies it (the tied embedding
-    "tok_emb.weight" -> "lm_head"). Pass the plain (uncompiled) model: hooks sit on its submodules.
+    `targets` maps a weight name to the nn.Linear whose input multiplies it (the tied embedding
+    "tok_emb.weight" -> "lm_head"; `lcq.model.gptq_targets`), at least one. Pass the plain (uncompiled)
+    model: hooks sit on its submodules.
     Sums are float32 on each module's weight device: the solve runs in float32 and adds 1% of
     mean(diag H) as damping, which dwarfs float32 rounding of the sum, and float64 matmuls are slow
     or missing on many GPUs. Under torch.distributed the sums and token counts are all-reduced, so
     every rank returns the Hessian of the union of all ranks' calibration tokens.
     """
-    if not targets:
-        raise ValueError("collect_hessians: targets is empty; map each weight name to the module feeding it")
     modules: dict[str, nn.Module] = {}
     for weight_name, module_name in targets.items():
         try:
@@ -79,24 +78,15 @@ def collect_hessians(
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
     for module_name, module in modules.items():
-        weight = getattr(module, "weight", None)
-        if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
-            raise TypeError(f"collect_hessians: module {module_name!r} has no 2-D .weight to size its Hessian from")
-        dim = weight.shape[1]
-        sums[module_name] = torch.zeros(dim, dim, dtype=torch.float32, device=weight.device)
+        weight = module.weight
+        sums[module_name] = torch.zeros(weight.shape[1], weight.shape[1], dtype=torch.float32, device=weight.device)
         counts[module_name] = 0
 
     def make_hook(module_name: str):
+        # A forward hook runs after the forward: the Linear has already taken x, so x is a tensor of in_features columns.
         def hook(_module: nn.Module, args: tuple, _output) -> None:
-            if not args or not isinstance(args[0], torch.Tensor):
-                raise TypeError(f"collect_hessians: {module_name!r} was called without a positional input tensor")
             acc = sums[module_name]
-            x = args[0].detach()
-            if x.shape[-1] != acc.shape[0]:
-                raise ValueError(
-                    f"collect_hessians: input to {module_name!r} has {x.shape[-1]} features, weight expects {acc.shape[0]}"
-                )
-            x = x.reshape(-1, x.shape[-1]).to(device=acc.device, dtype=torch.float32)
+            x = args[0].detach().reshape(-1, acc.shape[0]).to(device=acc.device, dtype=torch.float32)
             # Calibration runs under bf16 autocast on CUDA: keep the float32 sum out of it, whatever autocast does
             # with in-place matmuls in a given torch release (issue 8).
             with torch.autocast(acc.device.type, enabled=False):
@@ -137,8 +127,6 @@ def collect_hessians(
 def row_scales(W: torch.Tensor, bits: int, clip_sigmas: float) -> torch.Tensor:
     """float16 per-row scales by the rule in the module docstring."""
     qmax = _check_bits(bits, "row_scales")
-    if W.ndim != 2:
-        raise ValueError(f"row_scales: W must be 2-D, got shape {tuple(W.shape)}")
     W = W.detach().float()
     max_abs = W.abs().amax(dim=1)
     if clip_sigmas > 0 and W.shape[1] > 1:
@@ -193,18 +181,13 @@ def quantize_gptq(
     the IST-DASLab gptq code zeroes them, but here they are rounded like RTN (their Hessian row is
     isolated, so no error flows in or out) because the tied embedding's rows are also looked up
     directly, where those columns do matter. act_order quantizes columns in order of decreasing diag(H) (the GPTQ
-    repo's --act-order) and returns q in the original column order.
+    repo's --act-order) and returns q in the original column order. damp and block_size are checked where a run sets
+    them (QuantSpec).
     """
     qmax = _check_bits(bits, "quantize_gptq")
-    if W.ndim != 2:
-        raise ValueError(f"quantize_gptq: W must be 2-D, got shape {tuple(W.shape)}")
     rows, cols = W.shape
     if H.shape != (cols, cols):
         raise ValueError(f"quantize_gptq: H has shape {tuple(H.shape)}, expected ({cols}, {cols}) for W {tuple(W.shape)}")
-    if not (isinstance(damp, (int, float)) and math.isfinite(damp) and damp > 0):
-        raise ValueError(f"quantize_gptq: damp must be a finite number > 0, got {damp!r}")
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"quantize_gptq: block_size must be an int >= 1, got {block_size!r}")
     if not torch.isfinite(H).all():
         raise ValueError("quantize_gptq: H has non-finite entries")
     scale = row_scales(W, bits, clip_sigmas)
@@ -348,15 +331,62 @@ def tensor_role(name: str, tensor: torch.Tensor) -> str:
 
 def _check_aliases(state_dict: Mapping[str, torch.Tensor], aliases: Mapping[str, str]) -> None:
     for alias, target in aliases.items():
-        if alias not in state_dict or target not in state_dict:
-            missing = alias if alias not in state_dict else target
-            raise KeyError(f"quantize_state: aliases[{alias!r}] = {target!r}, but {missing!r} is not in the state dict")
-        if target in aliases or alias == target:
-            raise ValueError(f"quantize_state: aliases[{alias!r}] = {target!r} must point at a stored (non-alias) key")
-        a, t = state_dict[alias], state_dict[target]
-        same_storage = a.data_ptr() == t.data_ptr() and a.shape == t.shape and a.stride() == t.stride()
-        if a.dtype != t.dtype or not (same_storage or torch.equal(a, t)):
-            raise ValueError(f"quantize_state: aliases[{alias!r}] = {target!r}, but the two tensors differ")
+        a, t = state_dict.get(alias), state_dict.get(target)
+        if a is None or t is None or target in aliases or a.dtype != t.dtype or not torch.equal(a, t):
+            raise ValueError(f"quantize_state: aliases[{alias!r}] = {target!r}: one is missing or an alias, or they differ")
+
+
+def solve_cost(rows: int, cols: int) -> int:
+    """The estimate solve_plan balances: the flops of the block updates (rows x cols^2) and of the Hessian's Cholesky
+    and inverse (~cols^3), plus 2^23 per column for the column loop's small ops, which take about as long whatever the
+    size. That constant fits the per-shape solve seconds measured on CPU (BENCHMARKS.md, issue 18: flops alone put the
+    record's 4x-wide MLP proj at 0.85 of the cost, measured 0.65), and it leaves a launch-bound GPU's split, where time
+    goes as cols, within 5% of the best at 2-8 ranks (a projection: no GPU measured it)."""
+    return cols * (cols * (rows + cols) + 2**23)
+
+
+def solve_plan(costs: Mapping[str, float], world_size: int) -> list[list[str]]:
+    """Each rank's share of the solves: costliest first, each to the least loaded rank (lower rank on ties; LPT, Graham
+    1969: the largest share is within 4/3 of the best split's), names in a fixed order so every rank makes one plan."""
+    shares, loads = [[] for _ in range(world_size)], [0.0] * world_size
+    for name in sorted(costs, key=lambda n: (-costs[n], n)):
+        r = loads.index(min(loads))
+        shares[r].append(name)
+        loads[r] += costs[name]
+    return shares
+
+
+def _solve(state_dict, hessians, spec, aliases, world_size, log) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """(q, scale) of every tensor quantize_state quantizes. On world_size > 1 ranks GPTQ is split (issue 18):
+    each rank solves its share and the codes and scales are gathered to every rank (one all_gather_object, as
+    lcq.dist.first_error uses). Every rank then holds the bits one rank alone computes: a solve reads only W and its Hessian, which
+    collect_hessians made the same on every rank."""
+    jobs = {n: t for n, t in state_dict.items() if n not in aliases and tensor_role(n, t) != "raw"}
+
+    def solve(name):
+        t = jobs[name]
+        role = tensor_role(name, t)
+        bits, clip = spec.embed_bits if role == "embed" else spec.matrix_bits, clip_for(spec, name, role)
+        if spec.method != "gptq":
+            return quantize_rtn(t, bits, clip)
+        # a weight collect_hessians was not given raises KeyError(name) here
+        return quantize_gptq(t, hessians[name], bits, clip, spec.damp, spec.block_size, spec.act_order)
+
+    if world_size == 1 or spec.method != "gptq":
+        return {n: solve(n) for n in jobs}
+    shares, got = solve_plan({n: solve_cost(*t.shape) for n, t in jobs.items()}, world_size), [None] * world_size
+    try:  # as host tensors: a pickled CUDA tensor would unpickle on the sender's device
+        mine = {n: [x.cpu() for x in solve(n)] for n in shares[dist.get_rank()]}
+    except Exception as e:  # sent instead: every rank raises it, none waits at the gather for codes that never come
+        mine = RuntimeError(f"GPTQ on rank {dist.get_rank()}: {e!r}")
+    dist.all_gather_object(got, mine)
+    for g in got:
+        if isinstance(g, Exception):
+            raise g
+    if log:
+        log(f"gptq_split: matrices per rank {[len(s) for s in shares]}, "
+            f"{sum(x.nbytes for g in got for v in g.values() for x in v)} bytes gathered")
+    return {n: tuple(x.to(jobs[n].device) for x in v) for g in got for n, v in g.items()}
 
 
 def quantize_state(
@@ -364,14 +394,18 @@ def quantize_state(
     hessians: Mapping[str, torch.Tensor] | None,
     spec: QuantSpec,
     aliases: Mapping[str, str],
+    world_size: int = 1,
+    log: Callable[[str], None] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict]:
     """Quantize a state dict -> (tensors, qmeta); see `tensor_role` for which tensors are quantized.
 
-    Quantized weight n -> n+".q" (int8) and n+".scale" (float16); raw tensor n -> n, floats cast to spec.raw_dtype. Alias keys are not stored; qmeta["aliases"] records them. qmeta is JSON-ready.
+    Quantized weight n -> n+".q" (int8) and n+".scale" (float16); raw tensor n -> n, floats cast to spec.raw_dtype.
+    Alias keys are not stored; qmeta["aliases"] records them. qmeta is JSON-ready. world_size > 1 (the process
+    group's size) splits GPTQ's solves over the ranks, and every rank must then call it (see `_solve`); `log` gets the
+    split's line. A caller on one rank alone passes world_size 1.
     """
-    if not isinstance(spec, QuantSpec):
-        raise TypeError(f"quantize_state: spec must be a QuantSpec, got {type(spec).__name__}")
     _check_aliases(state_dict, aliases)
+    solved = _solve(state_dict, hessians, spec, aliases, world_size, log)
     tensors: dict[str, torch.Tensor] = {}
     qmeta: dict = {}
 
@@ -399,15 +433,7 @@ def quantize_state(
             qmeta[name] = {"kind": "raw", "bits": stored.element_size() * 8, **meta}
             continue
         bits = spec.embed_bits if role == "embed" else spec.matrix_bits
-        clip = clip_for(spec, name, role)
-        if spec.method == "gptq":
-            if hessians is None or name not in hessians:
-                raise KeyError(
-                    f"quantize_state: method 'gptq' needs a Hessian for {name!r}; add it to collect_hessians targets"
-                )
-            q, scale = quantize_gptq(t, hessians[name], bits, clip, spec.damp, spec.block_size, spec.act_order)
-        else:
-            q, scale = quantize_rtn(t, bits, clip)
+        q, scale = solved[name]
         put(name + ".q", q)
         put(name + ".scale", scale)
         qmeta[name] = {"kind": "quant", "bits": bits, **meta}
@@ -472,9 +498,7 @@ def quant_error_report(
     """(name, tr(E H E^T) / tr(W H W^T)) with E = W - W_hat for each weight with a Hessian, worst first."""
     report = []
     for name, H in hessians.items():
-        if name not in state_dict or name not in dequantized:
-            raise KeyError(f"quant_error_report: {name!r} has a Hessian but is missing from the state dicts")
-        W = state_dict[name].detach().float()
+        W = state_dict[name].detach().float()  # a weight missing here raises KeyError(name)
         H = H.to(device=W.device, dtype=torch.float32)
         E = W - dequantized[name].to(W.device).float()
         num = float(((E @ H) * E).sum())

@@ -376,7 +376,8 @@ def quant_spec(cfg: Config) -> QuantSpec:
 
 
 def quantize(run: Run) -> None:
-    """Hessians from train batches (averaged over ranks), then GPTQ (or RTN) on every matrix and the embedding."""
+    """Hessians from train batches (averaged over ranks), then GPTQ (or RTN) on every matrix and the embedding, GPTQ's
+    solves split over the ranks."""
     cfg, model = run.cfg, run.model
     D.sync(run.dinfo.device)
     t0 = time.perf_counter()
@@ -385,7 +386,7 @@ def quantize(run: Run) -> None:
     runner = calibration_runner(run, calib_tokens)
     run.hessians = collect_hessians(model, gptq_targets(model), lambda: runner(model))
     state = {k: v.detach() for k, v in model.state_dict().items()}
-    run.qtensors, run.qmeta = quantize_state(state, run.hessians, quant_spec(cfg), TIED)
+    run.qtensors, run.qmeta = quantize_state(state, run.hessians, quant_spec(cfg), TIED, run.dinfo.world_size, run.log)
     run.gptq_state = dequantize_state(run.qtensors, run.qmeta)
     D.sync(run.dinfo.device)
     seconds = time.perf_counter() - t0

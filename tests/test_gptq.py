@@ -277,7 +277,9 @@ def test_gptq_rejects_bad_arguments():
     with pytest.raises(ValueError, match="H has shape"):
         quantize_gptq(W, H[:4, :4], 4, 0.0)
     with pytest.raises(ValueError, match="damp"):
-        quantize_gptq(W, H, 4, 0.0, damp=0.0)
+        QuantSpec(damp=0.0)
+    with pytest.raises(ValueError, match="block_size"):
+        QuantSpec(block_size=0)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -67,6 +67,9 @@ def test_two_ranks_match_one_rank(tmp_path, demo_data):
     log1 = (tmp_path / "logs" / "one.txt").read_text()
     log2 = (tmp_path / "logs" / "two.txt").read_text()
     assert "world_size:2" in log2
+    # GPTQ's solves were split over the two ranks (issue 18); one rank splits nothing
+    split = re.search(r"gptq_split: matrices per rank \[(\d+), (\d+)\], (\d+) bytes gathered", log2)
+    assert split and min(int(split[1]), int(split[2])) > 0 and "gptq_split" not in log1
     # Same tokens scored and bytes counted however the windows are split over ranks.
     assert re.search(r"val_tokens:\d+ val_bytes:\d+", log1).group() == re.search(r"val_tokens:\d+ val_bytes:\d+", log2).group()
     # The two runs see the same global batches except for the one-token seam between rank slices, so training agrees
