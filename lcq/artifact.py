@@ -62,13 +62,14 @@ Compressors are fixed so the same input always gives the same bytes ("lrzip", th
 is run with fixed flags, see _LRZIP_ARGS; reading it needs the binary): "lzma" is a raw LZMA2 stream at
 preset 9 | PRESET_EXTREME (raw, because our header already carries lengths and a checksum, which saves the 51-byte
 xz container); "brotli" is quality 11, lgwin 24; "none" is for debugging. Both are fed in fixed SLICE_BYTES slices
-(so a running job can report its progress) and flushed once at the end. Tuning lc/lp/pb moved int6 sizes by under 0.5%
+(so a running job can stop early) and flushed once at the end. Tuning lc/lp/pb moved int6 sizes by under 0.5%
 either way and a delta filter made them ~7% larger, so the preset's defaults stay.
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import heapq
 import json
 import lzma
 import math
@@ -104,11 +105,8 @@ _NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
 # bytes) and lzma +0.11%; 4 MiB chunks of the 35.4 MB payload of the later record preset cost brotli -0.006%, far
 # under the 0.5% issue 8 allows: int6 codes are near-iid, so little context is lost at a cut. 9 chunks at record size.
 CHUNK_BYTES = 4 << 20
-# Weight of the newest slice in a job's moving average of seconds per byte.
-RATE_EMA = 0.1
-# Compressors are fed this many bytes at a time; a running job counts them to measure its rate. Small enough that a
-# first rate is measured within about a second even on a loaded host (brotli-11 took 0.4 s per 256 KiB slice of int6
-# codes on the 2-core CI machine under load); the bytes do not depend on it (same output at 1 MiB and 256 KiB).
+# Compressors are fed this many bytes at a time, so that a cancelled or dropped job stops within a slice (brotli-11
+# took 0.1-0.6 s per 256 KiB slice of int6 codes on the 2-core CI machine); the bytes do not depend on it.
 SLICE_BYTES = 256 << 10
 
 
@@ -183,7 +181,7 @@ def _lrzip(args: tuple[str, ...], data: bytes, what: str) -> bytes:
 
 
 def _lrzip_stream():
-    """lrzip compresses whole files: feed collects the chunk, finish compresses it (see _WHOLE_CHUNK)."""
+    """lrzip compresses whole files: feed collects the chunk, finish compresses it."""
     parts: list[bytes] = []
 
     def feed(piece) -> bytes:
@@ -201,20 +199,7 @@ _COMPRESSORS: dict[str, tuple[int, Callable[[], tuple[Callable, Callable]], Call
     "lrzip": (3, _lrzip_stream, lambda b: _lrzip(("-d", "-Q", "-f"), bytes(b), "this artifact (lrzip section)")),
 }
 _COMPRESSOR_BY_ID = {cid: name for name, (cid, _, _) in _COMPRESSORS.items()}
-# Compressors that do all their work in finish(): a job measures their rate per chunk, not per slice.
-_WHOLE_CHUNK = frozenset({"lrzip"})
 AUTO_ORDER = ("lzma", "brotli")  # "auto" tries these; on equal sizes the earlier one wins
-
-
-def max_compressed_bytes(n: int) -> int:
-    """The most bytes one compressed chunk of n input bytes can take, written by none, lzma or brotli (lrzip has its
-    own file header; a COMPRESSOR=group section keeps lrzip only when that section is smaller than with brotli).
-
-    Incompressible input is where compressors expand: raw LZMA2 then stores uncompressed chunks of at most 64 KiB
-    behind a 3-byte header and ends with a 1-byte marker (liblzma's lzma_block_buffer_bound); brotli stores
-    uncompressed meta-blocks and bounds its output by n + 2 + 4 * (n >> 14) + 3 + 1 (BrotliEncoderMaxCompressedSize,
-    brotli/encode.h). "none" stores the n bytes."""
-    return max(n + 3 * -(-n // 65536) + 1, n + 2 + 4 * (n >> 14) + 4)
 
 
 def _chunk_spans(n: int, chunk_bytes: int) -> list[tuple[int, int]]:
@@ -223,13 +208,6 @@ def _chunk_spans(n: int, chunk_bytes: int) -> list[tuple[int, int]]:
 
 def _section_head_bytes(name: str, chunks: int) -> int:
     return 1 + len(name) + _SECTION.size + chunks * _CHUNK.size
-
-
-def max_section_bytes(name: str, raw_bytes: int, chunk_bytes: int = CHUNK_BYTES) -> int:
-    """The most bytes a section of `raw_bytes` uncompressed payload can take in the file (header, chunk table, and
-    every chunk at max_compressed_bytes)."""
-    spans = _chunk_spans(raw_bytes, chunk_bytes)
-    return _section_head_bytes(name, len(spans)) + sum(max_compressed_bytes(hi - lo) for lo, hi in spans)
 
 
 # ---------------------------------------------------------------------------------------------- encode
@@ -302,8 +280,6 @@ def _encode_tensor(name: str, t: torch.Tensor, arrange: Arrangement | None = Non
                 raise ArtifactError(f"tensor {name!r}: perm is not a permutation of its {rows} rows")
             width = 2 if rows <= 1 << 16 else 4
             prefix, a = perm.astype(f"<u{width}").tobytes(), a[perm]
-        if arrange.major not in ("row", "col"):
-            raise ArtifactError(f"tensor {name!r}: major must be 'row' or 'col', got {arrange.major!r}")
         fields, data = _pack_bytes(np.ascontiguousarray(a.T if arrange.major == "col" else a).reshape(-1))
         entry.update(layout="grouped", major=arrange.major, perm=width, **fields)
         data = prefix + data
@@ -340,8 +316,8 @@ def _payload(tensors: Mapping[str, torch.Tensor], meta: dict,
         manifest = json.dumps({"meta": meta, "tensors": entries}, sort_keys=True, separators=(",", ":"),
                               allow_nan=False).encode("utf-8")
     except (TypeError, ValueError) as e:
-        raise ArtifactError(f"meta is not JSON-serialisable ({e}); keep it to str keys, numbers, strings, "
-                            "bools, None, lists and dicts (no NaN/inf)") from e
+        raise ArtifactError(f"meta is not JSON ({e}): use str keys, numbers, strings, bools, None, lists, dicts, no "
+                            "NaN/inf") from e
     return b"".join([_MANIFEST_LEN.pack(len(manifest)), manifest, *chunks])
 
 
@@ -400,32 +376,77 @@ def serialize_threads(requested: int) -> int:
     return max(1, (os.cpu_count() or 1) - 2 * int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
+def projected_seconds(tasks: list[tuple[str, int, float | None]], rates: Mapping[str, float], threads: int,
+                      skip: tuple[str, ...] = ()) -> float:
+    """Seconds until a pool of `threads` threads is done with `tasks`, (compressor, raw bytes, seconds it has run;
+    None while queued) in queue order, at `rates` (bytes per thread-second): a running task takes what its rate leaves
+    of it, each queued one (but those of `skip`) goes to the first thread free, as in ThreadPoolExecutor. Exact when
+    the rates are."""
+    free = sorted(max(0.0, n / rates[c] - ran) for c, n, ran in tasks if ran is not None)
+    free = [0.0] * (threads - len(free)) + free  # ascending: a heap
+    for c, n, ran in tasks:
+        if ran is None and c not in skip:
+            heapq.heappush(free, heapq.heappop(free) + n / rates[c])
+    return max(free, default=0.0)
+
+
+def to_drop(tasks: list[tuple[str, int, float | None]], rates: Mapping[str, float], threads: int, seconds: float,
+            droppable: set[str]) -> tuple[str, ...]:
+    """The compressors of `droppable` to drop, slowest rate first, until the rest of `tasks` is projected done within
+    `seconds` (projected_seconds; a running task is never stopped, so it always counts)."""
+    out: tuple[str, ...] = ()
+    for c in sorted(droppable, key=rates.get):
+        if projected_seconds(tasks, rates, threads, out) <= seconds:
+            break
+        out += (c,)
+    return out
+
+
+@dataclass
+class _Task:
+    """One (chunk, compressor) of a job: its raw bytes, when a thread started it, how long it took (inf: stopped)."""
+
+    compressor: str
+    nbytes: int
+    start: float | None = None
+    seconds: float | None = None
+
+
 class CompressJob:
     """Sections being compressed on host threads (lzma and brotli release the GIL; lrzip runs as a child process),
     started at construction.
 
     `units` is the list of sections to compress, or a function that builds it: the function then runs on the job's
     first thread (so a caller does not wait for it, e.g. the row sort of lcq.grouping), and the compression starts when
-    it returns. Every (unit, variant, chunk, compressor) is compressed by a pool of `threads` threads (default: the
-    host's cores). The job counts the bytes its compressors have consumed, so it can project when it will finish from
-    the rate measured in this process (the pipeline budgets LCQ with it)."""
+    it returns. Every (unit, variant, chunk, compressor) is a task for a pool of `threads` threads (default: the host's
+    cores), queued largest first, equal sizes taking the compressors in turn (so the first tasks time each compressor
+    on a full chunk). A task is timed whole, finish included, and the job projects when it will be done from the rates
+    of the chunks it has finished in this process (the pipeline budgets LCQ with it): none before, because a chunk's
+    first slices compress several times faster than its last (brotli's window fills; issue 17's 9.4 s projection of a
+    95 s job came from such slices) and a small section faster than a large one.
+
+    `deadline`: seconds from the start by which the job must be done. A unit's last compressor is its fallback (brotli
+    in COMPRESSOR=group and auto: lrzip, lzma are dropped); at every slice boundary the others are dropped, slowest first, while the job is
+    projected to finish later (to_drop). That projection does not wait for a finished chunk: a compressor not timed
+    yet is taken at the fastest rate its running tasks still allow (their bytes over the seconds they have run; none
+    started: no time), so a drop needs only evidence that the job would be late, and comes as soon as there is some.
+    A dropped compressor's queued tasks are skipped (a running lrzip finishes); `choice` says what was kept and why."""
 
     def __init__(self, units: list[Unit] | Callable[[], list[Unit]], threads: int | None = None,
-                 chunk_bytes: int = CHUNK_BYTES, label: str = "model"):
-        if chunk_bytes < 1:
-            raise ArtifactError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
+                 chunk_bytes: int = CHUNK_BYTES, deadline: float | None = None):
         self.started = time.perf_counter()
         self.threads = max(1, threads or os.cpu_count() or 1)
         self.raw_bytes = 0  # bytes each compressor reads (every variant of every unit), once the units are known
+        self.plan_seconds: float | None = None  # building the units (lcq.grouping's planning), before any task
+        self.deadline, self.choice, self.dropped = deadline, "", set()
+        self.tasks: list[_Task] = []
         self._chunk_bytes = chunk_bytes
         self._lock = threading.Lock()
         self._cancelled = threading.Event()
-        self._candidates: tuple[str, ...] = ()
-        self._fed: dict[str, int] = {}  # bytes consumed, per compressor
-        self._spb: dict[str, float] = {}  # seconds per byte of recent slices (moving average), per compressor
+        self._droppable: set[str] = set()  # compressors that are no unit's last
         self._plan: list[tuple[Unit, list[tuple[str, bytes, list, dict[str, list[Future]]]]]] = []
         self._sections: list[Section] | None = None
-        self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix=f"lcq-compress-{label}")
+        self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="lcq-compress")
         if callable(units):
             self._prepared = self._pool.submit(self._start, units)
         else:
@@ -438,64 +459,87 @@ class CompressJob:
                 units = units()
             if self._cancelled.is_set():
                 return
-            names = [u.name for u in units]
-            if not units or len(set(names)) != len(names):
-                raise ArtifactError(f"a job compresses 1 or more sections with unique names, got {names}")
-            candidates: list[str] = []
-            for u in units:
+            for u in units:  # our own code builds the units; the caller's names and compressors are checked here
                 _check_name(u.name)
-                if not u.variants or not u.compressors:
-                    raise ArtifactError(f"section {u.name!r}: needs at least one variant and one compressor")
                 for c in u.compressors:
                     _check_compressor(c)
-                    if c == "auto":
-                        raise ArtifactError(f"section {u.name!r}: list the compressors instead of 'auto'")
-                    if c not in candidates:
-                        candidates.append(c)
-            tasks = 0
+            queue, turn = [], {}
             with self._lock:
-                self._candidates = tuple(candidates)
-                self._fed = dict.fromkeys(candidates, 0)
+                self._droppable = {c for u in units for c in u.compressors} - {u.compressors[-1] for u in units}
                 self.raw_bytes = sum(len(raw) for u in units for _, raw in u.variants)
                 for u in units:
                     variants = []
                     for label, raw in u.variants:
                         spans = _chunk_spans(len(raw), self._chunk_bytes)
-                        futures = {c: [self._pool.submit(self._compress, c, raw, lo, hi) for lo, hi in spans]
-                                   for c in u.compressors}
-                        tasks += len(spans) * len(u.compressors)
+                        futures = {c: [None] * len(spans) for c in u.compressors}
+                        for c in u.compressors:
+                            for i, (lo, hi) in enumerate(spans):
+                                turn[c] = turn.get(c, 0) + 1
+                                queue.append((lo - hi, turn[c], len(queue), _Task(c, hi - lo), raw, lo, futures[c], i))
                         variants.append((label, raw, spans, futures))
                     self._plan.append((u, variants))
-                self.threads = max(1, min(self.threads, tasks))
+                for *_, task, raw, lo, futures, i in sorted(queue, key=lambda q: q[:3]):
+                    self.tasks.append(task)
+                    futures[i] = self._pool.submit(self._compress, task, raw, lo, lo + task.nbytes)
+                self.threads = max(1, min(self.threads, len(queue)))
+                self.plan_seconds = time.perf_counter() - self.started
         finally:
             self._pool.shutdown(wait=False)  # the workers exit once the queue is drained
 
-    def _compress(self, compressor: str, raw: bytes, lo: int, hi: int) -> bytes | None:
-        feed, finish = _COMPRESSORS[compressor][1]()
+    def _stopped(self, compressor: str) -> bool:
+        """Decide (with a deadline), then whether a task of `compressor` stops."""
+        if self.deadline is not None:
+            self._decide()
+        return self._cancelled.is_set() or compressor in self.dropped
+
+    def _compress(self, task: _Task, raw: bytes, lo: int, hi: int) -> bytes | None:
+        task.start = time.perf_counter()
+        feed, finish = _COMPRESSORS[task.compressor][1]()
         view = memoryview(raw)
-        whole = compressor in _WHOLE_CHUNK
         out = []
-        t_chunk = time.perf_counter()
-        for at in range(lo, hi, SLICE_BYTES):
-            if self._cancelled.is_set():
+        for at in [*range(lo, hi, SLICE_BYTES), None]:  # None: the finish, where lrzip does all its work
+            if self._stopped(task.compressor):
+                task.seconds = math.inf
                 return None
-            piece = view[at:min(at + SLICE_BYTES, hi)]
-            t = time.perf_counter()
-            out.append(feed(piece))
-            if not whole:
-                self._measured(compressor, len(piece), time.perf_counter() - t)
-        out.append(finish())
-        if whole:
-            self._measured(compressor, hi - lo, time.perf_counter() - t_chunk)
+            out.append(finish() if at is None else feed(view[at:min(at + SLICE_BYTES, hi)]))
+        task.seconds = time.perf_counter() - task.start
+        self._stopped(task.compressor)  # a new rate: decide again
         return b"".join(out)
 
-    def _measured(self, compressor: str, nbytes: int, seconds: float) -> None:
+    def _rates(self, bound: bool = False) -> dict[str, float] | None:
+        """Under the lock: bytes per thread-second of each compressor over its finished tasks; None until each one in
+        use has finished one. With `bound`, one not timed yet gets the most its running tasks allow (inf: none runs)."""
+        now, n, s, most = time.perf_counter(), {}, {}, {}
+        for t in self.tasks:
+            c = t.compressor
+            if t.seconds is None and t.start is not None:
+                most[c] = min(most.get(c, math.inf), t.nbytes / max(now - t.start, 1e-9))
+            elif t.seconds is not None and t.seconds < math.inf:
+                n[c], s[c] = n.get(c, 0) + t.nbytes, s.get(c, 0) + t.seconds
+        rates = {c: n[c] / max(s[c], 1e-9) for c in n}
+        if bound:
+            return {t.compressor: rates.get(t.compressor, most.get(t.compressor, math.inf)) for t in self.tasks}
+        use = {t.compressor for t in self.tasks} - self.dropped
+        return rates if self.tasks and use <= set(rates) else None
+
+    def _left(self) -> list[tuple[str, int, float | None]]:
+        """Under the lock: the tasks still to run, as projected_seconds takes them (a dropped compressor's running
+        ones too: lrzip's child process runs on)."""
+        now = time.perf_counter()
+        return [(t.compressor, t.nbytes, None if t.start is None else now - t.start) for t in self.tasks
+                if t.seconds is None and (t.start is not None or t.compressor not in self.dropped)]
+
+    def _decide(self) -> None:
+        """Drop what would make the job late (see the class); say what was kept or dropped, and why."""
         with self._lock:
-            self._fed[compressor] += nbytes
-            if nbytes:
-                spb = seconds / nbytes
-                old = self._spb.get(compressor)
-                self._spb[compressor] = spb if old is None else old + RATE_EMA * (spb - old)
+            if not self.tasks:
+                return
+            rates, tasks, t = self._rates(bound=True), self._left(), time.perf_counter() - self.started
+            drop = to_drop(tasks, rates, self.threads, self.deadline - t, self._droppable - self.dropped)
+            self.dropped.update(drop)
+            if drop or not self.choice and self._rates():  # with a drop, the projection is with what it drops
+                self.choice = (f"at {t:.1f}s {' '.join(drop or sorted(rates))} {'dropped' if drop else 'kept'}: "
+                               f"projected done at {t + projected_seconds(tasks, rates, self.threads):.1f}s, due {self.deadline:.1f}s")
 
     def _futures(self) -> list[Future]:
         with self._lock:
@@ -505,37 +549,26 @@ class CompressJob:
         return self._prepared.done() and all(f.done() for f in self._futures())
 
     def rates(self, wait_s: float = 0.0) -> dict[str, float] | None:
-        """Bytes per thread-second of each compressor over its recent slices (a moving average of seconds per byte;
-        None until every compressor has finished a slice, or a whole chunk for lrzip; waits up to `wait_s` for that).
-        Recent, because a chunk's first slices compress faster than its later ones (brotli's window fills) and the
-        load on a shared host changes; wall time of the compressing threads, so it includes whatever else competes for
-        the cores."""
+        """Bytes per thread-second of each compressor over the chunks it has finished (None until each compressor
+        still in use has finished one; waits up to `wait_s` for that). Wall time of the compressing threads, so it
+        includes whatever else competes for the cores."""
         deadline = time.perf_counter() + wait_s
         while True:
             with self._lock:
-                if self._candidates and all(self._spb.get(c, 0) > 0 for c in self._candidates):
-                    return {c: 1.0 / self._spb[c] for c in self._candidates}
-            if self.done() or time.perf_counter() >= deadline:
-                return None
+                rates = self._rates()
+            if rates is not None or self.done() or time.perf_counter() >= deadline:
+                return rates
             time.sleep(0.01)
 
-    def thread_seconds(self, nbytes: int, wait_s: float = 0.0) -> float | None:
-        """Projected thread-seconds to compress `nbytes` more with every compressor of this job, at its measured
-        rates (None: nothing measured yet)."""
-        rates = self.rates(wait_s)
-        return None if rates is None else sum(nbytes / r for r in rates.values())
-
     def seconds_left(self, wait_s: float = 0.0) -> float | None:
-        """Projected wall seconds until the job is done: the bytes each compressor has left at its measured rate,
-        spread over the job's threads (None: nothing measured yet)."""
+        """Projected wall seconds until the job is done: the tasks not finished at their compressors' measured rates
+        on the job's threads (projected_seconds); None until each compressor in use has finished a chunk."""
         if self.done():
             return 0.0
-        rates = self.rates(wait_s)
-        if rates is None:
+        if self.rates(wait_s) is None:
             return None
-        with self._lock:
-            left = sum((self.raw_bytes - self._fed[c]) / rates[c] for c in self._candidates)
-        return left / self.threads
+        with self._lock:  # a dropped compressor's running chunk may not be timed yet: its bound
+            return projected_seconds(self._left(), self._rates(bound=True), self.threads)
 
     def cancel(self) -> None:
         """Stop at the next slice (the inputs changed: e.g. baked LCQ re-quantized the model)."""
@@ -543,7 +576,7 @@ class CompressJob:
 
     def sections(self) -> list[Section]:
         """Wait for every chunk and return the sections in the order of the units (raises what a compressor or the
-        units' builder raised)."""
+        units' builder raised). A dropped compressor's results are used for a section whose chunks it all finished."""
         if self._sections is None:
             self._prepared.result()
             if self._cancelled.is_set():
@@ -554,26 +587,18 @@ class CompressJob:
                 for label, raw, spans, futures in variants:
                     for c in unit.compressors:
                         chunks = [f.result() for f in futures[c]]
-                        if any(b is None for b in chunks):
-                            raise ArtifactError(f"section {unit.name!r}: the job was cancelled")
+                        if None in chunks:  # cancelled, or dropped before it finished
+                            continue
                         size = sum(len(b) for b in chunks)
                         if best is None or size < best[0]:
                             best = (size, label, c, len(raw), tuple((hi - lo, b) for (lo, hi), b in zip(spans, chunks)))
+                if best is None:  # a unit's last compressor is never dropped
+                    raise ArtifactError("the compression job was cancelled")
                 _, label, c, raw_len, chunks = best
                 out.append(Section(unit.name, c, raw_len, chunks, time.perf_counter() - self.started, label))
             self._sections = out
             self._plan = []  # the payloads are no longer needed
         return self._sections
-
-    def result(self) -> Section:
-        """The job's one section (see sections())."""
-        if self._cancelled.is_set():
-            raise ArtifactError("the compression job was cancelled")
-        secs = self.sections()
-        if len(secs) != 1:
-            raise ArtifactError(f"this job holds {len(secs)} sections ({', '.join(s.name for s in secs)}); "
-                                "use sections()")
-        return secs[0]
 
 
 class SectionJob(CompressJob):
@@ -584,26 +609,13 @@ class SectionJob(CompressJob):
     AUTO_ORDER and keeps the compressor with the smaller section."""
 
     def __init__(self, name: str, tensors: Mapping[str, torch.Tensor], meta: dict, compressor: str,
-                 threads: int | None = None, chunk_bytes: int = CHUNK_BYTES):
-        _check_name(name)
-        _check_compressor(compressor)
-        if chunk_bytes < 1:
-            raise ArtifactError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
-        self.name = name
+                 threads: int | None = None, chunk_bytes: int = CHUNK_BYTES, deadline: float | None = None):
         candidates = AUTO_ORDER if compressor == "auto" else (compressor,)
-        super().__init__([Unit(name, (("", _payload(tensors, meta)),), candidates)], threads, chunk_bytes, name)
+        super().__init__([Unit(name, (("", _payload(tensors, meta)),), candidates)], threads, chunk_bytes, deadline)
 
     def result(self) -> Section:
         """Wait for every chunk and return the section (raises what a compressor raised)."""
-        if self._cancelled.is_set() and self._sections is None:
-            raise ArtifactError(f"section {self.name!r}: the job was cancelled")
-        return super().result()
-
-
-def compress_section(name: str, tensors: Mapping[str, torch.Tensor], meta: dict, compressor: str,
-                     threads: int | None = None, chunk_bytes: int = CHUNK_BYTES) -> Section:
-    """Compress one section now (see SectionJob)."""
-    return SectionJob(name, tensors, meta, compressor, threads, chunk_bytes).result()
+        return self.sections()[0]
 
 
 def assemble(sections: list[Section]) -> bytes:
@@ -616,12 +628,6 @@ def assemble(sections: list[Section]) -> bytes:
     body = b"".join(sec.to_bytes() for sec in sections)
     head = _HEAD.pack(MAGIC, FORMAT_VERSION, len(sections), len(body))
     return head + hashlib.sha256(head + body).digest() + body
-
-
-def encode(tensors: Mapping[str, torch.Tensor], meta: dict, compressor: str, threads: int | None = None) -> bytes:
-    """Serialize tensors + JSON meta into a one-section ("model") artifact; compressor is "lzma", "brotli", "none"
-    or "auto" (each of AUTO_ORDER, keep the smaller). meta comes back as JSON gives it (tuples as lists)."""
-    return assemble([compress_section("model", tensors, meta, compressor, threads)])
 
 
 # ---------------------------------------------------------------------------------------------- decode
@@ -889,11 +895,6 @@ def decode(blob: bytes, source: str = "<bytes>") -> tuple[dict[str, torch.Tensor
     return tensors, meta
 
 
-def compressor_of(blob: bytes, source: str = "<bytes>") -> str:
-    """Name of the compressor the first section of a (verified) artifact blob was written with."""
-    return _read_sections(blob, source)[0].compressor
-
-
 # ---------------------------------------------------------------------------------------------- files
 
 def write(path: str | os.PathLike, blob: bytes) -> int:
@@ -913,11 +914,6 @@ def write(path: str | os.PathLike, blob: bytes) -> int:
             os.unlink(tmp)
         raise
     return len(blob)
-
-
-def save(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], meta: dict, compressor: str) -> int:
-    """Encode (one section) and write atomically; return bytes written."""
-    return write(path, encode(tensors, meta, compressor))
 
 
 def load(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from . import artifact
+from . import artifact_tools
 from . import grouping
 from . import dist as D
 from .config import RECORD_FEATURES, Config, replace, resolve
@@ -123,7 +124,7 @@ def bench_quant(cfg: Config, dinfo: D.DistInfo, bits_list: list[int]) -> dict:
                 cpu = {k: v.cpu() for k, v in tensors.items()}
                 meta = artifact_meta(cfg, run.bos_id, qmeta, None)
                 for comp in ("lzma", "brotli"):
-                    row[f"bytes_per_param_{comp}"] = len(artifact.encode(cpu, meta, comp)) / n_params
+                    row[f"bytes_per_param_{comp}"] = len(artifact_tools.encode(cpu, meta, comp)) / n_params
             run.log(f"bench bits:{bits} {method} clip:{k} val_bpb:{r.val_bpb:.6f} gap:{row[f'{method}_gap']:.6f}")
         row["gap_ratio_gptq_over_rtn"] = row["gptq_gap"] / row["rtn_gap"] if row["rtn_gap"] > 0 else float("nan")
         rows.append(row)
@@ -500,7 +501,7 @@ SERIALIZE_STRATEGIES = ("serial", "parallel", "overlapped")
 
 
 def bench_serialize(cfg: Config, lcq_window: float | None, threads: int,
-                    strategies: tuple[str, ...] = SERIALIZE_STRATEGIES) -> dict:
+                    strategies: tuple[str, ...] = SERIALIZE_STRATEGIES, keep_backends: bool = False) -> dict:
     """Bytes and seconds charged to the training clock per serialization strategy, on the preset's artifact:
 
     serial: the whole artifact (model + LoRA) as one stream after LCQ, each compressor on one thread (the lcq of before
@@ -509,9 +510,13 @@ def bench_serialize(cfg: Config, lcq_window: float | None, threads: int,
     overlapped: what the pipeline does: the model section starts on host threads when GPTQ ends, LCQ runs on the
       device (the host thread waits out `lcq_window` seconds), then the LoRA section is compressed and the model
       section awaited. Charged: from the end of LCQ to the artifact's bytes in memory.
-    The pipeline's projection (artifact.SectionJob.seconds_left after its first measured slices) is reported beside
-    what the model section really took, and each strategy's CPU seconds (all threads) beside its wall seconds: on a
-    shared host the wall time depends on the other load, the CPU time much less."""
+    The overlapped job gets the pipeline's deadline, the LCQ window (lrzip is dropped when projected past it), unless
+    `keep_backends`: then every back-end runs, to time what it takes. The pipeline's projection (the job's
+    seconds_left, from its first finished chunks) is reported beside what the model section really took, with the
+    group planning's seconds and each back-end's seconds per chunk; the many-core figure gives each timed task its own
+    thread after the planning (which runs on one): the planning plus the longest task. Each strategy's CPU
+    seconds (all threads, lrzip's child processes included) stand beside its wall seconds: on a shared host the wall
+    time depends on the other load, the CPU time much less."""
     if lcq_window is None:  # the GPTQ + LCQ share the preset's reserve split leaves
         lcq_window = cfg.train_reserve_seconds - cfg.serialize_reserve_seconds - cfg.lcq_safety_seconds
     if cfg.compressor == "group":  # several model sections: only what the pipeline does applies (issue 17)
@@ -529,7 +534,7 @@ def bench_serialize(cfg: Config, lcq_window: float | None, threads: int,
         raise ValueError(f"--strategies: unknown {unknown}; choose from {','.join(SERIALIZE_STRATEGIES)}")
 
     t0, c0 = time.perf_counter(), time.process_time()
-    one = None if "serial" not in strategies else artifact.compress_section("model", {**tensors, **lora}, dict(meta, lora=lora_meta), comp,
+    one = None if "serial" not in strategies else artifact_tools.compress_section("model", {**tensors, **lora}, dict(meta, lora=lora_meta), comp,
                                     threads=len(artifact.AUTO_ORDER) if comp == "auto" else 1,
                                     chunk_bytes=1 << 62)
     if one is not None:
@@ -542,14 +547,14 @@ def bench_serialize(cfg: Config, lcq_window: float | None, threads: int,
     if "parallel" in strategies:
         t0, c0 = time.perf_counter(), time.process_time()
         base_job = artifact.SectionJob("model", tensors, meta, comp, workers)
-        lora_sec = artifact.compress_section("lora", lora, lora_meta, comp, workers)
+        lora_sec = artifact_tools.compress_section("lora", lora, lora_meta, comp, workers)
         blob = artifact.assemble([base_job.result(), lora_sec])
         rows["parallel"] = dict(bytes=len(blob), charged_seconds=time.perf_counter() - t0,
                                 compressor=base_job.result().compressor, cpu_seconds=time.process_time() - c0)
         print(f"parallel    {rows['parallel']['bytes']:>11,} bytes  {rows['parallel']['charged_seconds']:7.2f}s "
               "charged", flush=True)
     if "overlapped" in strategies:
-        rows["overlapped"] = _overlapped(tensors, meta, lora, lora_meta, comp, workers, lcq_window)
+        rows["overlapped"] = _overlapped(tensors, meta, lora, lora_meta, comp, workers, lcq_window, keep_backends)
     first = rows[next(iter(rows))]
     for row in rows.values():
         row["bytes_vs_first"] = row["bytes"] / first["bytes"] - 1
@@ -562,17 +567,28 @@ def bench_serialize(cfg: Config, lcq_window: float | None, threads: int,
                 charged_seconds={k: round(r["charged_seconds"], 3) for k, r in rows.items()})
 
 
+def _cpu_seconds() -> float:
+    """CPU seconds of this process's threads and of its waited-for children (lrzip)."""
+    import resource
+    child = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + child.ru_utime + child.ru_stime
+
+
 def _overlapped(tensors: dict, meta: dict, lora: dict, lora_meta: dict, comp: str, workers: int,
-                lcq_window: float) -> dict:
+                lcq_window: float, keep_backends: bool = False) -> dict:
     """The pipeline's strategy (see bench_serialize); charged = from the end of the LCQ window to the bytes."""
-    c0 = time.process_time()
-    base_job = grouping.model_job(tensors, meta, comp, workers)  # the pipeline's job: one section, or group's several
+    c0 = _cpu_seconds()
+    # the pipeline's job: one section, or group's several, due at the window's end
+    base_job = grouping.model_job(tensors, meta, comp, workers, None if keep_backends else lcq_window)
     from .shipping import RATE_WAIT_SECONDS
-    projected = base_job.seconds_left(RATE_WAIT_SECONDS)
+    projected = base_job.seconds_left(RATE_WAIT_SECONDS)  # what plan_serialize sees
     projected_at = time.perf_counter() - base_job.started
     lcq_end = base_job.started + lcq_window
-    base_s = None
+    base_s = first = None
     while time.perf_counter() < lcq_end:  # the device distils; the host thread only waits (and notes the finish)
+        if first is None and not base_job.done():
+            left = base_job.seconds_left()  # the first projection, whenever it comes (distill_budget reads it)
+            first = None if left is None else (time.perf_counter() - base_job.started, left)
         if base_s is None and base_job.done():
             base_s = time.perf_counter() - base_job.started
         time.sleep(0.1)
@@ -581,14 +597,35 @@ def _overlapped(tensors: dict, meta: dict, lora: dict, lora_meta: dict, comp: st
     base = base_job.sections()
     blob = artifact.assemble([*base, lora_job.result()])
     base_s = time.perf_counter() - base_job.started if base_s is None else base_s
+    timed = [t for t in base_job.tasks if t.seconds is not None and t.seconds < float("inf")]
+    per_chunk = {}
+    for c in sorted({t.compressor for t in timed}):
+        full = [t.seconds for t in timed if t.compressor == c and t.nbytes == artifact.CHUNK_BYTES]
+        per_chunk[c] = dict(tasks=sum(t.compressor == c for t in timed), full_chunks=len(full),
+                            full_chunk_seconds_mean=sum(full) / len(full) if full else None,
+                            full_chunk_seconds_max=max(full, default=None),
+                            thread_seconds=sum(t.seconds for t in timed if t.compressor == c))
+    many = base_job.plan_seconds + max(t.seconds for t in timed)  # one thread per task
     row = dict(bytes=len(blob), charged_seconds=time.perf_counter() - t0,
                compressor=",".join(sorted({b.compressor for b in base})), lcq_window_s=lcq_window,
-               base_section_seconds=base_s, projected_base_seconds=None if projected is None else
-               projected_at + projected, projected_after_s=projected_at, cpu_seconds=time.process_time() - c0)
+               base_section_seconds=base_s, plan_seconds=base_job.plan_seconds, choice=base_job.choice,
+               dropped=sorted(base_job.dropped), keep_backends=keep_backends, per_chunk=per_chunk,
+               many_core_seconds=many, projected_base_seconds=None if projected is None else projected_at + projected,
+               projected_after_s=projected_at, first_projection_s=None if first is None else sum(first),
+               first_projection_after_s=None if first is None else first[0],
+               sections={b.name: f"{b.compressor}/{b.variant}" for b in base}, cpu_seconds=_cpu_seconds() - c0)
     print(f"overlapped  {row['bytes']:>11,} bytes  {row['charged_seconds']:7.2f}s charged (model section took "
           f"{base_s:.1f}s of the {lcq_window:.1f}s LCQ window; projected "
-          + ("-" if projected is None else f"{projected_at + projected:.1f}s") + f" after {projected_at:.1f}s)",
+          + ("-" if projected is None else f"{projected_at + projected:.1f}s") + f" after {projected_at:.1f}s"
+          + ("" if first is None else f", first projection {sum(first):.1f}s after {first[0]:.1f}s") + ")",
           flush=True)
+    print(f"  group planning {base_job.plan_seconds:.1f}s on one thread; "
+          + "; ".join(f"{c}: {v['tasks']} tasks, {v['thread_seconds']:.1f} thread-s"
+                      + (f", {v['full_chunk_seconds_mean']:.2f}s per full chunk (max {v['full_chunk_seconds_max']:.2f})"
+                         if v["full_chunks"] else "") for c, v in per_chunk.items())
+          + f"; one thread per task: {many:.1f}s", flush=True)
+    print(f"  back-ends: {base_job.choice or 'no deadline'}; sections "
+          + " ".join(f"{k.removeprefix('model_')}:{v}" for k, v in row["sections"].items()), flush=True)
     return row
 
 
@@ -689,6 +726,8 @@ def main(argv: list[str] | None = None) -> int:
                          "TRAIN_RESERVE - SERIALIZE_RESERVE - LCQ_SAFETY of the preset)")
     ap.add_argument("--threads", type=int, default=0,
                     help="serialize, compressors: compression threads (0 = every core)")
+    ap.add_argument("--keep-backends", action="store_true",
+                    help="serialize: run every back-end (lrzip too) whatever the LCQ window, to time what it takes")
     ap.add_argument("--strategies", default=",".join(SERIALIZE_STRATEGIES),
                     help="serialize: comma-separated subset of serial,parallel,overlapped")
     ap.add_argument("--compressors", default=",".join(COMPARED_COMPRESSORS),
@@ -717,7 +756,8 @@ def main(argv: list[str] | None = None) -> int:
             result = bench_lcq(cfg, dinfo, [int(b) for b in (args.bits or "4,6").split(",")],
                                [int(r) for r in args.ranks.split(",")], args.inits.split(","), args.time_frac)
         elif args.kind == "serialize":
-            result = bench_serialize(cfg, args.lcq_window, args.threads, tuple(args.strategies.split(",")))
+            result = bench_serialize(cfg, args.lcq_window, args.threads, tuple(args.strategies.split(",")),
+                                     args.keep_backends)
         elif args.kind == "compressors":
             result = bench_compressors(cfg, args.codes, args.threads, tuple(args.compressors.split(",")))
         elif args.kind == "ttt":

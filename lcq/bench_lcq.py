@@ -27,6 +27,7 @@ import time
 import torch
 
 from . import artifact, grouping
+from . import artifact_tools
 from . import dist as D
 from .config import Config, replace
 from .distill import distill, init_factors, lcq_target_names, quant_errors
@@ -160,7 +161,7 @@ def lqer_order(errors: dict[str, tuple], rank: int, damp: float) -> list[tuple[s
 
 def lqer_section(chosen: list[tuple[str, dict, dict, float]], compressor: str) -> artifact.Section:
     tensors = {f"lqer.{n}.{k}": v.contiguous() for n, packed, _, _ in chosen for k, v in packed.items()}
-    return artifact.compress_section("lora", tensors, {"lqer": {n: m for n, _, m, _ in chosen}}, compressor, 1)
+    return artifact_tools.compress_section("lora", tensors, {"lqer": {n: m for n, _, m, _ in chosen}}, compressor, 1)
 
 
 # ---- shipping and scoring ------------------------------------------------------------------------------------------
@@ -184,7 +185,7 @@ def score_lqer(run: Run, section: artifact.Section) -> float:
 def lora_section(student, fmt, init: str, compressor: str) -> artifact.Section:
     tensors, ranks, alpha = pack_lora(student, fmt)
     meta = dict(merge="side", init=init, ranks=ranks, alpha=alpha, format=list(fmt))
-    return artifact.compress_section("lora", tensors, meta, compressor, 1)
+    return artifact_tools.compress_section("lora", tensors, meta, compressor, 1)
 
 
 def score_lora(run: Run, section: artifact.Section) -> float:
@@ -217,7 +218,7 @@ def distilled(run: Run, student, steps: int) -> int:
 def model_bytes(run: Run, qtensors: dict, qmeta: dict, compressor: str) -> int:
     """Bytes of the model's compressed artifact section."""
     tensors = {k: v.detach().cpu() for k, v in qtensors.items()}
-    return artifact.compress_section("model", tensors, artifact_meta(run.cfg, run.bos_id, qmeta, None), compressor,
+    return artifact_tools.compress_section("model", tensors, artifact_meta(run.cfg, run.bos_id, qmeta, None), compressor,
                                      1).nbytes
 
 

@@ -7,7 +7,8 @@ are always the bytes of the file that ships.
 
 How the bytes are spent (measured by `python -m lcq.bundle --compare`, figures in BENCHMARKS.md):
 - Sources are minified without changing the program: docstrings and comments dropped, indentation 1 space, annotations
-  dropped from undecorated functions' signatures (a decorator may read them: torch.library.custom_op, triton.jit), no
+  dropped from undecorated functions' signatures (a decorator may read them: torch.library.custom_op, triton.jit) and
+  from assignments in function bodies (`x: T = v`: Python never evaluates those, PEP 526), no
   space the tokenizer does not need, and each function's local names (never its parameters) shortened to names the
   module does not use (rename_locals; alpha_mismatch checks every render against the documented tree). The re-indented
   and squeezed texts must parse to the same tree (else that step is skipped); tests/test_bundle.py checks that every
@@ -94,7 +95,23 @@ def _drop_docstrings_and_signature_annotations(tree: ast.AST) -> ast.AST:
             for arg in [*args.posonlyargs, *args.args, *args.kwonlyargs, args.vararg, args.kwarg]:
                 if arg is not None:
                     arg.annotation = None
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            _LocalAnnotations().visit(node)
     return tree
+
+
+class _LocalAnnotations(ast.NodeTransformer):
+    """`x: T = v` -> `x = v` in a function's body (`self._plan: list[...] = []`): Python never evaluates nor stores
+    the annotations of a function's assignments (PEP 526). A bare `x: T` stays (it makes x local), and so does a class
+    body's (a dataclass reads it)."""
+
+    def visit_ClassDef(self, node: ast.ClassDef) -> ast.ClassDef:
+        return node
+
+    def visit_AnnAssign(self, node: ast.AnnAssign) -> ast.AST:
+        if node.value is None:
+            return node
+        return ast.copy_location(ast.Assign(targets=[node.target], value=node.value), node)
 
 
 def strip_source(code: str, squeeze: bool = True, rename: bool = True) -> str:

@@ -45,7 +45,7 @@ _BOUNDS = (
 _CHOICES = dict(mlp_act="relu2 leaky_relu2", smear_gate="off blend input", init="default orthogonal",
                 muon_ns_coeffs="jordan polar_express", ttt_init="auto artifact zero", quant_method="gptq rtn",
                 lcq_init="zero svd act_svd grail", lcq_merge="side fused baked", lcq_rank_alloc="uniform rho",
-                lcq_objective="kl ttt_start", attention_backend="auto fa3 fa2 sdpa", compressor="brotli lzma auto group")
+                attention_backend="auto fa3 fa2 sdpa", compressor="brotli lzma auto group")
 
 
 @dataclass(frozen=True)
@@ -238,9 +238,6 @@ class Config:
     # row, keeping only k log-probs and ids per token between the teacher's forward and the loss (issue 9's
     # cheaper-step lever); the held-out KL in the log stays the full one. 0 = full distribution
     lcq_teacher_topk: int = 0
-    # kl: distil the LoRA as a final correction | ttt_start: distil it where one TTT step (sign step at TTT_LR on the
-    # preceding tokens, first-order MAML) would move it, i.e. as a start point for the eval's TTT (issue 9's lever)
-    lcq_objective: str = "kl"
     lcq_lr: float = 1e-3
     lcq_warmdown_frac: float = 0.5  # LR decays linearly to 0 over this last fraction of the LCQ steps/time
     lcq_batch_tokens: int = 131_072  # global train tokens per distillation step
@@ -291,8 +288,8 @@ class Config:
              f"must be even and in [0, head_dim={head_dim}] (0 = full RoPE)")
         if isinstance(self.smear_gate, bool):  # artifacts written before issue 19 record the on/off bool
             object.__setattr__(self, "smear_gate", "blend" if self.smear_gate else "off")
-        for test, what, fields in _BOUNDS:
-            for name in fields.split():
+        for test, what, names in _BOUNDS:
+            for name in names.split():
                 need(test(getattr(self, name)), name, "must be " + what)
         for name, values in _CHOICES.items():
             need(getattr(self, name) in values.split(), name, "choose one of " + values)

@@ -79,31 +79,6 @@ def kl_divergence_topk(student_logits: torch.Tensor, top_logp: torch.Tensor, top
     return (tau * tau) * kl.mean()
 
 
-def simulate_ttt_step(student: nn.Module, batch, params: list[torch.Tensor], cfg: Config, autocast):
-    """LCQ_OBJECTIVE=ttt_start (issue 9: a LoRA trained to be a good TTT start rather than a final correction). One
-    first-order MAML step (Finn et al. 2017; the first-order variant of Nichol et al. 2018): move the factors by the step
-    the eval's TTT would take on already-seen tokens (cross-entropy on `batch`; the first Adam step is lr * g / |g|, so
-    the sign step at TTT_LR), so that the distillation loss that follows is measured where TTT would put the adapter.
-    The batch is the stream just before the distillation batch, as TTT steps on the chunk before the one it scores
-    (on one rank; with several ranks each rank's two batches come from different places in the stream).
-    Returns a function that puts the factors back before the optimizer step."""
-    x, y, cu = batch
-    start = [p.detach().clone() for p in params]
-    with autocast:
-        inner = student.loss(x, y, cu, cfg.train_seq_len)
-    grads = torch.autograd.grad(inner, params)
-    with torch.no_grad():
-        for p, g in zip(params, grads):
-            p.sub_(cfg.ttt_lr * g / (g.abs() + 1e-8))
-
-    @torch.no_grad()
-    def restore() -> None:
-        for p, p0 in zip(params, start):
-            p.copy_(p0)
-
-    return restore
-
-
 @torch.no_grad()
 def heldout_kl(student: nn.Module, teacher: nn.Module, batch, cfg: Config, dinfo: D.DistInfo) -> float:
     """KL on a fixed batch of train tokens, averaged over ranks."""
@@ -238,9 +213,6 @@ def distill(student: nn.Module, teacher: nn.Module, cfg: Config, dinfo: D.DistIn
 
     log(f"lcq_step:0/{cfg.lcq_max_steps} heldout_kl:{kl_start:.6f} lcq_time:0ms")
     autocast = autocast_for(device, cfg.autocast_cpu_bf16)
-    # ttt_start spends half of each step's tokens on the simulated TTT step, half on the distillation loss
-    ttt_start = cfg.lcq_objective == "ttt_start"
-    kl_tokens = max(2, local // 2) if ttt_start else local
     D.sync(device)
     t0 = time.perf_counter()
     seconds = budget_at(0.0)
@@ -255,10 +227,7 @@ def distill(student: nn.Module, teacher: nn.Module, cfg: Config, dinfo: D.DistIn
         mult = min(1.0, max(0.0, (1.0 - progress) / cfg.lcq_warmdown_frac)) if cfg.lcq_warmdown_frac else 1.0
         for g in opt.param_groups:
             g["lr"] = cfg.lcq_lr * mult
-        if ttt_start:
-            restore = simulate_ttt_step(student, loader.next_batch(kl_tokens, cfg.train_seq_len, bos_id), params, cfg,
-                                        autocast)
-        x, _, cu = loader.next_batch(kl_tokens, cfg.train_seq_len, bos_id)
+        x, _, cu = loader.next_batch(local, cfg.train_seq_len, bos_id)
         with torch.no_grad(), autocast:
             t_logits = teacher(x, cu, cfg.train_seq_len)
             if cfg.lcq_teacher_topk:
@@ -268,8 +237,6 @@ def distill(student: nn.Module, teacher: nn.Module, cfg: Config, dinfo: D.DistIn
             loss = (kl_divergence_topk(s_logits, *t_logits, cfg.lcq_temperature) if cfg.lcq_teacher_topk
                     else kl_divergence(s_logits, t_logits, cfg.lcq_temperature))
         loss.backward()
-        if ttt_start:
-            restore()  # the gradient was taken at the adapted factors; the step applies to the start point
         all_reduce_grads(params, dinfo.world_size)
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -419,8 +419,10 @@ def start_base_section(run: Run) -> None:
         threads = artifact.serialize_threads(run.cfg.serialize_threads)
         run.log(f"serialize_threads:{threads} host_cores:{os.cpu_count()} "
                 f"local_ranks:{os.environ.get('LOCAL_WORLD_SIZE', '1')}")
+        # due when the split's LCQ window ends, else lrzip gives way to brotli (issue 17: 95 s on 2 cores)
         run.base_job = grouping.model_job(tensors, artifact_meta(run.cfg, run.bos_id, run.qmeta, None),
-                                          run.cfg.compressor, threads)
+                                          run.cfg.compressor, threads, run.clock_left - run.cfg.lcq_safety_seconds
+                                          - run.cfg.serialize_reserve_seconds)
 
 
 def lcq(run: Run) -> None:
@@ -457,6 +459,8 @@ def ship(run: Run) -> bool:
             facts["lora_compress"] = f"{sections[-1].seconds:.2f}s"
         facts["compressors"] = ",".join(f"{sec.name}:{sec.compressor}" + (f"/{sec.variant}" if sec.variant else "")
                                         for sec in sections)
+        if run.base_job.choice:
+            log(f"compressor_choice: {run.base_job.choice}")
         artifact.write(path, artifact.assemble(sections))
         script = run.script_job.result()
         atomic_write(os.path.join(cfg.log_dir, f"{cfg.run_id}.train_gpt.py"), script)

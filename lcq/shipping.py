@@ -150,7 +150,7 @@ def load_shipped(path: str, cfg: Config, device: torch.device, with_lora: bool =
     return model, meta, model_cfg
 
 
-# A projection needs one measured slice of each compressor; LCQ waits at most this long for it.
+# A projection needs one finished chunk of each compressor; LCQ waits at most this long for it.
 RATE_WAIT_SECONDS = 5.0
 # Assembling, writing and fsyncing the artifact: a 16 MB file took 0.13 s on the 2-core CI machine; twice that.
 WRITE_SECONDS = 0.25
@@ -170,21 +170,20 @@ def plan_serialize(run, lcq_seconds_left: float, lora_bytes: int) -> tuple[float
         rates = job.rates()
         if left is None or rates is None:
             budget = cfg.serialize_reserve_seconds
-            note = (f"no compression rate measured within {RATE_WAIT_SECONDS:g}s; SERIALIZE_RESERVE_SECONDS "
-                    f"{budget:g}s kept instead")
+            note = f"no chunk timed within {RATE_WAIT_SECONDS:g}s; SERIALIZE_RESERVE_SECONDS {budget:g}s kept"
         else:
-            lora_s = (job.thread_seconds(lora_bytes) or 0.0) / min(job.threads, len(rates))
+            per_byte = sum(1 / r for c, r in rates.items() if c not in job.dropped)  # thread-seconds, every back-end
+            lora_s = lora_bytes * per_byte / min(job.threads, len(rates))
             if cfg.lcq_merge == "baked":
-                base_s = job.thread_seconds(job.raw_bytes) / job.threads
+                base_s = job.raw_bytes * per_byte / job.threads
                 wait, what = base_s, f"the re-quantized base section again {base_s:.2f}s"
             else:
                 wait = max(0.0, left - (lcq_seconds_left - lora_s - WRITE_SECONDS))
                 what = f"base section projected done in {left:.2f}s, wait after LCQ {wait:.2f}s"
             budget = wait + lora_s + WRITE_SECONDS
             if wait > 0 and cfg.lcq_merge != "baked":
-                run.log(f"warning: the base section is projected to finish {wait:.2f}s after LCQ could end; LCQ gives "
-                        "that time back, and the serialize stage may still overrun its budget. Fix: more host cores "
-                        "(SERIALIZE_THREADS), COMPRESSOR=brotli instead of auto, or a larger TRAIN_RESERVE_SECONDS")
+                run.log(f"warning: the base section is projected {wait:.2f}s past LCQ's end; LCQ gives that back. Fix: "
+                        "more SERIALIZE_THREADS or TRAIN_RESERVE_SECONDS")
             note = (f"base section {job.raw_bytes} raw bytes, {job.threads} threads, measured "
                     + " ".join(f"{c} {r / 1e6:.2f}" for c, r in rates.items()) + " MB/s per thread; "
                     f"{what}; LoRA section ~{lora_bytes} raw bytes {lora_s:.2f}s; write {WRITE_SECONDS:g}s")

@@ -10,6 +10,8 @@ import pytest
 import torch
 
 from lcq import artifact as A
+from lcq import artifact_tools as AT
+from artifact_bounds import compressor_of, max_compressed_bytes, max_section_bytes
 
 DTYPES = [torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64, torch.float16, torch.bfloat16,
           torch.float32, torch.float64, torch.bool]
@@ -76,7 +78,7 @@ def manifest_of(blob: bytes) -> dict:
 
 def test_header_and_manifest_follow_documented_layout():
     t = {"b": torch.tensor([1, 2, 300], dtype=torch.int16), "a": torch.tensor(7, dtype=torch.int8)}
-    blob = A.encode(t, {"cfg": {"dim": 4}}, "none")
+    blob = AT.encode(t, {"cfg": {"dim": 4}}, "none")
     assert A.HEADER_BYTES == 48
     magic, version, count, body_len = struct.unpack_from("<4sHHQ", blob)
     assert (magic, version, count, body_len) == (b"LCQA", 2, 1, len(blob) - 48)
@@ -97,24 +99,24 @@ def test_header_and_manifest_follow_documented_layout():
 
 def test_low_bit_ints_are_packed_with_known_bytes():
     t = torch.tensor([-8, 7, 0, 1, -1], dtype=torch.int8)  # range 15 -> 4-bit fields, bias -8
-    blob = A.encode({"q": t}, {}, "none")
+    blob = AT.encode({"q": t}, {}, "none")
     (entry,) = manifest_of(blob)["tensors"]
     assert (entry["layout"], entry["bits"], entry["bias"], entry["nbytes"]) == ("bits", 4, -8, 3)
     # value - bias = [0, 15, 8, 9, 7]; two per byte, first in the low nibble, last byte zero-padded
     assert blob[-3:] == bytes([0xF0, 0x98, 0x07])
-    two = A.encode({"q": torch.tensor([3, 5, 6, 4, 5], dtype=torch.uint8)}, {}, "none")  # range 3 -> 2 bits
+    two = AT.encode({"q": torch.tensor([3, 5, 6, 4, 5], dtype=torch.uint8)}, {}, "none")  # range 3 -> 2 bits
     assert manifest_of(two)["tensors"][0]["bits"] == 2
     assert two[-2:] == bytes([0b01_11_10_00, 0b00_00_00_10])  # [0, 2, 3, 1 | 2]
-    flags = A.encode({"m": torch.tensor([1, 0, 1, 1, 0, 0, 0, 0, 1], dtype=torch.bool)}, {}, "none")
+    flags = AT.encode({"m": torch.tensor([1, 0, 1, 1, 0, 0, 0, 0, 1], dtype=torch.bool)}, {}, "none")
     assert flags[-2:] == bytes([0b0000_1101, 0b0000_0001])  # bool: 1 bit per value, 8 per byte
-    wide = A.encode({"q": torch.tensor([-31, 0, 31], dtype=torch.int8)}, {}, "none")  # int6 stays raw bytes
+    wide = AT.encode({"q": torch.tensor([-31, 0, 31], dtype=torch.int8)}, {}, "none")  # int6 stays raw bytes
     assert manifest_of(wide)["tensors"][0]["layout"] == "raw"
     assert wide[-3:] == bytes([0xE1, 0x00, 0x1F])
 
 
 def test_float_byte_planes_known_bytes():
     t = torch.tensor([1.0, -2.0], dtype=torch.float16)  # 0x3C00, 0xC000
-    blob = A.encode({"h": t}, {}, "none")
+    blob = AT.encode({"h": t}, {}, "none")
     assert blob[-4:] == bytes([0x00, 0x00, 0x3C, 0xC0])
 
 
@@ -126,7 +128,7 @@ def test_round_trip_every_dtype_bit_exact(compressor):
     tensors["low"] = torch.randint(-8, 8, (33,), dtype=torch.int8)  # packed path, odd length
     tensors["ternary"] = torch.randint(-1, 2, (3, 11), dtype=torch.int8)
     meta = {"config": {"dim": 64, "name": "tiny"}, "quant": {"bits": 6, "clip": 0.9995}, "lora": None}
-    out, meta_out = A.decode(A.encode(tensors, meta, compressor))
+    out, meta_out = A.decode(AT.encode(tensors, meta, compressor))
     assert_bit_exact(tensors, out)
     assert meta_out == meta
 
@@ -137,7 +139,7 @@ def test_nan_inf_payloads_and_signed_zero_preserved():
     f16 = torch.tensor([0x7E01, 0x7C00, -0x0400, -0x8000], dtype=torch.int16).view(torch.float16)
     bf16 = torch.tensor([0x7FC1, 0x7F81, -0x0080, -0x8000], dtype=torch.int16).view(torch.bfloat16)
     tensors = {"f32": f32, "f16": f16, "bf16": bf16}
-    out, _ = A.decode(A.encode(tensors, {}, "lzma"))
+    out, _ = A.decode(AT.encode(tensors, {}, "lzma"))
     assert_bit_exact(tensors, out)
 
 
@@ -145,7 +147,7 @@ def test_nan_inf_payloads_and_signed_zero_preserved():
 def test_empty_and_zero_dim_tensors(dtype):
     tensors = {"empty": torch.zeros(0, dtype=dtype), "empty2d": torch.zeros(3, 0, dtype=dtype),
                "scalar": sample(dtype, shape=())}
-    out, _ = A.decode(A.encode(tensors, {}, "brotli"))
+    out, _ = A.decode(AT.encode(tensors, {}, "brotli"))
     assert_bit_exact(tensors, out)
     assert out["scalar"].dim() == 0 and out["empty2d"].shape == (3, 0)
 
@@ -153,12 +155,12 @@ def test_empty_and_zero_dim_tensors(dtype):
 def test_non_contiguous_and_grad_tensors_round_trip():
     w = torch.randn(4, 6, requires_grad=True)
     tensors = {"wt": w.t(), "strided": torch.arange(20, dtype=torch.int32)[::3]}
-    out, _ = A.decode(A.encode(tensors, {}, "none"))
+    out, _ = A.decode(AT.encode(tensors, {}, "none"))
     assert torch.equal(out["wt"], w.detach().t()) and torch.equal(out["strided"], tensors["strided"])
 
 
 def test_decoded_tensors_are_fresh_writable_and_contiguous():
-    blob = A.encode({"w": torch.ones(4, 4), "q": torch.tensor([1, 2], dtype=torch.int8),
+    blob = AT.encode({"w": torch.ones(4, 4), "q": torch.tensor([1, 2], dtype=torch.int8),
                      "b": torch.ones(3, dtype=torch.bfloat16)}, {}, "none")
     out, _ = A.decode(blob)
     with warnings.catch_warnings():
@@ -173,28 +175,28 @@ def test_encode_is_deterministic_and_ignores_insertion_order():
     a = {"x": sample(torch.float32), "y": sample(torch.int8), "z": sample(torch.bfloat16)}
     b = dict(reversed(list(a.items())))
     for c in ("lzma", "brotli", "none"):
-        assert A.encode(a, {"k": 1, "j": [1, 2]}, c) == A.encode(b, {"j": [1, 2], "k": 1}, c)
-        assert A.encode(a, {"k": 1}, c) == A.encode(a, {"k": 1}, c)
+        assert AT.encode(a, {"k": 1, "j": [1, 2]}, c) == AT.encode(b, {"j": [1, 2], "k": 1}, c)
+        assert AT.encode(a, {"k": 1}, c) == AT.encode(a, {"k": 1}, c)
 
 
 def test_encode_rejects_bad_input_with_names():
     with pytest.raises(A.ArtifactError, match=r"'c'.*complex64"):
-        A.encode({"c": torch.zeros(2, dtype=torch.complex64)}, {}, "none")
+        AT.encode({"c": torch.zeros(2, dtype=torch.complex64)}, {}, "none")
     with pytest.raises(A.ArtifactError, match=r"'f8'.*float8_e4m3fn"):
-        A.encode({"f8": torch.zeros(2, dtype=torch.float8_e4m3fn)}, {}, "none")
+        AT.encode({"f8": torch.zeros(2, dtype=torch.float8_e4m3fn)}, {}, "none")
     with pytest.raises(A.ArtifactError, match="meta is not JSON"):
-        A.encode({}, {"f": float("nan")}, "none")
+        AT.encode({}, {"f": float("nan")}, "none")
     with pytest.raises(A.ArtifactError, match="meta is not JSON"):
-        A.encode({}, {"t": torch.zeros(1)}, "none")
+        AT.encode({}, {"t": torch.zeros(1)}, "none")
     with pytest.raises(A.ArtifactError, match="unknown compressor 'zstd'"):
-        A.encode({}, {}, "zstd")
+        AT.encode({}, {}, "zstd")
 
 
 # ------------------------------------------------------------------------------------------- corruption
 
 @pytest.fixture(scope="module")
 def good_blob() -> bytes:
-    return A.encode({"w": sample(torch.float32, (16, 16)), "q": sample(torch.int8, (64,))}, {"a": 1}, "lzma")
+    return AT.encode({"w": sample(torch.float32, (16, 16)), "q": sample(torch.int8, (64,))}, {"a": 1}, "lzma")
 
 
 @pytest.mark.parametrize("cut", [0, 3, 10, A.HEADER_BYTES - 1, A.HEADER_BYTES, "middle", "last"])
@@ -283,7 +285,7 @@ def test_mutated_payloads_only_raise_artifact_error():
     """Random byte edits to the payload, re-framed with a valid checksum: the parser either decodes or says why."""
     tensors = {"w": sample(torch.float32, (3, 3)), "q": torch.tensor([1, -2, 3], dtype=torch.int8),
                "b": sample(torch.bfloat16, (2,)), "r": sample(torch.int8, (4,))}
-    raw = payload_of(A.encode(tensors, {"x": [1, 2]}, "none"))
+    raw = payload_of(AT.encode(tensors, {"x": [1, 2]}, "none"))
     rng = random.Random(0)
     failures = 0
     for _ in range(1000):
@@ -315,8 +317,8 @@ def test_hand_built_artifact_decodes():
 
 def test_save_load_round_trip_and_byte_count(tmp_path):
     t = {"w": sample(torch.bfloat16, (8, 8))}
-    n = A.save(tmp_path / "sub" / "model.lcq", t, {"v": 1}, "brotli")
-    assert n == (tmp_path / "sub" / "model.lcq").stat().st_size == len(A.encode(t, {"v": 1}, "brotli"))
+    n = AT.save(tmp_path / "sub" / "model.lcq", t, {"v": 1}, "brotli")
+    assert n == (tmp_path / "sub" / "model.lcq").stat().st_size == len(AT.encode(t, {"v": 1}, "brotli"))
     out, meta = A.load(tmp_path / "sub" / "model.lcq")
     assert_bit_exact(t, out) and meta == {"v": 1}
     with pytest.raises(A.ArtifactError, match="missing.lcq: cannot read"):
@@ -329,7 +331,7 @@ def test_save_load_round_trip_and_byte_count(tmp_path):
 @pytest.mark.parametrize("step", ["fsync", "replace"])
 def test_save_is_atomic(tmp_path, monkeypatch, step):
     path = tmp_path / "model.lcq"
-    A.save(path, {"w": torch.ones(3)}, {"old": True}, "none")
+    AT.save(path, {"w": torch.ones(3)}, {"old": True}, "none")
     before = path.read_bytes()
     seen = []
 
@@ -340,18 +342,18 @@ def test_save_is_atomic(tmp_path, monkeypatch, step):
 
     monkeypatch.setattr(A.os, step, fail)
     with pytest.raises(OSError, match="disk full"):
-        A.save(path, {"w": torch.zeros(1000)}, {"old": False}, "none")
-    assert seen and seen[0][1] == len(A.encode({"w": torch.zeros(1000)}, {"old": False}, "none"))
+        AT.save(path, {"w": torch.zeros(1000)}, {"old": False}, "none")
+    assert seen and seen[0][1] == len(AT.encode({"w": torch.zeros(1000)}, {"old": False}, "none"))
     assert path.read_bytes() == before
     assert os.listdir(tmp_path) == ["model.lcq"]
 
 
 def test_save_with_bad_input_leaves_previous_file(tmp_path):
     path = tmp_path / "model.lcq"
-    A.save(path, {"w": torch.ones(3)}, {}, "none")
+    AT.save(path, {"w": torch.ones(3)}, {}, "none")
     before = path.read_bytes()
     with pytest.raises(A.ArtifactError):
-        A.save(path, {"w": torch.ones(3, dtype=torch.complex64)}, {}, "none")
+        AT.save(path, {"w": torch.ones(3, dtype=torch.complex64)}, {}, "none")
     assert path.read_bytes() == before and os.listdir(tmp_path) == ["model.lcq"]
 
 
@@ -397,16 +399,16 @@ def int6_weights(rows=64, cols=256, seed=0) -> torch.Tensor:
     ({"i": torch.arange(50_000, dtype=torch.int32)}, "lzma"),  # long structured runs: lzma wins
 ])
 def test_auto_picks_the_smaller_compressor(tensors, winner):
-    sizes = {c: len(A.encode(tensors, {}, c)) for c in ("lzma", "brotli")}
+    sizes = {c: len(AT.encode(tensors, {}, c)) for c in ("lzma", "brotli")}
     assert min(sizes, key=sizes.get) == winner and sizes["lzma"] != sizes["brotli"]
-    blob = A.encode(tensors, {}, "auto")
-    assert A.compressor_of(blob) == winner and len(blob) == sizes[winner]
+    blob = AT.encode(tensors, {}, "auto")
+    assert compressor_of(blob) == winner and len(blob) == sizes[winner]
 
 
 def test_auto_tie_goes_to_fixed_order(monkeypatch):
     lzma_entry = A._COMPRESSORS["lzma"]
     monkeypatch.setitem(A._COMPRESSORS, "brotli", (2, lzma_entry[1], lzma_entry[2]))  # same bytes -> tie
-    assert A.compressor_of(A.encode({"q": int6_weights()}, {}, "auto")) == A.AUTO_ORDER[0] == "lzma"
+    assert compressor_of(AT.encode({"q": int6_weights()}, {}, "auto")) == A.AUTO_ORDER[0] == "lzma"
 
 
 # ------------------------------------------------------------------------------------------- sections
@@ -425,8 +427,8 @@ def model_tensors() -> dict:
 
 @pytest.mark.parametrize("compressor", ["lzma", "brotli", "auto"])
 def test_sections_are_independent_and_their_bytes_add_up(compressor):
-    base = A.compress_section("model", model_tensors(), {"cfg": 1, "lora": None}, compressor)
-    lora = A.compress_section("lora", lora_factors(4), {"rank": 4}, compressor)
+    base = AT.compress_section("model", model_tensors(), {"cfg": 1, "lora": None}, compressor)
+    lora = AT.compress_section("lora", lora_factors(4), {"rank": 4}, compressor)
     blob = A.assemble([base, lora])
     tensors, meta = A.decode(blob, "two.lcq")
     assert_bit_exact({**model_tensors(), **lora_factors(4)}, tensors)
@@ -439,19 +441,19 @@ def test_sections_are_independent_and_their_bytes_add_up(compressor):
     alone = A.assemble([base])
     assert alone[A.HEADER_BYTES:] == blob[A.HEADER_BYTES:A.HEADER_BYTES + base.nbytes]
     assert A.decode(alone)[1] == {"cfg": 1, "lora": None}
-    bigger = A.compress_section("lora", lora_factors(16), {"rank": 16}, compressor)
+    bigger = AT.compress_section("lora", lora_factors(16), {"rank": 16}, compressor)
     assert bigger.nbytes > lora.nbytes
 
 
 def test_chunks_round_trip_and_bytes_do_not_depend_on_threads():
     t = {"q": int6_weights(64, 256), "w": sample(torch.bfloat16, (40, 40))}
-    one = A.compress_section("model", t, {}, "auto", threads=1, chunk_bytes=5000)
-    many = A.compress_section("model", t, {}, "auto", threads=4, chunk_bytes=5000)
+    one = AT.compress_section("model", t, {}, "auto", threads=1, chunk_bytes=5000)
+    many = AT.compress_section("model", t, {}, "auto", threads=4, chunk_bytes=5000)
     assert one.to_bytes() == many.to_bytes() and one.compressor == many.compressor
     assert len(one.chunks) == -(-one.raw_bytes // 5000) and [n for n, _ in one.chunks[:-1]] == [5000] * (len(one.chunks) - 1)
     out, _ = A.decode(A.assemble([many]))
     assert_bit_exact(t, out)
-    whole = A.compress_section("model", t, {}, "auto")
+    whole = AT.compress_section("model", t, {}, "auto")
     assert len(whole.chunks) == 1 and A.decode(A.assemble([whole]))[0].keys() == out.keys()
 
 
@@ -460,9 +462,9 @@ def test_incompressible_chunks_stay_within_the_documented_bound(compressor):
     g = torch.Generator().manual_seed(3)
     for n in (0, 1, 1000, 65_536, 65_537, 200_000):
         noise = {"r": torch.randint(0, 256, (n,), generator=g, dtype=torch.uint8)}
-        sec = A.compress_section("x", noise, {}, compressor, chunk_bytes=70_000)
-        assert sec.nbytes <= A.max_section_bytes("x", sec.raw_bytes, chunk_bytes=70_000)
-        assert all(len(b) <= A.max_compressed_bytes(k) for k, b in sec.chunks)
+        sec = AT.compress_section("x", noise, {}, compressor, chunk_bytes=70_000)
+        assert sec.nbytes <= max_section_bytes("x", sec.raw_bytes, chunk_bytes=70_000)
+        assert all(len(b) <= max_compressed_bytes(k) for k, b in sec.chunks)
 
 
 def test_job_measures_its_rate_and_can_be_cancelled():
@@ -472,7 +474,7 @@ def test_job_measures_its_rate_and_can_be_cancelled():
     assert job.done() and job.seconds_left() == 0.0 and sec.raw_bytes == job.raw_bytes
     rates = job.rates()
     assert set(rates) == {"none"} and rates["none"] > 0
-    assert job.thread_seconds(job.raw_bytes) == pytest.approx(job.raw_bytes / rates["none"])
+    assert rates["none"] == pytest.approx(sec.raw_bytes / sum(t.seconds for t in job.tasks))  # timed whole chunks
     stopped = A.SectionJob("model", t, {}, "lzma", threads=1, chunk_bytes=A.SLICE_BYTES)
     stopped.cancel()
     with pytest.raises(A.ArtifactError, match="cancelled"):
@@ -501,6 +503,6 @@ def test_old_and_unknown_versions_and_bad_sections_are_refused():
     with pytest.raises(A.ArtifactError, match=r"^f: bad section #0: chunk of 99 bytes extends past"):
         A.decode(frame(b"", sections=[section_bytes(body)[:-len(body)][:-8] + struct.pack("<Q", 99) + body]), "f")
     with pytest.raises(A.ArtifactError, match="section names must be unique"):
-        A.assemble([A.compress_section("model", {}, {}, "none")] * 2)
+        A.assemble([AT.compress_section("model", {}, {}, "none")] * 2)
     with pytest.raises(A.ArtifactError, match="section name 'Model'"):
-        A.compress_section("Model", {}, {}, "none")
+        AT.compress_section("Model", {}, {}, "none")

@@ -64,6 +64,9 @@ def test_serialize_bench_times_group_mode_as_the_pipeline_runs_it(tmp_path, demo
     row = out["strategies"]["overlapped"]
     assert out["payload_params"] > 0 and row["charged_seconds"] >= 0 and row["lcq_window_s"] == 0.2
     assert row["base_section_seconds"] > 0 and out["bytes"]["overlapped"] > 0
+    # the job's own timings: planning, per back-end chunks, the many-core figure (planning + the longest chunk)
+    assert 0 < row["plan_seconds"] < row["many_core_seconds"] and set(row["per_chunk"]) == {"brotli"}
+    assert row["per_chunk"]["brotli"]["tasks"] >= len(row["sections"]) and "brotli kept" in row["choice"]
 
 
 def test_compressors_bench(tmp_path, demo_data):

@@ -32,6 +32,7 @@ from lcq.pipeline import (CLOCK_EXIT_CODE, CONFIG_EXIT_CODE, NONFINITE_EXIT_CODE
                           install_signal_handlers, open_run)
 from lcq.runlog import atomic_write
 from lcq.shipping import check_artifact_fits
+from lcq import artifact_tools
 
 REPO = Path(__file__).resolve().parents[1]
 GOOD_ROOT_JSON = b'{"val_bpb": 1.2345, "note": "a good earlier result"}\n'
@@ -330,7 +331,7 @@ def test_sigterm_while_writing_the_artifact_leaves_no_temp_file(tmp_path, monkey
         # deliver SIGTERM at the worst moment: the bytes are in the temp file, not yet renamed
         monkeypatch.setattr(os, "fsync", lambda fd: os.kill(os.getpid(), signal.SIGTERM))
         with pytest.raises(Interrupted):
-            artifact.save(path, {"w": torch.ones(4)}, {"format": "x"}, "lzma")
+            artifact_tools.save(path, {"w": torch.ones(4)}, {"format": "x"}, "lzma")
     finally:
         for s, h in saved.items():
             signal.signal(s, h)

@@ -2,8 +2,11 @@
 row order stored and undone bit for bit, what the mode guarantees about bytes, lrzip present or absent, the knob."""
 import hashlib
 import json
+import math
+import re
 import shutil
 import struct
+import time
 
 import numpy as np
 import pytest
@@ -15,6 +18,8 @@ from lcq.config import ConfigError, make_config
 from lcq.gptq import dequantize_state, quantize_state
 from lcq.model import build_model
 from lcq.pipeline import TIED, quant_spec
+from lcq import artifact_tools as AT
+from artifact_bounds import compressor_of
 
 HAVE_LRZIP = shutil.which("lrzip") is not None
 
@@ -176,7 +181,7 @@ def test_each_group_section_is_never_larger_than_brotli_of_its_plain_layout():
     _, sections = group_blob(tensors, {"qmeta": qmeta})
     for sec in sections[1:]:
         role = sec.name.removeprefix("model_")
-        plain = A.compress_section(sec.name, groups[role], {"group": role}, "brotli")
+        plain = AT.compress_section(sec.name, groups[role], {"group": role}, "brotli")
         assert sec.nbytes <= plain.nbytes, sec.name
     assert any(s.variant != "row" for s in sections[1:])  # and some layout other than the plain one did win
 
@@ -195,7 +200,7 @@ def test_without_lrzip_every_section_falls_back_to_brotli(monkeypatch, tmp_path)
 def test_missing_lrzip_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(A.ArtifactError, match=r"lrzip compression needs the lrzip binary.*apt-get install lrzip"):
-        A.compress_section("model", {"w": torch.ones(4)}, {}, "lrzip")
+        AT.compress_section("model", {"w": torch.ones(4)}, {}, "lrzip")
     # an artifact whose section says lrzip (id 3), framed by the documented layout
     body = bytes([5]) + b"model" + struct.pack("<BQI", 3, 10, 1) + struct.pack("<QQ", 10, 4) + b"LRZI"
     head = struct.pack("<4sHHQ", b"LCQA", 2, 1, len(body))
@@ -209,14 +214,107 @@ def test_missing_lrzip_is_a_clear_error(monkeypatch, tmp_path):
                                            "is tested above")
 def test_lrzip_back_end_round_trips_and_is_deterministic():
     codes = {"q": clustered_rows(64, 64)}
-    blob = A.encode(codes, {"k": 1}, "lrzip")
-    assert A.compressor_of(blob) == "lrzip" and blob == A.encode(codes, {"k": 1}, "lrzip")
+    blob = AT.encode(codes, {"k": 1}, "lrzip")
+    assert compressor_of(blob) == "lrzip" and blob == AT.encode(codes, {"k": 1}, "lrzip")
     out, meta = A.decode(blob)
     assert torch.equal(out["q"], codes["q"]) and meta == {"k": 1}
     assert G.backends() == ("lrzip", "brotli")
     tensors, qmeta = model_codes()
     blob, sections = group_blob(tensors, {"qmeta": qmeta})
     assert_bit_exact(tensors, A.decode(blob)[0])
+
+
+# ------------------------------------------------------------------------------------------- time (issue 17)
+
+def test_projected_seconds_lays_tasks_out_as_the_pool_does():
+    rate = {"z": 1.0, "b": 2.0}  # bytes per thread-second
+    nine = [("z", 8, None)] * 9  # nine 8-second tasks
+    assert A.projected_seconds(nine, rate, 2) == 40.0  # 5 rounds on 2 threads
+    assert A.projected_seconds(nine, rate, 16) == 8.0  # one round: the longest task
+    # running tasks with 3 s and 1 s left, then 2 s, 1 s and 4 s queued: 1 -> +2 = 3; 3 -> +1 = 4; 3 -> +4 = 7
+    tasks = [("z", 5, 2.0), ("z", 3, 2.0), ("b", 4, None), ("z", 1, None), ("b", 8, None)]
+    assert A.projected_seconds(tasks, rate, 2) == 7.0
+    assert A.projected_seconds(tasks, rate, 2, skip=("b",)) == 3.0  # b's queued left out: 1 -> +1 = 2; 3 stays
+    assert A.projected_seconds([("z", 2, 9.0)], rate, 4) == 0.0  # ran past its projection: nothing left
+
+
+def test_measured_rates_decide_between_lrzip_and_brotli():
+    """The decision COMPRESSOR=group makes, fed the rates BENCHMARKS.md measured at record size on the 2-core CI
+    machine (lrzip 8.5 s per 4 MiB chunk, brotli 6 s): 9 chunks each cannot finish in a 40 s LCQ window on 2 threads,
+    so lrzip is dropped (brotli alone: 30 s); on 24 threads every chunk runs at once and lrzip stays."""
+    chunk = 4 << 20
+    rates = {"lrzip": chunk / 8.5, "brotli": chunk / 6.0}
+    tasks = [(c, chunk, None) for _ in range(9) for c in ("lrzip", "brotli")]
+    assert A.to_drop(tasks, rates, 2, 40.0, {"lrzip"}) == ("lrzip",)
+    assert A.projected_seconds(tasks, rates, 2, ("lrzip",)) == 30.0 <= 40.0
+    assert A.to_drop(tasks, rates, 24, 40.0, {"lrzip"}) == ()
+    assert A.to_drop(tasks, rates, 2, 20.0, {"lrzip"}) == ("lrzip",)  # late either way: still the faster one
+    assert A.to_drop(tasks, rates, 2, 40.0, set()) == ()  # a section's fallback is never dropped
+    # a running chunk is not stopped: 4 threads busy with lrzip for 8.5 s more, then 9 brotli chunks: 8.5 + 18 > 20
+    running = [("lrzip", chunk, 0.0)] * 4 + [("brotli", chunk, None)] * 9
+    assert A.projected_seconds(running, rates, 4, ("lrzip",)) == 8.5 + 18.0
+
+
+def test_a_late_job_drops_its_slower_back_end_and_ships_the_fallback():
+    """A real job due at once (deadline 0) on one thread, no lrzip needed: COMPRESSOR=auto's lzma starts first and is
+    dropped at its first slice, so the section is brotli's, byte for byte, and decodes; `choice` says why."""
+    tensors, _ = model_codes()
+    job = A.SectionJob("model", tensors, {}, "auto", threads=1, deadline=0.0)
+    while not job.done():  # the projection holds while a dropped compressor's task winds down
+        assert job.seconds_left() is None or job.seconds_left() >= 0
+        time.sleep(0.001)
+    sec = job.result()
+    assert job.dropped == {"lzma"} and sec.compressor == "brotli"
+    assert sec.to_bytes() == AT.compress_section("model", tensors, {}, "brotli").to_bytes()
+    assert_bit_exact(tensors, A.decode(A.assemble([sec]))[0])
+    assert re.fullmatch(r"at [0-9.]+s lzma dropped: projected done at [0-9.]+s, due 0\.0s", job.choice)
+    roomy = A.SectionJob("model", tensors, {}, "auto", threads=1, deadline=1e6)
+    assert roomy.result().to_bytes() == AT.compress_section("model", tensors, {}, "auto").to_bytes()  # the smaller
+    assert not roomy.dropped
+    assert re.fullmatch(r"at [0-9.]+s brotli lzma kept: projected done at [0-9.]+s, due 1000000\.0s",
+                        roomy.choice)
+
+
+def test_projection_counts_the_planning_and_every_chunk_whole():
+    """Issue 17: the group job projected 9.4 s for a 95 s job. Timed on a real group job (one thread, 16 KiB chunks,
+    so ~20 tasks), polled from its start:
+    - no projection while it plans, and none before a chunk has finished (a first slice is no rate);
+    - the planning plus every task's own timed seconds, laid out as the pool runs them, is the job's wall time (nothing
+      it does goes uncounted: the finish of a chunk, its tail, the small sections);
+    - the first projection's error is only the spread of the chunks' own rates: the time it really took lies within
+      [slowest/fastest remaining chunk's rate ratio] of what was projected (bounds from the job's own task timings,
+      not from this machine's speed)."""
+    tensors, qmeta = model_codes()
+    groups, rest = G.split(tensors)
+    job = A.CompressJob(lambda: G.build_units(groups, rest, {"qmeta": qmeta}, ("brotli",)), 1, chunk_bytes=16 << 10)
+    polls = []
+    while not job.done():
+        polls.append((time.perf_counter() - job.started, job.seconds_left()))
+        time.sleep(0.001)
+    wall = time.perf_counter() - job.started
+    job.sections()
+    tasks = job.tasks
+    assert len(tasks) >= 10 and all(0 < t.seconds < math.inf for t in tasks)
+    assert all(p is None for at, p in polls if at < job.plan_seconds)
+    first = min(tasks, key=lambda t: t.start + t.seconds)
+    at, projected = next((at, p) for at, p in polls if p is not None)
+    assert at >= first.start - job.started + first.seconds - 1e-3  # after the first chunk finished
+    # every component counted: the exact task seconds, each task its own "compressor", laid out on the job's thread
+    exact = A.projected_seconds([(i, t.nbytes, None) for i, t in enumerate(tasks)],
+                                {i: t.nbytes / t.seconds for i, t in enumerate(tasks)}, job.threads)
+    assert exact + job.plan_seconds <= wall + 0.01  # the tasks ran one after the other on one thread ...
+    assert wall <= 1.05 * (exact + job.plan_seconds) + 0.05  # ... and the gaps between them are small
+    # the first projection against the remaining chunks' own rates (at the rate the job had measured by then)
+    t0 = job.started
+    done = [t for t in tasks if t.start + t.seconds - t0 <= at]
+    rate = sum(t.nbytes for t in done) / sum(t.seconds for t in done)
+    rest_ = [t for t in tasks if t.start + t.seconds - t0 > at]
+    rho = [t.seconds * rate / t.nbytes for t in rest_]
+    ran = sum(max(0.0, at - (t.start - t0)) for t in rest_ if t.start - t0 < at)  # the running task's elapsed time
+    unprojected = sum(t.nbytes for t in rest_) / rate  # the projection before the running task's elapsed is taken off
+    assert projected == pytest.approx(unprojected - min(ran, unprojected), abs=0.02)
+    took = wall - at
+    assert min(rho) * unprojected - 0.05 <= took + ran <= max(rho) * unprojected * 1.05 + 0.05
 
 
 # ------------------------------------------------------------------------------------------- the knob
@@ -256,6 +354,9 @@ def test_pipeline_ships_group_sections_and_counts_their_bytes(tmp_path, demo_dat
     log = Path(run.log.path).read_text()
     assert "compressor group: no lrzip binary on PATH, brotli fallback" in log
     assert "compressors:model:brotli,model_embed:brotli/" in log and ",lora:brotli" in log
+    # which back-end and why: brotli alone (no lrzip to drop), with the job's projection against its deadline
+    assert re.search(r"^compressor_choice: at [0-9.]+s brotli kept: projected done at [0-9.]+s, due -?[0-9.]+s$",
+                     log, re.M)
     path = cfg.artifact_file
     sections = A.sections_of(Path(path).read_bytes(), path)
     assert list(sections)[0] == "model" and list(sections)[-1] == "lora" and "model_mlp_up" in sections

@@ -9,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lcq import artifact, lora
+from lcq import artifact_tools
 
 
 # ---- a small stand-in with the real model's module names and tied head -------------------------------------------
@@ -258,7 +259,7 @@ def test_fake_quantized_forward_is_the_decoded_forward(fmt):
     (alo, ahi), (blo, bhi) = lora.code_ranges(fmt)
     assert alo <= packed["A_q"].min() and packed["A_q"].max() <= ahi
     assert blo <= packed["B_q"].min() and packed["B_q"].max() <= bhi
-    blob = artifact.encode(packed, {}, "lzma")
+    blob = artifact_tools.encode(packed, {}, "lzma")
     decoded, _ = artifact.decode(blob)
     for k, t in packed.items():
         assert decoded[k].dtype == t.dtype and torch.equal(decoded[k], t)

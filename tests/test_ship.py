@@ -15,6 +15,7 @@ from lcq.dist import DistInfo
 from lcq.lora import lora_modules
 from lcq.pipeline import build, evaluate_shipped, lcq, open_run, quantize, run_training, ship
 from lcq.shipping import apply_lora, load_shipped
+from artifact_bounds import max_section_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
@@ -101,10 +102,10 @@ def test_gate_counts_lora_bytes(shipped):
     lora = sections["lora"]
     assert size.lora_bytes == lora.nbytes > 0  # the LoRA's own section: its bytes, no attribution estimate
     # The guarantee the code gives, on any machine: a section is at most its uncompressed payload plus the compressors'
-    # documented worst-case framing for incompressible input (artifact.max_compressed_bytes), plus its header; the
+    # documented worst-case framing for incompressible input (artifact_bounds.max_compressed_bytes), plus its header; the
     # payload is the factors' bytes (int8 codes, fp16 scales; no layout ever grows them) plus the section's manifest.
     raw = sum(t.numel() * t.element_size() for t in shipped.lora_tensors.values())
-    assert raw < lora.raw_bytes and lora.nbytes <= artifact.max_section_bytes("lora", lora.raw_bytes)
+    assert raw < lora.raw_bytes and lora.nbytes <= max_section_bytes("lora", lora.raw_bytes)
     assert size.model_bytes == artifact.HEADER_BYTES + sections["model"].nbytes
     assert size.model_bytes + size.lora_bytes == os.path.getsize(path)
     assert size.total == size.code_bytes + os.path.getsize(path)

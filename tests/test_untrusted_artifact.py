@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from lcq import artifact as A
+from lcq import artifact_tools as AT
 from lcq.config import make_config
 from lcq.pipeline import CONFIG_EXIT_CODE
 from lcq.shipping import FORMAT, load_shipped
@@ -55,12 +56,12 @@ def crafted(tmp_path_factory) -> dict[str, Path]:
         "bomb": forge([("model", 2, [(len(honest), bomb)])]),
         "raw_claim": forge([("model", 0, [(1 << 40, honest)])]),
         "row_order": forge([("model", 0, [(len(row_order), row_order)])]),
-        "dims": A.encode({"tok_emb.weight": torch.zeros(64, 8, dtype=torch.int8)},
+        "dims": AT.encode({"tok_emb.weight": torch.zeros(64, 8, dtype=torch.int8)},
                          model_meta(model_dim=1 << 20, num_layers=2), "brotli"),
-        "weights": A.encode({"tok_emb.weight": torch.zeros(4096, 1, dtype=torch.int8)},
+        "weights": AT.encode({"tok_emb.weight": torch.zeros(4096, 1, dtype=torch.int8)},
                             model_meta(vocab_size=4096, model_dim=4096, num_heads=8, num_kv_heads=4, num_layers=1),
                             "brotli"),
-        "unknown_field": A.encode({"tok_emb.weight": torch.zeros(64, 8, dtype=torch.int8)},
+        "unknown_field": AT.encode({"tok_emb.weight": torch.zeros(64, 8, dtype=torch.int8)},
                                   model_meta(num_layers=2, hidden_knob=3), "brotli"),
     }
     out = {}
@@ -145,7 +146,7 @@ def test_a_crafted_lora_rank_is_refused(tmp_path):
     meta = model_meta()
     meta["lora"] = {"ranks": {"blocks.0.attn.c_q": 1 << 30}, "alpha": 8.0, "merge": "side"}
     path = tmp_path / "lora.lcq"
-    A.save(path, {"tok_emb.weight": torch.zeros(1024, 64, dtype=torch.int8),
+    AT.save(path, {"tok_emb.weight": torch.zeros(1024, 64, dtype=torch.int8),
                   "lora.blocks.0.attn.c_q.A_q": torch.zeros(2, 8, dtype=torch.int8)}, meta, "brotli")
     with pytest.raises(A.ArtifactError, match=r"lora ranks \['blocks.0.attn.c_q'\] without"):
         load_shipped(str(path), make_config("tiny"), torch.device("cpu"))
