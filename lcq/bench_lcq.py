@@ -285,7 +285,7 @@ def bench_equal_bytes(cfg: Config, dinfo: D.DistInfo, budgets: list[int], steps:
     orders = {r: lqer_order(lq_errors, r, cfg.gptq_damp) for r in LQER_RANKS} if "lqer_today" in methods else {}
     names = lcq_target_names(run.model, cfg)
     # LCQ_TARGETS leaves lm_head out (lcq/lora.py); with `head` the allocation rows are also run with it added, the
-    # only place a LoRA can correct the tied embedding (its head side; LQER corrects both sides)
+    # only place a LoRA can correct the tied embedding (both uses, head and lookup, as LQER's correction did: h16c)
     sets = {"lcq": names, **({"lcq+lm_head": names + ["lm_head"]} if head and "lm_head" not in names else {})}
     errors = {t: quant_errors(run, ns) for t, ns in sets.items()}
     for budget in budgets:

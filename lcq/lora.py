@@ -15,12 +15,13 @@ from typing import NamedTuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from . import gptq
 
-# Attention q/k/v/out and MLP up/down of every block. lm_head is left out: its weight is the tied input embedding and it
-# is the largest matrix (vocab x d), so a rank-r delta costs r * (vocab + d) parameters, and merging it would need an
-# untied copy of the whole embedding. Add "lm_head" to the list to opt in.
+# Attention q/k/v/out and MLP up/down of every block. lm_head is left out: it is the largest matrix (vocab x d), so a
+# rank-r delta costs r * (vocab + d) parameters. Add "lm_head" to the list to opt in; its weight is the tied input
+# embedding, and its delta then corrects both uses (attach_lora).
 DEFAULT_TARGETS: tuple[str, ...] = (
     "blocks.*.attn.c_q",
     "blocks.*.attn.c_k",
@@ -69,6 +70,7 @@ class LoRALinear(nn.Module):
         # (straight-through gradients), exactly what `quantized` ships; None = plain float factors (TTT, a decoded LoRA).
         self.fmt: FactorFormat | None = None
         self.grid: tuple[torch.Tensor, torch.Tensor] | None = None  # frozen (A, B) scales; None = from the factors
+        self.tied = None  # (embedding, hook handle) when base.weight is an embedding's weight (attach_lora)
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, B) as forward uses them: the float Parameters, or with a format their fake-quantized values."""
@@ -85,6 +87,11 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor, *rest) -> torch.Tensor:
         A, B = self.factors()
         return self.base(x, *rest) + low_rank(x, A, B, self.scale)
+
+    def lookup(self, emb, args, out):
+        """Forward hook on the tied embedding: W_hat[ids] + scale * B[ids] @ A, the rows of the head's corrected weight."""
+        A, B = self.factors()
+        return out + self.scale * F.embedding(args[0], B.to(out.dtype)) @ A.to(out.dtype)
 
     def delta_weight(self) -> torch.Tensor:
         """scale * B @ A, (out, in) float32 (the fake-quantized factors when a format is set)."""
@@ -164,8 +171,13 @@ def attach_lora(model: nn.Module, targets: list[str] | tuple[str, ...], rank: in
     for n in sorted(matched, key=lambda n: -n.count(".")):  # inner layers first: a branch LoRA wraps them as they are
         if ranks[n] == 0:
             continue
-        wrappers[n] = LoRALinear(modules[n], ranks[n], alpha)
-        _set_submodule(model, n, wrappers[n])
+        wrappers[n] = w = LoRALinear(modules[n], ranks[n], alpha)
+        _set_submodule(model, n, w)
+        # A tied head's weight is also the token lookup (LQER corrected that shared weight, issue 16): the delta reaches
+        # both uses, so the side path scores what merge_lora folds into the one weight.
+        for e in model.modules():
+            if isinstance(e, nn.Embedding) and getattr(w.base, "weight", None) is e.weight:
+                w.tied = e, e.register_forward_hook(w.lookup)
     return wrappers
 
 
@@ -202,6 +214,8 @@ def load_lora_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
 def detach_lora(model: nn.Module) -> None:
     """Put the plain base modules back (factors dropped). requires_grad flags stay as attach_lora left them."""
     for n, m in lora_modules(model).items():
+        if m.tied:
+            m.tied[1].remove()
         _set_submodule(model, n, m.base)
 
 
@@ -209,13 +223,15 @@ def detach_lora(model: nn.Module) -> None:
 def merge_lora(model: nn.Module) -> None:
     """Fold each delta into its base weight and unwrap.
 
-    The merged weight is always a fresh Parameter (in the base weight's dtype), never an in-place write: a tied lm_head
-    thereby becomes an untied copy for the merged module only, and the input embedding keeps its values.
+    The merged weight is always a fresh Parameter (in the base weight's dtype), never an in-place write; a tied head's
+    embedding gets the same Parameter (the tie holds and the lookup sees the correction, as the hook made it).
     """
     for n, m in lora_modules(model).items():
         old = m.base.weight
         m.base.weight = nn.Parameter(m.merged_weight().to(old.dtype), requires_grad=old.requires_grad)
-        _set_submodule(model, n, m.base)
+        if m.tied:
+            m.tied[0].weight = m.base.weight
+    detach_lora(model)
 
 
 # ---- shipped factors ---------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from lcq.config import make_config
 from lcq.distill import kl_divergence, kl_divergence_topk, lcq_target_names, quant_errors, teacher_topk
 from lcq.model import GPT, stored_weight
 from lcq.pipeline import build, evaluate_shipped, open_run, quantize, run_training, ship
-from lcq.shipping import LORA_PREFIX
+from lcq.shipping import LORA_PREFIX, load_shipped, model_from_state
 from test_ship import CPU, entry, run_stages, tiny_cfg, total_bytes
 
 
@@ -63,6 +63,20 @@ def test_no_distillation_ships_exactly_the_closed_form(tmp_path, demo_data):
         A, B = lora.dequantize_factors({k: tensors[f"{LORA_PREFIX}{name}.{k}"] for k in ("A_q", "A_scale", "B_q",
                                                                                          "B_scale")})
         assert torch.equal(A, fit["A"]) and torch.equal(B, fit["B"]), name
+    # The tied head's correction reaches both uses (issue 16): the in-process student as lcq_stage builds it (side path,
+    # the embedding lookup hooked) scores the logits of the decoded artifact, whose shared weight holds the fold.
+    assert ranks["lm_head"] > 0
+    student = model_from_state(cfg, run.bos_id, run.gptq_state, CPU.device)
+    for name, w in lora.attach_lora(student, list(fits), {k: ranks[k] for k in fits}, cfg.lcq_alpha).items():
+        w.set_factors(fits[name]["B"], fits[name]["A"])
+        w.fmt, w.grid = lora.config_format(cfg), fits[name]["grid"]
+    decoded, _, _ = load_shipped(cfg.artifact_file, cfg, CPU.device)
+    assert decoded.lm_head.weight is decoded.tok_emb.weight
+    assert not torch.equal(decoded.tok_emb.weight, run.gptq_state["tok_emb.weight"].float())
+    ids = torch.tensor(run.val_tokens[:200].astype("int64"))
+    cu = torch.tensor([0, 200], dtype=torch.int32)
+    with torch.no_grad():
+        torch.testing.assert_close(student(ids, cu, 64), decoded(ids, cu, 64), atol=2e-4, rtol=1e-4)
     assert sum(b for *_, b, _ in rows) <= n - lora.LORA_SECTION_BYTES and 0 < run.size.lora_bytes <= n
     assert "quantized_lcq" in run.scores and "quantized_lcq_ttt" in run.scores
 

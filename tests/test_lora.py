@@ -168,7 +168,7 @@ def test_state_roundtrip_and_detach():
     assert torch.equal(m(IDS), ref)
 
 
-def test_merge_matches_wrapped_and_keeps_embedding():
+def test_merge_matches_wrapped_and_keeps_the_tie():
     m = _model()
     emb_before = m.tok_emb.weight.detach().clone()
     lora.attach_lora(m, list(lora.DEFAULT_TARGETS) + ["lm_head"], 2, 4.0)
@@ -177,11 +177,33 @@ def test_merge_matches_wrapped_and_keeps_embedding():
     head_merged = m.lm_head.merged_weight().detach()
     q_merged = m.blocks[0].attn.c_q.merged_weight().detach()
     lora.merge_lora(m)
-    assert not lora.lora_modules(m)
+    assert not lora.lora_modules(m) and not m.tok_emb._forward_hooks
     assert torch.allclose(m(IDS), wrapped, rtol=1e-4, atol=1e-4)
-    assert torch.equal(m.tok_emb.weight, emb_before)
-    assert m.lm_head.weight is not m.tok_emb.weight and torch.equal(m.lm_head.weight, head_merged)
+    # the tied correction is folded into the one shared weight: the lookup sees it as the head does
+    assert m.lm_head.weight is m.tok_emb.weight and torch.equal(m.lm_head.weight, head_merged)
+    assert not torch.equal(m.tok_emb.weight, emb_before)
     assert torch.equal(m.blocks[0].attn.c_q.weight, q_merged)
+
+
+@pytest.mark.parametrize("fmt", [None, lora.FactorFormat(4, 4, 0)])
+def test_tied_head_lora_corrects_the_lookup_and_learns_through_both_uses(fmt):
+    m = _model()
+    W = m.tok_emb.weight.detach().clone()
+    (w,) = lora.attach_lora(m, ["lm_head"], 3, 6.0).values()
+    _randomize_factors(m)
+    w.fmt = fmt
+    A, B = (t.detach() for t in w.factors())
+    delta = 2.0 * B @ A
+    ids = torch.tensor([3, 0, 39, 3, 17])
+    assert delta[ids].abs().sum() > 0 and torch.allclose(m.tok_emb(ids), W[ids] + delta[ids], atol=1e-6)
+    x = torch.randn(4, 16)
+    assert torch.allclose(m.lm_head(x), x @ (W + delta).T, atol=1e-5)
+    for use in (lambda: m.tok_emb(IDS), lambda: m.lm_head(x)):  # each use alone moves both factors
+        w.lora_A.grad = w.lora_B.grad = None
+        use().square().sum().backward()
+        assert w.lora_A.grad.abs().sum() > 0 and w.lora_B.grad.abs().sum() > 0
+    lora.detach_lora(m)
+    assert torch.equal(m.tok_emb(ids), W[ids]) and not m.tok_emb._forward_hooks
 
 
 # ---- shipped factors ----------------------------------------------------------------------------------------------
