@@ -44,7 +44,7 @@ _BOUNDS = (
 # The values a string field may take.
 _CHOICES = dict(mlp_act="relu2 leaky_relu2", smear_gate="off blend input", init="default orthogonal",
                 muon_ns_coeffs="jordan polar_express", ttt_init="auto artifact zero", quant_method="gptq rtn",
-                lcq_init="zero svd act_svd grail", lcq_merge="side fused baked", lcq_rank_alloc="uniform rho",
+                lcq_init="zero svd act_svd grail", lcq_merge="side fused baked",
                 attention_backend="auto fa3 fa2 sdpa", compressor="brotli lzma auto group")
 
 
@@ -232,12 +232,7 @@ class Config:
     lcq_init: str = "act_svd"  # zero | svd | act_svd | grail
     lcq_merge: str = "side"  # side | fused | baked
     lcq_targets: str = ""  # comma-separated module patterns (fnmatch); empty = lcq.lora.DEFAULT_TARGETS
-    lcq_rank_alloc: str = "uniform"  # uniform | rho (same parameter budget, ranks where the error is recoverable)
     lcq_temperature: float = 1.0
-    # > 0: distil against the teacher's top-k distribution (k tokens + one tail outcome) instead of its full vocabulary
-    # row, keeping only k log-probs and ids per token between the teacher's forward and the loss (issue 9's
-    # cheaper-step lever); the held-out KL in the log stays the full one. 0 = full distribution
-    lcq_teacher_topk: int = 0
     lcq_lr: float = 1e-3
     lcq_warmdown_frac: float = 0.5  # LR decays linearly to 0 over this last fraction of the LCQ steps/time
     lcq_batch_tokens: int = 131_072  # global train tokens per distillation step
@@ -323,8 +318,6 @@ class Config:
             need(math.isfinite(getattr(self, name)), name, "must be a finite number of row standard deviations")
         need(self.lcq_rank == "auto" or (self.lcq_rank.isdigit() and int(self.lcq_rank) >= 0), "lcq_rank",
              "must be an integer >= 0 (0 turns LCQ off) or auto")
-        need(0 <= self.lcq_teacher_topk <= self.vocab_size, "lcq_teacher_topk",
-             f"must be in [0, VOCAB_SIZE={self.vocab_size}] (0 = the full distribution)")
         need(self.lcq_batch_tokens >= self.train_seq_len, "lcq_batch_tokens", "must hold at least one TRAIN_SEQ_LEN sequence")
         need(self.lcq_bytes == "auto" or self.lcq_bytes.isdigit(), "lcq_bytes", "must be a byte count or auto (0 = off)")
         need(self.lcq_bytes == "0" or self.lcq_merge != "baked", "lcq_bytes",

@@ -27,7 +27,7 @@ from . import dist as D
 from .config import Config
 from .data import TrainLoader, train_pattern
 from .gptq import QuantSpec, quantize_state
-from .lora import (DEFAULT_TARGETS, LORA_SECTION_BYTES, FactorFormat, allocate_bytes, allocate_ranks, attach_lora,
+from .lora import (DEFAULT_TARGETS, LORA_SECTION_BYTES, FactorFormat, allocate_bytes, attach_lora,
                    config_format, factor_bytes, init_act_svd, init_grail, init_svd, lora_modules, lora_parameters,
                    match_targets, merge_lora, recoverable_energy, set_format)
 from .model import autocast_for, stored_weight
@@ -54,29 +54,6 @@ def kl_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, ta
     t = F.log_softmax(teacher_logits.float() / tau, dim=-1)
     s = F.log_softmax(student_logits.float() / tau, dim=-1)
     return (tau * tau) * (t.exp() * (t - s)).sum(-1).mean()
-
-
-@torch.no_grad()
-def teacher_topk(teacher_logits: torch.Tensor, tau: float, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The teacher's k most likely tokens per position at temperature tau: (log-probs, ids). Only these are kept
-    between the teacher's forward and the loss (issue 9's cheaper-distillation lever: k x 8 bytes per token instead of a
-    full vocabulary row of logits)."""
-    return F.log_softmax(teacher_logits.float() / tau, dim=-1).topk(k, dim=-1)
-
-
-def kl_divergence_topk(student_logits: torch.Tensor, top_logp: torch.Tensor, top_ids: torch.Tensor,
-                       tau: float) -> torch.Tensor:
-    """tau^2 * KL between the teacher and the student, both coarse-grained to k + 1 outcomes: the teacher's top-k
-    tokens one by one and everything else as one tail outcome. Exact when k = vocab; otherwise at most the full KL
-    (coarse-graining never increases a KL divergence), and it still pulls the student's tail mass to the teacher's."""
-    s = F.log_softmax(student_logits.float() / tau, dim=-1)
-    s_top = s.gather(-1, top_ids)
-    p_top = top_logp.exp()
-    # log of the tail mass, from the top-k mass; clamped where the top-k hold (numerically) everything
-    t_tail = torch.log1p(-p_top.sum(-1).clamp(max=1 - 1e-6))
-    s_tail = torch.log1p(-s_top.exp().sum(-1).clamp(max=1 - 1e-6))
-    kl = (p_top * (top_logp - s_top)).sum(-1) + t_tail.exp() * (t_tail - s_tail)
-    return (tau * tau) * kl.mean()
 
 
 @torch.no_grad()
@@ -230,12 +207,9 @@ def distill(student: nn.Module, teacher: nn.Module, cfg: Config, dinfo: D.DistIn
         x, _, cu = loader.next_batch(local, cfg.train_seq_len, bos_id)
         with torch.no_grad(), autocast:
             t_logits = teacher(x, cu, cfg.train_seq_len)
-            if cfg.lcq_teacher_topk:
-                t_logits = teacher_topk(t_logits, cfg.lcq_temperature, cfg.lcq_teacher_topk)
         with autocast:
             s_logits = student(x, cu, cfg.train_seq_len)
-            loss = (kl_divergence_topk(s_logits, *t_logits, cfg.lcq_temperature) if cfg.lcq_teacher_topk
-                    else kl_divergence(s_logits, t_logits, cfg.lcq_temperature))
+            loss = kl_divergence(s_logits, t_logits, cfg.lcq_temperature)
         loss.backward()
         all_reduce_grads(params, dinfo.world_size)
         opt.step()
@@ -411,14 +385,7 @@ def lcq_stage(run, calibrate, spec: QuantSpec) -> None:
         run.log("lcq: no room for any LoRA rank under the cap; shipping the GPTQ model alone")
         run.charge("lcq", time.perf_counter() - t0, rank=0)
         return
-    if fits is not None:
-        pass  # byte_allocation's ranks
-    elif cfg.lcq_rank_alloc == "rho":
-        mods = dict(student.named_modules())
-        budget = rank * sum(mods[n].in_features + mods[n].out_features for n in names)
-        ranks = allocate_ranks(quant_errors(run, names), budget,
-                               candidates=tuple(sorted({0, 1, 2, 4, 8, 16, 32, 64, 128, 256, rank})))
-    else:
+    if fits is None:
         ranks = {n: rank for n in names}
     run.lcq_ranks = ranks
     torch.manual_seed(cfg.seed)  # the same A init on every rank
@@ -466,7 +433,7 @@ def lcq_stage(run, calibrate, spec: QuantSpec) -> None:
         run.lora_meta = dict(merge=cfg.lcq_merge, init=init, ranks=packed_ranks, alpha=alpha, format=list(fmt))
     D.sync(dinfo.device)
     run.charge("lcq", time.perf_counter() - t0, lcq_budget,
-               rank="bytes" if fits is not None else cfg.lcq_rank if cfg.lcq_rank_alloc == "uniform" else "rho",
+               rank="bytes" if fits is not None else cfg.lcq_rank,
                init=init, merge=cfg.lcq_merge,
                steps=res.steps, tokens_per_step=res.tokens_per_step, kl=f"{res.kl_start:.5f}->{res.kl_end:.5f}",
                stopped_by=res.stopped_by)

@@ -107,8 +107,7 @@ class LoRALinear(nn.Module):
         """Copy factors in (e.g. from a closed-form init called with `scale=self.scale`)."""
         want_b, want_a = tuple(self.lora_B.shape), tuple(self.lora_A.shape)
         if tuple(B.shape) != want_b or tuple(A.shape) != want_a:
-            raise ValueError(f"LoRALinear.set_factors: want B {want_b} and A {want_a}, "
-                             f"got B {tuple(B.shape)} and A {tuple(A.shape)}")
+            raise ValueError(f"set_factors: want B {want_b}, A {want_a}; got {tuple(B.shape)}, {tuple(A.shape)}")
         self.lora_B.copy_(B)
         self.lora_A.copy_(A)
 
@@ -129,8 +128,7 @@ def match_targets(model: nn.Module, targets: list[str] | tuple[str, ...]) -> lis
     for pattern in targets:
         hits = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
         if not hits:
-            raise ValueError(f"target pattern {pattern!r} matches no module of the model (names look like "
-                             "blocks.0.attn.c_q, blocks.0.mlp.fc, lm_head)")
+            raise ValueError(f"target pattern {pattern!r} matches no module (e.g. blocks.0.attn.c_q, lm_head)")
         matched += [n for n in hits if n not in matched]
     return matched
 
@@ -143,21 +141,17 @@ def attach_lora(model: nn.Module, targets: list[str] | tuple[str, ...], rank: in
     Every parameter of the model except the new factors is frozen. Returns the wrappers by module name.
     """
     if not targets:
-        raise ValueError("attach_lora: targets is empty; pass patterns such as lcq.lora.DEFAULT_TARGETS")
-    if not alpha > 0:
-        raise ValueError(f"attach_lora: alpha must be > 0, got {alpha}")
+        raise ValueError("attach_lora: no targets")
     matched = match_targets(model, targets)
     modules = dict(model.named_modules())
     for n in matched:
         if not hasattr(modules[n], "in_features") or isinstance(modules[n], LoRALinear):  # a linear layer or a branch
-            raise TypeError(f"attach_lora: module {n!r} matched by targets is a {type(modules[n]).__name__}, "
-                            "not an nn.Linear (narrow the pattern; a module can be wrapped only once)")
+            raise TypeError(f"attach_lora: {n!r} is a {type(modules[n]).__name__}: a Linear, wrapped only once")
     if isinstance(rank, dict):
         missing = [n for n in matched if n not in rank]
         unknown = [n for n in rank if n not in matched]
         if missing or unknown:
-            raise ValueError(f"attach_lora: rank dict must list exactly the matched modules; "
-                             f"missing {missing}, not matched by targets {unknown}")
+            raise ValueError(f"attach_lora: rank dict: missing {missing}, not matched {unknown}")
         ranks = {n: rank[n] for n in matched}
     else:
         ranks = {n: rank for n in matched}
@@ -485,11 +479,9 @@ def allocate_bytes(errors: dict[str, tuple[torch.Tensor, torch.Tensor | None]], 
 
 def _check_init_args(fn: str, E: torch.Tensor, r: int, scale: float) -> None:
     if E.dim() != 2:
-        raise ValueError(f"{fn}: the error matrix must be 2-D (out, in), got shape {tuple(E.shape)}")
-    if not 1 <= r <= min(E.shape):
-        raise ValueError(f"{fn}: rank r must be in [1, {min(E.shape)}] for shape {tuple(E.shape)}, got {r}")
-    if not scale > 0:
-        raise ValueError(f"{fn}: scale must be > 0 (the wrapper's alpha / r), got {scale}")
+        raise ValueError(f"{fn}: E must be 2-D, got {tuple(E.shape)}")
+    if not 1 <= r <= min(E.shape) or not scale > 0:
+        raise ValueError(f"{fn}: need rank r in [1, {min(E.shape)}] and scale > 0, got {r}, {scale}")
 
 
 def _top_r_factors(M: torch.Tensor, r: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -554,14 +546,11 @@ def init_grail(W: torch.Tensor, W_hat: torch.Tensor, H_hat: torch.Tensor, C: tor
     also keeps the solve well posed when H_hat is singular. Returns (B, A).
     """
     if W.shape != W_hat.shape or W.dim() != 2:
-        raise ValueError(f"init_grail: W and W_hat must be 2-D of one shape, "
-                         f"got {tuple(W.shape)} and {tuple(W_hat.shape)}")
+        raise ValueError(f"init_grail: W {tuple(W.shape)} and W_hat {tuple(W_hat.shape)} differ")
     n_in = W.shape[1]
     for label, M in (("H_hat", H_hat), ("C", C)):
         if M.shape != (n_in, n_in):
-            raise ValueError(f"init_grail: {label} must be (in, in) = {(n_in, n_in)}, got {tuple(M.shape)}")
-    if ridge < 0:
-        raise ValueError(f"init_grail: ridge must be >= 0, got {ridge}")
+            raise ValueError(f"init_grail: {label} must be {(n_in, n_in)}, got {tuple(M.shape)}")
     Hh, W64, Wh64 = H_hat.double(), W.double(), W_hat.double()
     lam = ridge * Hh.diagonal().sum() / n_in
     lhs = Hh + lam * torch.eye(n_in, dtype=Hh.dtype, device=Hh.device)
@@ -574,8 +563,7 @@ def init_grail(W: torch.Tensor, W_hat: torch.Tensor, H_hat: torch.Tensor, C: tor
 def _weighted_energies(E: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
     """Squared singular values of E S (any S with S S^T = H), descending: the energy of E's weighted directions."""
     if E.dim() != 2 or H.shape != (E.shape[1], E.shape[1]):
-        raise ValueError(f"error matrix E must be (out, in) and its H (in, in); "
-                         f"got {tuple(E.shape)} and {tuple(H.shape)}")
+        raise ValueError(f"E (out, in) and H (in, in) do not fit: {tuple(E.shape)}, {tuple(H.shape)}")
     S, _ = _hessian_root(H.to(E.device), 0.0)
     return torch.linalg.svdvals(E.double() @ S).square()
 
@@ -587,40 +575,3 @@ def recoverable_energy(E: torch.Tensor, H: torch.Tensor, r: int) -> float:
     energy = _weighted_energies(E, H)
     total = energy.sum().item()
     return 1.0 if total == 0 else energy[:r].sum().item() / total
-
-
-def allocate_ranks(errors: dict[str, tuple[torch.Tensor, torch.Tensor]], budget_params: int,
-                   candidates: tuple[int, ...] = (0, 2, 4, 8, 16, 32, 64, 128, 256)) -> dict[str, int]:
-    """Per-tensor LoRA ranks from `candidates` under a budget of sum r * (in + out) <= budget_params.
-
-    Greedy: repeatedly take the one-step rank increase with the most captured weighted error energy per parameter that
-    still fits. Each tensor's energies are sorted, so its gain per parameter only falls as its rank grows and the greedy
-    order is the efficient one. Ties go to the name that sorts first. Ranks above min(out, in) are never given.
-    """
-    if budget_params < 0:
-        raise ValueError(f"allocate_ranks: budget_params must be >= 0, got {budget_params}")
-    if not candidates or candidates[0] != 0 or any(b <= a for a, b in zip(candidates, candidates[1:])):
-        raise ValueError(f"allocate_ranks: candidates must start at 0 and strictly increase, got {candidates}")
-    steps, cum, width = {}, {}, {}
-    for name, (E, H) in errors.items():
-        energy = _weighted_energies(E, H)
-        cum[name] = [0.0] + torch.cumsum(energy, 0).tolist()
-        steps[name] = [c for c in candidates if c <= min(E.shape)]
-        width[name] = E.shape[0] + E.shape[1]
-    level = {name: 0 for name in errors}
-    spent = 0
-    while True:
-        best, best_ratio = None, 0.0
-        for name in sorted(errors):
-            k, ladder = level[name], steps[name]
-            if k + 1 == len(ladder):
-                continue
-            cost = (ladder[k + 1] - ladder[k]) * width[name]
-            gain = cum[name][ladder[k + 1]] - cum[name][ladder[k]]
-            if spent + cost <= budget_params and gain / cost > best_ratio:
-                best, best_ratio = name, gain / cost
-        if best is None:
-            return {name: steps[name][level[name]] for name in errors}
-        k = level[best]
-        spent += (steps[best][k + 1] - steps[best][k]) * width[best]
-        level[best] = k + 1

@@ -227,7 +227,7 @@ def test_corrupted_body_length_is_reported(good_blob):
 def test_bad_magic_version_compressor_and_trailing_bytes(good_blob):
     with pytest.raises(A.ArtifactError, match=r"^f: bad magic b'LCQB'"):
         A.decode(b"LCQB" + good_blob[4:], "f")
-    with pytest.raises(A.ArtifactError, match=r"^f: unknown format version 3; this lcq reads version 2 only"):
+    with pytest.raises(A.ArtifactError, match=r"^f: format version 3; this lcq reads 2 only"):
         A.decode(good_blob[:4] + struct.pack("<H", 3) + good_blob[6:], "f")
     with pytest.raises(A.ArtifactError, match=r"^f: section 'model': unknown compressor id 9"):
         A.decode(frame(payload(manifest()), cid=9), "f")
@@ -482,15 +482,14 @@ def test_job_measures_its_rate_and_can_be_cancelled():
 
 
 def test_old_and_unknown_versions_and_bad_sections_are_refused():
-    with pytest.raises(A.ArtifactError, match=r"^old\.lcq: unknown format version 1 \(one compressed payload, "
-                                              r"before sections\); this lcq reads version 2 only: re-export"):
+    with pytest.raises(A.ArtifactError, match=r"^old\.lcq: format version 1; this lcq reads 2 only"):
         A.decode(frame(payload(manifest()), version=1), "old.lcq")
     body = payload(manifest())
     with pytest.raises(A.ArtifactError, match=r"^f: section 'model' appears twice"):
         A.decode(frame(b"", sections=[section_bytes(body), section_bytes(body)]), "f")
     with pytest.raises(A.ArtifactError, match=r"^f: bad section #0: name 'Bad!'"):
         A.decode(frame(b"", sections=[section_bytes(body, name=b"Bad!")]), "f")
-    with pytest.raises(A.ArtifactError, match=r"^f: section 'lora': the first section's meta already holds 'lora'"):
+    with pytest.raises(A.ArtifactError, match=r"^f: section 'lora': its meta key is taken"):
         A.decode(frame(b"", sections=[section_bytes(payload(manifest(meta={"lora": 1}))),
                                       section_bytes(body, name=b"lora")]), "f")
     w = payload(manifest(entry()), bytes(8))

@@ -8,7 +8,7 @@ import torch
 
 from lcq import artifact, lora
 from lcq.config import make_config
-from lcq.distill import kl_divergence, kl_divergence_topk, lcq_target_names, quant_errors, teacher_topk
+from lcq.distill import lcq_target_names, quant_errors
 from lcq.model import GPT, stored_weight
 from lcq.pipeline import build, evaluate_shipped, open_run, quantize, run_training, ship
 from lcq.shipping import LORA_PREFIX, load_shipped, model_from_state
@@ -92,19 +92,6 @@ def test_bad_lcq_targets_name_the_knob():
         lcq_target_names(model, make_config("tiny", lcq_targets="lm_head", lcq_merge="baked"))
 
 
-def test_topk_kl_is_exact_at_full_vocab_and_a_lower_bound_below_it():
-    """Known answers for the top-k distillation loss (lcq.distill): with k = vocab the tail is empty and it equals the
-    full KL; with k < vocab it is the KL of coarse-grained distributions, never above the full KL; zero for equal logits."""
-    g = torch.Generator().manual_seed(0)
-    t, s = torch.randn(6, 50, generator=g) * 3, torch.randn(6, 50, generator=g) * 3
-    for tau in (1.0, 2.0):
-        full = kl_divergence(s, t, tau)
-        assert torch.allclose(kl_divergence_topk(s, *teacher_topk(t, tau, 50), tau), full, rtol=1e-4, atol=1e-6)
-        for k in (1, 5, 20):
-            assert 0 <= kl_divergence_topk(s, *teacher_topk(t, tau, k), tau) <= full + 1e-6
-        assert kl_divergence_topk(t, *teacher_topk(t, tau, 5), tau).abs() < 1e-5
-
-
 def test_raising_the_rank_until_the_cap_fails(tmp_path, demo_data):
     no_lora = entry(tmp_path, demo_data, "r0", extra_env={"LCQ_RANK": "0"})
     assert no_lora.returncode == 0, no_lora.stderr[-2000:]
@@ -158,15 +145,11 @@ def test_byte_budget_is_spent_within_the_cap_and_one_byte_over_fails(tmp_path, d
     assert re.findall(r"^lcq_alloc: .*$", log2, re.M)[1:] == re.findall(r"^lcq_alloc: .*$", log, re.M)[1:]
 
 
-def test_rho_rank_allocation_keeps_the_uniform_budget(tmp_path, demo_data):
-    proc = entry(tmp_path, demo_data, "rho", extra_env={"LCQ_RANK_ALLOC": "rho", "LCQ_RANK": "4"})
+def test_uniform_rank_ships_that_rank_everywhere_and_logs_rho(tmp_path, demo_data):
+    proc = entry(tmp_path, demo_data, "rho", extra_env={"LCQ_RANK": "4"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.loads((tmp_path / "logs" / "rho.json").read_text())
-    ranks = summary["lcq"]["ranks"]
-    # in + out features of each tiny layer (dim 64, 4 heads, 2 KV heads of 16, MLP 256), two blocks
-    width = {"attn.c_q": 128, "attn.c_k": 96, "attn.c_v": 96, "attn.proj": 128, "mlp.fc": 320, "mlp.proj": 320}
-    used = sum(r * width[n.split(".", 2)[2]] for n, r in ranks.items())
-    assert 0 < used <= 4 * 2 * sum(width.values())
+    assert summary["lcq"]["ranks"] and set(summary["lcq"]["ranks"].values()) == {4}
     assert "lcq_rho: total" in (tmp_path / "logs" / "rho.txt").read_text()
 
 
@@ -182,14 +165,5 @@ def test_lm_head_target_uses_the_tied_embeddings_hessian(tmp_path, demo_data, in
     evaluate_shipped(run)
     run.log.close()
     assert "lm_head" in run.log.summary["lcq_rho"] and "quantized_lcq" in run.scores
-
-
-def test_topk_teacher_distillation_lowers_the_full_heldout_kl(tmp_path, demo_data):
-    """LCQ_TEACHER_TOPK: distilling against the teacher's top-k distribution still lowers the full held-out KL (the one
-    the log reports), on the same int3 set-up as the `shipped` fixture."""
-    cfg = tiny_cfg(tmp_path, demo_data, "topk", iterations=30, matrix_bits=3, lcq_init="zero", lcq_max_steps=15,
-                   lcq_lr=3e-3, lcq_teacher_topk=16)
-    res = run_stages(cfg).distill_result
-    assert res.steps == 15 and res.kl_end < 0.9 * res.kl_start, (res.kl_start, res.kl_end)
 
 

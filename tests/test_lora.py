@@ -519,35 +519,6 @@ def test_recoverable_energy():
     assert all(b > a for a, b in zip(rho, rho[1:])) and math.isclose(rho[-1], 1.0, rel_tol=1e-9)
 
 
-def test_allocate_ranks_budget_and_preference():
-    g = torch.Generator().manual_seed(0)
-    out, d = 32, 32
-    low = torch.randn(out, 2, generator=g) @ torch.randn(2, d, generator=g) + 0.05 * torch.randn(out, d, generator=g)
-    flat = torch.randn(out, d, generator=g)
-    flat *= low.norm() / flat.norm()  # same total energy; only its spread differs
-    eye = torch.eye(d)
-    errors = {"low": (low, eye), "flat": (flat, eye)}
-    ranks = lora.allocate_ranks(errors, 2 * (out + d) + 10, candidates=(0, 2, 4, 8, 16))
-    assert ranks == {"low": 2, "flat": 0}
-    # With more budget the low-rank tensor stops at its rank: its tail is faint noise, worth less than flat's top.
-    budget = 6 * (out + d)
-    ranks = lora.allocate_ranks(errors, budget, candidates=(0, 2, 4, 8, 16))
-    assert ranks == {"low": 2, "flat": 4} and sum(r * (out + d) for r in ranks.values()) <= budget
-    # Same spectrum shape, 9x the energy: the heavier tensor is served first.
-    noise = torch.randn(out, d, generator=g)
-    heavy = {"light": (flat, eye), "heavy": (3 * flat.norm() / noise.norm() * noise, eye)}
-    ranks = lora.allocate_ranks(heavy, 9 * (out + d), candidates=(0, 2, 4, 8, 16))
-    assert ranks == {"light": 0, "heavy": 8}
-    assert lora.allocate_ranks(errors, 0) == {"low": 0, "flat": 0}
-    # Identical tensors tie; the name that sorts first wins, whatever the dict order.
-    twins = {"b": (flat, eye), "a": (flat.clone(), eye)}
-    assert lora.allocate_ranks(twins, 2 * (out + d), candidates=(0, 2, 4)) == {"b": 0, "a": 2}
-    # Ranks stop at min(out, in) even when the budget allows more.
-    assert lora.allocate_ranks({"t": (low[:, :3], torch.eye(3))}, 10**6, candidates=(0, 2, 4)) == {"t": 2}
-    with pytest.raises(ValueError, match="candidates"):
-        lora.allocate_ranks(errors, budget, candidates=(2, 4))
-
-
 def test_byte_allocation_spends_at_most_its_budget_where_the_error_is():
     """Units go where the closed form removes the most weighted error per byte: a tensor with a large low-rank error
     gets ranks first, a near-exact one none; the priced bytes never exceed the budget."""
