@@ -421,12 +421,12 @@ PRESETS: dict[str, dict] = {
         # Issue 16: the LoRA gets what the real compressed model section and the code leave (LCQ_BYTES=auto, ~117 KB
         # under the projection after the 20 KB headroom), spent a rank unit at a time where the closed form removes
         # the most Hessian-weighted error per byte, in LQER's 2+4-bit storage (#1855; a unit over an MLP matrix is
-        # ~0.77 KB instead of int8's ~2.5 KB). It costs no model bytes (MLP width and clips as above): no equal-bytes
-        # measurement yet says a LoRA byte beats a model byte, so the model is not narrowed for it. It is LQER's place
-        # too (issue 16: LQER is this closed form, distilled here in what LCQ time is left), so the tied head is a
-        # candidate: LQER's measured gain was the embedding's (issue 11, demo: -0.0130 bpb, each block matrix -0.0004 to
-        # +0.0001), and on a 100-step demo model the allocation over the blocks alone raised bpb at 4 and 8 KB while the
-        # same budgets with lm_head offered (it took rank 1) lowered it (BENCHMARKS.md, issue 16).
+        # ~0.77 KB instead of int8's ~2.5 KB). It costs no model bytes: the ~117 KB is what the MLP's 64-wide steps leave
+        # (3.875x = 1984 hidden; the next step, 4x, projects 16.15 MB). The equal-bytes bench (BENCHMARKS.md, issue 16;
+        # demo, 2 seeds) says where a LoRA byte beats a model byte: the tied embedding's correction (lm_head, which
+        # also corrects the token lookup) gained 0.0009-0.0014 bpb/KB against a wider MLP's 0.0003, a 32 KB LoRA only
+        # 0.0001-0.00015. So the head is a target and the allocation reaches it first; the model is not narrowed to
+        # give the LoRA more.
         lcq_rank="auto", lcq_bytes="auto", lcq_factor_bits=4, lcq_factor_asym=True,
         lcq_targets="blocks.*.attn.c_q,blocks.*.attn.c_k,blocks.*.attn.c_v,blocks.*.attn.proj,blocks.*.mlp.fc,"
                     "blocks.*.mlp.proj,lm_head",
