@@ -530,6 +530,9 @@ def resolve(argv: list[str] | None = None, env: dict | None = None, allow_extra:
     if gone:  # issue 16: README "LQER is LCQ's closed form" maps each knob
         raise ConfigError(f"{gone[0]}: LQER is now LCQ with no distillation; use LCQ_BYTES, LCQ_FACTOR_BITS=4, "
                           "LCQ_FACTOR_ASYM=1, LCQ_MAX_STEPS=0")
+    gone = [k for k in ("LCQ_OBJECTIVE", "LCQ_TEACHER_TOPK", "LCQ_RANK_ALLOC") if env.get(k)]
+    if gone:  # removed in issue 16's round (BENCHMARKS: the first two lost on the demo; LCQ_BYTES allocates by bytes)
+        raise ConfigError(f"{gone[0]}: this knob is gone; unset it (LCQ_BYTES replaces LCQ_RANK_ALLOC=rho)")
     preset = cli.get("preset") or env.get("PRESET") or "record"
     if preset not in PRESETS:
         raise ConfigError(f"PRESET={preset!r}: unknown preset; choose one of {sorted(PRESETS)}")

@@ -66,3 +66,12 @@ def test_frozen_and_json_round_trip():
         cfg.seed = 1
     assert Config(**json.loads(cfg.to_json())) == cfg
     assert cfg.train_budget_seconds == cfg.max_wallclock_seconds - cfg.train_reserve_seconds
+
+
+def test_removed_lcq_knobs_stop_the_run_by_name():
+    """LCQ_OBJECTIVE, LCQ_TEACHER_TOPK and LCQ_RANK_ALLOC were removed (issue 16's round): a run that still sets one
+    stops and names it, instead of silently running without it."""
+    for knob in ("LCQ_OBJECTIVE", "LCQ_TEACHER_TOPK", "LCQ_RANK_ALLOC"):
+        with pytest.raises(ConfigError, match=f"^{knob}: this knob is gone"):
+            resolve([], env={knob: "1"})
+    assert resolve([], env={"LCQ_TEACHER_TOPK": ""})[0].lcq_bytes == "auto"
