@@ -396,8 +396,7 @@ def lcq_stage(run, calibrate, spec: QuantSpec) -> None:
             wrappers[n].set_factors(fit["B"].to(dinfo.device), fit["A"].to(dinfo.device))
             wrappers[n].fmt, wrappers[n].grid = fmt, tuple(t.to(dinfo.device) for t in fit["grid"])
     else:
-        init_factors(student, teacher, cfg.lcq_init, run.hessians,
-                     calibrate, cfg.lcq_grail_ridge)
+        init_factors(student, teacher, cfg.lcq_init, run.hessians, calibrate, cfg.lcq_grail_ridge)
         if cfg.lcq_merge != "baked":  # side/fused ship the factors on this grid: train on it (baked re-quantizes W + BA)
             set_format(student, fmt)
     elapsed = time.perf_counter() - t0

@@ -146,7 +146,8 @@ def attach_lora(model: nn.Module, targets: list[str] | tuple[str, ...], rank: in
     modules = dict(model.named_modules())
     for n in matched:
         if not hasattr(modules[n], "in_features") or isinstance(modules[n], LoRALinear):  # a linear layer or a branch
-            raise TypeError(f"attach_lora: {n!r} is a {type(modules[n]).__name__}: a Linear, wrapped only once")
+            raise TypeError(f"attach_lora: {n!r} is a {type(modules[n]).__name__}; targets are linear layers or "
+                            "branches, each wrapped only once")
     if isinstance(rank, dict):
         missing = [n for n in matched if n not in rank]
         unknown = [n for n in rank if n not in matched]
@@ -162,16 +163,17 @@ def attach_lora(model: nn.Module, targets: list[str] | tuple[str, ...], rank: in
     for p in model.parameters():
         p.requires_grad_(False)
     wrappers = {}
+    # A tied head's weight is also the token lookup (LQER corrected that shared weight, issue 16): the delta reaches
+    # both uses, so the side path scores what merge_lora folds into the one weight.
+    lookups = {id(e.weight): e for e in modules.values() if isinstance(e, nn.Embedding)}
     for n in sorted(matched, key=lambda n: -n.count(".")):  # inner layers first: a branch LoRA wraps them as they are
         if ranks[n] == 0:
             continue
         wrappers[n] = w = LoRALinear(modules[n], ranks[n], alpha)
         _set_submodule(model, n, w)
-        # A tied head's weight is also the token lookup (LQER corrected that shared weight, issue 16): the delta reaches
-        # both uses, so the side path scores what merge_lora folds into the one weight.
-        for e in model.modules():
-            if isinstance(e, nn.Embedding) and getattr(w.base, "weight", None) is e.weight:
-                w.tied = e, e.register_forward_hook(w.lookup)
+        e = lookups.get(id(getattr(w.base, "weight", None)))
+        if e is not None:
+            w.tied = e, e.register_forward_hook(w.lookup)
     return wrappers
 
 
@@ -551,6 +553,8 @@ def init_grail(W: torch.Tensor, W_hat: torch.Tensor, H_hat: torch.Tensor, C: tor
     for label, M in (("H_hat", H_hat), ("C", C)):
         if M.shape != (n_in, n_in):
             raise ValueError(f"init_grail: {label} must be {(n_in, n_in)}, got {tuple(M.shape)}")
+    if ridge < 0:
+        raise ValueError(f"init_grail: ridge must be >= 0, got {ridge}")
     Hh, W64, Wh64 = H_hat.double(), W.double(), W_hat.double()
     lam = ridge * Hh.diagonal().sum() / n_in
     lhs = Hh + lam * torch.eye(n_in, dtype=Hh.dtype, device=Hh.device)
