@@ -112,6 +112,9 @@ class Config:
     # init) | off. BOS-masked either way (issue 19)
     smear_gate: str = "blend"
     logit_softcap: float = 30.0  # 0 disables
+    # learned caps for positive and negative logits, both from LOGIT_SOFTCAP, adapted only by TTT's global phase (#1923 ->
+    # #2130/#2135's ASYM_LOGIT_RESCALE; lcq/model.py)
+    logit_softcap_asym: bool = False
     tied_embed_init_std: float = 0.005
     # record-stack features (openai/parameter-golf #1855 and the PRs it stacks); the field defaults leave each one off
     xsa_last_n: int = 0  # exclusive self-attention (output minus its own-value component) on the last N layers (#478)
@@ -302,6 +305,8 @@ class Config:
              f"must be in [0, MODEL_DIM={self.model_dim}] (0 = off)")
         need(math.isfinite(self.attn_gate_scale) and self.attn_gate_scale > 0, "attn_gate_scale", "must be > 0")
         need(isinstance(self.autocast_cpu_bf16, bool), "autocast_cpu_bf16", "must be 0 or 1")
+        need(self.logit_softcap > 0 or not self.logit_softcap_asym, "logit_softcap_asym",
+             "needs LOGIT_SOFTCAP > 0 (the caps start there)")
         need(1 <= self.eval_stride <= self.window, "eval_stride", f"must be in [1, eval window={self.window}]")
         need(self.eval_batch_tokens >= self.window, "eval_batch_tokens",
              f"must hold at least one eval window ({self.window} tokens)")
@@ -356,8 +361,9 @@ class Config:
 # The fields that define the network: an artifact records them, and --eval_only rebuilds the model from them.
 MODEL_FIELDS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "mlp_act",
                 "leaky_relu_slope", "rope_dims", "rope_base", "qk_norm", "qk_gain_init", "unet_skips", "smear_gate",
-                "logit_softcap", "tied_embed_init_std", "xsa_last_n", "ln_scale", "skip_gates", "recur_passes",
-                "recur_start_layer", "recur_end_layer", "parallel_start_layer", "attn_gate_window", "attn_gate_scale", "resid_mix")
+                "logit_softcap", "logit_softcap_asym", "tied_embed_init_std", "xsa_last_n", "ln_scale", "skip_gates",
+                "recur_passes", "recur_start_layer", "recur_end_layer", "parallel_start_layer", "attn_gate_window",
+                "attn_gate_scale", "resid_mix")
 
 _DEMO_DATA = "./data/demo/datasets/demo_sp1024"
 _DEMO_TOKENIZER = "./data/demo/tokenizers/demo_sp1024.model"
