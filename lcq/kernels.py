@@ -158,10 +158,8 @@ class _CE(torch.autograd.Function):
 
 def softcap_ce(logits, targets, cap, cap_neg=None):
     """Mean cross-entropy of softcap(logits, cap, cap_neg); logits (N, V) in the head's dtype, targets (N,) int64.
-    cap: a float, or with cap_neg two 0-d tensors (the model's learned caps), constants here: only the logits get a
-    gradient (#2135 trains the caps in TTT's global phase alone)."""
-    if cap_neg is not None:
-        cap, cap_neg = cap.detach(), cap_neg.detach()
+    cap: a float, or with cap_neg two 0-d tensors (the model's learned caps, which training leaves alone, #2135): the
+    kernel's gradient goes to the logits only."""
     if not use_triton(logits):
         return ce_ref(logits, targets, cap, cap_neg)
     caps = logits.new_full((2,), cap, dtype=torch.float32) if cap_neg is None else torch.stack((cap, cap_neg)).float()
