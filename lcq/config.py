@@ -112,8 +112,8 @@ class Config:
     # init) | off. BOS-masked either way (issue 19)
     smear_gate: str = "blend"
     logit_softcap: float = 30.0  # 0 disables
-    # learned caps for positive and negative logits, both from LOGIT_SOFTCAP, adapted only by TTT's global phase (#1923 ->
-    # #2130/#2135's ASYM_LOGIT_RESCALE; lcq/model.py)
+    # learned caps for positive and negative logits, both from LOGIT_SOFTCAP (with LOGIT_SOFTCAP=0 there is no softcap
+    # and they do nothing), adapted only by TTT's global phase (#1923 -> #2130/#2135's ASYM_LOGIT_RESCALE; lcq/model.py)
     logit_softcap_asym: bool = False
     tied_embed_init_std: float = 0.005
     # record-stack features (openai/parameter-golf #1855 and the PRs it stacks); the field defaults leave each one off
@@ -305,8 +305,6 @@ class Config:
              f"must be in [0, MODEL_DIM={self.model_dim}] (0 = off)")
         need(math.isfinite(self.attn_gate_scale) and self.attn_gate_scale > 0, "attn_gate_scale", "must be > 0")
         need(isinstance(self.autocast_cpu_bf16, bool), "autocast_cpu_bf16", "must be 0 or 1")
-        need(self.logit_softcap > 0 or not self.logit_softcap_asym, "logit_softcap_asym",
-             "needs LOGIT_SOFTCAP > 0 (the caps start there)")
         need(1 <= self.eval_stride <= self.window, "eval_stride", f"must be in [1, eval window={self.window}]")
         need(self.eval_batch_tokens >= self.window, "eval_batch_tokens",
              f"must hold at least one eval window ({self.window} tokens)")

@@ -162,5 +162,5 @@ def softcap_ce(logits, targets, cap, cap_neg=None):
     kernel's gradient goes to the logits only."""
     if not use_triton(logits):
         return ce_ref(logits, targets, cap, cap_neg)
-    caps = logits.new_full((2,), cap, dtype=torch.float32) if cap_neg is None else torch.stack((cap, cap_neg)).float()
+    caps = logits.new_full((2,), cap, dtype=torch.float32) if cap_neg is None else torch.stack((cap, cap_neg))
     return _CE.apply(logits.contiguous(), targets, caps).mean()
