@@ -175,7 +175,8 @@ def test_record_adapters_are_1855s_o_and_mlp_read_the_blocks_normed_input():
 
     m = model("artifact", RECORD_TARGETS)  # shipped factors on every block's c_v, zero-started adapters elsewhere
     mods = lora_modules(m)
-    want = {f"blocks.{i}.{n}" for i in range(2) for n in ("attn", "attn.base.c_q", "attn.base.c_v", "mlp")} | {"lm_head"}
+    names = ("attn", "attn.base.c_q", "attn.base.c_v", "mlp")
+    want = {f"blocks.{i}.{n}" for i in range(2) for n in names} | {"lm_head"}
     assert set(mods) == want  # fc, proj and attn.proj carry none: the MLP keeps its fused kernel
     for w in mods.values():
         torch.nn.init.normal_(w.lora_B, std=0.1)
