@@ -67,7 +67,7 @@ if triton is not None:
 
     @triton.jit
     def _ce_kernel(z, t, loss, dz, V, stride, cap, BLOCK: tl.constexpr):
-        row = tl.program_id(0)
+        row = tl.program_id(0).to(tl.int64)  # int32 row * V overflows from 262,144 rows of vocab 8192 (as #1855 casts)
         base, tr = z + row * stride, tl.load(t + row)
         total = tl.zeros((BLOCK,), dtype=tl.float32)
         for start in range(0, V, BLOCK):
