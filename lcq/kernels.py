@@ -42,8 +42,10 @@ def ce_ref(z, t, cap: float):
 
 if triton is not None:
     @triton.jit
-    def _up_kernel(a, b, pre, o1, o2, M, N, K, slope, FWD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                   BK: tl.constexpr):
+    def _up_kernel(a, b, pre, o1, o2, M, N, K: tl.constexpr, slope, FWD: tl.constexpr, BM: tl.constexpr,
+                   BN: tl.constexpr, BK: tl.constexpr):
+        # K and V (the CE's) are constexpr: one compile per width (d or hidden; the vocab), and plain ints to the
+        # interpreter, whose range() over a tensor bound fails under numpy >= 2.4 (issue 27)
         rm = tl.program_id(0) * BM + tl.arange(0, BM)
         rn = tl.program_id(1) * BN + tl.arange(0, BN)
         acc = tl.zeros((BM, BN), dtype=tl.float32)
@@ -66,7 +68,7 @@ if triton is not None:
         tl.store(o2 + off, (act * act).to(o2.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _ce_kernel(z, t, loss, dz, V, stride, cap, BLOCK: tl.constexpr):
+    def _ce_kernel(z, t, loss, dz, V: tl.constexpr, stride, cap, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)  # int32 row * V overflows from 262,144 rows of vocab 8192 (as #1855 casts)
         base, tr = z + row * stride, tl.load(t + row)
         total = tl.zeros((BLOCK,), dtype=tl.float32)

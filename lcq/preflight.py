@@ -35,7 +35,7 @@ from . import dist as D
 from . import grouping, kernels
 from .attention import varlen_attention
 from .config import Config, ConfigError, replace, resolve
-from .data import cu_buckets, doc_starts, list_shards, read_header, segment_bounds, val_pattern
+from .data import doc_starts, list_shards, read_header, segment_bounds, val_pattern
 from .distill import lcq_target_names, lora_bytes_per_rank
 from .evaluate import Scored, ValStream, _batches, evaluate, plan_doc, plan_windows
 from .gptq import quantize_state, tensor_role
@@ -44,7 +44,8 @@ from .pipeline import build, open_run, quant_spec, quantize
 from .runlog import device_name
 from .script import shipped_script
 from .shipping import LORA_PREFIX, TIED, artifact_meta
-from .train import train
+from .seq_schedule import SeqSchedule
+from .train import bucket_plan, train
 from .ttt import SlotAdapters, adapt_batch, batch_cost, global_phase, prepare_adapter, schedule, ttt_forward, warm_up
 from .ttt import spec_from_config as ttt_spec
 
@@ -89,6 +90,13 @@ def cpu_model() -> str:
 
 
 # ------------------------------------------------------------------------------------------------------ rows
+
+def fa3_scratch_bytes(tokens: int, segments: int, heads: int, kv_heads: int, head_dim: int) -> int:
+    """FA3's varlen backward scratch (issue 27): fp32 dq accumulators over round128(tokens + 128 * segments) rows for
+    every head, and dk/dv accumulators over as many rows for the KV heads when they are fewer (GQA)."""
+    rows = -(-(tokens + 128 * segments) // 128) * 128
+    return rows * head_dim * 4 * (heads + (2 * kv_heads if kv_heads < heads else 0))
+
 
 def check_collective(dinfo: D.DistInfo) -> Row:
     """All-reduce a known value (SUM of rank+1 and MAX of rank) and check the answer on every rank."""
@@ -187,10 +195,11 @@ def timed_steps(run, steps: int) -> tuple[Row, Row]:
         breaks = int(sum(counters["graph_break"].values()))
         reasons = "; ".join(list(counters["graph_break"])[:2])
         # static shapes (lcq/train.py): one training graph per cu_seqlens bucket and layer order, all in the warm-up
-        buckets = cu_buckets(res.tokens_per_step // (dinfo.world_size * cfg.grad_accum_steps))
-        want = len(buckets) * (1 + (cfg.recur_passes > 1))
+        buckets, warmed, _ = bucket_plan(cfg, res.tokens_per_step // (dinfo.world_size * cfg.grad_accum_steps),
+                                         run.bos_id, SeqSchedule(cfg.train_seq_schedule, cfg.train_seq_len).lengths)
+        want = warmed * (1 + (cfg.recur_passes > 1))
         compile_row = Row("compile", GO if breaks == 0 else WARN,
-                          f"{graphs} graph(s) ({want} training: cu_seqlens buckets {buckets} x layer orders), "
+                          f"{graphs} graph(s) ({want} training: cu_seqlens buckets {buckets[:warmed]} x layer orders), "
                           f"{breaks} graph break(s)" + (f": {reasons}" if breaks else ""),
                           "torch._dynamo counters over the warm-up and timed steps (a break costs speed, which the "
                           "train row already measures)",
