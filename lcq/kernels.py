@@ -88,14 +88,19 @@ if triton is not None:
         tl.store(loss + row, lse - cap + 2 * cap / (1 + tl.exp(2 * xt / cap)))
 
 
-def up(a, b, slope: float, pre=None):
+# The up kernel's tiles and launch (issue 27): #1855's is 256 x 128 x 64 with 8 warps (and TMA on a persistent grid, which
+# this plain block loop has not); `python -m lcq.preflight --gpu-check` times these against F.linear on the box.
+MLP_TILES = dict(BM=64, BN=64, BK=32, num_warps=4, num_stages=2)
+
+
+def up(a, b, slope: float, pre=None, tiles=None):
     """a (M, K), b (N, K). Forward (pre None): (a @ b.T, leaky(a @ b.T)^2). Backward (pre given, a the gradient of the
     MLP's output, b its down-projection transposed): (a @ b.T * d leaky(pre)^2 / d pre, leaky(pre)^2)."""
-    a, b = a.contiguous(), b.contiguous()
+    a, b, t = a.contiguous(), b.contiguous(), tiles or MLP_TILES
     (m, k), n = a.shape, b.shape[0]
     o1, o2 = a.new_empty(m, n), a.new_empty(m, n)
-    _up_kernel[(triton.cdiv(m, 64), triton.cdiv(n, 64))](a, b, o1 if pre is None else pre, o1, o2, m, n, k, slope,
-                                                        FWD=pre is None, BM=64, BN=64, BK=32)
+    _up_kernel[(triton.cdiv(m, t["BM"]), triton.cdiv(n, t["BN"]))](a, b, o1 if pre is None else pre, o1, o2, m, n, k,
+                                                                  slope, FWD=pre is None, **t)
     return o1, o2
 
 

@@ -143,9 +143,10 @@ class MLP(nn.Module):
         # relu^2 is the baseline; LeakyReLU(0.5)^2 keeps a gradient for negative inputs (public records, e.g. PR #549).
         self.slope = cfg.leaky_relu_slope if cfg.mlp_act == "leaky_relu2" else 0.0
         self.in_features = self.out_features = cfg.model_dim  # #1855's MLP adapter wraps the branch (lcq/lora.py)
+        self.fused = cfg.fused_mlp
 
     def forward(self, x):
-        if all(type(m) is CastedLinear and not (m._forward_hooks or m._forward_pre_hooks) for m in (self.fc, self.proj)):
+        if self.fused and all(type(m) is CastedLinear and not (m._forward_hooks or m._forward_pre_hooks) for m in (self.fc, self.proj)):
             # the fused kernel (lcq/kernels.py); the hooks of GPTQ and LCQ and LoRA's wrappers need the module calls below
             return kernels.mlp(x, self.fc.weight, self.proj.weight, self.slope)
         h = self.fc(x)
@@ -340,6 +341,13 @@ def configure_runtime(model: GPT, cfg: Config, device: torch.device) -> GPT:
     return model
 
 
+def eval_backend(model: nn.Module) -> str | None:
+    """torch.compile's backend for the eval forwards: compile_eval True is inductor, a name that backend (a CPU one in
+    tests), False none."""
+    c = getattr(model, "compile_eval", False)
+    return "inductor" if c is True else c or None
+
+
 def eval_forward(model: nn.Module, device: torch.device):
     """The function lcq.evaluate gets logits from: `model(input_ids, cu_seqlens, max_seqlen)` under autocast_for, through
     torch.compile(model, dynamic=True) when the model's compile_eval is set (CUDA with COMPILE=1).
@@ -347,7 +355,7 @@ def eval_forward(model: nn.Module, device: torch.device):
     dynamic=True because eval batches differ in length, segment count and max_seqlen (a rank's last batch is short): one
     graph serves them all instead of a recompile per shape. Dynamo keeps the compiled code on GPT.forward's code object,
     so wrapping the same model again (every batch, every monitor eval) finds it instead of compiling anew."""
-    fwd = torch.compile(model, dynamic=True) if getattr(model, "compile_eval", False) else model
+    fwd = torch.compile(model, dynamic=True, backend=eval_backend(model)) if eval_backend(model) else model
     autocast = autocast_for(device, getattr(model, "autocast_cpu_bf16", False))
 
     def forward(input_ids: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:

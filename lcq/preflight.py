@@ -611,10 +611,22 @@ def render(rows: list[Row], header: str) -> list[str]:
     return lines
 
 
+def run_gpu_check(cfg: Config, steps: int) -> int:
+    """Print gpu_check's JSON line for the first CUDA device (else the CPU); exit 1 if a section failed."""
+    from .gpu_check import gpu_check  # it imports this module
+    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    report = gpu_check(cfg, device, steps)
+    print(json.dumps(dict(gpu_check=report), sort_keys=True, default=str), flush=True)
+    return int(any(isinstance(v, dict) and "error" in v for v in report.values()))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m lcq.preflight", description=__doc__, allow_abbrev=False,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=20, help="timed training steps after the warm-up (default 20)")
+    ap.add_argument("--gpu-check", action="store_true",
+                    help="the one prepared device check (lcq/gpu_check.py) at the preset's dims on one device: every "
+                         "GPU-only path once, one JSON line; the first command to run on a lent GPU")
     args, rest = ap.parse_known_args(sys.argv[1:] if argv is None else argv)
     if args.steps < 1:
         ap.error(f"--steps {args.steps}: must be >= 1")
@@ -623,6 +635,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    if args.gpu_check:
+        return run_gpu_check(cfg, args.steps)
     # its own log file, so a preflight never collides with the run it checks
     cfg = replace(cfg, run_id=f"preflight_{cfg.run_id}")
     dinfo = D.init_dist()

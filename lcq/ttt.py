@@ -37,7 +37,7 @@ from . import dist as D
 from .config import Config, replace
 from .evaluate import EvalResult, Scored, ValStream, _batches, document_spans, finish_scores, forward_rows, plan_doc
 from .lora import DEFAULT_TARGETS, LoRALinear, attach_lora, lora_modules, lora_parameters, match_targets, merge_lora
-from .model import autocast_for
+from .model import autocast_for, eval_backend
 from .shipping import apply_lora, load_shipped
 from .tokenizer import token_bytes
 from .ttt_lora import SlotAdapters
@@ -184,7 +184,7 @@ def split_batches(costs: list[int], world: int) -> list[int]:
 def ttt_forward(model: nn.Module, device: torch.device, backend: str | None = None):
     """The chunk forward: compiled with static shapes (dynamic=False; one graph per (slots, bucket) shape) when the
     model's compile_eval is set or a backend is given, eager otherwise; under autocast as the sliding eval."""
-    backend = backend or ("inductor" if getattr(model, "compile_eval", False) else None)
+    backend = backend or eval_backend(model)
     if backend:
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     fwd = torch.compile(model, dynamic=False, backend=backend) if backend else model
@@ -209,6 +209,15 @@ def warm_up(fwd, ad: SlotAdapters, window: int, vocab: int, device: torch.device
         for p in ad.params:
             p.grad = None
     return len(buckets(window))
+
+
+def synthetic_stream(val: ValStream, window: int, vocab: int) -> tuple[ValStream, np.ndarray]:
+    """Random tokens (never val tokens) in 4 documents of `window` tokens, with val's byte tables, and their spans: what
+    the warm-up runs a phase step on (at lr 0: the weights do not move)."""
+    toks = np.random.default_rng(0).integers(0, vocab, 4 * window + 1)
+    toks[::window] = val.bos_id
+    syn = ValStream(toks, val.bos_id, val.tables, val.device)
+    return syn, document_spans(syn.starts, syn.n)
 
 
 def adapt_batch(fwd, ad: SlotAdapters, val: ValStream, plans: list[np.ndarray], spec: TTTSpec, window: int,
@@ -303,9 +312,14 @@ def evaluate_ttt(model: nn.Module, val_tokens: np.ndarray, bos_id: int, tables, 
     spans, order, plans, segs = schedule(val, window, stride, spec, dinfo.world_size)
     ad = SlotAdapters(model, spec.batch_docs, spec.lr, (spec.beta1, spec.beta2), spec.eps, spec.weight_decay)
     fwd = ttt_forward(model, dinfo.device, backend)
-    if backend or getattr(model, "compile_eval", False):
+    if backend or eval_backend(model):
         tw = time.perf_counter()
         shapes = warm_up(fwd, ad, window, model.tok_emb.num_embeddings, dinfo.device, spec.steps > 0)
+        if len(segs) > 1:  # the phases' forward and backward (eval_forward, LoRA wrappers in) compile here too (issue 27)
+            ad.install(back=True)
+            global_phase(model, *synthetic_stream(val, window, model.tok_emb.num_embeddings), window,
+                         replace(spec, phase_lr=0.0), spec.phase_tokens or batch_tokens, dinfo)
+            ad.install()
         D.sync(dinfo.device)
         if log is not None:
             log(f"ttt_warmup: {shapes} shapes {time.perf_counter() - tw:.2f}s (synthetic tokens, before the eval clock)")

@@ -235,9 +235,11 @@ def test_compiled_training_loss_equals_eager_in_one_graph(dynamo_counters):
             torch.testing.assert_close(pc.grad, pe.grad, atol=1e-5, rtol=1e-4, msg=name)
         compiles.append(counter.frame_count)
     # Nothing compiles after the first batch (no recompile for new lengths or segment layouts), and the model is one
-    # graph: the backend also receives one empty graph for the bound-method frame, which holds no op.
+    # graph: one frame, one graph installed. The backend's own count is not that number: torch 2.13 hands it an empty
+    # graph for the bound-method frame as well, and torch 2.9.1 the same graph twice (a compile restarted once, its
+    # first graph discarded; issue 27), so dynamo's unique_graphs counts what runs.
     assert compiles[0] == compiles[-1] and dynamo_counters["frames"]["total"] == 1, (compiles, dict(dynamo_counters["frames"]))
-    assert sum(1 for g in counter.graphs if any(n.op == "call_function" for n in g.graph.nodes)) == 1
+    assert dynamo_counters["stats"]["unique_graphs"] == 1, dict(dynamo_counters["stats"])
     assert not dynamo_counters["graph_break"], dict(dynamo_counters["graph_break"])
 
 

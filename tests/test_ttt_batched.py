@@ -94,6 +94,39 @@ def test_chunk_forward_compiles_one_graph_per_padded_shape(tmp_path):
     torch._dynamo.reset()
 
 
+def test_ttt_phase_compiles_before_the_eval_clock(tmp_path):
+    """Issue 27: a global phase trains the base weights through eval_forward (torch.compile(model, dynamic=True)) with
+    gradients on and the LoRA wrappers in place, a graph the chunk forward never builds. The warm-up runs one phase step
+    on synthetic tokens at lr 0, so no Dynamo frame is compiled after the ttt_warmup line, and the scores equal those
+    of an uncompiled run (the warm-up moved no weight)."""
+    from torch._dynamo.utils import counters
+
+    toks = val_stream([13, 7, 21, 12, 9, 5], seed=7)
+    kw = dict(batch_docs=2, chunk_tokens=8, phases=1, phase_docs=3, phase_tokens=48, phase_momentum=0.9, phase_clip=1.0,
+              phase_cosine=True)
+    eager = {}
+    for name, compile_eval in (("eager", False), ("compiled", "eager")):  # "eager": dynamo's capture, no codegen
+        torch._dynamo.reset()
+        counters.clear()
+        m = model("zero")
+        m.compile_eval = compile_eval  # what configure_runtime sets on CUDA with COMPILE=1 (True: inductor)
+        frames, lines = [], []
+
+        def log(line):
+            lines.append(line)
+            frames.append(counters["frames"]["total"])
+
+        path = tmp_path / f"{name}.npz"
+        evaluate_ttt(m, toks, BOS, synthetic_tables(), WINDOW, STRIDE, 64, CPU, spec(**kw), log=log, dump=str(path))
+        with np.load(path) as z:
+            eager[name] = z["nll"]
+    warm = next(i for i, line in enumerate(lines) if line.startswith("ttt_warmup:"))
+    assert any(line.startswith("ttt_phase:1/1") for line in lines[warm:]), lines
+    assert frames[warm] > len(buckets(WINDOW)) and counters["frames"]["total"] == frames[warm], (frames, lines)
+    torch._dynamo.reset()
+    np.testing.assert_allclose(eager["compiled"], eager["eager"], rtol=1e-6, atol=1e-7)
+
+
 def test_buckets_and_rank_split():
     assert [bucket(n, 2048) for n in (1, 17, 48, 256, 257, 2000, 2048)] == [16, 32, 64, 256, 512, 2048, 2048]
     assert len(buckets(2048)) <= 12
