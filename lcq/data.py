@@ -229,26 +229,15 @@ def segment_bounds(x: torch.Tensor, bos_id: int, max_seqlen: int) -> torch.Tenso
     return bounds.to(torch.int32)
 
 
-def max_segments(pattern: str, n: int, cut: int, bos_id: int, limit: int = 1 << 28) -> int:
-    """The most segments an n-token row of the train stream has, cut every `cut` tokens: BOS count + cuts, per row of
-    the first `limit` tokens of the shards (issue 27: real rows hold ~100-200; every bucket past them only costs
-    memory: FA3's backward scratch grows by 128 rows per segment)."""
-    most, left = 1, limit
-    for f in list_shards(pattern, "train"):
-        toks = read_shard(f)[:left]
-        left -= toks.size
-        if toks.size:
-            most = max(most, int(np.bincount(np.flatnonzero(toks == bos_id) // (n + 1)).max(initial=0)))
-        if left <= 0:
-            break
-    return most + -(-n // cut)
+def max_segments(pattern: str, n: int, cut: int, bos_id: int) -> int:
+    """At most how many segments an n-token row of the first train shard has, cut every `cut` (issue 27)."""
+    starts = np.flatnonzero(read_shard(list_shards(pattern, "train")[0]) == bos_id)
+    return int(np.bincount(starts // (n + 1)).max(initial=0)) + -(-n // cut)
 
 
 def cu_buckets(n: int, most: int) -> tuple[list[int], int]:
-    """(sizes, warmed): the lengths cu_seqlens of an n-token row is padded to (issue 18), 65, 257, 1025, ... (4x apart)
-    up to the first that holds twice `most` segments, then n + 1 (every token its own segment), which holds any row.
-    The warm-up compiles sizes[:warmed]; a row past them compiles once, instead of the warm-up allocating FA3's scratch
-    for n segments (~49 GiB at 98,304: issue 27)."""
+    """(sizes, warmed): cu_seqlens lengths of an n-token row (issue 18), 65, 257, ... (4x) to the first holding 2 * most
+    segments, then n + 1 (holds any row; unwarmed: FA3's scratch for 98,304 segments is ~48 GiB, issue 27)."""
     out = [65]
     while out[-1] - 1 < min(2 * most, n):
         out.append(4 * out[-1] - 3)

@@ -44,8 +44,7 @@ if triton is not None:
     @triton.jit
     def _up_kernel(a, b, pre, o1, o2, M, N, K: tl.constexpr, slope, FWD: tl.constexpr, BM: tl.constexpr,
                    BN: tl.constexpr, BK: tl.constexpr):
-        # K and V (the CE's) are constexpr: one compile per width (d or hidden; the vocab), and plain ints to the
-        # interpreter, whose range() over a tensor bound fails under numpy >= 2.4 (issue 27)
+        # K, V constexpr: plain ints to triton 3.5's interpreter, whose range() over a tensor fails on numpy 2.4
         rm = tl.program_id(0) * BM + tl.arange(0, BM)
         rn = tl.program_id(1) * BN + tl.arange(0, BN)
         acc = tl.zeros((BM, BN), dtype=tl.float32)
@@ -69,7 +68,7 @@ if triton is not None:
 
     @triton.jit
     def _ce_kernel(z, t, loss, dz, V: tl.constexpr, stride, cap, BLOCK: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)  # int32 row * V overflows from 262,144 rows of vocab 8192 (as #1855 casts)
+        row = tl.program_id(0).to(tl.int64)  # int32 row * V wraps at 262,144 rows of vocab 8192 (#1855 casts too)
         base, tr = z + row * stride, tl.load(t + row)
         total = tl.zeros((BLOCK,), dtype=tl.float32)
         for start in range(0, V, BLOCK):
@@ -88,15 +87,13 @@ if triton is not None:
         tl.store(loss + row, lse - cap + 2 * cap / (1 + tl.exp(2 * xt / cap)))
 
 
-# The up kernel's tiles and launch (issue 27): #1855's is 256 x 128 x 64 with 8 warps (and TMA on a persistent grid, which
-# this plain block loop has not); `python -m lcq.preflight --gpu-check` times these against F.linear on the box.
-MLP_TILES = dict(BM=64, BN=64, BK=32, num_warps=4, num_stages=2)
+MLP_TILES = dict(BM=64, BN=64, BK=32, num_warps=4, num_stages=2)  # gpu-check times them against #1855's
 
 
-def up(a, b, slope: float, pre=None, tiles=None):
+def up(a, b, slope: float, pre=None):
     """a (M, K), b (N, K). Forward (pre None): (a @ b.T, leaky(a @ b.T)^2). Backward (pre given, a the gradient of the
     MLP's output, b its down-projection transposed): (a @ b.T * d leaky(pre)^2 / d pre, leaky(pre)^2)."""
-    a, b, t = a.contiguous(), b.contiguous(), tiles or MLP_TILES
+    a, b, t = a.contiguous(), b.contiguous(), MLP_TILES
     (m, k), n = a.shape, b.shape[0]
     o1, o2 = a.new_empty(m, n), a.new_empty(m, n)
     _up_kernel[(triton.cdiv(m, t["BM"]), triton.cdiv(n, t["BN"]))](a, b, o1 if pre is None else pre, o1, o2, m, n, k,

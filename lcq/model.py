@@ -336,16 +336,9 @@ def configure_runtime(model: GPT, cfg: Config, device: torch.device) -> GPT:
     """Set the execution settings a GPT carries for `device` (attention backend, compiled eval, CPU autocast)."""
     model.attn_backend = resolve_backend(cfg.attention_backend, device)
     # COMPILE is a CUDA knob (its config comment says so); on CPU the eager forward is what runs.
-    model.compile_eval = cfg.compile and device.type == "cuda"
+    model.compile_eval = cfg.compile and device.type == "cuda" and "inductor"  # a backend name, or False
     model.autocast_cpu_bf16 = cfg.autocast_cpu_bf16
     return model
-
-
-def eval_backend(model: nn.Module) -> str | None:
-    """torch.compile's backend for the eval forwards: compile_eval True is inductor, a name that backend (a CPU one in
-    tests), False none."""
-    c = getattr(model, "compile_eval", False)
-    return "inductor" if c is True else c or None
 
 
 def eval_forward(model: nn.Module, device: torch.device):
@@ -355,7 +348,8 @@ def eval_forward(model: nn.Module, device: torch.device):
     dynamic=True because eval batches differ in length, segment count and max_seqlen (a rank's last batch is short): one
     graph serves them all instead of a recompile per shape. Dynamo keeps the compiled code on GPT.forward's code object,
     so wrapping the same model again (every batch, every monitor eval) finds it instead of compiling anew."""
-    fwd = torch.compile(model, dynamic=True, backend=eval_backend(model)) if eval_backend(model) else model
+    backend = getattr(model, "compile_eval", False)
+    fwd = torch.compile(model, dynamic=True, backend=backend) if backend else model
     autocast = autocast_for(device, getattr(model, "autocast_cpu_bf16", False))
 
     def forward(input_ids: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:

@@ -145,8 +145,7 @@ class GradSync:
                 buckets.append([])
             buckets[-1].append(p)
         self.flats = [torch.zeros(sum(p.numel() for p in ps), device=ps[0].device) for ps in buckets if ps]
-        # banks first, in the order backward completes them; the flats hold the embedding, whose gradient comes last
-        # (sent first, they held every send to the end of backward: issue 27)
+        # banks first, as backward completes them; flats (the embedding's gradient is last) held every send (issue 27)
         self.buckets = [(b.params, b) for b in reversed(muon.banks)]
         self.buckets += [(ps, flat) for ps, flat in zip([b for b in buckets if b], self.flats)]
         self.views = []

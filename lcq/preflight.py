@@ -466,8 +466,13 @@ def eval_row(run) -> Row:
         return None if run.val_bytes is None else run.val_bytes[:part.size]
 
     args = (run.bos_id, run.tables, cfg.window, cfg.eval_stride, cfg.eval_batch_tokens, dinfo)
+    from torch._dynamo.utils import counters
     evaluate(run.model, warm, *args, val_bytes=side(warm))
+    frames = counters["frames"]["total"]
     res = evaluate(run.model, timed, *args, val_bytes=side(timed))
+    # issue 27: frames the timed pass compiled after the warm call. dynamic=True over varying max_seqlen recompiles with
+    # a flash-attn build whose op is not a torch custom_op, up to the recompile limit, then runs eagerly on the clock
+    frames = counters["frames"]["total"] - frames
     tw = plan_windows(doc_starts(timed, run.bos_id), timed.size, cfg.window, cfg.eval_stride)
     rate = float((tw[:, 1] - tw[:, 0]).sum()) / res.seconds
     projected = forward / rate
@@ -492,16 +497,18 @@ def eval_row(run) -> Row:
                         "(one timed step each)" if ttt_data["ttt_phase_steps"] else "") + ".")
     cut = cfg.val_max_tokens and val.size < shard_tokens
     used = f"first {val.size:,} (VAL_MAX_TOKENS)" if cut else f"all {val.size:,}"
-    return Row("eval", GO if ok else NO_GO,
+    recompiled = f"; WARN: the timed pass compiled {frames} Dynamo frame(s) after its warm-up call" if frames else ""
+    return Row("eval", (GO if not frames else WARN) if ok else NO_GO,
                f"{rate:,.0f} forward tok/s; projected {projected:.1f}s per sliding pass{ttt_text}, EVAL_BUDGET_SECONDS "
-               f"{cfg.eval_budget_seconds:.0f} (each pass)",
+               f"{cfg.eval_budget_seconds:.0f} (each pass){recompiled}",
                f"val shards hold {shard_tokens:,} tokens (headers); scoring {used} tokens, {starts.size:,} documents, "
                f"window {cfg.window} stride {cfg.eval_stride}: {len(windows):,} windows, {forward:,} forward tokens. "
                f"Rate: timed lcq.evaluate of the first {timed.size:,} val tokens after a warm-up call, "
                f"{cfg.eval_batch_tokens} tokens/batch/rank, float model without LoRA (a side LoRA adds its low-rank "
                "path); each scored stage (pre_quant, quantized, as shipped) is one such pass; go if "
                f"x{1 + TIME_MARGIN:.2f} fits." + ttt_basis,
-               dict(**ttt_data, tok_per_s=rate, projected_s=projected, val_tokens_in_shards=shard_tokens,
+               dict(**ttt_data, tok_per_s=rate, projected_s=projected, frames_after_warmup=frames,
+                    val_tokens_in_shards=shard_tokens,
                     val_tokens_scored=int(val.size), documents=int(starts.size), windows=len(windows),
                     forward_tokens=forward, eval_budget_s=cfg.eval_budget_seconds))
 

@@ -59,8 +59,7 @@ def compile_loss(model: nn.Module, graphs: int, backend: str = "inductor"):
 
 
 def bucket_plan(cfg: Config, n: int, bos_id: int, lengths: list[int]) -> tuple[list[int], int, int]:
-    """cu_buckets for n-token rows of this run's train data at its shortest context stage (the most cuts), and that
-    measured maximum segment count."""
+    """cu_buckets for this run's train rows at their shortest context (most cuts), and the measured maximum."""
     most = max_segments(train_pattern(cfg.data_path), n, min(lengths), bos_id)
     return (*cu_buckets(n, most), most)
 

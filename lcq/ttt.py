@@ -37,7 +37,7 @@ from . import dist as D
 from .config import Config, replace
 from .evaluate import EvalResult, Scored, ValStream, _batches, document_spans, finish_scores, forward_rows, plan_doc
 from .lora import DEFAULT_TARGETS, LoRALinear, attach_lora, lora_modules, lora_parameters, match_targets, merge_lora
-from .model import autocast_for, eval_backend
+from .model import autocast_for
 from .shipping import apply_lora, load_shipped
 from .tokenizer import token_bytes
 from .ttt_lora import SlotAdapters
@@ -184,7 +184,7 @@ def split_batches(costs: list[int], world: int) -> list[int]:
 def ttt_forward(model: nn.Module, device: torch.device, backend: str | None = None):
     """The chunk forward: compiled with static shapes (dynamic=False; one graph per (slots, bucket) shape) when the
     model's compile_eval is set or a backend is given, eager otherwise; under autocast as the sliding eval."""
-    backend = backend or eval_backend(model)
+    backend = backend or getattr(model, "compile_eval", False)
     if backend:
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     fwd = torch.compile(model, dynamic=False, backend=backend) if backend else model
@@ -212,8 +212,7 @@ def warm_up(fwd, ad: SlotAdapters, window: int, vocab: int, device: torch.device
 
 
 def synthetic_stream(val: ValStream, window: int, vocab: int) -> tuple[ValStream, np.ndarray]:
-    """Random tokens (never val tokens) in 4 documents of `window` tokens, with val's byte tables, and their spans: what
-    the warm-up runs a phase step on (at lr 0: the weights do not move)."""
+    """4 documents of `window` random tokens and their spans, for a warm-up phase step (at lr 0: no weight moves)."""
     toks = np.random.default_rng(0).integers(0, vocab, 4 * window + 1)
     toks[::window] = val.bos_id
     syn = ValStream(toks, val.bos_id, val.tables, val.device)
@@ -312,10 +311,10 @@ def evaluate_ttt(model: nn.Module, val_tokens: np.ndarray, bos_id: int, tables, 
     spans, order, plans, segs = schedule(val, window, stride, spec, dinfo.world_size)
     ad = SlotAdapters(model, spec.batch_docs, spec.lr, (spec.beta1, spec.beta2), spec.eps, spec.weight_decay)
     fwd = ttt_forward(model, dinfo.device, backend)
-    if backend or eval_backend(model):
+    if backend or getattr(model, "compile_eval", False):
         tw = time.perf_counter()
         shapes = warm_up(fwd, ad, window, model.tok_emb.num_embeddings, dinfo.device, spec.steps > 0)
-        if len(segs) > 1:  # the phases' forward and backward (eval_forward, LoRA wrappers in) compile here too (issue 27)
+        if len(segs) > 1:  # the phases' graph (issue 27)
             ad.install(back=True)
             global_phase(model, *synthetic_stream(val, window, model.tok_emb.num_embeddings), window,
                          replace(spec, phase_lr=0.0), spec.phase_tokens or batch_tokens, dinfo)

@@ -198,10 +198,10 @@ COMPILE_BATCHES = [([64, 64, 64, 64], 64), ([10, 54, 64, 64, 36, 28], 64), ([3, 
 def test_compiled_eval_forward_equals_eager_in_one_graph(dynamo_counters):
     cfg = make_config("tiny", num_layers=1)
     model = random_gpt(cfg)
-    model.compile_eval = True  # what configure_runtime sets on CUDA with COMPILE=1; inductor compiles for the CPU here
+    model.compile_eval = "inductor"  # what configure_runtime sets on CUDA with COMPILE=1; inductor compiles for the CPU here
     cpu = torch.device("cpu")
     other = random_gpt(cfg, seed=1)  # a second model of the same shape: a run scores three (pre_quant, quantized, lcq)
-    other.compile_eval = True
+    other.compile_eval = "inductor"
     with torch.no_grad():
         for i, (lengths, max_seqlen) in enumerate(COMPILE_BATCHES):
             x, _, cu = packed(cfg, lengths, seed=i)

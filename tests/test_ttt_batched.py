@@ -109,7 +109,7 @@ def test_ttt_phase_compiles_before_the_eval_clock(tmp_path):
         torch._dynamo.reset()
         counters.clear()
         m = model("zero")
-        m.compile_eval = compile_eval  # what configure_runtime sets on CUDA with COMPILE=1 (True: inductor)
+        m.compile_eval = compile_eval  # configure_runtime sets "inductor" on CUDA with COMPILE=1
         frames, lines = [], []
 
         def log(line):
