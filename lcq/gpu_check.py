@@ -19,6 +19,8 @@ dry run at tiny dims (tests/test_gpu_check.py) runs every section.
 from __future__ import annotations
 
 import copy
+import json
+import sys
 import time
 import traceback
 
@@ -192,7 +194,8 @@ def eval_passes(cfg: Config, model: GPT, device, backend: str) -> dict:
         res = evaluate_ttt(prepare_adapter(copy.deepcopy(model), "zero", cfg), val, BOS, tables, cfg.window,
                            cfg.eval_stride, cfg.eval_batch_tokens, dinfo, spec, log=log)
         warm = next((i for i, line in enumerate(lines) if line.startswith("ttt_warmup:")), None)
-        out.update(ttt_s=round(res.seconds, 3), ttt_frames_after_warmup=None if warm is None else frames() - counts[warm])
+        out.update(ttt_s=round(res.seconds, 3), ttt_frames_after_warmup=None if warm is None else frames() - counts[warm],
+                   ttt_warmup=None if warm is None else lines[warm])
     flagged = [k for k in ("sliding_frames_after_warmup", "ttt_frames_after_warmup") if out.get(k)]
     if flagged:
         out["warn"] = (f"{', '.join(flagged)} > 0: a pass compiled on the eval clock (dynamic=True over max_seqlen with "
@@ -221,19 +224,20 @@ def gpu_check(cfg: Config, device: torch.device, steps: int = 20, backend: str |
     model = GPT(cfg, BOS).to(device)
     model.attn_backend = report["attention"]["backend"]
     n = local_batch_tokens(cfg, 8)
+    # the TTT pass last: its warm-up compiles every chunk shape, the longest section on a GPU
     sections = dict(warmup_step=lambda: warmup_and_steps(cfg, model, device, backend, steps),
                     kernels=lambda: kernel_times(cfg, device, n), gptq=lambda: gptq_one_block(cfg, model, device),
-                    eval=lambda: eval_passes(cfg, model, device, backend), serialize=lambda: serialize(cfg, model))
+                    serialize=lambda: serialize(cfg, model), eval=lambda: eval_passes(cfg, model, device, backend))
     for name, fn in sections.items():
         t0 = time.perf_counter()
         try:
-            got = fn()
-            if name == "warmup_step":
-                report["warmup"], report["step"] = got
-            else:
-                report[name] = got
+            got = dict(zip(("warmup", "step"), fn())) if name == "warmup_step" else {name: fn()}
         except Exception as e:  # reported, and the next section still runs: device time is scarce
-            report[name] = dict(error=f"{type(e).__name__}: {e}", trace=traceback.format_exc(limit=-3))
+            got = {name: dict(error=f"{type(e).__name__}: {e}", trace=traceback.format_exc(limit=-3))}
+        report.update(got)
         report.setdefault("section_s", {})[name] = round(time.perf_counter() - t0, 2)
+        # each section as it ends, on stderr: a check cut off by its time limit still leaves what it measured
+        print(f"gpu_check {name} {report['section_s'][name]}s: {json.dumps(got, default=str)}", file=sys.stderr,
+              flush=True)
     report["peak_gib"] = peak_gib(device)
     return report

@@ -29,3 +29,5 @@ def test_gpu_check_dry_run_on_cpu_runs_every_section(tmp_path):
     assert report["kernels"]["runs"] == "torch reference" and report["kernels"]["torch_mlp_ms"] > 0
     assert report["gptq"]["matrices"] == 6  # one block: q, k, v, o, MLP up, down
     assert report["eval"]["ttt_s"] > 0 and report["serialize"]["bytes"] > 0
+    # each section also as it ends, on stderr: a check cut off by its time limit still leaves those
+    assert all(f"gpu_check {name} " in proc.stderr for name in ("warmup_step", "kernels", "gptq", "serialize", "eval"))

@@ -22,9 +22,9 @@ LENGTHS = [13, 7, 21, 12, 2, 30, 18, 9, 17, 5, 23, 11, 3, 14, 6, 8, 10, 4]  # 18
 RECORD_TARGETS = make_config("record").ttt_targets  # #1855's: q, k, v, o and MLP (whole branches), lm_head
 
 
-def model(init, targets=""):
+def model(init, targets="", **over):
     torch.manual_seed(0)
-    cfg = make_config("tiny", vocab_size=V, ttt_rank=2, ttt_targets=targets)
+    cfg = make_config("tiny", vocab_size=V, ttt_rank=2, ttt_targets=targets, **over)
     m = GPT(cfg, bos_id=BOS)
     with torch.no_grad():
         for p in m.parameters():
@@ -108,7 +108,7 @@ def test_ttt_phase_compiles_before_the_eval_clock(tmp_path):
     for name, compile_eval in (("eager", False), ("compiled", "eager")):  # "eager": dynamo's capture, no codegen
         torch._dynamo.reset()
         counters.clear()
-        m = model("zero")
+        m = model("zero", num_layers=1)  # one block: Dynamo's capture is most of this test's time
         m.compile_eval = compile_eval  # configure_runtime sets "inductor" on CUDA with COMPILE=1
         frames, lines = [], []
 
