@@ -188,7 +188,13 @@ def bench_step(cfg: Config, world: int, tokens: int) -> dict:
     from .preflight import kernels_in_use
     used = kernels_in_use(torch.device("cpu"))
     print(f"kernels (lcq/kernels.py: fused LeakyReLU^2 MLP, softcapped CE): {used}; a CUDA box runs triton")
-    return dict(world_size=world, kernels=used, tokens_per_rank=tokens, preset=cfg.preset,
+    timing = {}
+    if torch.cuda.is_available():  # issue 27: the kernel against F.linear at one rank's record shape, (98304, 512) -> 2048
+        from .gpu_check import kernel_times
+        timing = kernel_times(cfg, torch.device("cuda"), 98304)
+        print("fused vs torch, forward + backward ms on " + torch.cuda.get_device_name() + ": " +
+              ", ".join(f"{k} {v}" for k, v in timing.items() if k.endswith("_ms")) + f"; faster: {timing['fused_mlp']}")
+    return dict(world_size=world, kernels=used, tokens_per_rank=tokens, preset=cfg.preset, kernel_ms=timing,
                 ops_per_step=total["after"], optimizer_ops_per_rank=after["ops"].get("optimizer", 0),
                 syncs_per_step=step_syncs["after"], reduce_bytes_per_step=after["comm_bytes"],
                 before=dict(ops_per_step=total["before"],

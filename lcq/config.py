@@ -135,6 +135,7 @@ class Config:
     # auto = fa3, else fa2; on CUDA an error if neither imports (issue 8: a silent SDPA fallback ran much slower) | sdpa
     attention_backend: str = "auto"  # auto | fa3 | fa2 | sdpa
     compile: bool = True  # torch.compile the training loss and the eval forward on CUDA (ignored on CPU)
+    fused_mlp: bool = True  # Triton MLP (lcq/kernels.py); 0: F.linear, where gpu-check times it faster (issue 27)
     # bf16 autocast on CPU too (issue 8): runs on CPU the mixed precision CUDA always runs, for tests; slower on most CPUs
     autocast_cpu_bf16: bool = False
 

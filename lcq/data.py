@@ -229,11 +229,20 @@ def segment_bounds(x: torch.Tensor, bos_id: int, max_seqlen: int) -> torch.Tenso
     return bounds.to(torch.int32)
 
 
-def cu_buckets(n: int) -> list[int]:
-    """The lengths cu_seqlens of an n-token row is padded to (issue 18): 65, 513, 4097, 32769 (8x apart, below n) and
-    n + 1 (every token its own segment), so a compiled step with static shapes sees a few cu_seqlens shapes, not one per
-    layout."""
-    return [b + 1 for b in (64, 512, 4096, 32768) if b < n] + [n + 1]
+def max_segments(pattern: str, n: int, cut: int, bos_id: int) -> int:
+    """At most how many segments an n-token row of the first train shard has, cut every `cut` (issue 27)."""
+    starts = np.flatnonzero(read_shard(list_shards(pattern, "train")[0]) == bos_id)
+    return int(np.bincount(starts // (n + 1)).max(initial=0)) + -(-n // cut)
+
+
+def cu_buckets(n: int, most: int) -> tuple[list[int], int]:
+    """(sizes, warmed): cu_seqlens lengths of an n-token row (issue 18), 65, 257, ... (4x) to the first holding 2 * most
+    segments, then n + 1 (holds any row; unwarmed: FA3's scratch for 98,304 segments is ~48 GiB, issue 27)."""
+    out = [65]
+    while out[-1] - 1 < min(2 * most, n):
+        out.append(4 * out[-1] - 3)
+    out = [b for b in out if b <= n] + [n + 1]
+    return out, next(i for i, b in enumerate(out) if b - 1 >= min(2 * most, n)) + 1
 
 
 def pad_cu(cu: torch.Tensor, sizes: list[int]) -> torch.Tensor:

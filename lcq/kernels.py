@@ -51,8 +51,9 @@ def ce_ref(z, t, cap, cap_neg=None):
 
 if triton is not None:
     @triton.jit
-    def _up_kernel(a, b, pre, o1, o2, M, N, K, slope, FWD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                   BK: tl.constexpr):
+    def _up_kernel(a, b, pre, o1, o2, M, N, K: tl.constexpr, slope, FWD: tl.constexpr, BM: tl.constexpr,
+                   BN: tl.constexpr, BK: tl.constexpr):
+        # K, V constexpr: plain ints to triton 3.5's interpreter, whose range() over a tensor fails on numpy 2.4
         rm = tl.program_id(0) * BM + tl.arange(0, BM)
         rn = tl.program_id(1) * BN + tl.arange(0, BN)
         acc = tl.zeros((BM, BN), dtype=tl.float32)
@@ -75,8 +76,8 @@ if triton is not None:
         tl.store(o2 + off, (act * act).to(o2.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _ce_kernel(z, t, loss, dz, V, stride, caps, BLOCK: tl.constexpr):
-        row = tl.program_id(0)
+    def _ce_kernel(z, t, loss, dz, V: tl.constexpr, stride, caps, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)  # int32 row * V wraps at 262,144 rows of vocab 8192 (#1855 casts too)
         base, tr = z + row * stride, tl.load(t + row)
         cp, cn = tl.load(caps), tl.load(caps + 1)  # the caps of positive and negative logits
         total = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -99,14 +100,17 @@ if triton is not None:
         tl.store(loss + row, lse - ct + 2 * ct / (1 + tl.exp(2 * xt / ct)))
 
 
+MLP_TILES = dict(BM=64, BN=64, BK=32, num_warps=4, num_stages=2)  # gpu-check times them against #1855's
+
+
 def up(a, b, slope: float, pre=None):
     """a (M, K), b (N, K). Forward (pre None): (a @ b.T, leaky(a @ b.T)^2). Backward (pre given, a the gradient of the
     MLP's output, b its down-projection transposed): (a @ b.T * d leaky(pre)^2 / d pre, leaky(pre)^2)."""
-    a, b = a.contiguous(), b.contiguous()
+    a, b, t = a.contiguous(), b.contiguous(), MLP_TILES
     (m, k), n = a.shape, b.shape[0]
     o1, o2 = a.new_empty(m, n), a.new_empty(m, n)
-    _up_kernel[(triton.cdiv(m, 64), triton.cdiv(n, 64))](a, b, o1 if pre is None else pre, o1, o2, m, n, k, slope,
-                                                        FWD=pre is None, BM=64, BN=64, BK=32)
+    _up_kernel[(triton.cdiv(m, t["BM"]), triton.cdiv(n, t["BN"]))](a, b, o1 if pre is None else pre, o1, o2, m, n, k,
+                                                                  slope, FWD=pre is None, **t)
     return o1, o2
 
 

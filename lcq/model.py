@@ -143,9 +143,10 @@ class MLP(nn.Module):
         # relu^2 is the baseline; LeakyReLU(0.5)^2 keeps a gradient for negative inputs (public records, e.g. PR #549).
         self.slope = cfg.leaky_relu_slope if cfg.mlp_act == "leaky_relu2" else 0.0
         self.in_features = self.out_features = cfg.model_dim  # #1855's MLP adapter wraps the branch (lcq/lora.py)
+        self.fused = cfg.fused_mlp
 
     def forward(self, x):
-        if all(type(m) is CastedLinear and not (m._forward_hooks or m._forward_pre_hooks) for m in (self.fc, self.proj)):
+        if self.fused and all(type(m) is CastedLinear and not (m._forward_hooks or m._forward_pre_hooks) for m in (self.fc, self.proj)):
             # the fused kernel (lcq/kernels.py); the hooks of GPTQ and LCQ and LoRA's wrappers need the module calls below
             return kernels.mlp(x, self.fc.weight, self.proj.weight, self.slope)
         h = self.fc(x)
@@ -347,7 +348,7 @@ def configure_runtime(model: GPT, cfg: Config, device: torch.device) -> GPT:
     """Set the execution settings a GPT carries for `device` (attention backend, compiled eval, CPU autocast)."""
     model.attn_backend = resolve_backend(cfg.attention_backend, device)
     # COMPILE is a CUDA knob (its config comment says so); on CPU the eager forward is what runs.
-    model.compile_eval = cfg.compile and device.type == "cuda"
+    model.compile_eval = cfg.compile and device.type == "cuda" and "inductor"  # a backend name, or False
     model.autocast_cpu_bf16 = cfg.autocast_cpu_bf16
     return model
 
@@ -359,7 +360,8 @@ def eval_forward(model: nn.Module, device: torch.device):
     dynamic=True because eval batches differ in length, segment count and max_seqlen (a rank's last batch is short): one
     graph serves them all instead of a recompile per shape. Dynamo keeps the compiled code on GPT.forward's code object,
     so wrapping the same model again (every batch, every monitor eval) finds it instead of compiling anew."""
-    fwd = torch.compile(model, dynamic=True) if getattr(model, "compile_eval", False) else model
+    backend = getattr(model, "compile_eval", False)
+    fwd = torch.compile(model, dynamic=True, backend=backend) if backend else model
     autocast = autocast_for(device, getattr(model, "autocast_cpu_bf16", False))
 
     def forward(input_ids: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:

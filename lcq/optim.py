@@ -145,8 +145,9 @@ class GradSync:
                 buckets.append([])
             buckets[-1].append(p)
         self.flats = [torch.zeros(sum(p.numel() for p in ps), device=ps[0].device) for ps in buckets if ps]
-        self.buckets = [(ps, flat) for ps, flat in zip([b for b in buckets if b], self.flats)]
-        self.buckets += [(b.params, b) for b in reversed(muon.banks)]
+        # banks first, as backward completes them; flats (the embedding's gradient is last) held every send (issue 27)
+        self.buckets = [(b.params, b) for b in reversed(muon.banks)]
+        self.buckets += [(ps, flat) for ps, flat in zip([b for b in buckets if b], self.flats)]
         self.views = []
         for ps, owner in self.buckets:
             store = owner if isinstance(owner, torch.Tensor) else owner.buf

@@ -35,7 +35,7 @@ from . import dist as D
 from . import grouping, kernels
 from .attention import varlen_attention
 from .config import Config, ConfigError, replace, resolve
-from .data import cu_buckets, doc_starts, list_shards, read_header, segment_bounds, val_pattern
+from .data import doc_starts, list_shards, read_header, segment_bounds, val_pattern
 from .distill import lcq_target_names, lora_bytes_per_rank
 from .evaluate import Scored, ValStream, _batches, evaluate, plan_doc, plan_windows
 from .gptq import quantize_state, tensor_role
@@ -44,7 +44,8 @@ from .pipeline import build, open_run, quant_spec, quantize
 from .runlog import device_name
 from .script import shipped_script
 from .shipping import LORA_PREFIX, TIED, artifact_meta
-from .train import train
+from .seq_schedule import SeqSchedule
+from .train import bucket_plan, train
 from .ttt import SlotAdapters, adapt_batch, batch_cost, global_phase, prepare_adapter, schedule, ttt_forward, warm_up
 from .ttt import spec_from_config as ttt_spec
 
@@ -89,6 +90,13 @@ def cpu_model() -> str:
 
 
 # ------------------------------------------------------------------------------------------------------ rows
+
+def fa3_scratch_bytes(tokens: int, segments: int, heads: int, kv_heads: int, head_dim: int) -> int:
+    """FA3's varlen backward scratch (issue 27): fp32 dq accumulators over round128(tokens + 128 * segments) rows for
+    every head, and dk/dv accumulators over as many rows for the KV heads when they are fewer (GQA)."""
+    rows = -(-(tokens + 128 * segments) // 128) * 128
+    return rows * head_dim * 4 * (heads + (2 * kv_heads if kv_heads < heads else 0))
+
 
 def check_collective(dinfo: D.DistInfo) -> Row:
     """All-reduce a known value (SUM of rank+1 and MAX of rank) and check the answer on every rank."""
@@ -187,10 +195,11 @@ def timed_steps(run, steps: int) -> tuple[Row, Row]:
         breaks = int(sum(counters["graph_break"].values()))
         reasons = "; ".join(list(counters["graph_break"])[:2])
         # static shapes (lcq/train.py): one training graph per cu_seqlens bucket and layer order, all in the warm-up
-        buckets = cu_buckets(res.tokens_per_step // (dinfo.world_size * cfg.grad_accum_steps))
-        want = len(buckets) * (1 + (cfg.recur_passes > 1))
+        buckets, warmed, _ = bucket_plan(cfg, res.tokens_per_step // (dinfo.world_size * cfg.grad_accum_steps),
+                                         run.bos_id, SeqSchedule(cfg.train_seq_schedule, cfg.train_seq_len).lengths)
+        want = warmed * (1 + (cfg.recur_passes > 1))
         compile_row = Row("compile", GO if breaks == 0 else WARN,
-                          f"{graphs} graph(s) ({want} training: cu_seqlens buckets {buckets} x layer orders), "
+                          f"{graphs} graph(s) ({want} training: cu_seqlens buckets {buckets[:warmed]} x layer orders), "
                           f"{breaks} graph break(s)" + (f": {reasons}" if breaks else ""),
                           "torch._dynamo counters over the warm-up and timed steps (a break costs speed, which the "
                           "train row already measures)",
@@ -457,8 +466,13 @@ def eval_row(run) -> Row:
         return None if run.val_bytes is None else run.val_bytes[:part.size]
 
     args = (run.bos_id, run.tables, cfg.window, cfg.eval_stride, cfg.eval_batch_tokens, dinfo)
+    from torch._dynamo.utils import counters
     evaluate(run.model, warm, *args, val_bytes=side(warm))
+    frames = counters["frames"]["total"]
     res = evaluate(run.model, timed, *args, val_bytes=side(timed))
+    # issue 27: frames the timed pass compiled after the warm call. dynamic=True over varying max_seqlen recompiles with
+    # a flash-attn build whose op is not a torch custom_op, up to the recompile limit, then runs eagerly on the clock
+    frames = counters["frames"]["total"] - frames
     tw = plan_windows(doc_starts(timed, run.bos_id), timed.size, cfg.window, cfg.eval_stride)
     rate = float((tw[:, 1] - tw[:, 0]).sum()) / res.seconds
     projected = forward / rate
@@ -483,16 +497,18 @@ def eval_row(run) -> Row:
                         "(one timed step each)" if ttt_data["ttt_phase_steps"] else "") + ".")
     cut = cfg.val_max_tokens and val.size < shard_tokens
     used = f"first {val.size:,} (VAL_MAX_TOKENS)" if cut else f"all {val.size:,}"
-    return Row("eval", GO if ok else NO_GO,
+    recompiled = f"; WARN: the timed pass compiled {frames} Dynamo frame(s) after its warm-up call" if frames else ""
+    return Row("eval", (GO if not frames else WARN) if ok else NO_GO,
                f"{rate:,.0f} forward tok/s; projected {projected:.1f}s per sliding pass{ttt_text}, EVAL_BUDGET_SECONDS "
-               f"{cfg.eval_budget_seconds:.0f} (each pass)",
+               f"{cfg.eval_budget_seconds:.0f} (each pass){recompiled}",
                f"val shards hold {shard_tokens:,} tokens (headers); scoring {used} tokens, {starts.size:,} documents, "
                f"window {cfg.window} stride {cfg.eval_stride}: {len(windows):,} windows, {forward:,} forward tokens. "
                f"Rate: timed lcq.evaluate of the first {timed.size:,} val tokens after a warm-up call, "
                f"{cfg.eval_batch_tokens} tokens/batch/rank, float model without LoRA (a side LoRA adds its low-rank "
                "path); each scored stage (pre_quant, quantized, as shipped) is one such pass; go if "
                f"x{1 + TIME_MARGIN:.2f} fits." + ttt_basis,
-               dict(**ttt_data, tok_per_s=rate, projected_s=projected, val_tokens_in_shards=shard_tokens,
+               dict(**ttt_data, tok_per_s=rate, projected_s=projected, frames_after_warmup=frames,
+                    val_tokens_in_shards=shard_tokens,
                     val_tokens_scored=int(val.size), documents=int(starts.size), windows=len(windows),
                     forward_tokens=forward, eval_budget_s=cfg.eval_budget_seconds))
 
@@ -602,10 +618,22 @@ def render(rows: list[Row], header: str) -> list[str]:
     return lines
 
 
+def run_gpu_check(cfg: Config, steps: int) -> int:
+    """Print gpu_check's JSON line for the first CUDA device (else the CPU); exit 1 if a section failed."""
+    from .gpu_check import gpu_check  # it imports this module
+    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    report = gpu_check(cfg, device, steps)
+    print(json.dumps(dict(gpu_check=report), sort_keys=True, default=str), flush=True)
+    return int(any(isinstance(v, dict) and "error" in v for v in report.values()))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m lcq.preflight", description=__doc__, allow_abbrev=False,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=20, help="timed training steps after the warm-up (default 20)")
+    ap.add_argument("--gpu-check", action="store_true",
+                    help="the one prepared device check (lcq/gpu_check.py) at the preset's dims on one device: every "
+                         "GPU-only path once, one JSON line; the first command to run on a lent GPU")
     args, rest = ap.parse_known_args(sys.argv[1:] if argv is None else argv)
     if args.steps < 1:
         ap.error(f"--steps {args.steps}: must be >= 1")
@@ -614,6 +642,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    if args.gpu_check:
+        return run_gpu_check(cfg, args.steps)
     # its own log file, so a preflight never collides with the run it checks
     cfg = replace(cfg, run_id=f"preflight_{cfg.run_id}")
     dinfo = D.init_dist()

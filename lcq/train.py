@@ -13,7 +13,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from . import dist as D
 from .checks import NonFiniteError, check_finite_weights
 from .config import Config
-from .data import TrainLoader, cu_buckets, pad_cu, segment_bounds, train_pattern
+from .data import TrainLoader, cu_buckets, max_segments, pad_cu, segment_bounds, train_pattern
 from .model import autocast_for
 from .optim import EMA, GradSync, apply_schedule, build_optimizers, training_progress
 from .recurrence import recurrence_due
@@ -56,6 +56,12 @@ def compile_loss(model: nn.Module, graphs: int, backend: str = "inductor"):
     built in the warm-up; fullgraph, so a graph break is an error instead of a silent slowdown."""
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, graphs)  # else eager past 8
     return torch.compile(model.loss, dynamic=False, fullgraph=True, backend=backend)
+
+
+def bucket_plan(cfg: Config, n: int, bos_id: int, lengths: list[int]) -> tuple[list[int], int, int]:
+    """cu_buckets for this run's train rows at their shortest context (most cuts), and the measured maximum."""
+    most = max_segments(train_pattern(cfg.data_path), n, min(lengths), bos_id)
+    return (*cu_buckets(n, most), most)
 
 
 def warmup_batch(gen, vocab: int, n: int, bos_id: int, window: int, buckets: list[int], size: int):
@@ -104,10 +110,11 @@ def train(model: nn.Module, cfg: Config, dinfo: D.DistInfo, log, bos_id: int,
     seq = SeqSchedule(cfg.train_seq_schedule, cfg.train_seq_len)  # progressive context (#2014); off: TRAIN_SEQ_LEN
     # Static shapes (issue 18): max_seqlen is always the longest stage's length (a valid upper bound at every stage),
     # and cu_seqlens is padded to one of a few lengths, so no batch's layout or stage changes a shape
-    window, buckets = max(seq.lengths), cu_buckets(local_tokens)
+    window, (buckets, warmed, most) = max(seq.lengths), bucket_plan(cfg, local_tokens, bos_id, seq.lengths)
+    log(f"cu_buckets:{buckets} warmed:{warmed} max_segments:{most}")
     looped = cfg.recur_passes > 1  # depth recurrence starts at RECUR_FROM_PROGRESS (lcq/recurrence.py)
-    shapes = len(buckets) * (1 + looped)
-    fwd = compile_loss(model, shapes) if (cfg.compile and device.type == "cuda") else model.loss
+    shapes = warmed * (1 + looped)
+    fwd = compile_loss(model, len(buckets) * (1 + looped)) if (cfg.compile and device.type == "cuda") else model.loss
     autocast = autocast_for(device, cfg.autocast_cpu_bf16)
 
     def step_on(batches) -> torch.Tensor:
@@ -137,9 +144,9 @@ def train(model: nn.Module, cfg: Config, dinfo: D.DistInfo, log, bos_id: int,
         # graph is built here, none on the clock
         for w in range(max(cfg.warmup_steps, shapes)):
             if looped:
-                model.recur_active = (w // len(buckets)) % 2 == 1
+                model.recur_active = (w // warmed) % 2 == 1
             batches = [[t.to(device) for t in warmup_batch(gen, cfg.vocab_size, local_tokens, bos_id, window, buckets,
-                                                          buckets[w % len(buckets)])] for _ in range(cfg.grad_accum_steps)]
+                                                          buckets[w % warmed])] for _ in range(cfg.grad_accum_steps)]
             step_on(batches)
         model.load_state_dict(init_model)
         for o, s in zip(optimizers, init_opts):

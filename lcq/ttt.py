@@ -184,7 +184,7 @@ def split_batches(costs: list[int], world: int) -> list[int]:
 def ttt_forward(model: nn.Module, device: torch.device, backend: str | None = None):
     """The chunk forward: compiled with static shapes (dynamic=False; one graph per (slots, bucket) shape) when the
     model's compile_eval is set or a backend is given, eager otherwise; under autocast as the sliding eval."""
-    backend = backend or ("inductor" if getattr(model, "compile_eval", False) else None)
+    backend = backend or getattr(model, "compile_eval", False)
     if backend:
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     fwd = torch.compile(model, dynamic=False, backend=backend) if backend else model
@@ -209,6 +209,14 @@ def warm_up(fwd, ad: SlotAdapters, window: int, vocab: int, device: torch.device
         for p in ad.params:
             p.grad = None
     return len(buckets(window))
+
+
+def synthetic_stream(val: ValStream, window: int, vocab: int) -> tuple[ValStream, np.ndarray]:
+    """4 documents of `window` random tokens and their spans, for a warm-up phase step (at lr 0: no weight moves)."""
+    toks = np.random.default_rng(0).integers(0, vocab, 4 * window + 1)
+    toks[::window] = val.bos_id
+    syn = ValStream(toks, val.bos_id, val.tables, val.device)
+    return syn, document_spans(syn.starts, syn.n)
 
 
 def adapt_batch(fwd, ad: SlotAdapters, val: ValStream, plans: list[np.ndarray], spec: TTTSpec, window: int,
@@ -306,6 +314,11 @@ def evaluate_ttt(model: nn.Module, val_tokens: np.ndarray, bos_id: int, tables, 
     if backend or getattr(model, "compile_eval", False):
         tw = time.perf_counter()
         shapes = warm_up(fwd, ad, window, model.tok_emb.num_embeddings, dinfo.device, spec.steps > 0)
+        if len(segs) > 1:  # the phases' graph (issue 27)
+            ad.install(back=True)
+            global_phase(model, *synthetic_stream(val, window, model.tok_emb.num_embeddings), window,
+                         replace(spec, phase_lr=0.0), spec.phase_tokens or batch_tokens, dinfo)
+            ad.install()
         D.sync(dinfo.device)
         if log is not None:
             log(f"ttt_warmup: {shapes} shapes {time.perf_counter() - tw:.2f}s (synthetic tokens, before the eval clock)")

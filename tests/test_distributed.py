@@ -160,3 +160,46 @@ def test_a_failure_in_rank_0s_artifact_write_ends_every_rank_at_once(tmp_path, f
     assert r0[1] == "OSError: injected: compression failed"
     assert r1[1].startswith("RankFailed: rank 0 failed while writing the artifact: OSError: injected")
     assert float(r1[0]) < 60  # one all_gather, not a barrier's timeout
+
+
+def test_muon_banks_are_sent_while_backward_still_runs(monkeypatch):
+    """Issue 27: the first bucket sent must be one whose gradients are complete before backward ends. With the
+    collectives stubbed (they record how many gradients are still to come at each bank's send and hand rank 0's share
+    back, as an average over ranks holding the same gradients would), the first Muon bank goes out before the last
+    gradient hook fires, and
+    each bank's share after finish() is this rank's gradients."""
+    from lcq import dist as D
+    from lcq.config import make_config
+    from lcq.model import GPT
+    from lcq.optim import build_optimizers
+
+    class Done:
+        def wait(self):
+            pass
+
+    events = []
+
+    def reduce_scatter(out, t):
+        events.append(sum(sync.left))  # gradients GradSync's hooks have yet to see
+        out.copy_(t[: out.size(0)])
+        return Done()
+
+    def all_reduce(t):
+        return Done()
+
+    monkeypatch.setattr(D, "reduce_scatter_avg", reduce_scatter)
+    monkeypatch.setattr(D, "all_reduce_avg", all_reduce)
+    cfg = make_config("tiny")
+    torch.manual_seed(0)
+    model = GPT(cfg, bos_id=1)
+    muon = build_optimizers(model, cfg, world=2)[1]
+    in_muon = {id(p) for p in muon.param_groups[0]["params"]}
+    sync = GradSync(muon, [p for p in model.parameters() if id(p) not in in_muon], 2)
+    x = torch.randint(0, cfg.vocab_size, (257,))
+    sync.armed = True
+    model.loss(x[:-1], x[1:], torch.tensor([0, 100, 256], dtype=torch.int32), 256).backward()
+    assert len(events) == len(muon.banks) and events[0] > 0, events
+    sync.finish()
+    for bank in muon.banks:
+        mine = torch.stack([p.grad for p in bank.params[: bank.k]]).bfloat16().float()
+        torch.testing.assert_close(bank.shard, mine, rtol=0, atol=0)

@@ -198,10 +198,10 @@ COMPILE_BATCHES = [([64, 64, 64, 64], 64), ([10, 54, 64, 64, 36, 28], 64), ([3, 
 def test_compiled_eval_forward_equals_eager_in_one_graph(dynamo_counters):
     cfg = make_config("tiny", num_layers=1)
     model = random_gpt(cfg)
-    model.compile_eval = True  # what configure_runtime sets on CUDA with COMPILE=1; inductor compiles for the CPU here
+    model.compile_eval = "inductor"  # what configure_runtime sets on CUDA with COMPILE=1; inductor compiles for the CPU here
     cpu = torch.device("cpu")
     other = random_gpt(cfg, seed=1)  # a second model of the same shape: a run scores three (pre_quant, quantized, lcq)
-    other.compile_eval = True
+    other.compile_eval = "inductor"
     with torch.no_grad():
         for i, (lengths, max_seqlen) in enumerate(COMPILE_BATCHES):
             x, _, cu = packed(cfg, lengths, seed=i)
@@ -235,9 +235,11 @@ def test_compiled_training_loss_equals_eager_in_one_graph(dynamo_counters):
             torch.testing.assert_close(pc.grad, pe.grad, atol=1e-5, rtol=1e-4, msg=name)
         compiles.append(counter.frame_count)
     # Nothing compiles after the first batch (no recompile for new lengths or segment layouts), and the model is one
-    # graph: the backend also receives one empty graph for the bound-method frame, which holds no op.
+    # graph: one frame, one graph installed. The backend's own count is not that number: torch 2.13 hands it an empty
+    # graph for the bound-method frame as well, and torch 2.9.1 the same graph twice (a compile restarted once, its
+    # first graph discarded; issue 27), so dynamo's unique_graphs counts what runs.
     assert compiles[0] == compiles[-1] and dynamo_counters["frames"]["total"] == 1, (compiles, dict(dynamo_counters["frames"]))
-    assert sum(1 for g in counter.graphs if any(n.op == "call_function" for n in g.graph.nodes)) == 1
+    assert dynamo_counters["stats"]["unique_graphs"] == 1, dict(dynamo_counters["stats"])
     assert not dynamo_counters["graph_break"], dict(dynamo_counters["graph_break"])
 
 

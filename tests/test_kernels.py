@@ -99,6 +99,20 @@ def check_saved():
     assert [tuple(s.shape) for s in out.grad_fn.saved_tensors] == [(6, 16), (32, 16), (16, 32), (6, 32)]
 
 
+def test_ce_kernel_offsets_are_int64():
+    """Issue 27: the CE kernel's row offsets (row * stride, row * V) in int32 wrap at 2**31 elements, 262,144 rows of
+    vocab 8192; the interpreter computes in numpy int64 and cannot show it, so the source is checked: the row index is
+    cast to int64 before any offset is formed from it."""
+    import inspect
+    import re
+
+    module = inspect.getsource(kernels)  # the text, so the check holds without triton installed too
+    src = module[module.index("def _ce_kernel("):module.index("\ndef ", module.index("def _ce_kernel("))]
+    assert re.search(r"row = tl\.program_id\(0\)\.to\(tl\.int64\)", src), src
+    assert src.count("program_id") == 1  # no second, uncast index
+    assert 262_144 * 8192 >= 2**31  # the row count the comment names is where int32 ends
+
+
 def test_bf16_autocast_keeps_the_residual_in_bf16():
     from lcq.config import make_config
     from lcq.data import segment_bounds

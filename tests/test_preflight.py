@@ -46,7 +46,7 @@ def test_tiny_preflight_prints_every_row_and_goes(tmp_path, demo_data):
     # tiny reads the first VAL_MAX_TOKENS=4096 tokens; the headers count the whole val shard
     assert ev["val_tokens_scored"] == 4096 <= ev["val_tokens_in_shards"]
     # every target except the stream's first is scored once, and windows overlap, so forward tokens >= targets
-    assert ev["forward_tokens"] >= 4095 and ev["projected_s"] > 0
+    assert ev["forward_tokens"] >= 4095 and ev["projected_s"] > 0 and ev["frames_after_warmup"] == 0
     ledger = rows["ledger"]
     assert ledger["train"]["seconds"] == 30.0 and ledger["total"] <= 60.0  # tiny: 60 s cap, the 30 s reserve above
     # the run writes its own log and summary, never ones a real run would use

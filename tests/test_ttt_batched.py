@@ -22,9 +22,9 @@ LENGTHS = [13, 7, 21, 12, 2, 30, 18, 9, 17, 5, 23, 11, 3, 14, 6, 8, 10, 4]  # 18
 RECORD_TARGETS = make_config("record").ttt_targets  # #2135's: q, v, o and MLP (whole branches), lm_head (#1855: k too)
 
 
-def model(init, targets=""):
+def model(init, targets="", **over):
     torch.manual_seed(0)
-    cfg = make_config("tiny", vocab_size=V, ttt_rank=2, ttt_targets=targets)
+    cfg = make_config("tiny", vocab_size=V, ttt_rank=2, ttt_targets=targets, **over)
     m = GPT(cfg, bos_id=BOS)
     with torch.no_grad():
         for p in m.parameters():
@@ -92,6 +92,39 @@ def test_chunk_forward_compiles_one_graph_per_padded_shape(tmp_path):
     # one graph per padded shape, all compiled by the warm-up: the scored pass itself compiles nothing new
     assert counters["stats"]["unique_graphs"] <= len(shapes)
     torch._dynamo.reset()
+
+
+def test_ttt_phase_compiles_before_the_eval_clock(tmp_path):
+    """Issue 27: a global phase trains the base weights through eval_forward (torch.compile(model, dynamic=True)) with
+    gradients on and the LoRA wrappers in place, a graph the chunk forward never builds. The warm-up runs one phase step
+    on synthetic tokens at lr 0, so no Dynamo frame is compiled after the ttt_warmup line, and the scores equal those
+    of an uncompiled run (the warm-up moved no weight)."""
+    from torch._dynamo.utils import counters
+
+    toks = val_stream([13, 7, 21, 12, 9, 5], seed=7)
+    kw = dict(batch_docs=2, chunk_tokens=8, phases=1, phase_docs=3, phase_tokens=48, phase_momentum=0.9, phase_clip=1.0,
+              phase_cosine=True)
+    eager = {}
+    for name, compile_eval in (("eager", False), ("compiled", "eager")):  # "eager": dynamo's capture, no codegen
+        torch._dynamo.reset()
+        counters.clear()
+        m = model("zero", num_layers=1)  # one block: Dynamo's capture is most of this test's time
+        m.compile_eval = compile_eval  # configure_runtime sets "inductor" on CUDA with COMPILE=1
+        frames, lines = [], []
+
+        def log(line):
+            lines.append(line)
+            frames.append(counters["frames"]["total"])
+
+        path = tmp_path / f"{name}.npz"
+        evaluate_ttt(m, toks, BOS, synthetic_tables(), WINDOW, STRIDE, 64, CPU, spec(**kw), log=log, dump=str(path))
+        with np.load(path) as z:
+            eager[name] = z["nll"]
+    warm = next(i for i, line in enumerate(lines) if line.startswith("ttt_warmup:"))
+    assert any(line.startswith("ttt_phase:1/1") for line in lines[warm:]), lines
+    assert frames[warm] > len(buckets(WINDOW)) and counters["frames"]["total"] == frames[warm], (frames, lines)
+    torch._dynamo.reset()
+    np.testing.assert_allclose(eager["compiled"], eager["eager"], rtol=1e-6, atol=1e-7)
 
 
 def test_buckets_and_rank_split():
