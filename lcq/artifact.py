@@ -431,8 +431,11 @@ class CompressJob:
     A dropped compressor's queued tasks are skipped (a running lrzip finishes); `choice` says what was kept and why."""
 
     def __init__(self, units: list[Unit] | Callable[[], list[Unit]], threads: int | None = None,
-                 chunk_bytes: int = CHUNK_BYTES, deadline: float | None = None):
+                 chunk_bytes: int = CHUNK_BYTES, deadline: float | None = None, cache: dict | None = None):
         self.started = time.perf_counter()
+        # (compressor, sha256 of a chunk) -> its stored bytes, shared by jobs over nearly equal payloads (the fit's
+        # probes, lcq.shipping); a chunk found there is not timed
+        self._cache = cache
         self.threads = max(1, threads or os.cpu_count() or 1)
         self.raw_bytes = 0  # bytes each compressor reads (every variant of every unit), once the units are known
         self.plan_seconds: float | None = None  # building the units (lcq.grouping's planning), before any task
@@ -491,6 +494,10 @@ class CompressJob:
         return self._cancelled.is_set() or compressor in self.dropped
 
     def _compress(self, task: _Task, raw: bytes, lo: int, hi: int) -> bytes | None:
+        key = None if self._cache is None else (task.compressor, hashlib.sha256(memoryview(raw)[lo:hi]).digest())
+        if key in (self._cache or {}):
+            task.start, task.seconds = time.perf_counter(), math.inf
+            return self._cache[key]
         task.start = time.perf_counter()
         feed, finish = _COMPRESSORS[task.compressor][1]()
         view = memoryview(raw)
@@ -502,6 +509,8 @@ class CompressJob:
             out.append(finish() if at is None else feed(view[at:min(at + SLICE_BYTES, hi)]))
         task.seconds = time.perf_counter() - task.start
         self._stopped(task.compressor)  # a new rate: decide again
+        if key is not None:
+            self._cache[key] = b"".join(out)
         return b"".join(out)
 
     def _rates(self, bound: bool = False) -> dict[str, float] | None:
@@ -607,9 +616,11 @@ class SectionJob(CompressJob):
     AUTO_ORDER and keeps the compressor with the smaller section."""
 
     def __init__(self, name: str, tensors: Mapping[str, torch.Tensor], meta: dict, compressor: str,
-                 threads: int | None = None, chunk_bytes: int = CHUNK_BYTES, deadline: float | None = None):
+                 threads: int | None = None, chunk_bytes: int = CHUNK_BYTES, deadline: float | None = None,
+                 cache: dict | None = None):
         candidates = AUTO_ORDER if compressor == "auto" else (compressor,)
-        super().__init__([Unit(name, (("", _payload(tensors, meta)),), candidates)], threads, chunk_bytes, deadline)
+        super().__init__([Unit(name, (("", _payload(tensors, meta)),), candidates)], threads, chunk_bytes, deadline,
+                         cache)
 
     def result(self) -> Section:
         """Wait for every chunk and return the section (raises what a compressor raised)."""

@@ -38,7 +38,8 @@ _BOUNDS = (
     (lambda v: v >= 2, ">= 2", "train_seq_len"),
     (lambda v: 0 <= v < 1, "in [0, 1)", "muon_momentum muon_momentum_warmup_start adam_beta1 adam_beta2 ema_decay "
      "ttt_beta1 ttt_beta2"),
-    (lambda v: 0 <= v <= 1, "in [0, 1]", "warmdown_frac recur_from_progress min_lr_frac lcq_warmdown_frac"),
+    (lambda v: 0 <= v <= 1, "in [0, 1]", "warmdown_frac recur_from_progress min_lr_frac lcq_warmdown_frac "
+     "fit_max_fraction"),
     (lambda v: 2 <= v <= 8, "in 2..8", "matrix_bits embed_bits lcq_factor_bits"),
 )
 # The values a string field may take.
@@ -217,6 +218,10 @@ class Config:
     # similarity order) and back-end (lrzip when its binary is on PATH, else brotli); lcq/grouping.py
     compressor: str = "brotli"
     artifact_cap_bytes: int = 16_000_000  # decimal bytes: code + model + LoRA
+    # The fit (issue 25, lcq.shipping.fit_to_cap): a model over the cap has its cheapest +-1 codes zeroed, at most this
+    # fraction of them (beyond it the run stops before LCQ, exit 3; preflight's artifact row says NO-GO first).
+    # Set where pruning stops being the cheaper byte (docs/fit.md, "Measured")
+    fit_max_fraction: float = 0.1
     # planned for serialization before anything is measured (the budget split, GPTQ's share, the start-up check). LCQ's
     # own budget keeps back what serialization is projected to need from the compression rate measured in the run
     # (issue 8: the base section compresses during LCQ, the LoRA section after it); this is the fallback when no rate

@@ -187,13 +187,17 @@ def build_units(groups: dict[str, dict[str, torch.Tensor]], rest: dict[str, torc
 
 
 def model_job(tensors: Mapping[str, torch.Tensor], meta: dict, compressor: str, threads: int | None = None,
-              deadline: float | None = None) -> artifact.CompressJob:
+              deadline: float | None = None, keep: tuple[str, ...] | None = None,
+              cache: dict | None = None) -> artifact.CompressJob:
     """The model's artifact section(s) being compressed on host threads: one section (artifact.SectionJob) for
     lzma/brotli/auto; for "group", the sections above, planned and compressed on the job's threads. `deadline`
     (seconds): when it is projected past it from the chunks it has timed, the job drops lrzip (auto: lzma) and keeps
-    brotli (artifact.CompressJob); each section records its compressor, so the artifact decodes either way."""
+    brotli (artifact.CompressJob); each section records its compressor, so the artifact decodes either way.
+    `keep` (group): the back-ends to try instead of all the host has (the fit's probes keep what the base job kept);
+    `cache`: chunks already compressed (artifact.CompressJob)."""
     if compressor != "group":
-        return artifact.SectionJob("model", tensors, meta, compressor, threads, deadline=deadline)
+        return artifact.SectionJob("model", tensors, meta, compressor, threads, deadline=deadline, cache=cache)
     groups, rest = split(tensors)
-    compressors = backends()
-    return artifact.CompressJob(lambda: build_units(groups, rest, meta, compressors), threads, deadline=deadline)
+    compressors = keep or backends()
+    return artifact.CompressJob(lambda: build_units(groups, rest, meta, compressors), threads, deadline=deadline,
+                                cache=cache)

@@ -37,7 +37,7 @@ from .model import GPT, autocast_for, build_model, configure_runtime, gptq_targe
 from .record import run_record, write_submission_json
 from .runlog import RunLog, atomic_write
 from .script import shipped_script
-from .shipping import TIED, artifact_meta, check_artifact_fits, load_shipped, model_from_state
+from .shipping import TIED, artifact_meta, check_artifact_fits, fit_to_cap, load_shipped, model_from_state
 from .tokenizer import ByteTables, byte_tables, check_byte_source, load_tokenizer
 from .train import TrainResult, train
 from .ttt import evaluate_ttt, load_for_ttt
@@ -426,9 +426,11 @@ def start_base_section(run: Run) -> None:
 
 
 def lcq(run: Run) -> None:
-    """Right after GPTQ: start compressing the base model's artifact section on host threads (issue 8), then the LCQ
-    stage (lcq.distill.lcq_stage holds its policy), given the calibration batches and the GPTQ spec it may need."""
+    """Right after GPTQ: start compressing the base model's artifact section on host threads (issue 8), fit it to the
+    cap (lcq.shipping.fit_to_cap, issue 25), then the LCQ stage (lcq.distill.lcq_stage holds its policy), given the
+    calibration batches and the GPTQ spec it may need."""
     start_base_section(run)
+    fit_to_cap(run)
     lcq_stage(run, calibration_runner(run, run.cfg.lcq_grail_tokens), quant_spec(run.cfg))
 
 
