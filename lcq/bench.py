@@ -456,8 +456,9 @@ def bench_sizing(cfg: Config) -> dict:
               f"{r['bytes']:>11,.0f} {r['fitted_bytes']:>11,.0f}")
     print(f"control tensors {control:,} B, code {code:,} B: total {total:,.0f} of "
           f"{cfg.artifact_cap_bytes:,} ({cfg.artifact_cap_bytes - total:+,.0f})")
-    # The fit (issue 25): pruning saves bytes about linearly in the count at these fractions (docs/fit.md), so the
-    # share of the +-1 codes it would zero is the excess over what FIT_MAX_FRACTION of them saves
+    # The fit (issue 25): whether zeroing FIT_MAX_FRACTION of the +-1 codes (cheapest s^2 first) saves the excess, and
+    # the share it would take if savings grew linearly with the count (a lower estimate: on the demo each code zeroed
+    # saved more as more went, docs/fit.md)
     save = sum(r["bytes"] - r["fitted_bytes"] for r in rows.values())
     excess = max(0.0, total - cfg.artifact_cap_bytes)
     fit = dict(excess_bytes=round(excess), saved_at_bound_bytes=round(save), fits=excess <= save,

@@ -340,6 +340,7 @@ def run_training(run: Run) -> TrainResult:
     if post <= 0:
         run.log("warning: TRAIN_RESERVE_SECONDS leaves no time for GPTQ/LCQ after SERIALIZE_RESERVE_SECONDS and "
                 "LCQ_SAFETY_SECONDS")
+    start_script(run)
     res = train(run.model, cfg, run.dinfo, run.log, run.bos_id, eval_fn=monitor)
     run.train_result = res
     run.charge("train", res.train_time_s, cfg.train_budget_seconds, steps=res.steps, stopped_by=res.stopped_by,
@@ -401,6 +402,15 @@ def quantize(run: Run) -> None:
     run.log("gptq_worst_rel_err: " + " ".join(f"{n}:{e:.3e}" for n, e in worst))
 
 
+def start_script(run: Run) -> None:
+    """Rank 0: render the single-file script on a host thread (packing the sources takes seconds; the code does not
+    change), from the start of training, so that the fit (issue 25) and LCQ's room find its bytes ready."""
+    if run.dinfo.is_master and run.script_job is None:
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lcq-bundle")
+        run.script_job = pool.submit(shipped_script)
+        pool.shutdown(wait=False)
+
+
 def start_base_section(run: Run) -> None:
     """Rank 0: start compressing the quantized model's artifact section on host threads (issue 8), so that it runs
     while LCQ distils on the device. Only rank 0 writes the artifact; other ranks compressing too would slow it."""
@@ -408,10 +418,7 @@ def start_base_section(run: Run) -> None:
         run.base_job.cancel()
     run.base_job = None
     if run.dinfo.is_master:
-        if run.script_job is None:  # packing the sources (lzma/brotli) takes seconds too; the code does not change
-            pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lcq-bundle")
-            run.script_job = pool.submit(shipped_script)
-            pool.shutdown(wait=False)
+        start_script(run)
         tensors = {k: v.detach().cpu() for k, v in run.qtensors.items()}
         if run.cfg.compressor == "group":
             run.log(grouping.describe_backends())
