@@ -253,27 +253,22 @@ def least_count(measure, over: int, target: int, most: int, guess: int) -> tuple
     each checked by measure (the bytes are not monotone in n, so "least" is of the bracket searched). First probe at
     `guess`, then interpolation on the bracket (bisection after two moves of the same end). Raises FitError when
     measure(most) is over. Returns (n, {probed n: bytes})."""
-    sizes = {0: over}
-    lo, hi, g = 0, None, min(max(guess, 1), most)
-    while hi is None:  # extrapolate from what is over until something fits
+    sizes, lo, hi, g, moved = {0: over}, 0, None, min(max(guess, 1), most), ""
+    while hi is None or hi - lo > 1:
+        if hi is not None:
+            g = (lo + hi) // 2 if moved[-2:] in ("ll", "hh") else \
+                lo + round((hi - lo) * (sizes[lo] - target) / max(sizes[lo] - sizes[hi], 1))
+            g = min(max(g, lo + 1), hi - 1)
         sizes[g] = measure(g) if g else over
         if sizes[g] <= target:
-            hi = g
-        elif g == most:
-            raise FitError(f"pruning {most} +-1 codes (FIT_MAX_FRACTION) leaves {sizes[g]} model bytes, over the "
-                           f"{target} the cap leaves: lower MLP_MULT/MATRIX_BITS or raise FIT_MAX_FRACTION")
+            hi, moved = g, moved + "h"
+        elif hi is None and g >= most:
+            raise FitError(f"pruning {most} +-1 codes leaves {sizes[g]} model bytes, over the {target} the cap leaves: "
+                           "raise FIT_MAX_FRACTION or lower MLP_MULT/MATRIX_BITS")
+        elif hi is None:  # extrapolate from what is over until something fits
+            lo, g = g, min(most, g + max(1, math.ceil(1.1 * (sizes[g] - target) * g / max(over - sizes[g], 1e-9))))
         else:
-            lo, slope = g, (over - sizes[g]) / g
-            g = min(most, g + max(1, math.ceil(1.1 * (sizes[g] - target) / max(slope, 1e-9))))
-    moved = []
-    while hi - lo > 1:
-        a, b = sizes[lo], sizes[hi]
-        g = lo + round((hi - lo) * (a - target) / max(a - b, 1)) if moved[-2:] not in (["lo"] * 2, ["hi"] * 2) \
-            else (lo + hi) // 2
-        g = min(max(g, lo + 1), hi - 1)
-        sizes[g] = measure(g)
-        moved.append("hi" if sizes[g] <= target else "lo")
-        lo, hi = (lo, g) if moved[-1] == "hi" else (g, hi)
+            lo, moved = g, moved + "l"
     return hi, sizes
 
 
