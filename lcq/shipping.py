@@ -248,13 +248,15 @@ def prune(qtensors: dict[str, torch.Tensor], order: tuple, n: int) -> dict[str, 
     return out
 
 
-def least_count(measure, over: int, target: int, most: int, guess: int) -> tuple[int, dict[int, int]]:
+def least_count(measure, over: int, target: int, most: int, guess: int,
+                deadline: float = math.inf) -> tuple[int, dict[int, int]]:
     """The least n in 1..most with measure(n) <= target, given measure(0) = over > target: n fits and n - 1 does not,
     each checked by measure (the bytes are not monotone in n, so "least" is of the bracket searched). First probe at
     `guess`, then interpolation on the bracket (bisection after two moves of the same end). Raises FitError when
-    measure(most) is over. Returns (n, {probed n: bytes})."""
+    measure(most) is over. Past `deadline` (time.perf_counter) it stops narrowing: n fits, n - 1 is not checked.
+    Returns (n, {probed n: bytes})."""
     sizes, lo, hi, g, moved = {0: over}, 0, None, min(max(guess, 1), most), ""
-    while hi is None or hi - lo > 1:
+    while hi is None or hi - lo > 1 and time.perf_counter() < deadline:
         if hi is not None:
             g = (lo + hi) // 2 if moved[-2:] in ("ll", "hh") else \
                 lo + round((hi - lo) * (sizes[lo] - target) / max(sizes[lo] - sizes[hi], 1))
@@ -310,9 +312,11 @@ def fit_to_cap(run) -> None:
             return size
 
         # first probe: 8 codes per byte over (a +-1 code zeroed saved 0.10-0.13 bytes on the tiny and demo models)
-        n, sizes = least_count(measure, over, target, int(cfg.fit_max_fraction * len(order[1])), 8 * (over - target))
+        # the clock: narrowing stops where LCQ_SAFETY and SERIALIZE_RESERVE begin (what fits so far ships)
+        n, sizes = least_count(measure, over, target, int(cfg.fit_max_fraction * len(order[1])), 8 * (over - target),
+                               t0 + run.clock_left - cfg.lcq_safety_seconds - cfg.serialize_reserve_seconds)
         run.base_job = jobs[n]
-        info.update(after=sizes[n], probes=len(sizes) - 1, below=sizes[n - 1], order=order)
+        info.update(after=sizes[n], probes=len(sizes) - 1, below=sizes.get(n - 1, "not checked (clock)"), order=order)
         return n
 
     mine = D.on_master(search, "fitting the model to the cap")

@@ -39,6 +39,8 @@ def test_least_count_is_the_least_that_fits_of_a_monotone_size():
         assert size(n) <= target < size(n - 1) and sizes[n] == size(n) and n - 1 in sizes
         assert n == next(k for k in range(1, 10**6) if size(k) <= target)  # monotone: the least overall
         assert len(calls) == len(set(calls)) <= 40  # every probe is new; bisection bounds them by ~2 log2(10**6)
+    n, sizes = least_count(lambda k: over - k, over, over - 50, 10**6, 10, deadline=0.0)  # past the clock at once
+    assert sizes[n] <= over - 50 and n - 1 not in sizes  # what fits ships, its minimality unchecked
     with pytest.raises(FitError, match="FIT_MAX_FRACTION"):
         least_count(lambda k: over - k, over, over - 50, 49, 10)
     with pytest.raises(FitError, match="FIT_MAX_FRACTION"):
