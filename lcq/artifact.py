@@ -138,12 +138,12 @@ _PACK_WIDTHS = (1, 2, 4)
 _LZMA_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]
 
 
-def _lzma_stream():
+def _lzma_stream(stop=None):
     c = lzma.LZMACompressor(format=lzma.FORMAT_RAW, filters=_LZMA_FILTERS)
     return c.compress, c.flush
 
 
-def _brotli_stream():
+def _brotli_stream(stop=None):
     c = brotli.Compressor(quality=11, lgwin=24)
     return c.process, c.finish
 
@@ -163,8 +163,10 @@ def lrzip_binary() -> str | None:
     return shutil.which("lrzip")
 
 
-def _lrzip(args: tuple[str, ...], data: bytes, what: str) -> bytes:
-    """Run lrzip on `data` through temp files (it reads and writes files; stdin/stdout mode buffers the same)."""
+def _lrzip(args: tuple[str, ...], data: bytes, what: str, stop: Callable[[], bool] | None = None) -> bytes | None:
+    """Run lrzip on `data` through temp files (it reads and writes files; stdin/stdout mode buffers the same). The
+    child is killed, and None returned, as soon as `stop()` says so (a job that dropped lrzip, issue 25: a running
+    chunk held a core for seconds after the drop)."""
     exe = lrzip_binary()
     if exe is None:
         raise ArtifactError(f"{what} needs the lrzip binary, which is not on PATH: install it ({LRZIP_INSTALL}) "
@@ -172,28 +174,37 @@ def _lrzip(args: tuple[str, ...], data: bytes, what: str) -> bytes:
     with tempfile.TemporaryDirectory(prefix="lcq-lrzip-") as tmp:
         src, dst = os.path.join(tmp, "in"), os.path.join(tmp, "out")
         Path(src).write_bytes(data)
-        proc = subprocess.run([exe, *args, "-o", dst, src], capture_output=True,
-                              env=dict(os.environ, LRZIP="NOCONFIG"))
+        proc = subprocess.Popen([exe, *args, "-o", dst, src], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                env=dict(os.environ, LRZIP="NOCONFIG"))
+        while True:
+            try:
+                out, err = proc.communicate(timeout=0.05)
+                break
+            except subprocess.TimeoutExpired:
+                if stop is not None and stop():
+                    proc.kill()
+                    proc.communicate()
+                    return None
         if proc.returncode != 0 or not os.path.exists(dst):
-            err = (proc.stderr or proc.stdout).decode("utf-8", "replace").strip()[-300:]
+            err = (err or out).decode("utf-8", "replace").strip()[-300:]
             raise ArtifactError(f"{what}: {exe} {' '.join(args)} failed with exit status {proc.returncode}: {err}")
         return Path(dst).read_bytes()
 
 
-def _lrzip_stream():
-    """lrzip compresses whole files: feed collects the chunk, finish compresses it."""
+def _lrzip_stream(stop=None):
+    """lrzip compresses whole files: feed collects the chunk, finish compresses it (None: stopped, see _lrzip)."""
     parts: list[bytes] = []
 
     def feed(piece) -> bytes:
         parts.append(bytes(piece))
         return b""
 
-    return feed, lambda: _lrzip(_LRZIP_ARGS, b"".join(parts), "lrzip compression")
+    return feed, lambda: _lrzip(_LRZIP_ARGS, b"".join(parts), "lrzip compression", stop)
 
 
-# name -> (id, stream factory () -> (feed, finish), decompress)
+# name -> (id, stream factory (stop) -> (feed, finish), decompress)
 _COMPRESSORS: dict[str, tuple[int, Callable[[], tuple[Callable, Callable]], Callable[[bytes], bytes]]] = {
-    "none": (0, lambda: (bytes, bytes), bytes),
+    "none": (0, lambda stop=None: (bytes, bytes), bytes),
     "lzma": (1, _lzma_stream, lambda b: lzma.decompress(b, format=lzma.FORMAT_RAW, filters=_LZMA_FILTERS)),
     "brotli": (2, _brotli_stream, brotli.decompress),
     "lrzip": (3, _lrzip_stream, lambda b: _lrzip(("-d", "-Q", "-f"), bytes(b), "this artifact (lrzip section)")),
@@ -378,9 +389,9 @@ def projected_seconds(tasks: list[tuple[str, int, float | None]], rates: Mapping
                       skip: tuple[str, ...] = ()) -> float:
     """Seconds until a pool of `threads` threads is done with `tasks`, (compressor, raw bytes, seconds it has run;
     None while queued) in queue order, at `rates` (bytes per thread-second): a running task takes what its rate leaves
-    of it, each queued one (but those of `skip`) goes to the first thread free, as in ThreadPoolExecutor. Exact when
-    the rates are."""
-    free = sorted(max(0.0, n / rates[c] - ran) for c, n, ran in tasks if ran is not None)
+    of it, each queued one goes to the first thread free, as in ThreadPoolExecutor; those of `skip` (dropped: they stop
+    at their next slice, lrzip's child killed) take none. Exact when the rates are."""
+    free = sorted(max(0.0, n / rates[c] - ran) for c, n, ran in tasks if ran is not None and c not in skip)
     free = [0.0] * (threads - len(free)) + free  # ascending: a heap
     for c, n, ran in tasks:
         if ran is None and c not in skip:
@@ -391,7 +402,7 @@ def projected_seconds(tasks: list[tuple[str, int, float | None]], rates: Mapping
 def to_drop(tasks: list[tuple[str, int, float | None]], rates: Mapping[str, float], threads: int, seconds: float,
             droppable: set[str]) -> tuple[str, ...]:
     """The compressors of `droppable` to drop, slowest rate first, until the rest of `tasks` is projected done within
-    `seconds` (projected_seconds; a running task is never stopped, so it always counts)."""
+    `seconds` (projected_seconds)."""
     out: tuple[str, ...] = ()
     for c in sorted(droppable, key=rates.get):
         if projected_seconds(tasks, rates, threads, out) <= seconds:
@@ -428,11 +439,14 @@ class CompressJob:
     projected to finish later (to_drop). That projection does not wait for a finished chunk: a compressor not timed
     yet is taken at the fastest rate its running tasks still allow (their bytes over the seconds they have run; none
     started: no time), so a drop needs only evidence that the job would be late, and comes as soon as there is some.
-    A dropped compressor's queued tasks are skipped (a running lrzip finishes); `choice` says what was kept and why."""
+    A dropped compressor's queued tasks are skipped and its running lrzip children killed; `choice` says what was kept and why."""
 
     def __init__(self, units: list[Unit] | Callable[[], list[Unit]], threads: int | None = None,
-                 chunk_bytes: int = CHUNK_BYTES, deadline: float | None = None):
+                 chunk_bytes: int = CHUNK_BYTES, deadline: float | None = None, cache: dict | None = None):
         self.started = time.perf_counter()
+        # (compressor, sha256 of a chunk) -> its stored bytes, shared by jobs over nearly equal payloads (the fit's
+        # probes, lcq.shipping); a chunk found there is not timed
+        self._cache = cache
         self.threads = max(1, threads or os.cpu_count() or 1)
         self.raw_bytes = 0  # bytes each compressor reads (every variant of every unit), once the units are known
         self.plan_seconds: float | None = None  # building the units (lcq.grouping's planning), before any task
@@ -491,17 +505,25 @@ class CompressJob:
         return self._cancelled.is_set() or compressor in self.dropped
 
     def _compress(self, task: _Task, raw: bytes, lo: int, hi: int) -> bytes | None:
+        key = None if self._cache is None else (task.compressor, hashlib.sha256(memoryview(raw)[lo:hi]).digest())
+        if key in (self._cache or {}):
+            task.start, task.seconds = time.perf_counter(), math.inf
+            return self._cache[key]
         task.start = time.perf_counter()
-        feed, finish = _COMPRESSORS[task.compressor][1]()
+        feed, finish = _COMPRESSORS[task.compressor][1](lambda: self._stopped(task.compressor))
         view = memoryview(raw)
         out = []
         for at in [*range(lo, hi, SLICE_BYTES), None]:  # None: the finish, where lrzip does all its work
-            if self._stopped(task.compressor):
+            piece = None if self._stopped(task.compressor) else finish() if at is None else \
+                feed(view[at:min(at + SLICE_BYTES, hi)])
+            if piece is None:
                 task.seconds = math.inf
                 return None
-            out.append(finish() if at is None else feed(view[at:min(at + SLICE_BYTES, hi)]))
+            out.append(piece)
         task.seconds = time.perf_counter() - task.start
         self._stopped(task.compressor)  # a new rate: decide again
+        if key is not None:
+            self._cache[key] = b"".join(out)
         return b"".join(out)
 
     def _rates(self, bound: bool = False) -> dict[str, float] | None:
@@ -521,11 +543,11 @@ class CompressJob:
         return rates if self.tasks and use <= set(rates) else None
 
     def _left(self) -> list[tuple[str, int, float | None]]:
-        """Under the lock: the tasks still to run, as projected_seconds takes them (a dropped compressor's running
-        ones too: lrzip's child process runs on)."""
+        """Under the lock: the tasks still to run, as projected_seconds takes them (a dropped compressor's stop at
+        their next slice; its lrzip children are killed)."""
         now = time.perf_counter()
         return [(t.compressor, t.nbytes, None if t.start is None else now - t.start) for t in self.tasks
-                if t.seconds is None and (t.start is not None or t.compressor not in self.dropped)]
+                if t.seconds is None and t.compressor not in self.dropped]
 
     def _decide(self) -> None:
         """Drop what would make the job late (see the class); say what was kept or dropped, and why."""
@@ -607,9 +629,11 @@ class SectionJob(CompressJob):
     AUTO_ORDER and keeps the compressor with the smaller section."""
 
     def __init__(self, name: str, tensors: Mapping[str, torch.Tensor], meta: dict, compressor: str,
-                 threads: int | None = None, chunk_bytes: int = CHUNK_BYTES, deadline: float | None = None):
+                 threads: int | None = None, chunk_bytes: int = CHUNK_BYTES, deadline: float | None = None,
+                 cache: dict | None = None):
         candidates = AUTO_ORDER if compressor == "auto" else (compressor,)
-        super().__init__([Unit(name, (("", _payload(tensors, meta)),), candidates)], threads, chunk_bytes, deadline)
+        super().__init__([Unit(name, (("", _payload(tensors, meta)),), candidates)], threads, chunk_bytes, deadline,
+                         cache)
 
     def result(self) -> Section:
         """Wait for every chunk and return the section (raises what a compressor raised)."""

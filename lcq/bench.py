@@ -10,6 +10,7 @@
     python -m lcq.bench compressors [--codes RUN.lcq]  # model section bytes/seconds: brotli vs auto vs group
     python -m lcq.bench step --preset record --world 8  # one training step's ATen ops, host reads, bytes sent (issue 18)
     python -m lcq.bench ttt      # batched TTT at TTT_BATCH_DOCS 1/8/32/64, and its work projected to #1855's val split
+    python -m lcq.bench fit      # the fit (issue 25): bpb per KB of zeroing the cheapest +-1 codes, by fraction
 
 Each trains the demo-preset model on the embedded corpus (or the preset/knobs given, e.g. --preset record on a GPU box),
 writes its run logs under LOG_DIR, prints a table and ends with one JSON line holding the figures.
@@ -41,7 +42,7 @@ from .lora import LORA_ENTRY_BYTES, LORA_SECTION_BYTES, config_format, factor_by
 from .pipeline import (TIED, Run, build, evaluate_shipped, lcq, open_run, quant_spec, quantize,
                        run_training, score, score_ttt, ship)
 from .runlog import atomic_write
-from .shipping import artifact_meta, load_shipped, model_from_state, pack_lora
+from .shipping import artifact_meta, load_shipped, model_from_state, pack_lora, prune, prune_order
 
 
 # Clip candidates in row standard deviations (0 = max-abs). The record default (12.85) is tuned for int6 and is far
@@ -434,22 +435,38 @@ def bench_sizing(cfg: Config) -> dict:
             continue
         bits = spec.embed_bits if role == "embed" else spec.matrix_bits
         key = (tuple(p.shape), bits, clip_for(spec, name, role))
-        if key not in per_shape:
+        if key not in per_shape:  # bytes per param, unpruned and with FIT_MAX_FRACTION of the +-1 codes zeroed
             q, s = quantize_rtn(torch.randn(*p.shape, generator=gen), bits, key[2])
-            per_shape[key] = len(brotli.compress(q.numpy().tobytes() + s.numpy().tobytes(), quality=11)) / p.numel()
+            order = prune_order({"w.q": q, "w.scale": s}, {})
+            pruned = prune({"w.q": q}, order, int(cfg.fit_max_fraction * len(order[1])))["w.q"]
+            per_shape[key] = tuple(len(brotli.compress(c.numpy().tobytes() + s.numpy().tobytes(), quality=11))
+                                   / p.numel() for c in (q, pruned))
         group = "embed" if role == "embed" else ("attn" if ".attn." in name else "mlp")
-        r = rows.setdefault(group, dict(params=0, bytes=0.0, bits=bits, clip=key[2]))
+        r = rows.setdefault(group, dict(params=0, bytes=0.0, fitted_bytes=0.0, bits=bits, clip=key[2]))
         r["params"] += p.numel()
-        r["bytes"] += per_shape[key] * p.numel()
+        r["bytes"] += per_shape[key][0] * p.numel()
+        r["fitted_bytes"] += per_shape[key][1] * p.numel()
     code = len(shipped_script())
     total = sum(r["bytes"] for r in rows.values()) + control + code
     print(f"\nprojected artifact of the {cfg.preset} preset ({sum(r['params'] for r in rows.values()):,} quantized params, "
           f"MLP {cfg.mlp_mult}x, vocab {cfg.vocab_size}); brotli-11 on Gaussian codes")
-    print(f"{'role':<6} {'params':>11} {'bits':>4} {'clip':>5} {'B/param':>8} {'bytes':>11}")
+    print(f"{'role':<6} {'params':>11} {'bits':>4} {'clip':>5} {'B/param':>8} {'bytes':>11} {'at bound':>11}")
     for g, r in rows.items():
-        print(f"{g:<6} {r['params']:>11,} {r['bits']:>4} {r['clip']:>5} {r['bytes'] / r['params']:>8.4f} {r['bytes']:>11,.0f}")
+        print(f"{g:<6} {r['params']:>11,} {r['bits']:>4} {r['clip']:>5} {r['bytes'] / r['params']:>8.4f} "
+              f"{r['bytes']:>11,.0f} {r['fitted_bytes']:>11,.0f}")
     print(f"control tensors {control:,} B, code {code:,} B: total {total:,.0f} of "
           f"{cfg.artifact_cap_bytes:,} ({cfg.artifact_cap_bytes - total:+,.0f})")
+    # The fit (issue 25): whether zeroing FIT_MAX_FRACTION of the +-1 codes (cheapest s^2 first) saves the excess, and
+    # the share it would take if savings grew linearly with the count (a lower estimate: on the demo each code zeroed
+    # saved more as more went, docs/fit.md)
+    save = sum(r["bytes"] - r["fitted_bytes"] for r in rows.values())
+    excess = max(0.0, total - cfg.artifact_cap_bytes)
+    fit = dict(excess_bytes=round(excess), saved_at_bound_bytes=round(save), fits=excess <= save,
+               fraction=cfg.fit_max_fraction * excess / save if save > 0 else None)
+    print("fit: nothing to prune" if not excess else
+          f"fit: {excess:,.0f} B over; FIT_MAX_FRACTION={cfg.fit_max_fraction:g} of the +-1 codes saves {save:,.0f} B: "
+          + (f"projected to prune ~{fit['fraction']:.1%} of them" if fit["fits"] else "does NOT fit (NO-GO)"))
+    total -= min(excess, save)
     # The LoRA the preset would ship under this projection: LCQ_BYTES (auto = the cap less the above and the headroom),
     # and the rank units it buys at the targets' mean unit cost with every target paying its manifest entry (a lower
     # estimate: the real split follows the trained model's errors, lcq.lora.allocate_bytes).
@@ -463,7 +480,7 @@ def bench_sizing(cfg: Config) -> dict:
           f"rank units over {len(names)} targets; total {total + lcq_bytes:,.0f}")
     return dict(bench="sizing", preset=cfg.preset, roles=rows, control_bytes=control, code_bytes=code,
                 projected_bytes=round(total), cap=cfg.artifact_cap_bytes, lcq_bytes=lcq_bytes, lcq_units=units,
-                projected_total_bytes=round(total) + lcq_bytes)
+                projected_total_bytes=round(total) + lcq_bytes, fit=fit)
 
 
 def serialize_payload(cfg: Config) -> tuple[dict, dict, dict, dict, int]:
@@ -629,6 +646,51 @@ def _overlapped(tensors: dict, meta: dict, lora: dict, lora_meta: dict, comp: st
     return row
 
 
+def bench_fit(cfg: Config, dinfo: D.DistInfo, fractions: list[float]) -> dict:
+    """What the fit costs (issue 25): the preset (demo) trained once and quantized, then the cheapest k of its +-1
+    codes zeroed for k = fraction x all of them, ranked by the fit's cost (the exact change of the Hessian-weighted
+    error) and by h_jj s^2 alone; each pruned model compressed by the shipped compressor and scored (the quantized
+    model, no LoRA). bpb per KB saved, total and marginal (from the previous fraction), to set beside what a wider MLP
+    buys per KB (issue 16's equal-bytes table: 0.0003 bpb/KB on the demo)."""
+    from .shipping import prune, prune_order, quant_errors
+
+    run = open_run(replace(cfg, run_id=f"bench_fit_{int(time.time())}", submission_json=""), dinfo)
+    build(run)
+    run_training(run)
+    quantize(run)
+    meta = artifact_meta(cfg, run.bos_id, run.qmeta, None)
+
+    def measure(tensors) -> int:
+        return artifact.HEADER_BYTES + sum(s.nbytes for s in grouping.model_job(tensors, meta, cfg.compressor).sections())
+
+    def bpb(tensors) -> float:
+        state = dequantize_state(tensors, run.qmeta)
+        return score(run, model_from_state(cfg, run.bos_id, state, dinfo.device)).val_bpb
+
+    base_bytes, base_bpb = measure(run.qtensors), bpb(run.qtensors)
+    print(f"\nfit cost on the {cfg.preset} preset: unpruned model {base_bytes:,} bytes, quantized val_bpb {base_bpb:.5f}")
+    print(f"{'cost':<6} {'fraction':>8} {'pruned':>8} {'bytes':>9} {'saved':>7} {'dbpb':>9} {'bpb/KB':>8} {'marginal':>8}")
+    rows = []
+    for label, order in (("exact", prune_order(run.qtensors, run.hessians, quant_errors(run))),
+                         ("diag", prune_order(run.qtensors, run.hessians))):
+        prev = (0, 0.0)
+        for f in fractions:
+            n = int(f * len(order[1]))
+            pruned = prune(run.qtensors, order, n)
+            size, score_bpb = measure(pruned), bpb(pruned)
+            saved, d = base_bytes - size, score_bpb - base_bpb
+            row = dict(cost=label, fraction=f, pruned=n, candidates=len(order[1]), model_bytes=size, saved_bytes=saved,
+                       val_bpb=score_bpb, dbpb=d, bpb_per_kb=d / (saved / 1000) if saved > 0 else None,
+                       marginal_bpb_per_kb=(d - prev[1]) / ((saved - prev[0]) / 1000) if saved > prev[0] else None)
+            prev = (saved, d)
+            rows.append(row)
+            fmt = lambda v: "-" if v is None else f"{v:.5f}"  # noqa: E731
+            print(f"{label:<6} {f:>8.3f} {n:>8,} {size:>9,} {saved:>7,} {d:>+9.5f} {fmt(row['bpb_per_kb']):>8} "
+                  f"{fmt(row['marginal_bpb_per_kb']):>8}", flush=True)
+    return dict(bench="fit", preset=cfg.preset, compressor=cfg.compressor, model_bytes_unpruned=base_bytes,
+                val_bpb_unpruned=base_bpb, rows=rows)
+
+
 COMPARED_COMPRESSORS = ("brotli", "auto", "group")
 
 
@@ -697,7 +759,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m lcq.bench", description=__doc__, allow_abbrev=False,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("kind", choices=("quant", "lcq", "attribution", "features", "sizing", "serialize", "compressors",
-                                     "step", "ttt", "gptq"))
+                                     "step", "ttt", "gptq", "fit"))
     ap.add_argument("--bits", default=None, help="comma-separated bit widths (quant: 4,5,6,8; lcq: 4,6)")
     ap.add_argument("--ranks", default="4,16,64", help="lcq: comma-separated LoRA ranks")
     ap.add_argument("--inits", default="zero,svd,act_svd,grail", help="lcq: comma-separated inits")
@@ -734,6 +796,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="compressors: comma-separated COMPRESSOR values to compare on the model section")
     ap.add_argument("--codes", default="", help="compressors: an artifact (.lcq) whose model tensors to compress "
                                                "instead of the preset's random-init payload")
+    ap.add_argument("--fractions", default="0.01,0.02,0.05,0.1,0.2,0.4",
+                    help="fit: comma-separated fractions of the +-1 codes to zero")
     ap.add_argument("--world", type=int, default=8, help="step, gptq: gloo ranks the step / the split runs on")
     ap.add_argument("--tokens", type=int, default=512, help="step: tokens per rank")
     ap.add_argument("--batch-docs", default="1,8,32,64", help="ttt: comma-separated TTT_BATCH_DOCS values")
@@ -769,6 +833,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.kind == "gptq":
             from .bench_gptq import bench_gptq
             result = bench_gptq(cfg, args.world)
+        elif args.kind == "fit":
+            result = bench_fit(cfg, dinfo, [float(f) for f in args.fractions.split(",")])
         elif args.kind == "sizing":
             result = bench_sizing(cfg)
         elif args.kind == "features":

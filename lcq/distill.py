@@ -14,6 +14,7 @@ averaged per-rank factors once at the end, and the mean of products is not the p
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -333,25 +334,36 @@ def lcq_diagnostic(run) -> float | None:
     return rho_total
 
 
-def distill_budget(run, initial: float, window: float, lora_s: float):
+def distill_budget(run, initial: float, window: float, lora_s: float, lora_bytes: int = 0):
     """Distillation's budget as a function of its elapsed seconds, re-read every step (lcq.distill): `initial` (from
     the plan), shrunk by however late the model section is projected to finish now, from the rates its job keeps
     measuring (an early projection is optimistic: brotli slows as its window fills, and a shared host's load moves).
-    Rank 0 projects and every rank gets its value (one scalar all-reduce per step). `window` is what LCQ could use
-    before any serialization."""
+    A plan made before any chunk was timed kept SERIALIZE_RESERVE_SECONDS (plan_serialize); when the first projection
+    arrives, LCQ takes back what it does not need (issue 25), the LoRA section (`lora_bytes` raw) priced at the
+    measured rates. Rank 0 projects and every rank gets its value (one scalar all-reduce per step). `window` is what
+    LCQ could use before any serialization."""
     job, cfg = run.base_job, run.cfg
     floor = float("-inf")
+    ceiling, pending = initial, job is not None and job.rates() is None  # planned on the reserve: no chunk timed
 
     def budget(elapsed: float) -> float:
+        nonlocal ceiling, pending, lora_s
         value = initial
         if job is not None and cfg.lcq_merge != "baked":
             left = job.seconds_left()
             if left is not None:
+                if pending:  # the first projection since the plan
+                    rates, pending = job.rates(), False
+                    lora_s = lora_bytes * sum(1 / r for c, r in rates.items() if c not in job.dropped) / min(
+                        job.threads, len(rates))
+                    ceiling = min(cfg.lcq_seconds or math.inf, window - lora_s - WRITE_SECONDS)
+                    run.log(f"lcq_budget: the model section's first projection came at {elapsed:.2f}s; distillation "
+                            f"takes back {ceiling - initial:.2f}s of SERIALIZE_RESERVE_SECONDS")
                 late = max(0.0, elapsed + left - (window - lora_s - WRITE_SECONDS))
-                value = min(initial, window - lora_s - WRITE_SECONDS - late)
+                value = min(ceiling, window - lora_s - WRITE_SECONDS - late)
         mine = value if run.dinfo.is_master else floor
         value = float(D.all_reduce_max(torch.tensor(mine, dtype=torch.float64, device=run.dinfo.device)).item())
-        if value < initial:  # the serialize stage gets what LCQ gave back
+        if value != initial:  # the serialize stage gets what LCQ gave back, or gives back what it does not need
             run.serialize_budget = window - value
         return max(0.0, value)
 
@@ -413,7 +425,8 @@ def lcq_stage(run, calibrate, spec: QuantSpec) -> None:
             + (f", GPTQ again {gptq_s:.2f}s" if gptq_s else "") + ")")
     planned = run.serialize_budget
     res = distill(student, teacher, cfg, dinfo, run.log, run.bos_id,
-                  distill_budget(run, seconds, left, lora_s) if cfg.lcq_max_steps and seconds > 0 else 0.0)
+                  distill_budget(run, seconds, left, lora_s, lora_raw_bytes(student, ranks, fmt))
+                  if cfg.lcq_max_steps and seconds > 0 else 0.0)
     if run.serialize_budget is not None and planned is not None and run.serialize_budget > planned:
         run.log(f"lcq_budget: the model section was projected later as it went; distillation gave back "
                 f"{run.serialize_budget - planned:.2f}s, serialize budget {run.serialize_budget:.2f}s")

@@ -29,12 +29,14 @@ What this module does, on the artifact's own format (lcq.artifact, format 2; one
   decode, bit for bit. It is a greedy nearest-neighbour walk under squared L2 (one exact Gram matmul instead of #1855's
   L1 walk: int6 codes make every dot product an integer far below 2**24, so float32 sums are exact and the order is the
   same on every machine).
-All of it runs on the compression job's first thread (artifact.CompressJob), not the caller's: the pipeline starts it
-right after GPTQ, while LCQ distils.
+All of it runs on the compression job's threads (artifact.CompressJob), not the caller's, the buckets planned in
+parallel: the pipeline starts it right after GPTQ, while LCQ distils.
 """
 from __future__ import annotations
 
+import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from typing import Mapping
 
 import numpy as np
@@ -169,31 +171,37 @@ def split(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, dict[str, torc
 
 
 def build_units(groups: dict[str, dict[str, torch.Tensor]], rest: dict[str, torch.Tensor], meta: dict,
-                compressors: tuple[str, ...]) -> list[artifact.Unit]:
+                compressors: tuple[str, ...], threads: int = 1) -> list[artifact.Unit]:
     """The sections of the model in group mode: `model` (the rest + meta), then one per bucket in GROUPS order, each
-    with its planned layouts (plan_group) and the back-ends `compressors`."""
-    units = [artifact.Unit("model", (("", artifact._payload(rest, meta)),), compressors)]
+    with its planned layouts (plan_group) and the back-ends `compressors`. The buckets are planned on `threads`
+    threads at once (issue 25: one thread planned all eight in turn while a many-core host's other cores waited; the
+    Gram matmul and numpy's counts release the GIL); the plans do not depend on it."""
     sizes = {role: sum(t.numel() for t in ts.values()) for role, ts in groups.items()}
     hot = set(sorted(sizes, key=lambda r: (-sizes[r], r))[:HOT_GROUPS])
-    for role, _ in GROUPS:
-        if role not in groups:
-            continue
+    roles = [role for role, _ in GROUPS if role in groups]
+
+    def unit(role: str) -> artifact.Unit:
         codes = {n: t.numpy() for n, t in groups[role].items()}
-        gmeta = {"group": role}
-        variants = tuple((label, artifact._payload(groups[role], gmeta, arrange))
+        variants = tuple((label, artifact._payload(groups[role], {"group": role}, arrange))
                          for label, arrange in plan_group(codes, role in hot))
-        units.append(artifact.Unit(f"model_{role}", variants, compressors))
-    return units
+        return artifact.Unit(f"model_{role}", variants, compressors)
+
+    with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="lcq-plan") as pool:
+        return [artifact.Unit("model", (("", artifact._payload(rest, meta)),), compressors), *pool.map(unit, roles)]
 
 
 def model_job(tensors: Mapping[str, torch.Tensor], meta: dict, compressor: str, threads: int | None = None,
-              deadline: float | None = None) -> artifact.CompressJob:
+              deadline: float | None = None, keep: tuple[str, ...] | None = None,
+              cache: dict | None = None) -> artifact.CompressJob:
     """The model's artifact section(s) being compressed on host threads: one section (artifact.SectionJob) for
     lzma/brotli/auto; for "group", the sections above, planned and compressed on the job's threads. `deadline`
     (seconds): when it is projected past it from the chunks it has timed, the job drops lrzip (auto: lzma) and keeps
-    brotli (artifact.CompressJob); each section records its compressor, so the artifact decodes either way."""
+    brotli (artifact.CompressJob); each section records its compressor, so the artifact decodes either way.
+    `keep` (group): the back-ends to try instead of all the host has (the fit's probes keep what the base job kept);
+    `cache`: chunks already compressed (artifact.CompressJob)."""
     if compressor != "group":
-        return artifact.SectionJob("model", tensors, meta, compressor, threads, deadline=deadline)
+        return artifact.SectionJob("model", tensors, meta, compressor, threads, deadline=deadline, cache=cache)
     groups, rest = split(tensors)
-    compressors = backends()
-    return artifact.CompressJob(lambda: build_units(groups, rest, meta, compressors), threads, deadline=deadline)
+    compressors = keep or backends()
+    return artifact.CompressJob(lambda: build_units(groups, rest, meta, compressors, threads or os.cpu_count() or 1),
+                                threads, deadline=deadline, cache=cache)

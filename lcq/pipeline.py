@@ -37,7 +37,7 @@ from .model import GPT, autocast_for, build_model, configure_runtime, gptq_targe
 from .record import run_record, write_submission_json
 from .runlog import RunLog, atomic_write
 from .script import shipped_script
-from .shipping import TIED, artifact_meta, check_artifact_fits, load_shipped, model_from_state
+from .shipping import TIED, artifact_meta, check_artifact_fits, fit_to_cap, load_shipped, model_from_state
 from .tokenizer import ByteTables, byte_tables, check_byte_source, load_tokenizer
 from .train import TrainResult, train
 from .ttt import evaluate_ttt, load_for_ttt
@@ -340,6 +340,7 @@ def run_training(run: Run) -> TrainResult:
     if post <= 0:
         run.log("warning: TRAIN_RESERVE_SECONDS leaves no time for GPTQ/LCQ after SERIALIZE_RESERVE_SECONDS and "
                 "LCQ_SAFETY_SECONDS")
+    start_script(run)
     res = train(run.model, cfg, run.dinfo, run.log, run.bos_id, eval_fn=monitor)
     run.train_result = res
     run.charge("train", res.train_time_s, cfg.train_budget_seconds, steps=res.steps, stopped_by=res.stopped_by,
@@ -401,6 +402,15 @@ def quantize(run: Run) -> None:
     run.log("gptq_worst_rel_err: " + " ".join(f"{n}:{e:.3e}" for n, e in worst))
 
 
+def start_script(run: Run) -> None:
+    """Rank 0: render the single-file script on a host thread (packing the sources takes seconds; the code does not
+    change), from the start of training, so that the fit (issue 25) and LCQ's room find its bytes ready."""
+    if run.dinfo.is_master and run.script_job is None:
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lcq-bundle")
+        run.script_job = pool.submit(shipped_script)
+        pool.shutdown(wait=False)
+
+
 def start_base_section(run: Run) -> None:
     """Rank 0: start compressing the quantized model's artifact section on host threads (issue 8), so that it runs
     while LCQ distils on the device. Only rank 0 writes the artifact; other ranks compressing too would slow it."""
@@ -408,10 +418,7 @@ def start_base_section(run: Run) -> None:
         run.base_job.cancel()
     run.base_job = None
     if run.dinfo.is_master:
-        if run.script_job is None:  # packing the sources (lzma/brotli) takes seconds too; the code does not change
-            pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lcq-bundle")
-            run.script_job = pool.submit(shipped_script)
-            pool.shutdown(wait=False)
+        start_script(run)
         tensors = {k: v.detach().cpu() for k, v in run.qtensors.items()}
         if run.cfg.compressor == "group":
             run.log(grouping.describe_backends())
@@ -426,9 +433,11 @@ def start_base_section(run: Run) -> None:
 
 
 def lcq(run: Run) -> None:
-    """Right after GPTQ: start compressing the base model's artifact section on host threads (issue 8), then the LCQ
-    stage (lcq.distill.lcq_stage holds its policy), given the calibration batches and the GPTQ spec it may need."""
+    """Right after GPTQ: start compressing the base model's artifact section on host threads (issue 8), fit it to the
+    cap (lcq.shipping.fit_to_cap, issue 25), then the LCQ stage (lcq.distill.lcq_stage holds its policy), given the
+    calibration batches and the GPTQ spec it may need."""
     start_base_section(run)
+    fit_to_cap(run)
     lcq_stage(run, calibration_runner(run, run.cfg.lcq_grail_tokens), quant_spec(run.cfg))
 
 

@@ -43,7 +43,7 @@ from .lora import config_format, quantize_factors
 from .pipeline import build, open_run, quant_spec, quantize
 from .runlog import device_name
 from .script import shipped_script
-from .shipping import LORA_PREFIX, TIED, artifact_meta
+from .shipping import LORA_PREFIX, TIED, FitError, artifact_meta, least_count, prune, prune_order
 from .seq_schedule import SeqSchedule
 from .train import bucket_plan, train
 from .ttt import SlotAdapters, adapt_batch, batch_cost, global_phase, prepare_adapter, schedule, ttt_forward, warm_up
@@ -283,6 +283,9 @@ def artifact_rows(run) -> tuple[Row, dict]:
     base_s = time.perf_counter() - t0
     gauss = len(artifact.assemble(sections))
     model_bytes = max(current, gauss)
+    fit, fit_s = project_fit(run, gtensors if gauss >= current else run.qtensors, model_bytes,
+                             cfg.artifact_cap_bytes - code, threads)
+    model_bytes = fit.get("after", model_bytes)
     ranks, lora_note = lora_ranks(run, code, model_bytes)
     lora, lora_s = 0, 0.0
     if cfg.lcq_merge == "baked":
@@ -293,22 +296,52 @@ def artifact_rows(run) -> tuple[Row, dict]:
     total = code + model_bytes + lora
     limit = int(cfg.artifact_cap_bytes * (1 - BYTES_MARGIN))
     no_room = cfg.lcq_rank == "auto" and not any(ranks.values())
-    status = NO_GO if total > cfg.artifact_cap_bytes or no_room else GO if total <= limit else WARN
+    status = NO_GO if total > cfg.artifact_cap_bytes or no_room or "error" in fit else GO if total <= limit else WARN
     row = Row("artifact", status,
               f"projected {total:,} bytes = code {code:,} + model {model_bytes:,} + lora {lora:,}; cap "
               f"{cfg.artifact_cap_bytes:,} ({abs(cfg.artifact_cap_bytes - total):,} "
               f"{'under' if total <= cfg.artifact_cap_bytes else 'OVER'}); go if <= {limit:,}, warn up to the "
-              f"cap ({BYTES_MARGIN:.0%} margin)",
+              f"cap ({BYTES_MARGIN:.0%} margin)"
+              + (f"; fit: {fit['error']}" if "error" in fit else f"; fit: pruned {fit['pruned']:,} of "
+                 f"{fit['candidates']:,} +-1 codes ({fit['pruned'] / fit['candidates']:.1%}, FIT_MAX_FRACTION "
+                 f"{cfg.fit_max_fraction:g}), {fit['before']:,} -> {fit['after']:,} model bytes in {fit_s:.1f}s"
+                 if fit else ""),
               f"model = max(current weights {current:,}, Gaussian refill {gauss:,}): {cfg.quant_method} "
               f"int{cfg.matrix_bits}/int{cfg.embed_bits} + {cfg.compressor}, the real code. Untrained weights "
               "(zero-init projections) compress far smaller than trained ones; at a fixed per-row std (the SDClip "
               "grid) Gaussian rows maximise the codes' entropy, so the refill bounds trained weights from above. "
               f"Code: the shipped train_gpt.py. LoRA: {lora_note}",
               dict(total=total, code=code, model_current=current, model_gaussian=gauss, lora=lora,
-                   lora_rank=max(ranks.values(), default=0), cap=cfg.artifact_cap_bytes, limit=limit))
+                   lora_rank=max(ranks.values(), default=0), cap=cfg.artifact_cap_bytes, limit=limit, fit=fit,
+                   fit_s=fit_s))
     rates = job.rates() or {}
     return row, dict(base_s=base_s, lora_s=lora_s, script_s=script_s, raw_bytes=job.raw_bytes, threads=job.threads,
-                     rates=rates)
+                     rates=rates, fit_s=fit_s)
+
+
+def project_fit(run, tensors: dict, over: int, target: int, threads: int) -> tuple[dict, float]:
+    """The fit (lcq.shipping.fit_to_cap) a run would make, timed: the same search with the shipped compressor on
+    `tensors` (the larger of the current weights' codes and the Gaussian refill's, an upper bound on trained codes),
+    costs h_jj s^2 (a refill has no float weights to take the error term from). ({} when the model fits unpruned,
+    else its counts and bytes, or "error" when pruning FIT_MAX_FRACTION does not fit; seconds)."""
+    if over <= target:
+        return {}, 0.0
+    cfg, t0, cache = run.cfg, time.perf_counter(), {}
+    order = prune_order(tensors, run.hessians)
+    meta = artifact_meta(cfg, run.bos_id, run.qmeta, None)
+
+    def measure(n: int) -> int:
+        job = grouping.model_job(prune(tensors, order, n), meta, cfg.compressor, threads, cache=cache)
+        return artifact.HEADER_BYTES + sum(sec.nbytes for sec in job.sections())
+
+    out = dict(before=over, candidates=len(order[1]))
+    try:
+        n, sizes = least_count(measure, over, target, int(cfg.fit_max_fraction * len(order[1])),
+                               max(1, (over - target) * 10))
+        out.update(pruned=n, after=sizes[n], probes=len(sizes) - 1)
+    except FitError as e:
+        out["error"] = str(e)
+    return out, time.perf_counter() - t0
 
 
 def serialize_plan(cfg: Config, gptq_s: float, m: dict) -> tuple[Row, list]:
@@ -316,7 +349,7 @@ def serialize_plan(cfg: Config, gptq_s: float, m: dict) -> tuple[Row, list]:
     host threads from GPTQ's end (the shipped script renders beside it) while LCQ distils; after LCQ the serialize stage
     compresses the LoRA section and waits for the base one if it is not done (LCQ_MERGE=baked: GPTQ again, then the
     whole base section; LCQ off: the base section). LCQ gets what is left of the reserve after LCQ_SAFETY_SECONDS."""
-    window = cfg.train_reserve_seconds - gptq_s - cfg.lcq_safety_seconds  # after GPTQ, for LCQ + serialize
+    window = cfg.train_reserve_seconds - gptq_s - m["fit_s"] - cfg.lcq_safety_seconds  # after GPTQ and the fit
     base_s, lora_s, script_s = m["base_s"], m["lora_s"], m["script_s"]
     k = 1 + TIME_MARGIN
     if not cfg.lcq_enabled:
@@ -346,7 +379,7 @@ def serialize_plan(cfg: Config, gptq_s: float, m: dict) -> tuple[Row, list]:
                    window_s=window,
                    threads=m["threads"], rates_bytes_per_s=m["rates"], raw_bytes=m["raw_bytes"]))
     stages = [("train", cfg.train_budget_seconds, cfg.train_budget_seconds), ("gptq", gptq_s, None),
-              ("lcq", max(0.0, lcq_s), None), ("serialize", serialize_s, None)]
+              ("fit", m["fit_s"], None), ("lcq", max(0.0, lcq_s), None), ("serialize", serialize_s, None)]
     return row, stages
 
 

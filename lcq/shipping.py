@@ -3,13 +3,18 @@ scorer rebuilds from the artifact file alone."""
 from __future__ import annotations
 
 import functools
+import hashlib
+import math
 import os
+import time
 
+import numpy as np
 import torch
 import torch.nn as nn
 
 from . import artifact
 from . import dist as D
+from . import grouping
 from .config import MODEL_FIELDS, Config, replace
 from .data import file_sha256
 from .gptq import dequantize_state
@@ -194,3 +199,152 @@ def plan_serialize(run, lcq_seconds_left: float, lora_bytes: int) -> tuple[float
     if job is not None:
         run.log(f"serialize_plan: {note}; serialize budget {budget:.2f}s")
     return budget, lora_s
+
+
+# ---- the fit (issue 25): the quantized model trimmed to the cap at the least error ------------------------------
+# The record folder 2026-03-25_ValCalib_GPTQ_XSA_BigramHash3072 fitted its artifact by zeroing selected +-1 codes, a
+# binary search on how many. Here the cost of zeroing an entry is the exact change of the Hessian-weighted error GPTQ
+# minimises, tr(E H E^T) with E = W - W_hat, when that entry alone moves by its scale s: s^2 h_jj + 2 q s (E H)_ij
+# (the issue's h_jj s^2 plus the cross term with the error already there, which can make a prune cheaper than free:
+# GPTQ's rounding pushed some entries past their float value).
+
+
+class FitError(artifact.ArtifactError):
+    """Pruning FIT_MAX_FRACTION of the +-1 codes does not bring the model under the cap."""
+    status = 3  # the gate's exit status (lcq.pipeline.GATE_EXIT_CODE)
+
+
+def prune_order(qtensors: dict[str, torch.Tensor], hessians: dict[str, torch.Tensor],
+                errors: dict[str, torch.Tensor] | None = None) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+    """The |q| = 1 entries of every code matrix, cheapest first: (matrix names, matrix index, flat index and cost of
+    each entry). Costs in float64 on the host, ties in name then position order: the same on every rank. `errors`
+    (W - W_hat by weight name) adds the cross term; without it the cost is s^2 h_jj (no Hessian: h_jj = 1)."""
+    names = sorted(k[:-2] for k, t in qtensors.items() if k.endswith(".q") and t.dim() == 2)
+    owner, flat, cost = [], [], []
+    for i, n in enumerate(names):
+        q = qtensors[n + ".q"].cpu().long()
+        s = qtensors[n + ".scale"].cpu().double()[:, None]
+        H = hessians[n].cpu().double() if n in hessians else None
+        c = s * s * (torch.ones(q.shape[1], dtype=torch.float64) if H is None else H.diagonal())
+        if errors is not None and n in errors:
+            c = c + 2 * q * s * (errors[n].cpu().double() @ (H if H is not None else torch.eye(q.shape[1]).double()))
+        idx = (q.abs() == 1).reshape(-1).nonzero().squeeze(1)
+        owner.append(np.full(idx.numel(), i, np.int32))
+        flat.append(idx.numpy())
+        cost.append(c.reshape(-1)[idx].numpy())
+    owner, flat, cost = (np.concatenate(a) if a else np.zeros(0) for a in (owner, flat, cost))
+    order = np.argsort(cost, kind="stable")
+    return names, owner[order], flat[order], cost[order]
+
+
+def prune(qtensors: dict[str, torch.Tensor], order: tuple, n: int) -> dict[str, torch.Tensor]:
+    """`qtensors` with the first n entries of prune_order zeroed (copies of the matrices it touches)."""
+    names, owner, flat, _ = order
+    out = dict(qtensors)
+    for i in np.unique(owner[:n]):
+        key = names[i] + ".q"
+        q = qtensors[key].detach().cpu().clone()
+        q.view(-1)[torch.from_numpy(flat[:n][owner[:n] == i])] = 0
+        out[key] = q.to(qtensors[key].device)
+    return out
+
+
+def least_count(measure, over: int, target: int, most: int, guess: int,
+                deadline: float = math.inf) -> tuple[int, dict[int, int]]:
+    """The least n in 1..most with measure(n) <= target, given measure(0) = over > target: n fits and n - 1 does not,
+    each checked by measure (the bytes are not monotone in n, so "least" is of the bracket searched). First probe at
+    `guess`, then interpolation on the bracket (bisection after two moves of the same end). Raises FitError when
+    measure(most) is over. Past `deadline` (time.perf_counter) it stops narrowing: n fits, n - 1 is not checked.
+    Returns (n, {probed n: bytes})."""
+    sizes, lo, hi, g, moved = {0: over}, 0, None, min(max(guess, 1), most), ""
+    while hi is None or hi - lo > 1 and time.perf_counter() < deadline:
+        if hi is not None:
+            g = (lo + hi) // 2 if moved[-2:] in ("ll", "hh") else \
+                lo + round((hi - lo) * (sizes[lo] - target) / max(sizes[lo] - sizes[hi], 1))
+            g = min(max(g, lo + 1), hi - 1)
+        sizes[g] = measure(g) if g else over
+        if sizes[g] <= target:
+            hi, moved = g, moved + "h"
+        elif hi is None and g >= most:
+            raise FitError(f"pruning {most} +-1 codes leaves {sizes[g]} model bytes, over the {target} the cap leaves: "
+                           "raise FIT_MAX_FRACTION or lower MLP_MULT/MATRIX_BITS")
+        elif hi is None:  # extrapolate from what is over until something fits
+            lo, g = g, min(most, g + max(1, math.ceil(1.1 * (sizes[g] - target) * g / max(over - sizes[g], 1e-9))))
+        else:
+            lo, moved = g, moved + "l"
+    return hi, sizes
+
+
+def fit_to_cap(run) -> None:
+    """The fit step, on the clock between GPTQ and the LoRA's room (LCQ_BYTES=auto reads the model's real bytes after
+    it). Rank 0 waits for the base section (compressed on host threads since GPTQ, lcq.pipeline.start_base_section)
+    unless its raw payload fits under the cap even stored; if code + model is over the cap, it zeroes the cheapest
+    +-1 codes (prune_order), the count searched with the shipped compressor on every probe (least_count), and that
+    job's sections are what ships. One broadcast of the count; every rank prunes the same entries. A LoRA of a fixed
+    size (LCQ_RANK=n, LCQ_BYTES=n) is not made room for: its bytes are known after LCQ, at the gate."""
+    cfg, log = run.cfg, run.log
+    t0 = time.perf_counter()
+    info = {}
+
+    def search() -> int:
+        raw = sum(t.numel() * t.element_size() for t in run.qtensors.values())
+        code = len(run.script_job.result())
+        target = cfg.artifact_cap_bytes - code
+        # even stored it fits (brotli adds at most 4 bytes per 16 KiB; manifest, meta, section heads): no wait
+        if artifact.HEADER_BYTES + raw + (raw >> 12) + 256 * len(run.qtensors) + (64 << 10) <= target:
+            info["stored"] = raw
+            return 0
+        job = run.base_job
+        over = artifact.HEADER_BYTES + sum(s.nbytes for s in job.sections())
+        info.update(before=over, after=over, code=code)
+        if over <= target:
+            return 0
+        order = prune_order(run.qtensors, run.hessians, quant_errors(run))
+        meta = artifact_meta(cfg, run.bos_id, run.qmeta, None)
+        comp = "brotli" if cfg.compressor == "auto" and "lzma" in job.dropped else cfg.compressor
+        keep = tuple(c for c in grouping.backends() if c not in job.dropped)
+        jobs, cache = {}, {}
+
+        def measure(n: int) -> int:  # a probe recompresses only the chunks its count changed
+            jobs[n] = grouping.model_job(prune(run.qtensors, order, n), meta, comp, job.threads, keep=keep,
+                                         cache=cache)
+            size = artifact.HEADER_BYTES + sum(s.nbytes for s in jobs[n].sections())
+            log(f"fit_probe: {n} pruned -> {size} model bytes (room {target})")
+            return size
+
+        # first probe: 8 codes per byte over (a +-1 code zeroed saved 0.10-0.13 bytes on the tiny and demo models)
+        # the clock: narrowing stops where LCQ_SAFETY and SERIALIZE_RESERVE begin (what fits so far ships)
+        n, sizes = least_count(measure, over, target, int(cfg.fit_max_fraction * len(order[1])), 8 * (over - target),
+                               t0 + run.clock_left - cfg.lcq_safety_seconds - cfg.serialize_reserve_seconds)
+        run.base_job = jobs[n]
+        info.update(after=sizes[n], probes=len(sizes) - 1, below=sizes.get(n - 1, "not checked (clock)"), order=order)
+        return n
+
+    mine = D.on_master(search, "fitting the model to the cap")
+    n = int(D.all_reduce_max(torch.tensor(mine or 0, dtype=torch.int64, device=run.dinfo.device)).item())
+    if n:
+        order = info.get("order") or prune_order(run.qtensors, run.hessians, quant_errors(run))
+        run.qtensors = prune(run.qtensors, order, n)
+        run.gptq_state = dequantize_state(run.qtensors, run.qmeta)
+        # the entries each rank zeroed, as one number: the LoRA every rank trains must sit on the codes that ship
+        digest = int.from_bytes(hashlib.sha256(order[1][:n].tobytes() + order[2][:n].tobytes()).digest()[:7], "little")
+        seen = D.all_reduce_max(torch.tensor([digest, -digest], dtype=torch.int64, device=run.dinfo.device)).tolist()
+        if seen[0] != -seen[1]:
+            raise artifact.ArtifactError("fit: the ranks pruned different entries")
+        info.update(candidates=len(order[1]), cost=float(order[3][:n].sum()))
+    seconds = time.perf_counter() - t0
+    if "before" in info or "stored" in info:
+        log(f"fit: pruned {n} of {info.get('candidates', 0)} ±1 entries, model bytes {info.get('before')} -> "
+            f"{info.get('after')}, estimated error cost {info.get('cost', 0.0):.6g}"
+            + (f" ({info['probes']} probes; {n - 1} gave {info['below']})" if n else "")
+            + (f" (fits stored: {info['stored']} raw bytes)" if "stored" in info else ""))
+    log.summary["fit"] = dict(pruned=n, candidates=info.get("candidates"), model_bytes_before=info.get("before"),
+                              model_bytes_after=info.get("after"), error_cost=info.get("cost", 0.0),
+                              probes=info.get("probes", 0), seconds=round(seconds, 3))
+    run.charge("fit", seconds, pruned=n)
+
+
+def quant_errors(run) -> dict[str, torch.Tensor]:
+    """W - W_hat of every quantized matrix, from the float model and the GPTQ weights."""
+    state = run.model.state_dict()
+    return {n: state[n].detach().float() - w.float() for n, w in run.gptq_state.items() if n in state and w.dim() == 2}

@@ -35,7 +35,7 @@ from .record import (CAP_BYTES, EVAL_SECONDS, RECORD_TRACK, TRAIN_SECONDS, Submi
 LOCATION_FIELDS = frozenset({"run_id", "seed", "log_dir", "artifact_path", "submission_json", "data_path",
                              "tokenizer_path"})
 REQUIRED_FILES = ("README.md", "submission.json", "train_gpt.py", "requirements.txt")
-PIPELINE_ORDER = ("train", "gptq", "lcq", "serialize")
+PIPELINE_ORDER = ("train", "gptq", "fit", "lcq", "serialize")
 # JSON keeps times to 3 decimals, the log prints 2: equal up to the log's rounding.
 TIME_TOLERANCE_S = 0.0051
 

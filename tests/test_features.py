@@ -166,6 +166,7 @@ def test_record_preset_shows_the_stack():
     assert "sp8192_lossless_caps_caseops" in cfg.data_path and cfg.tokenizer_path.endswith("caseops_v1_reserved.model")
     assert (cfg.xsa_last_n, cfg.recur_passes, cfg.recur_start_layer, cfg.recur_end_layer) == (11, 3, 3, 5)
     assert (cfg.parallel_start_layer, cfg.attn_gate_window, cfg.embed_bits) == (8, 12, 7)
+    assert cfg.mlp_mult == 4.0 and cfg.fit_max_fraction > 0  # as #1855 and #2135; the fit trims it to the cap (issue 25)
     # one low-rank correction (issue 16): the byte-allocated LoRA in #1855's 2+4-bit LQER storage
     assert (cfg.lcq_bytes, cfg.lcq_factor_bits, cfg.lcq_factor_asym) == ("auto", 4, True)
     assert cfg.lcq_targets.endswith(",lm_head")  # the tied head is a candidate, as LQER's embedding was

@@ -5,7 +5,10 @@ import json
 import math
 import re
 import shutil
+import signal
 import struct
+import subprocess
+import threading
 import time
 
 import numpy as np
@@ -250,9 +253,11 @@ def test_measured_rates_decide_between_lrzip_and_brotli():
     assert A.to_drop(tasks, rates, 24, 40.0, {"lrzip"}) == ()
     assert A.to_drop(tasks, rates, 2, 20.0, {"lrzip"}) == ("lrzip",)  # late either way: still the faster one
     assert A.to_drop(tasks, rates, 2, 40.0, set()) == ()  # a section's fallback is never dropped
-    # a running chunk is not stopped: 4 threads busy with lrzip for 8.5 s more, then 9 brotli chunks: 8.5 + 18 > 20
+    # a dropped back-end's running chunks stop (lrzip's child is killed, issue 25): the 4 threads busy with lrzip are
+    # free at once, and the 9 brotli chunks take 3 rounds of 6 s
     running = [("lrzip", chunk, 0.0)] * 4 + [("brotli", chunk, None)] * 9
-    assert A.projected_seconds(running, rates, 4, ("lrzip",)) == 8.5 + 18.0
+    assert A.projected_seconds(running, rates, 4, ("lrzip",)) == 18.0
+    assert A.projected_seconds(running, rates, 4) == 8.5 + 18.0  # kept, they run on
 
 
 def test_a_late_job_drops_its_slower_back_end_and_ships_the_fallback():
@@ -367,3 +372,98 @@ def test_pipeline_ships_group_sections_and_counts_their_bytes(tmp_path, demo_dat
     state = model.state_dict()
     for name, value in run.gptq_state.items():
         assert torch.equal(state[name], value.to(state[name].dtype)), name
+
+
+# ------------------------------------------------------------------------------------ many-core box (issue 25)
+
+def test_group_planning_plans_buckets_at_once_and_the_same_as_one_thread(monkeypatch):
+    """With 2 threads two buckets are planned at the same time (each waits until another is in flight: one at a time,
+    none would see a second); the units are those one thread plans, byte for byte."""
+    tensors, qmeta = model_codes()
+    groups, rest = G.split(tensors)
+    serial = G.build_units(groups, rest, {"qmeta": qmeta}, ("brotli",), threads=1)
+    real, lock, active, peak, both = G.plan_group, threading.Lock(), [0], [0], threading.Event()
+
+    def plan(codes, hot):
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+            if active[0] >= 2:
+                both.set()
+        both.wait(30)
+        try:
+            return real(codes, hot)
+        finally:
+            with lock:
+                active[0] -= 1
+
+    monkeypatch.setattr(G, "plan_group", plan)
+    parallel = G.build_units(groups, rest, {"qmeta": qmeta}, ("brotli",), threads=2)
+    assert len(groups) >= 2 and peak[0] == 2
+    assert [(u.name, u.variants) for u in parallel] == [(u.name, u.variants) for u in serial]
+
+
+def lrzip_children(monkeypatch) -> list:
+    """Every lrzip process lcq.artifact starts from now on (the real binary, recorded to see how it ended)."""
+    started, popen = [], subprocess.Popen
+
+    class Recorded(popen):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            started.append(self)
+
+    monkeypatch.setattr(A.subprocess, "Popen", Recorded)
+    return started
+
+
+@pytest.mark.skipif(not HAVE_LRZIP, reason="lrzip binary not on PATH (apt-get install lrzip)")
+@pytest.mark.parametrize("how", ["dropped", "cancelled"])
+def test_a_running_lrzip_child_is_killed_when_lrzip_is_dropped(monkeypatch, how):
+    """lrzip (ZPAQ) takes seconds on 1 MiB of int6 codes; once its child runs, the job drops lrzip (the state a
+    late projection sets) or is cancelled: the child dies by SIGKILL instead of running to its end, and a dropped
+    job ships brotli's section, which decodes."""
+    started = lrzip_children(monkeypatch)
+    codes = {"q": torch.randint(-31, 32, (1024, 1024), generator=torch.Generator().manual_seed(0)).to(torch.int8)}
+    job = A.CompressJob([A.Unit("model", (("", A._payload(codes, {})),), ("lrzip", "brotli"))], 2)
+    deadline = time.perf_counter() + 60
+    while not started and time.perf_counter() < deadline:
+        time.sleep(0.01)
+    assert started and started[0].poll() is None  # running
+    if how == "dropped":
+        with job._lock:
+            job.dropped.add("lrzip")
+        sections = job.sections()
+        assert sections[0].compressor == "brotli" and torch.equal(A.decode(A.assemble(sections))[0]["q"], codes["q"])
+    else:
+        job.cancel()
+        with pytest.raises(A.ArtifactError, match="cancelled"):
+            job.sections()
+    started[0].wait(10)
+    assert started[0].returncode == -signal.SIGKILL
+
+
+def test_lcq_takes_back_the_serialize_reserve_when_a_late_projection_arrives(monkeypatch):
+    """A plan made before any chunk was timed keeps SERIALIZE_RESERVE_SECONDS (30 s here) for serialization; once the
+    job's first chunk is timed, distillation's budget rises to what the window leaves after the LoRA section at the
+    measured rate, and the serialize budget falls by as much."""
+    import lcq.shipping as S
+    from lcq.distill import distill_budget
+    from lcq.dist import DistInfo
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(S, "RATE_WAIT_SECONDS", 0.0)
+    tensors, qmeta = model_codes()
+    job = A.SectionJob("model", tensors, {"qmeta": qmeta}, "brotli", 1, chunk_bytes=64 << 10)
+    lines = []
+    run = SimpleNamespace(cfg=make_config("tiny", serialize_reserve_seconds=30.0), base_job=job, serialize_budget=None,
+                          dinfo=DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")),
+                          log=lines.append)
+    window = 60.0
+    serialize_s, lora_s = S.plan_serialize(run, window, 4096)
+    assert serialize_s == 30.0 and lora_s == 0.0 and job.rates() is None
+    budget = distill_budget(run, window - serialize_s, window, lora_s, 4096)
+    job.rates(wait_s=60)  # the first chunk is timed
+    value = budget(0.5)
+    assert window - serialize_s < value <= window - S.WRITE_SECONDS
+    assert run.serialize_budget == pytest.approx(window - value) and run.serialize_budget < 30.0
+    assert any("takes back" in line for line in lines)
