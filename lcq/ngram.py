@@ -11,8 +11,8 @@ loss (#2135), so only scores change.
 
 Computed with sorts (no sequential pass): group the targets by context, then by (context, token); the running pair
 count and its running maximum per context give each target's state before it. Ranks split the work by the context's
-last token (`owners`): a context lives on one rank, which sees every earlier target with that context, so its hints
-are exactly the one-process hints; the merge is a sum of disjoint parts (`hints`).
+last two tokens (`owners`): a context lives on one rank, which sees every earlier target with that context, so its
+hints are exactly the one-process hints; the merge is a sum of disjoint parts (`hints`).
 """
 from __future__ import annotations
 
@@ -28,23 +28,22 @@ from . import dist as D
 MIX = np.uint64(0x9E3779B97F4A7C15)  # odd 64-bit multiplier of the context hash
 
 
-def owners(tokens: np.ndarray, world: int) -> np.ndarray:
-    """Rank owning each token id as the last token of a context: ids by frequency, dealt 0..w-1, w-1..0, ... (balanced
-    to within one id's count per rank; the same on every rank)."""
-    counts = np.bincount(tokens, minlength=int(tokens.max(initial=0)) + 1)
-    lane = np.arange(counts.size) % (2 * world)
-    out = np.empty(counts.size, dtype=np.int64)
-    out[np.argsort(-counts, kind="stable")] = np.where(lane < world, lane, 2 * world - 1 - lane)
-    return out
+def owners(tokens: np.ndarray, pos: np.ndarray, ctx: int, world: int) -> np.ndarray:
+    """Rank owning the context of each target position: a hash of its last two tokens (one at order 2), the same on
+    every rank. Two tokens spread even a skewed vocabulary evenly (a single frequent token would load one rank)."""
+    key = tokens[pos - 1].astype(np.uint64)
+    if ctx > 1:
+        key |= tokens[pos - 2].astype(np.uint64) << np.uint64(16)
+    return ((key * MIX) >> np.uint64(40)) % np.uint64(world)
 
 
 def _context_order(v: np.ndarray, pos: np.ndarray, ctx: int, mix: np.uint64) -> tuple[np.ndarray, np.ndarray]:
-    """(order, new): `pos` sorted by context then position, and where a context starts. A hash sort, checked exactly
-    against the tokens; on any collision an exact lexicographic sort instead."""
+    """(order, new): `pos` sorted by context (not by position within one) and where a context starts. A hash sort,
+    checked exactly against the tokens; on any collision an exact lexicographic sort instead."""
     h = np.zeros(pos.size, dtype=np.uint64)
     for k in range(ctx, 0, -1):
         h = h * mix + v[pos - k]
-    order = np.argsort(h, kind="stable")
+    order = np.argsort(h)
     hs = h[order]
     new = np.ones(pos.size, dtype=bool)
     new[1:] = hs[1:] != hs[:-1]
@@ -52,7 +51,7 @@ def _context_order(v: np.ndarray, pos: np.ndarray, ctx: int, mix: np.uint64) -> 
     if not any(np.any(v[a - k] != v[b - k]) for k in range(1, ctx + 1)):
         return order, new
     cols = [v[pos - k] for k in range(1, ctx + 1)]
-    order = np.lexsort(cols)  # stable: positions in order within a context
+    order = np.lexsort(cols)
     new[1:] = np.any([c[order[1:]] != c[order[:-1]] for c in cols], axis=0)
     return order, new
 
@@ -63,25 +62,34 @@ def shard_hints(tokens: np.ndarray, order: int, threshold: float, rank: int = 0,
     hash multiplier (a degenerate one forces the exact fallback)."""
     ctx, n = order - 1, int(tokens.size)
     out = np.zeros(n, dtype=np.int32)
-    if n <= ctx:
-        return out
     v = np.ascontiguousarray(tokens)
-    pos = np.arange(max(ctx, 1), n, dtype=np.int64)
-    pos = pos[owners(v, world)[v[pos - 1]] == rank]
-    if pos.size == 0:
+    pos = np.arange(ctx, n, dtype=np.int64)
+    if world > 1:
+        pos = pos[owners(v, pos, ctx, world) == rank]
+    if pos.size < 2:
         return out
     o, new = _context_order(v, pos, ctx, mix)
-    y = v[pos[o]].astype(np.int64)
-    idx = np.arange(pos.size, dtype=np.int64)
-    gid = np.cumsum(new) - 1
+    # only contexts seen twice or more can hint: keep those (most of a real stream's 15-token contexts are new)
+    first = np.flatnonzero(new)
+    size = np.diff(np.append(first, pos.size))
+    many = size > 1
+    gid = np.repeat(np.arange(int(many.sum()), dtype=np.int64), size[many])
+    sub = pos[o[np.repeat(many, size)]]
+    if sub.size == 0:
+        return out
+    k1 = np.lexsort((sub, gid))  # by context, then position
+    gid, sub = gid[k1], sub[k1]
+    y = v[sub].astype(np.int64)
+    m = sub.size
+    idx = np.arange(m, dtype=np.int64)
+    new = np.ones(m, dtype=bool)
+    new[1:] = gid[1:] != gid[:-1]
     start = np.maximum.accumulate(np.where(new, idx, 0))
-    # pair count of (context, token), this target included: its rank among equal pairs (a stable sort keeps positions)
-    key = gid * (int(y.max()) + 1) + y
-    o2 = np.argsort(key, kind="stable")
-    k2 = key[o2]
-    pnew = np.ones(pos.size, dtype=bool)
-    pnew[1:] = k2[1:] != k2[:-1]
-    pc = np.empty(pos.size, dtype=np.int64)
+    # pair count of (context, token), this target included: its rank among equal pairs in position order
+    o2 = np.lexsort((sub, y, gid))
+    pnew = np.ones(m, dtype=bool)
+    pnew[1:] = (gid[o2][1:] != gid[o2][:-1]) | (y[o2][1:] != y[o2][:-1])
+    pc = np.empty(m, dtype=np.int64)
     pc[o2] = idx - np.maximum.accumulate(np.where(pnew, idx, 0)) + 1
     # per context: running max of the pair count, and the target where it last rose (its token is the top: ties keep
     # the earlier leader, as #2135's strict `>` update)
@@ -94,7 +102,7 @@ def shard_hints(tokens: np.ndarray, order: int, threshold: float, rank: int = 0,
     total = (seen - start[seen]).astype(np.float32)
     gate = top[seen - 1].astype(np.float32) / total >= np.float32(threshold)  # float32, as #2135's C
     hit = seen[gate]
-    out[pos[o[hit]]] = lead[hit - 1] + 1
+    out[sub[hit]] = lead[hit - 1] + 1
     return out
 
 

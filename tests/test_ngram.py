@@ -75,12 +75,16 @@ def test_hints_are_the_reference_counters_on_one_rank_and_split(order, threshold
     assert np.array_equal(shard_hints(toks, order, threshold, mix=np.uint64(0)) - 1, want)
 
 
-def test_owners_deal_every_token_to_one_rank_balanced():
+def test_a_context_lives_on_one_rank():
+    """The owner is a function of the context's last two tokens (so of the context), in [0, world), and every rank
+    owns some."""
     toks = phrase_stream(LENGTHS * 4, seed=9)
-    own = owners(toks, 4)
-    counts = np.bincount(toks, minlength=own.size)
-    load = np.bincount(own, weights=counts, minlength=4)
-    assert set(own.tolist()) <= {0, 1, 2, 3} and load.max() - load.min() <= counts.max()
+    pos = np.arange(15, toks.size)
+    own = owners(toks, pos, 15, 4)
+    by_pair = {}
+    for t, r in zip(pos.tolist(), own.tolist()):
+        assert by_pair.setdefault((int(toks[t - 2]), int(toks[t - 1])), r) == r
+    assert set(own.tolist()) == {0, 1, 2, 3}
 
 
 def test_tilted_distribution_sums_to_one_at_every_position():
