@@ -28,67 +28,52 @@ from . import dist as D
 MIX = np.uint64(0x9E3779B97F4A7C15)  # odd 64-bit multiplier of the context hash
 
 
-def owners(tokens: np.ndarray, pos: np.ndarray, ctx: int, world: int) -> np.ndarray:
-    """Rank owning the context of each target position: a hash of its last two tokens (one at order 2), the same on
-    every rank. Two tokens spread even a skewed vocabulary evenly (a single frequent token would load one rank)."""
-    key = tokens[pos - 1].astype(np.uint64)
+def owners(tokens: np.ndarray, ctx: int, world: int) -> np.ndarray:
+    """Rank owning the context of each target position ctx..n-1: a hash of its last two tokens (one at order 2), the
+    same on every rank. Two tokens spread even a skewed vocabulary evenly (a single frequent token would load one rank)."""
+    n = tokens.size
+    key = tokens[ctx - 1:n - 1].astype(np.uint32)
     if ctx > 1:
-        key |= tokens[pos - 2].astype(np.uint64) << np.uint64(16)
-    return ((key * MIX) >> np.uint64(40)) % np.uint64(world)
-
-
-def _context_order(v: np.ndarray, pos: np.ndarray, ctx: int, mix: np.uint64) -> tuple[np.ndarray, np.ndarray]:
-    """(order, new): `pos` sorted by context (not by position within one) and where a context starts. A hash sort,
-    checked exactly against the tokens; on any collision an exact lexicographic sort instead."""
-    h = np.zeros(pos.size, dtype=np.uint64)
-    for k in range(ctx, 0, -1):
-        h = h * mix + v[pos - k]
-    order = np.argsort(h)
-    hs = h[order]
-    new = np.ones(pos.size, dtype=bool)
-    new[1:] = hs[1:] != hs[:-1]
-    a, b = pos[order[1:][~new[1:]]], pos[order[:-1][~new[1:]]]
-    if not any(np.any(v[a - k] != v[b - k]) for k in range(1, ctx + 1)):
-        return order, new
-    cols = [v[pos - k] for k in range(1, ctx + 1)]
-    order = np.lexsort(cols)
-    new[1:] = np.any([c[order[1:]] != c[order[:-1]] for c in cols], axis=0)
-    return order, new
+        key |= tokens[ctx - 2:n - 2].astype(np.uint32) << np.uint32(16)
+    return ((key * np.uint32(0x9E3779B1)) >> np.uint32(16)) % np.uint32(world)
 
 
 def shard_hints(tokens: np.ndarray, order: int, threshold: float, rank: int = 0, world: int = 1,
                 mix: np.uint64 = MIX) -> np.ndarray:
-    """int32 per stream position: 1 + h_t at the hinted targets whose context `rank` owns, 0 elsewhere. `mix` is the
-    hash multiplier (a degenerate one forces the exact fallback)."""
+    """int32 per stream position: 1 + h_t at the hinted targets whose context `rank` owns, 0 elsewhere. A 64-bit hash
+    sort keeps only the targets whose context hash repeats (most of a real stream's 15-token contexts are new); those
+    are grouped exactly by their tokens, so a collision (`mix`: the hash multiplier; a degenerate one makes many) only
+    costs time."""
     ctx, n = order - 1, int(tokens.size)
     out = np.zeros(n, dtype=np.int32)
     v = np.ascontiguousarray(tokens)
-    pos = np.arange(ctx, n, dtype=np.int64)
-    if world > 1:
-        pos = pos[owners(v, pos, ctx, world) == rank]
-    if pos.size < 2:
-        return out
-    o, new = _context_order(v, pos, ctx, mix)
-    # only contexts seen twice or more can hint: keep those (most of a real stream's 15-token contexts are new)
-    first = np.flatnonzero(new)
-    size = np.diff(np.append(first, pos.size))
-    many = size > 1
-    gid = np.repeat(np.arange(int(many.sum()), dtype=np.int64), size[many])
-    sub = pos[o[np.repeat(many, size)]]
+    pos = np.arange(ctx, n, dtype=np.int64) if world == 1 else np.flatnonzero(owners(v, ctx, world) == rank) + ctx
+    h = np.zeros(pos.size, dtype=np.uint64)
+    for k in range(ctx, 0, -1):
+        h = h * mix + v[pos - k]
+    o = np.argsort(h)
+    eq = h[o[1:]] == h[o[:-1]]
+    dup = np.zeros(pos.size, dtype=bool)
+    dup[1:] = eq
+    dup[:-1] |= eq
+    sub = pos[o[dup]]
     if sub.size == 0:
         return out
-    k1 = np.lexsort((sub, gid))  # by context, then position
-    gid, sub = gid[k1], sub[k1]
-    y = v[sub].astype(np.int64)
+    cols = [v[sub - k] for k in range(1, ctx + 1)]
+    o = np.lexsort([sub, *cols])  # by context (exactly), then position
+    sub, cols = sub[o], [c[o] for c in cols]
     m = sub.size
     idx = np.arange(m, dtype=np.int64)
     new = np.ones(m, dtype=bool)
-    new[1:] = gid[1:] != gid[:-1]
+    new[1:] = np.any([c[1:] != c[:-1] for c in cols], axis=0)
+    gid = np.cumsum(new) - 1
     start = np.maximum.accumulate(np.where(new, idx, 0))
+    y = v[sub].astype(np.int64)
     # pair count of (context, token), this target included: its rank among equal pairs in position order
     o2 = np.lexsort((sub, y, gid))
+    g2, y2 = gid[o2], y[o2]
     pnew = np.ones(m, dtype=bool)
-    pnew[1:] = (gid[o2][1:] != gid[o2][:-1]) | (y[o2][1:] != y[o2][:-1])
+    pnew[1:] = (g2[1:] != g2[:-1]) | (y2[1:] != y2[:-1])
     pc = np.empty(m, dtype=np.int64)
     pc[o2] = idx - np.maximum.accumulate(np.where(pnew, idx, 0)) + 1
     # per context: running max of the pair count, and the target where it last rose (its token is the top: ties keep

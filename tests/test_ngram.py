@@ -71,7 +71,7 @@ def test_hints_are_the_reference_counters_on_one_rank_and_split(order, threshold
     assert np.array_equal(one, want)
     parts = [shard_hints(toks, order, threshold, r, 3) for r in range(3)]
     assert np.array_equal(sum(parts) - 1, want) and all(np.count_nonzero(p) for p in parts)  # disjoint, each works
-    # a degenerate hash (every context collides with any sharing its last token) takes the exact fallback
+    # a degenerate hash (every context collides with any sharing its last token) changes nothing: grouping is exact
     assert np.array_equal(shard_hints(toks, order, threshold, mix=np.uint64(0)) - 1, want)
 
 
@@ -80,7 +80,7 @@ def test_a_context_lives_on_one_rank():
     owns some."""
     toks = phrase_stream(LENGTHS * 4, seed=9)
     pos = np.arange(15, toks.size)
-    own = owners(toks, pos, 15, 4)
+    own = owners(toks, 15, 4)
     by_pair = {}
     for t, r in zip(pos.tolist(), own.tolist()):
         assert by_pair.setdefault((int(toks[t - 2]), int(toks[t - 1])), r) == r
