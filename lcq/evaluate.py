@@ -26,8 +26,8 @@ import torch.nn.functional as F
 
 from . import dist as D
 from .data import doc_starts
-from .ngram import Tilt
 from .model import eval_forward
+from .ngram import Tilt
 from .runlog import atomic_write
 from .tokenizer import token_bytes
 
