@@ -113,6 +113,9 @@ class Config:
     # init) | off. BOS-masked either way (issue 19)
     smear_gate: str = "blend"
     logit_softcap: float = 30.0  # 0 disables
+    # learned caps for positive and negative logits, both from LOGIT_SOFTCAP (with LOGIT_SOFTCAP=0 there is no softcap
+    # and they do nothing), adapted only by TTT's global phase (#1923 -> #2130/#2135's ASYM_LOGIT_RESCALE; lcq/model.py)
+    logit_softcap_asym: bool = False
     tied_embed_init_std: float = 0.005
     # record-stack features (openai/parameter-golf #1855 and the PRs it stacks); the field defaults leave each one off
     xsa_last_n: int = 0  # exclusive self-attention (output minus its own-value component) on the last N layers (#478)
@@ -365,8 +368,9 @@ class Config:
 # The fields that define the network: an artifact records them, and --eval_only rebuilds the model from them.
 MODEL_FIELDS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "mlp_act",
                 "leaky_relu_slope", "rope_dims", "rope_base", "qk_norm", "qk_gain_init", "unet_skips", "smear_gate",
-                "logit_softcap", "tied_embed_init_std", "xsa_last_n", "ln_scale", "skip_gates", "recur_passes",
-                "recur_start_layer", "recur_end_layer", "parallel_start_layer", "attn_gate_window", "attn_gate_scale", "resid_mix")
+                "logit_softcap", "logit_softcap_asym", "tied_embed_init_std", "xsa_last_n", "ln_scale", "skip_gates",
+                "recur_passes", "recur_start_layer", "recur_end_layer", "parallel_start_layer", "attn_gate_window",
+                "attn_gate_scale", "resid_mix")
 
 _DEMO_DATA = "./data/demo/datasets/demo_sp1024"
 _DEMO_TOKENIZER = "./data/demo/tokenizers/demo_sp1024.model"
@@ -401,6 +405,8 @@ RECORD_FEATURES: dict[str, dict] = {
     "input_smear": dict(smear_gate="input"),
     "resid_mix": dict(resid_mix=True),
     "orthogonal_init": dict(init="orthogonal"),
+    # #2135 (1.05651, the #1855 lineage through #2130): learned caps for positive and negative logits (#1923)
+    "asym_softcap": dict(logit_softcap_asym=True),
 }
 # Left out of the record stack: progressive training context (TRAIN_SEQ_SCHEDULE, #2014). #2014's 1.05759 (3 seeds)
 # against #1855's 1.06108 comes with eval and TTT at 3072 tokens (stride 1536), TTT changes, QK gain 5.25, AWQ-lite, an
@@ -421,11 +427,13 @@ PRESETS: dict[str, dict] = {
         # ours with lrzip took 0.87% off brotli on such codes, not enough), and MLP hidden 1984 (3.875x, 35.2 M params)
         # to 15.86 MB with the code: under 16,000,000, above 15.5 MB, the rest for the LoRA below.
         mlp_mult=3.875,
-        # #1855's optimizer and schedule (its README's hyperparameter table and its train_gpt.py defaults)
-        matrix_lr=0.026, embed_lr=0.03, scalar_lr=0.02, muon_momentum=0.97, muon_momentum_warmup_start=0.92,
+        # #1855's optimizer and schedule (its README's hyperparameter table and its train_gpt.py defaults); #2135's
+        # MATRIX_LR. Each row against #1855 and #2135: docs/record-stack.md
+        matrix_lr=0.028, embed_lr=0.03, scalar_lr=0.02, muon_momentum=0.97, muon_momentum_warmup_start=0.92,
         muon_momentum_warmup_steps=1500, muon_weight_decay=0.095, embed_weight_decay=0.085, scalar_weight_decay=0.02,
         adam_beta2=0.99, warmdown_frac=0.85, ema_decay=0.9965,
-        gptq_calib_batches=16,  # #1855: GPTQ_CALIBRATION_BATCHES=16
+        gptq_calib_batches=32,  # #2135: GPTQ_CALIBRATION_BATCHES=32 (#1855: 16)
+        eval_seq_len=2560,  # #2135: EVAL_SEQ_LEN=TTT_EVAL_SEQ_LEN=2560 (#1855: 2048, the training length)
         # The model fills the cap to ~15.89 MB, so a fixed rank-8 LoRA (~0.69 MB on these shapes) would fail the gate.
         # Issue 16: the LoRA gets what the real compressed model section and the code leave (LCQ_BYTES=auto, ~117 KB
         # under the projection after the 20 KB headroom), spent a rank unit at a time where the closed form removes
@@ -436,15 +444,20 @@ PRESETS: dict[str, dict] = {
         # also corrects the token lookup) gained 0.0009-0.0014 bpb/KB against a wider MLP's 0.0003, a 32 KB LoRA only
         # 0.0001-0.00015. So the head is a target and the allocation reaches it first; the model is not narrowed to
         # give the LoRA more.
-        lcq_rank="auto", lcq_bytes="auto", lcq_factor_bits=4, lcq_factor_asym=True,
+        # LQER_ASYM_GROUP=32 (#2135; #1855: 64): A's scales per 32 inputs.
+        lcq_rank="auto", lcq_bytes="auto", lcq_factor_bits=4, lcq_factor_asym=True, lcq_factor_group=32,
         lcq_targets="blocks.*.attn.c_q,blocks.*.attn.c_k,blocks.*.attn.c_v,blocks.*.attn.proj,blocks.*.mlp.fc,"
                     "blocks.*.mlp.proj,lm_head",
-        # #1855's score-first TTT (its train_seed42.log hyperparameters; batched as in #1855, lcq/ttt.py)
-        ttt_enabled=True, ttt_rank=80, ttt_alpha=144.0, ttt_lr=1e-4, ttt_beta1=0.0, ttt_beta2=0.99, ttt_eps=1e-10,
-        ttt_weight_decay=0.5, ttt_chunk_tokens=48, ttt_batch_docs=64,
-        ttt_phases=3, ttt_phase_docs=2500, ttt_phase_lr=1e-3, ttt_phase_momentum=0.9, ttt_phase_clip=1.0,
+        # #1855's score-first TTT (its train_seed42.log hyperparameters; batched as in #1855, lcq/ttt.py) at #2135's
+        # TTT_LORA_LR=8e-5, TTT_WEIGHT_DECAY=2.0 (#1855: 1e-4, 0.5) and one phase over the 2,500-document prefix (#1855:
+        # 3). Both run TTT_WARM_START_A=1 (A kept across a slot's documents); ours resets A too, so a document's scores
+        # do not depend on the documents before it in its slot: TTT_WARM_START_A=1 is theirs
+        ttt_enabled=True, ttt_rank=80, ttt_alpha=144.0, ttt_lr=8e-5, ttt_beta1=0.0, ttt_beta2=0.99, ttt_eps=1e-10,
+        ttt_weight_decay=2.0, ttt_chunk_tokens=48, ttt_batch_docs=64,
+        ttt_phases=1, ttt_phase_docs=2500, ttt_phase_lr=1e-3, ttt_phase_momentum=0.9, ttt_phase_clip=1.0,
         ttt_phase_cosine=True, ttt_phase_tokens=32_768,
-        ttt_targets="blocks.*.attn.c_[qkv],blocks.*.attn,blocks.*.mlp,lm_head",  # #1855: q, k, v, o, MLP + lm_head
+        # #2135: q, v, o, MLP + lm_head (TTT_K_LORA=0; #1855 adapted k too)
+        ttt_targets="blocks.*.attn.c_[qv],blocks.*.attn,blocks.*.mlp,lm_head",
         ngram_tilt=True,  # #2135's token-only tilt at its order 16, threshold 0.8, boost 2.625 (the field defaults)
     ),
     # CPU, a few minutes end to end on the embedded demo corpus.

@@ -3,9 +3,10 @@
 - mlp(x, w1, w2, slope) = leaky_relu(x @ w1.T, slope)^2 @ w2.T, the MLP with its LeakyReLU^2 up-projection fused (#1855
   has such a Triton kernel). Autograd keeps one N x hidden tensor, the pre-activation; the backward's kernel forms the
   gradient of the pre-activation and recomputes the activation from it in one pass. The unfused graph keeps three.
-- softcap_ce(logits, targets, cap) = mean cross-entropy of cap * tanh(logits / cap), as #1855's fused softcapped CE:
+- softcap_ce(logits, targets, cap, cap_neg) = mean cross-entropy of softcap(logits), as #1855's fused softcapped CE:
   one kernel per row reads the raw logits, sums the exponentials, then writes the loss and its gradient, the softcap
-  recomputed from the raw logits in registers: the softcapped logits are never written, in fp32 or any dtype.
+  recomputed from the raw logits in registers: the softcapped logits are never written, in fp32 or any dtype. With
+  cap_neg it is the asymmetric softcap (#1923 -> #2130), the caps read from the device, never the host.
 
 The Triton kernels run on CUDA tensors when triton imports, and on CPU tensors under TRITON_INTERPRET=1 (how
 tests/test_kernels.py checks them); the torch reference, the unfused math the model ran before, runs everywhere else
@@ -36,8 +37,16 @@ def mlp_ref(x, w1, w2, slope: float):
     return F.linear(F.leaky_relu(F.linear(x, w1), slope).square(), w2)
 
 
-def ce_ref(z, t, cap: float):
-    return F.cross_entropy(cap * torch.tanh(z.float() / cap), t)
+def softcap(z, cap, cap_neg=None):
+    """cap * tanh(z / cap); with cap_neg (#1923's asymmetric softcap) cap_neg * tanh(z / cap_neg) where z < 0. Both caps
+    equal to the scalar cap give cap * tanh(z / cap) bit for bit (tests/test_model.py)."""
+    if cap_neg is None:
+        return cap * torch.tanh(z / cap)
+    return torch.where(z >= 0, cap * torch.tanh(z / cap), cap_neg * torch.tanh(z / cap_neg))
+
+
+def ce_ref(z, t, cap, cap_neg=None):
+    return F.cross_entropy(softcap(z.float(), cap, cap_neg), t)
 
 
 if triton is not None:
@@ -66,24 +75,28 @@ if triton is not None:
         tl.store(o2 + off, (act * act).to(o2.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _ce_kernel(z, t, loss, dz, V, stride, cap, BLOCK: tl.constexpr):
+    def _ce_kernel(z, t, loss, dz, V, stride, caps, BLOCK: tl.constexpr):
         row = tl.program_id(0)
         base, tr = z + row * stride, tl.load(t + row)
+        cp, cn = tl.load(caps), tl.load(caps + 1)  # the caps of positive and negative logits
         total = tl.zeros((BLOCK,), dtype=tl.float32)
         for start in range(0, V, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             x = tl.load(base + cols, mask=cols < V, other=0.0).to(tl.float32)
-            # cap * tanh(x / cap) lies in [-cap, cap], so cap is a safe shift for the exponentials: no running max
-            total += tl.where(cols < V, tl.exp(-2 * cap / (1 + tl.exp(2 * x / cap))), 0.0)
-        lse = cap + tl.log(tl.sum(total, axis=0))
+            c = tl.where(x >= 0, cp, cn)
+            # the softcapped logits lie in [-cn, cp], so cp is a safe shift for the exponentials: no running max
+            total += tl.where(cols < V, tl.exp((c - cp) - 2 * c / (1 + tl.exp(2 * x / c))), 0.0)
+        lse = cp + tl.log(tl.sum(total, axis=0))
         for start in range(0, V, BLOCK):  # second pass: d loss / d logit, softcap recomputed from the logits
             cols = start + tl.arange(0, BLOCK)
             x = tl.load(base + cols, mask=cols < V, other=0.0).to(tl.float32)
-            th = 1 - 2 / (1 + tl.exp(2 * x / cap))
-            tl.store(dz + row * V + cols, ((tl.exp(cap * th - lse) - (cols == tr)) * (1 - th * th)).to(
+            c = tl.where(x >= 0, cp, cn)
+            th = 1 - 2 / (1 + tl.exp(2 * x / c))
+            tl.store(dz + row * V + cols, ((tl.exp(c * th - lse) - (cols == tr)) * (1 - th * th)).to(
                 dz.dtype.element_ty), mask=cols < V)
         xt = tl.load(base + tr).to(tl.float32)
-        tl.store(loss + row, lse - cap + 2 * cap / (1 + tl.exp(2 * xt / cap)))
+        ct = tl.where(xt >= 0, cp, cn)
+        tl.store(loss + row, lse - ct + 2 * ct / (1 + tl.exp(2 * xt / ct)))
 
 
 def up(a, b, slope: float, pre=None):
@@ -132,9 +145,9 @@ class _CE(torch.autograd.Function):
     backward only scales it."""
 
     @staticmethod
-    def forward(ctx, z, t, cap):
+    def forward(ctx, z, t, caps):
         loss, dz = z.new_empty(z.size(0), dtype=torch.float32), torch.empty_like(z)
-        _ce_kernel[(z.size(0),)](z, t, loss, dz, z.size(1), z.stride(0), cap, BLOCK=1024)
+        _ce_kernel[(z.size(0),)](z, t, loss, dz, z.size(1), z.stride(0), caps, BLOCK=1024)
         ctx.save_for_backward(dz)
         return loss
 
@@ -143,8 +156,11 @@ class _CE(torch.autograd.Function):
         return ctx.saved_tensors[0] * g[:, None].to(ctx.saved_tensors[0].dtype), None, None
 
 
-def softcap_ce(logits, targets, cap: float):
-    """Mean cross-entropy of cap * tanh(logits / cap); logits (N, V) in the head's dtype, targets (N,) int64."""
+def softcap_ce(logits, targets, cap, cap_neg=None):
+    """Mean cross-entropy of softcap(logits, cap, cap_neg); logits (N, V) in the head's dtype, targets (N,) int64.
+    cap: a float, or with cap_neg two 0-d tensors (the model's learned caps, which training leaves alone, #2135): the
+    kernel's gradient goes to the logits only."""
     if not use_triton(logits):
-        return ce_ref(logits, targets, cap)
-    return _CE.apply(logits.contiguous(), targets, float(cap)).mean()
+        return ce_ref(logits, targets, cap, cap_neg)
+    caps = logits.new_full((2,), cap, dtype=torch.float32) if cap_neg is None else torch.stack((cap, cap_neg))
+    return _CE.apply(logits.contiguous(), targets, caps).mean()

@@ -221,6 +221,14 @@ class GPT(nn.Module):
         super().__init__()
         self.bos_id = bos_id
         self.logit_softcap = cfg.logit_softcap
+        # Asymmetric logit softcap (LOGIT_SOFTCAP_ASYM, #1923 -> #2130): a learned cap for positive and one for negative
+        # logits, both starting at LOGIT_SOFTCAP (the logits are then the scalar cap's, bit for bit). As in #2135,
+        # training leaves them there (its fused CE reads the scalar cap; requires_grad off keeps them out of the
+        # optimizer) and TTT's global phase adapts them with the other base weights. Not `.weight`: they ship raw.
+        self.softcap_pos = self.softcap_neg = None
+        if cfg.logit_softcap_asym:
+            self.softcap_pos = nn.Parameter(torch.tensor(cfg.logit_softcap), requires_grad=False)
+            self.softcap_neg = nn.Parameter(torch.tensor(cfg.logit_softcap), requires_grad=False)
         # Execution settings, set by configure_runtime once the device is known: the attention backend, whether the
         # eval forward is compiled, and CPU bf16 autocast.
         self.attn_backend = "sdpa"
@@ -284,22 +292,24 @@ class GPT(nn.Module):
             x = smear(x, input_ids, seg_start, self.bos_id)
         x0 = x  # what resid_mix mixes back in
         order = self.layer_order()
-        depth = len(order)
-        n_skips = self._num_skips(depth)
+        n_enc = self._num_skips(len(order))  # the first half of the order is the encoder (#1855)
         skips, lane1 = [], None  # x is lane 0 once the parallel lanes start
         for v, i in enumerate(order):
-            if v >= depth - n_skips:
-                j = depth - 1 - v  # decoder layer v pairs with encoder layer j (mirror)
-                x = self._add_skip(x, skips[j], j)
             block = self.blocks[i]
-            if self.lanes is not None and i >= self.lanes.start:
-                lane1 = x if lane1 is None else lane1
+            if self.lanes is not None and i >= self.lanes.start and lane1 is None:
+                lane1 = x  # #1855: both lanes start from the stream before the skip lands on lane 0
+            if n_enc <= v < 2 * n_enc:
+                # #1855: decoder position k takes the encoder outputs last-in first-out, from the first decoder position
+                # on, with skip weight k; with an odd depth the last decoder position gets none
+                k = v - n_enc
+                x = self._add_skip(x, skips[n_enc - 1 - k], k)
+            if lane1 is not None:
                 # #1855 mixes x0 into the attention's read of lane 0 only; the lanes carry on unmixed.
                 a, m = block.branches(block.mix_in(x, x0), lane1, cos, sin, cu_seqlens, max_seqlen, self.attn_backend)
                 x, lane1 = self.lanes.mix(i, x, lane1, a, m)
             else:
                 x = block(x, cos, sin, cu_seqlens, max_seqlen, self.attn_backend, x0)
-            if v < n_skips:
+            if v < n_enc:
                 skips.append(x)
         if lane1 is not None:
             x = self.lanes.merge(x, lane1)
@@ -308,14 +318,16 @@ class GPT(nn.Module):
     def forward(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
         """input_ids: (N,) packed tokens; cu_seqlens: (S+1,) int32 segment offsets. Returns logits (N, vocab), float32."""
         logits = self.lm_head(self.hidden(input_ids, cu_seqlens, max_seqlen)).float()
-        if self.logit_softcap:
-            logits = self.logit_softcap * torch.tanh(logits / self.logit_softcap)
-        return logits
+        return kernels.softcap(logits, *self.caps()) if self.logit_softcap else logits
+
+    def caps(self) -> tuple:
+        """The softcap arguments of lcq.kernels.softcap: (LOGIT_SOFTCAP,) or the learned (positive, negative) caps."""
+        return (self.logit_softcap,) if self.softcap_pos is None else (self.softcap_pos, self.softcap_neg)
 
     def loss(self, input_ids, targets, cu_seqlens, max_seqlen: int) -> torch.Tensor:
         logits = self.lm_head(self.hidden(input_ids, cu_seqlens, max_seqlen))
         if self.logit_softcap:
-            return kernels.softcap_ce(logits, targets, self.logit_softcap)  # the fused CE of lcq/kernels.py
+            return kernels.softcap_ce(logits, targets, *self.caps())  # the fused CE of lcq/kernels.py, the eval's caps
         return F.cross_entropy(logits.float(), targets)
 
 

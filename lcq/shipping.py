@@ -16,7 +16,8 @@ from .gptq import dequantize_state
 from .lora import FactorFormat, attach_lora, dequantize_factors, lora_modules, merge_lora, quantize_factors
 from .model import GPT, configure_runtime
 
-FORMAT = "lcq-model-1"
+# 2 (issue 24): U-Net skip weights pair as #1855 pairs them, so a model-1 file would decode into another network
+FORMAT = "lcq-model-2"
 LORA_PREFIX = "lora."
 TIED = {"lm_head.weight": "tok_emb.weight"}
 

@@ -21,8 +21,12 @@ def unfused_mlp(x, w1, w2, slope):
     return F.linear(F.leaky_relu(F.linear(x, w1), slope).square(), w2)
 
 
-def unfused_ce(z, t, cap):
-    return F.cross_entropy(cap * torch.tanh(z.float() / cap), t)
+def unfused_ce(z, t, cap, cap_neg=None):
+    z = z.float()
+    soft = cap * torch.tanh(z / cap)
+    if cap_neg is not None:  # the asymmetric softcap (#1923): its own cap below zero
+        soft = torch.where(z >= 0, soft, cap_neg * torch.tanh(z / cap_neg))
+    return F.cross_entropy(soft, t)
 
 
 def grads(fn, *args):
@@ -45,14 +49,19 @@ def check_mlp(n, d, hidden, slope, seed=0):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
-def check_ce(rows, vocab, seed=0):
+def check_ce(rows, vocab, caps=(30.0,), seed=0):
+    """caps: (cap,) or (positive cap, negative cap), the latter passed as the model's 0-d tensors."""
     g = torch.Generator().manual_seed(seed)
     z = torch.randn(rows, vocab, generator=g) * 25  # past the cap, so the softcap bends
     t = torch.randint(0, vocab, (rows,), generator=g)
-    out, (gz,) = grads(lambda a: kernels.softcap_ce(a, t, 30.0), z)
-    ref, (gref,) = grads(lambda a: unfused_ce(a, t, 30.0), z)
+    args = caps if len(caps) == 1 else [torch.tensor(c) for c in caps]
+    out, (gz,) = grads(lambda a: kernels.softcap_ce(a, t, *args), z)
+    ref, (gref,) = grads(lambda a: unfused_ce(a, t, *caps), z)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(gz, gref, rtol=1e-4, atol=1e-7)
+    if len(caps) == 1:  # both learned caps at the scalar cap: the same loss and gradient, bit for bit
+        same, (gsame,) = grads(lambda a: kernels.softcap_ce(a, t, torch.tensor(caps[0]), torch.tensor(caps[0])), z)
+        assert torch.equal(same, out) and torch.equal(gsame, gz)
 
 
 def run_all():
@@ -60,7 +69,8 @@ def run_all():
         for slope in (0.5, 0.0):  # LeakyReLU(0.5)^2 and relu^2
             check_mlp(n, d, hidden, slope)
     for rows, vocab in CE_SHAPES:
-        check_ce(rows, vocab)
+        for caps in ((30.0,), (30.0, 20.0), (12.0, 40.0)):  # one cap; asymmetric caps either way round
+            check_ce(rows, vocab, caps)
 
 
 def test_reference_path_is_the_unfused_math():

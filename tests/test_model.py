@@ -110,3 +110,79 @@ def test_q_k_v_share_one_hessian_equal_to_their_own_inputs():
         separate = collect_hessians(model, own, lambda: model(ids, cu, 128))
     for w in own:
         assert torch.equal(shared[w], separate[w])
+
+
+def test_asymmetric_softcap_at_the_scalar_cap_is_todays_logits_and_loss_bit_for_bit():
+    """LOGIT_SOFTCAP_ASYM (#1923 -> #2130): both caps start at LOGIT_SOFTCAP, where the logits and the training loss are
+    the scalar softcap's exactly; moved apart, each cap bends its own side, and the training loss (the fused CE's path)
+    reads the same caps as the eval forward."""
+    scalar = randomised_model(logit_softcap=2.0)  # a small cap, so the random logits bend
+    asym = GPT(make_config("tiny", vocab_size=128, logit_softcap=2.0, logit_softcap_asym=True), bos_id=BOS).eval()
+    assert asym.load_state_dict(scalar.state_dict(), strict=False).missing_keys == ["softcap_pos", "softcap_neg"]
+    assert asym.softcap_pos.item() == asym.softcap_neg.item() == 2.0
+    assert not asym.softcap_pos.requires_grad  # training leaves them at the cap (#2135): out of the optimizer
+    _, ids = packed_docs()
+    cu = segment_bounds(ids, BOS, 128)
+    targets = torch.roll(ids, -1)
+    with torch.no_grad():
+        assert torch.equal(asym(ids, cu, 128), scalar(ids, cu, 128))
+        assert torch.equal(asym.loss(ids, targets, cu, 128), scalar.loss(ids, targets, cu, 128))
+        asym.softcap_pos.fill_(1.5)
+        asym.softcap_neg.fill_(3.0)
+        raw = asym.lm_head(asym.hidden(ids, cu, 128)).float()
+        out = asym(ids, cu, 128)
+        assert torch.equal(out, torch.where(raw >= 0, 1.5 * torch.tanh(raw / 1.5), 3.0 * torch.tanh(raw / 3.0)))
+        assert out.max() < 1.5 and out.min() > -3.0
+        torch.testing.assert_close(asym.loss(ids, targets, cu, 128), torch.nn.functional.cross_entropy(out, targets))
+
+
+def test_asymmetric_caps_ship_as_raw_control_tensors():
+    from lcq.gptq import QuantSpec, quantize_state, tensor_role
+
+    model = GPT(make_config("tiny", vocab_size=128, logit_softcap_asym=True), bos_id=BOS)
+    state = model.state_dict()
+    assert [tensor_role(n, state[n]) for n in ("softcap_pos", "softcap_neg")] == ["raw", "raw"]
+    tensors, _ = quantize_state(state, {}, QuantSpec(method="rtn"), {"lm_head.weight": "tok_emb.weight"})
+    assert tensors["softcap_pos"].dtype == torch.float16 and tensors["softcap_pos"].item() == 30.0
+
+
+# openai/parameter-golf #1855, train_gpt.py: GPT.__init__ splits the layer order (layers 3-5 three times once looping is
+# on: encoder_indices/decoder_indices) at len(order) // 2 into encoder and decoder; _forward_hidden pushes every encoder
+# output, and decoder step k (while k < num_skip_weights and the stack is not empty) pops the last one, scaled by
+# skip_weights[k]. Rows: layer order, {decoder position: encoder position whose output it takes} (positions index the
+# order); the last decoder position gets none. Lane 1 starts (layer 8) from the stream before lane 0 takes its skip.
+SKIPS_1855 = {
+    "plain": ([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10], {5: 4, 6: 3, 7: 2, 8: 1, 9: 0}),
+    "looped": ([0, 1, 2, 3, 4, 5, 3, 4, 5, 3, 4, 5, 6, 7, 8, 9, 10],
+               {8: 7, 9: 6, 10: 5, 11: 4, 12: 3, 13: 2, 14: 1, 15: 0}),
+}
+
+
+@pytest.mark.parametrize("mode", sorted(SKIPS_1855))
+def test_unet_skips_feed_the_decoder_positions_1855_feeds(mode):
+    order, feeds = SKIPS_1855[mode]
+    model = randomised_model(num_layers=11, skip_gates=True, recur_passes=3, recur_start_layer=3, recur_end_layer=5,
+                             parallel_start_layer=8)
+    model.recur_active = mode == "looped"
+    assert model.layer_order() == order and model.skip_weights.shape[0] == 8  # #1855: num_skip_weights = 8
+    calls, outputs, seen, lane_in = [0], {}, [], {}
+    for block in model.blocks:
+        block.attn.register_forward_pre_hook(lambda m, a: calls.__setitem__(0, calls[0] + 1))
+        block.register_forward_hook(lambda m, a, out: outputs.__setitem__(calls[0] - 1, out))
+    model.blocks[8].mlp.register_forward_pre_hook(lambda m, a: lane_in.setdefault("mlp", a[0]))
+    add_skip = model._add_skip
+
+    def spy(x, skip, k):
+        seen.append((calls[0], k, next(e for e, out in outputs.items() if out is skip), x))
+        return add_skip(x, skip, k)
+
+    model._add_skip = spy
+    _, ids = packed_docs()
+    with torch.no_grad():
+        model(ids, segment_bounds(ids, BOS, 128), 128)
+    first = len(order) // 2
+    assert {v: e for v, _, e, _ in seen} == feeds
+    assert all(k == v - first for v, k, _, _ in seen)  # skip weight k at decoder step k
+    v8 = order.index(8)
+    pre = next(x for v, _, _, x in seen if v == v8)
+    assert torch.equal(lane_in["mlp"], model.blocks[8].norm(pre))

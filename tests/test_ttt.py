@@ -118,16 +118,21 @@ def test_ttt_knobs_are_validated():
 
 def test_tiny_run_logs_the_ttt_stage_and_eval_only_reproduces_it(tmp_path, demo_data):
     """In-run TTT (started from the shipped LoRA, with a global phase) and --eval_only on the artifact give the same
-    _exact line: the adapter's start comes from the file alone (C1)."""
+    _exact line: the adapter's start comes from the file alone (C1). With the asymmetric softcap on: its caps ship in
+    the artifact and the phase adapts them (issue 24)."""
+    from lcq import artifact
     from test_pipeline import REPO, exact, run_entry
 
-    knobs = {"TTT_ENABLED": "1", "TTT_PHASES": "1", "TTT_PHASE_DOCS": "2", "EVAL_DUMP": str(tmp_path / "dump.npz")}
+    knobs = {"TTT_ENABLED": "1", "TTT_PHASES": "1", "TTT_PHASE_DOCS": "2", "EVAL_DUMP": str(tmp_path / "dump.npz"),
+             "LOGIT_SOFTCAP_ASYM": "1"}
     proc = run_entry(tmp_path, demo_data, "ttt", extra_env=knobs)
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = (tmp_path / "logs" / "ttt.txt").read_text()
     assert "ttt: stage quantized_lcq_ttt init artifact" in log and "ttt_phase:1/1" in log
     assert "stage:eval_quantized_lcq_ttt" in log and "within_eval_budget:yes" in log
     in_run = exact(log, "quantized_lcq_ttt")
+    tensors, _ = artifact.load(str(tmp_path / "logs" / "ttt.lcq"))
+    assert tensors["softcap_pos"].item() == tensors["softcap_neg"].item() == 30.0  # training left them at the cap
     proc = run_entry(tmp_path, demo_data, "ttt_eval", "--eval_only", "--artifact", str(tmp_path / "logs" / "ttt.lcq"),
                      extra_env=dict(knobs, EVAL_DUMP=str(tmp_path / "again.npz")))
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -156,3 +161,24 @@ def test_artifact_start_keeps_the_shipped_factors_and_adds_zero_adapters_elsewhe
         assert mods[n].rank == 2 and torch.equal(mods[n].lora_A, A) and torch.equal(mods[n].lora_B, B)
     assert all(mods[n].rank == 3 and not mods[n].lora_B.any() for n in mods if n not in shipped)
     assert all(p.requires_grad == (".lora_" in n) for n, p in m.named_parameters())
+
+
+def test_asymmetric_caps_move_in_the_global_phase_only(tmp_path):
+    """#2135 adapts softcap_pos/neg in TTT's global phase alone: per-document TTT leaves them where the artifact put
+    them; a phase moves them (a small cap, so the logits bend and the caps get a gradient)."""
+    def caps(**kw):
+        torch.manual_seed(0)
+        cfg = make_config("tiny", vocab_size=V, ttt_rank=2, logit_softcap=1.0, logit_softcap_asym=True)
+        m = GPT(cfg, bos_id=BOS)
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+        m = prepare_adapter(m, "zero", cfg)
+        start = (m.softcap_pos.item(), m.softcap_neg.item())
+        run_ttt(tmp_path, val_stream([30, 20, 25, 12]), "c", model=m, **kw)
+        return start, (m.softcap_pos.item(), m.softcap_neg.item())
+
+    start, after = caps()
+    assert after == start
+    start, after = caps(phases=1, phase_docs=2)
+    assert after[0] != start[0] and after[1] != start[1]

@@ -19,7 +19,7 @@ WINDOW, STRIDE = 16, 8
 LENGTHS = [13, 7, 21, 12, 2, 30, 18, 9, 17, 5, 23, 11, 3, 14, 6, 8, 10, 4]  # 18 documents: batches of 16 and 2
 
 
-RECORD_TARGETS = make_config("record").ttt_targets  # #1855's: q, k, v, o and MLP (whole branches), lm_head
+RECORD_TARGETS = make_config("record").ttt_targets  # #2135's: q, v, o and MLP (whole branches), lm_head (#1855: k too)
 
 
 def model(init, targets=""):
@@ -151,16 +151,32 @@ def test_two_gloo_ranks_reproduce_themselves_and_match_one_rank(tmp_path, free_p
     assert np.array_equal(runs[0]["bytes"], one["bytes"])
 
 
+def test_warm_start_a_makes_a_score_depend_on_the_documents_before_it_in_its_slot(tmp_path):
+    """TTT_WARM_START_A=1 (#1855's and #2135's default) keeps a slot's A from one document to the next: perturbing the
+    first-scored document then moves the scores of the documents after it in that slot, which the reset of A (the
+    record preset's) rules out (docs/record-stack.md)."""
+    toks = val_stream([30, 12, 9], seed=5)
+    starts = doc_starts(toks, BOS)
+    d = 0  # the longest document: scored first
+    other = toks.copy()
+    other[starts[d] + 1:starts[d + 1]] = (toks[starts[d] + 1:starts[d + 1]].astype(int) - 2 + 3) % (V - 2) + 2
+    for warm in (False, True):
+        a, _ = scores(tmp_path, toks, 1, name="a", warm_start_a=warm)
+        b, _ = scores(tmp_path, other, 1, name="b", warm_start_a=warm)
+        assert np.array_equal(a["nll"][a["doc"] != d], b["nll"][b["doc"] != d]) == (not warm)
+
+
 def test_record_adapters_are_1855s_o_and_mlp_read_the_blocks_normed_input():
     """#1855 (its forward_ttt): q, k, v adapters on the projections, the o adapter reads the attention's normed input
     and the MLP adapter the MLP's normed input, each added to its branch's output before the branch scale; lm_head's
-    reads the final norm. The record's TTT_TARGETS give exactly that, over a shipped LoRA (artifact start) too."""
+    reads the final norm. The record's TTT_TARGETS give exactly that without k (#2135's TTT_K_LORA=0), over a shipped
+    LoRA (artifact start) too."""
     from lcq.lora import low_rank
 
     m = model("artifact", RECORD_TARGETS)  # shipped factors on every block's c_v, zero-started adapters elsewhere
     mods = lora_modules(m)
-    want = {f"blocks.{i}.{n}" for i in range(2) for n in ("attn", "attn.base.c_q", "attn.base.c_k", "attn.base.c_v",
-                                                         "mlp")} | {"lm_head"}
+    names = ("attn", "attn.base.c_q", "attn.base.c_v", "mlp")
+    want = {f"blocks.{i}.{n}" for i in range(2) for n in names} | {"lm_head"}
     assert set(mods) == want  # fc, proj and attn.proj carry none: the MLP keeps its fused kernel
     for w in mods.values():
         torch.nn.init.normal_(w.lora_B, std=0.1)
