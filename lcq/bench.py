@@ -11,6 +11,7 @@
     python -m lcq.bench step --preset record --world 8  # one training step's ATen ops, host reads, bytes sent (issue 18)
     python -m lcq.bench ttt      # batched TTT at TTT_BATCH_DOCS 1/8/32/64, and its work projected to #1855's val split
     python -m lcq.bench fit      # the fit (issue 25): bpb per KB of zeroing the cheapest +-1 codes, by fraction
+    python -m lcq.bench ngram    # n-gram tilt hints: seconds on this CPU, one process and split over --world ranks
 
 Each trains the demo-preset model on the embedded corpus (or the preset/knobs given, e.g. --preset record on a GPU box),
 writes its run logs under LOG_DIR, prints a table and ends with one JSON line holding the figures.
@@ -759,7 +760,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m lcq.bench", description=__doc__, allow_abbrev=False,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("kind", choices=("quant", "lcq", "attribution", "features", "sizing", "serialize", "compressors",
-                                     "step", "ttt", "gptq", "fit"))
+                                     "step", "ttt", "gptq", "fit", "ngram"))
     ap.add_argument("--bits", default=None, help="comma-separated bit widths (quant: 4,5,6,8; lcq: 4,6)")
     ap.add_argument("--ranks", default="4,16,64", help="lcq: comma-separated LoRA ranks")
     ap.add_argument("--inits", default="zero,svd,act_svd,grail", help="lcq: comma-separated inits")
@@ -798,9 +799,11 @@ def main(argv: list[str] | None = None) -> int:
                                                "instead of the preset's random-init payload")
     ap.add_argument("--fractions", default="0.01,0.02,0.05,0.1,0.2,0.4",
                     help="fit: comma-separated fractions of the +-1 codes to zero")
-    ap.add_argument("--world", type=int, default=8, help="step, gptq: gloo ranks the step / the split runs on")
+    ap.add_argument("--world", type=int, default=8, help="step, gptq: gloo ranks the step / the split runs on; ngram: ranks the hints split over")
     ap.add_argument("--tokens", type=int, default=512, help="step: tokens per rank")
     ap.add_argument("--batch-docs", default="1,8,32,64", help="ttt: comma-separated TTT_BATCH_DOCS values")
+    ap.add_argument("--ngram-tokens", type=int, default=8_000_000,
+                    help="ngram: tokens of the synthetic stream timed (projected to the record's 47,851,520)")
     ap.add_argument("--ttp-log", default="", help="ttt: a #1855-style log whose ttp: lines give the record's split")
     args, rest = ap.parse_known_args(argv)
     # serialize, compressors: the record-size payload, no training
@@ -830,6 +833,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.kind == "step":
             from .bench_step import bench_step
             result = bench_step(cfg, args.world, args.tokens)
+        elif args.kind == "ngram":
+            from .bench_ngram import bench_ngram
+            result = bench_ngram(cfg, args.ngram_tokens, args.world)
         elif args.kind == "gptq":
             from .bench_gptq import bench_gptq
             result = bench_gptq(cfg, args.world)

@@ -31,15 +31,16 @@ _BOUNDS = (
      "grad_clip_norm eval_seq_len val_max_tokens ttt_steps ttt_lr ttt_weight_decay ttt_phases ttt_phase_lr "
      "gptq_calib_batches serialize_reserve_seconds serialize_threads lcq_lr lcq_max_steps lcq_seconds "
      "lcq_safety_seconds lcq_grail_ridge lcq_auto_headroom_bytes matrix_lr embed_lr scalar_lr embed_weight_decay "
-     "scalar_weight_decay muon_weight_decay ttt_alpha ttt_phase_momentum ttt_phase_clip ttt_phase_tokens"),
+     "scalar_weight_decay muon_weight_decay ttt_alpha ttt_phase_momentum ttt_phase_clip ttt_phase_tokens ngram_boost"),
     (lambda v: v >= 1, ">= 1", "grad_accum_steps train_log_every num_layers recur_passes muon_backend_steps "
      "ttt_chunk_tokens ttt_rank gptq_block_size lcq_factor_group lcq_grail_tokens "
      "lcq_log_every ttt_batch_docs"),
-    (lambda v: v >= 2, ">= 2", "train_seq_len"),
+    (lambda v: v >= 2, ">= 2", "train_seq_len ngram_order"),
     (lambda v: 0 <= v < 1, "in [0, 1)", "muon_momentum muon_momentum_warmup_start adam_beta1 adam_beta2 ema_decay "
      "ttt_beta1 ttt_beta2"),
     (lambda v: 0 <= v <= 1, "in [0, 1]", "warmdown_frac recur_from_progress min_lr_frac lcq_warmdown_frac "
      "fit_max_fraction"),
+    (lambda v: 0 < v <= 1, "in (0, 1]", "ngram_threshold"),
     (lambda v: 2 <= v <= 8, "in 2..8", "matrix_bits embed_bits lcq_factor_bits"),
 )
 # The values a string field may take.
@@ -197,6 +198,13 @@ class Config:
     ttt_phase_cosine: bool = False  # phase lr cosine from TTT_PHASE_LR to 0 over the phase's steps (#1855)
     ttt_phase_tokens: int = 0  # tokens per phase SGD step, all ranks together; 0 = EVAL_BATCH_TOKENS (#1855: 32,768)
 
+    # --- token-only n-gram tilt at eval (lcq/ngram.py, docs/ngram-tilt.md; #2130/#2135, the closed form of #1145):
+    # each scored distribution tilted toward the hint of a causal n-gram state over the val stream; TTT trains untilted
+    ngram_tilt: bool = False  # #2135: NGRAM_TILT_ENABLED=1 (record preset on)
+    ngram_order: int = 16  # the context is the previous ORDER-1 tokens (#2135: TOKEN_ORDER=16)
+    ngram_threshold: float = 0.8  # hint where the top follower's share of the context is >= this (#2135: 0.800)
+    ngram_boost: float = 2.625  # beta, the log-odds added to the hinted token; 0 = scores untouched (#2135: 2.625)
+
     # --- quantization (GPTQ) ---
     quant_method: str = "gptq"  # gptq | rtn (round-to-nearest: the baseline GPTQ must beat)
     matrix_bits: int = 6
@@ -311,6 +319,7 @@ class Config:
         need(0 <= self.attn_gate_window <= self.model_dim, "attn_gate_window",
              f"must be in [0, MODEL_DIM={self.model_dim}] (0 = off)")
         need(math.isfinite(self.attn_gate_scale) and self.attn_gate_scale > 0, "attn_gate_scale", "must be > 0")
+        need(math.isfinite(self.ngram_boost), "ngram_boost", "must be a finite log-odds (#2135: 2.625)")
         need(isinstance(self.autocast_cpu_bf16, bool), "autocast_cpu_bf16", "must be 0 or 1")
         need(1 <= self.eval_stride <= self.window, "eval_stride", f"must be in [1, eval window={self.window}]")
         need(self.eval_batch_tokens >= self.window, "eval_batch_tokens",
@@ -455,6 +464,7 @@ PRESETS: dict[str, dict] = {
         ttt_phase_cosine=True, ttt_phase_tokens=32_768,
         # #2135: q, v, o, MLP + lm_head (TTT_K_LORA=0; #1855 adapted k too)
         ttt_targets="blocks.*.attn.c_[qv],blocks.*.attn,blocks.*.mlp,lm_head",
+        ngram_tilt=True,  # #2135's token-only tilt at its order 16, threshold 0.8, boost 2.625 (the field defaults)
     ),
     # CPU, a few minutes end to end on the embedded demo corpus.
     "demo": dict(

@@ -10,7 +10,7 @@ sees between window - stride + 1 and window tokens (itself excluded, the token b
 With stride == window this is plain non-overlapping evaluation.
 
 `score_rows` is the one scoring loop: lcq/ttt.py scores its chunks through it, so both evals share the targets, the
-contexts and the byte rule.
+contexts and the byte rule. With a Tilt (lcq/ngram.py) on the ValStream, every scored nll is the tilted one.
 """
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from . import dist as D
 from .data import doc_starts
 from .model import eval_forward
+from .ngram import Tilt
 from .runlog import atomic_write
 from .tokenizer import token_bytes
 
@@ -97,7 +98,7 @@ class ValStream:
     per-target byte array (a sidecar, e.g. CaseOps data: bytes of token i when it is a target; it overrides the tables)."""
 
     def __init__(self, val_tokens: np.ndarray, bos_id: int, tables, device: torch.device,
-                 val_bytes: np.ndarray | None = None):
+                 val_bytes: np.ndarray | None = None, tilt: Tilt | None = None):
         if val_bytes is not None and np.asarray(val_bytes).shape != val_tokens.shape:
             raise ValueError(f"val_bytes has shape {np.asarray(val_bytes).shape} but the val tokens {val_tokens.shape}; "
                              "the byte sidecar must hold one entry per val token")
@@ -109,6 +110,7 @@ class ValStream:
         self.tables = tables
         self.val_bytes = None if val_bytes is None else torch.from_numpy(np.asarray(val_bytes).astype(np.int64)).to(device)
         self.device = device
+        self.tilt = tilt
 
 
 @dataclass
@@ -128,9 +130,10 @@ class Scored:
         self.nbytes.append(nbytes)
 
 
-def forward_rows(model: torch.nn.Module, val: ValStream, batch: np.ndarray):
+def forward_rows(model: torch.nn.Module, val: ValStream, batch: np.ndarray, scored: bool = True):
     """One packed forward over window rows (begin, end, score_from): (target positions, nll of each, bytes of each) for
-    the scored targets only. The nll keeps its graph when grad is enabled (lcq/ttt.py trains on what it just scored)."""
+    the scored targets only, tilted when `scored` and the stream has a Tilt. The nll keeps its graph when grad is enabled
+    (lcq/ttt.py's global phase trains on the untilted one: scored=False)."""
     lengths = batch[:, 1] - batch[:, 0]
     idx = np.concatenate([np.arange(b, e) for b, e, _ in batch])
     score = np.concatenate([np.arange(b, e) >= f for b, e, f in batch])
@@ -139,7 +142,10 @@ def forward_rows(model: torch.nn.Module, val: ValStream, batch: np.ndarray):
     x, y = val.tokens[idx_t], val.tokens[idx_t + 1]
     cu = torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)).to(val.device)
     logits = eval_forward(model, val.device)(x, cu, int(lengths.max()))  # autocast, compiled on CUDA (lcq/model.py)
-    nll = F.cross_entropy(logits.float(), y, reduction="none")[keep]
+    nll = F.cross_entropy(logits.float(), y, reduction="none")
+    if scored and val.tilt is not None:
+        nll = val.tilt.nll(nll, logits, y, idx_t + 1)
+    nll = nll[keep]
     pos = idx_t[keep] + 1
     nbytes = val.val_bytes[pos] if val.val_bytes is not None else token_bytes(y[keep], x[keep], val.tables)
     return pos, nll, nbytes
@@ -202,14 +208,15 @@ def write_dump(path: str, pos: torch.Tensor, nll: torch.Tensor, nbytes: torch.Te
 
 def evaluate(model: torch.nn.Module, val_tokens: np.ndarray, bos_id: int, tables, window: int, stride: int,
              batch_tokens: int, dinfo: D.DistInfo, val_bytes: np.ndarray | None = None,
-             dump: str | None = None) -> EvalResult:
+             dump: str | None = None, tilt: Tilt | None = None) -> EvalResult:
     """Score the val tokens with `model` (whatever it holds: float, dequantized, LoRA-wrapped). Ranks split the windows.
-    `val_bytes` (optional, one entry per val token) overrides the byte tables; `dump` writes per-target records."""
+    `val_bytes` (optional, one entry per val token) overrides the byte tables; `dump` writes per-target records; `tilt`
+    tilts every score (lcq/ngram.py)."""
     D.sync(dinfo.device)
     t0 = time.perf_counter()
     was_training = model.training
     model.eval()
-    val = ValStream(val_tokens, bos_id, tables, dinfo.device, val_bytes)
+    val = ValStream(val_tokens, bos_id, tables, dinfo.device, val_bytes, tilt)
     windows = plan_windows(val.starts, val.n, window, stride)
     scored = Scored.empty()
     score_rows(model, val, windows[dinfo.rank::dinfo.world_size], batch_tokens, scored)

@@ -34,6 +34,7 @@ from .distill import DistillResult, lcq_diagnostic, lcq_stage
 from .evaluate import EvalResult, dump_path, evaluate
 from .gptq import QuantSpec, collect_hessians, dequantize_state, quant_error_report, quantize_state
 from .model import GPT, autocast_for, build_model, configure_runtime, gptq_targets
+from .ngram import Tilt, build_tilt
 from .record import run_record, write_submission_json
 from .runlog import RunLog, atomic_write
 from .script import shipped_script
@@ -147,6 +148,7 @@ class Run:
     script_job: Future | None = None  # rank 0: the single-file train_gpt.py (its bytes are the code bytes), built beside it
     claims: list[str] = field(default_factory=list)  # rank 0: outputs created empty at start-up (issue 17)
     serialize_budget: float | None = None  # seconds, projected by LCQ from the compression rate measured in this run
+    tilt: Tilt | None = None  # NGRAM_TILT's hints, built at the first scored stage (lcq/ngram.py)
 
     @property
     def clock_used(self) -> float:
@@ -301,10 +303,22 @@ def stage_dump(cfg: Config, stage: str | None) -> str | None:
     return dump_path(cfg.eval_dump, stage) if cfg.eval_dump and stage else None
 
 
-def score(run: Run, model: nn.Module, stride: int | None = None, stage: str | None = None) -> EvalResult:
+def stage_tilt(run: Run) -> Tilt | None:
+    """NGRAM_TILT's hints, built once per run; every scored stage is charged their seconds, as if it ran alone."""
     cfg = run.cfg
-    return evaluate(model, run.val_tokens, run.bos_id, run.tables, cfg.window, stride or cfg.eval_stride,
-                    cfg.eval_batch_tokens, run.dinfo, val_bytes=run.val_bytes, dump=stage_dump(cfg, stage))
+    if cfg.ngram_tilt and run.tilt is None:
+        run.tilt = build_tilt(run.val_tokens, cfg.ngram_order, cfg.ngram_threshold, cfg.ngram_boost, run.dinfo)
+        run.log(run.tilt.describe(cfg.ngram_order, cfg.ngram_threshold, run.dinfo.world_size))
+    return run.tilt
+
+
+def score(run: Run, model: nn.Module, stride: int | None = None, stage: str | None = None) -> EvalResult:
+    """A sliding eval; a named stage is tilted when NGRAM_TILT is on (monitoring and benches score untilted)."""
+    cfg = run.cfg
+    tilt = stage_tilt(run) if stage else None
+    res = evaluate(model, run.val_tokens, run.bos_id, run.tables, cfg.window, stride or cfg.eval_stride,
+                   cfg.eval_batch_tokens, run.dinfo, val_bytes=run.val_bytes, dump=stage_dump(cfg, stage), tilt=tilt)
+    return dataclasses.replace(res, seconds=res.seconds + tilt.seconds) if tilt else res
 
 
 def score_ttt(run: Run, path: str) -> EvalResult:
@@ -317,10 +331,12 @@ def score_ttt(run: Run, path: str) -> EvalResult:
     spec = ttt_spec(cfg)
     run.log(f"ttt: stage {stage} init {init} rank {cfg.ttt_rank} targets {','.join(ttt_zero_targets(cfg))} {spec}")
     decode_s = time.perf_counter() - t0
+    tilt = stage_tilt(run)
     res = evaluate_ttt(model, run.val_tokens, run.bos_id, run.tables, cfg.window, cfg.ttt_chunk_tokens,
                        cfg.eval_batch_tokens, run.dinfo, spec, val_bytes=run.val_bytes,
-                       dump=stage_dump(cfg, stage), log=run.log)
-    res = dataclasses.replace(res, seconds=decode_s + res.seconds)  # the compile warm-up is not charged (README)
+                       dump=stage_dump(cfg, stage), log=run.log, tilt=tilt)
+    # the compile warm-up is not charged (README); the hints are
+    res = dataclasses.replace(res, seconds=decode_s + res.seconds + (tilt.seconds if tilt else 0.0))
     record_score(run, stage, res, f"decoded {path}, score-first TTT from {init}")
     return res
 

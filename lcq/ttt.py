@@ -38,6 +38,7 @@ from .config import Config, replace
 from .evaluate import EvalResult, Scored, ValStream, _batches, document_spans, finish_scores, forward_rows, plan_doc
 from .lora import DEFAULT_TARGETS, LoRALinear, attach_lora, lora_modules, lora_parameters, match_targets, merge_lora
 from .model import autocast_for
+from .ngram import Tilt
 from .shipping import apply_lora, load_shipped
 from .tokenizer import token_bytes
 from .ttt_lora import SlotAdapters
@@ -247,9 +248,11 @@ def adapt_batch(fwd, ad: SlotAdapters, val: ValStream, plans: list[np.ndarray], 
         learn_t = torch.from_numpy(learn)
         for step in range(spec.steps if learn.any() else 1):
             with torch.set_grad_enabled(spec.steps > 0):  # one graph per shape: the last chunks run it too
-                nll = F.cross_entropy(fwd(x, cu, L).float(), y, reduction="none")
-            if step == 0:
-                out.add(pos, nll.detach()[kept], nbytes)  # the score is fixed here, before any update sees it (C3)
+                logits = fwd(x, cu, L)
+                nll = F.cross_entropy(logits.float(), y, reduction="none")
+            if step == 0:  # the score is fixed here, before any update sees it (C3); tilted if asked, trained untilted
+                score = nll.detach() if val.tilt is None else val.tilt.nll(nll.detach(), logits.detach(), y, idx_t + 1)
+                out.add(pos, score[kept], nbytes)
             if learn.any():
                 (nll * w_t).sum().backward()
                 ad.step(learn_t)
@@ -272,7 +275,7 @@ def global_phase(model: nn.Module, val: ValStream, spans: np.ndarray, window: in
         if spec.phase_cosine:
             opt.param_groups[0]["lr"] = spec.phase_lr * 0.5 * (1 + math.cos(math.pi * i / len(steps)))
         mine = batch[dinfo.rank::dinfo.world_size]
-        total = forward_rows(model, val, mine)[1].sum() if len(mine) else sum(p.sum() * 0.0 for p in base)
+        total = forward_rows(model, val, mine, scored=False)[1].sum() if len(mine) else sum(p.sum() * 0.0 for p in base)
         (total / float((batch[:, 1] - batch[:, 0]).sum())).backward()
         for p in base:
             if p.grad is None:
@@ -302,12 +305,13 @@ def schedule(val: ValStream, window: int, stride: int, spec: TTTSpec, world: int
 
 def evaluate_ttt(model: nn.Module, val_tokens: np.ndarray, bos_id: int, tables, window: int, stride: int,
                  batch_tokens: int, dinfo: D.DistInfo, spec: TTTSpec, val_bytes: np.ndarray | None = None,
-                 dump: str | None = None, log=None, backend: str | None = None) -> EvalResult:
+                 dump: str | None = None, log=None, backend: str | None = None, tilt: Tilt | None = None) -> EvalResult:
     """Score the val stream with score-first TTT. `model` carries its adapter at the start point (prepare_adapter); its
     base weights are trained in place by the phases, so pass a fresh copy. Documents are scored in `schedule`'s order,
-    TTT_BATCH_DOCS at a time per rank. The compile warm-up runs before the clock this result's seconds start from."""
+    TTT_BATCH_DOCS at a time per rank. The compile warm-up runs before the clock this result's seconds start from.
+    `tilt` (lcq/ngram.py) tilts every score, never the loss the adapters and phases train on (#2135)."""
     model.eval()  # no dropout in the GPT; eval mode only fixes the module flags
-    val = ValStream(val_tokens, bos_id, tables, dinfo.device, val_bytes)
+    val = ValStream(val_tokens, bos_id, tables, dinfo.device, val_bytes, tilt)
     spans, order, plans, segs = schedule(val, window, stride, spec, dinfo.world_size)
     ad = SlotAdapters(model, spec.batch_docs, spec.lr, (spec.beta1, spec.beta2), spec.eps, spec.weight_decay)
     fwd = ttt_forward(model, dinfo.device, backend)

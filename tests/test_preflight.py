@@ -58,16 +58,19 @@ def test_tiny_preflight_prints_every_row_and_goes(tmp_path, demo_data):
 def test_no_go_under_torchrun_names_the_failing_rows(tmp_path, demo_data):
     # A 60 KB cap cannot hold the tiny model's int6/int8 codes alone (~80 KB for 156 K parameters, before the ~45 KB
     # shipped script), and a 1 ms eval budget is far below any eval pass (thousands of forward tokens): both rows fail and
-    # the process exits non-zero. TTT on: its pass is timed through lcq.ttt on both ranks and projected too.
-    proc, lines, report = preflight(tmp_path, demo_data, "--eval_budget_seconds=0.001", "--ttt_enabled=1", nproc=2,
-                                    extra_env={"ARTIFACT_CAP_BYTES": "60000", "RUN_ID": "pf2"})
+    # the process exits non-zero. TTT and the n-gram tilt on: the TTT pass is timed through lcq.ttt on both ranks and
+    # projected too, the hints built over both ranks, and the whole eval is the sum of the pieces.
+    proc, lines, report = preflight(tmp_path, demo_data, "--eval_budget_seconds=0.001", "--ttt_enabled=1",
+                                    "--ngram_tilt=1", nproc=2, extra_env={"ARTIFACT_CAP_BYTES": "60000", "RUN_ID": "pf2"})
     assert proc.returncode != 0
     statuses = table(lines)
     assert statuses["artifact"] == statuses["eval"] == "NO-GO"
     assert statuses["collective"] == "GO" and statuses["train"] == "GO"
     assert report["preflight"] == "no-go" and {"artifact", "eval"} <= set(report["failed"])
     assert report["world_size"] == 2 and report["rows"]["collective"]["ok"]
-    assert report["rows"]["eval"]["ttt_projected_s"] > 0
+    ev = report["rows"]["eval"]
+    assert ev["ttt_projected_s"] > 0 and ev["hint_s"] > 0 and ev["sliding_passes"] == 3  # tiny ships a LoRA
+    assert abs(ev["whole_eval_projected_s"] - (3 * ev["projected_s"] + ev["hint_s"] + ev["ttt_projected_s"])) < 1e-9
     assert any(line.startswith("verdict: NO-GO") and "artifact" in line for line in lines)
 
 
