@@ -10,6 +10,7 @@
     python -m lcq.bench compressors [--codes RUN.lcq]  # model section bytes/seconds: brotli vs auto vs group
     python -m lcq.bench step --preset record --world 8  # one training step's ATen ops, host reads, bytes sent (issue 18)
     python -m lcq.bench ttt      # batched TTT at TTT_BATCH_DOCS 1/8/32/64, and its work projected to #1855's val split
+    python -m lcq.bench ttt --context  # TTT_CONTEXT recompute vs reuse at equal seconds, 2 seeds (issue 26)
 
 Each trains the demo-preset model on the embedded corpus (or the preset/knobs given, e.g. --preset record on a GPU box),
 writes its run logs under LOG_DIR, prints a table and ends with one JSON line holding the figures.
@@ -738,6 +739,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", type=int, default=512, help="step: tokens per rank")
     ap.add_argument("--batch-docs", default="1,8,32,64", help="ttt: comma-separated TTT_BATCH_DOCS values")
     ap.add_argument("--ttp-log", default="", help="ttt: a #1855-style log whose ttp: lines give the record's split")
+    ap.add_argument("--context", action="store_true",
+                    help="ttt: TTT_CONTEXT recompute vs reuse at equal seconds on record-length documents (issue 26); "
+                         "the last --batch-docs value is the batch")
+    ap.add_argument("--seeds", default="1337,42", help="ttt --context: comma-separated training seeds")
+    ap.add_argument("--max-steps", type=int, default=8, help="ttt --context: most TTT_STEPS the reuse arm may spend")
+    ap.add_argument("--chunk", type=int, default=12, help="ttt --context: TTT_CHUNK_TOKENS of every arm")
     args, rest = ap.parse_known_args(argv)
     # serialize, compressors: the record-size payload, no training
     default = "record" if args.kind in ("serialize", "compressors") else "demo"
@@ -760,6 +767,10 @@ def main(argv: list[str] | None = None) -> int:
                                      args.keep_backends)
         elif args.kind == "compressors":
             result = bench_compressors(cfg, args.codes, args.threads, tuple(args.compressors.split(",")))
+        elif args.kind == "ttt" and args.context:
+            from .bench_ttt import bench_context
+            result = bench_context(cfg, dinfo, [int(x) for x in args.seeds.split(",")],
+                                   int(args.batch_docs.split(",")[-1]), args.max_steps, args.chunk)
         elif args.kind == "ttt":
             from .bench_ttt import bench_ttt
             result = bench_ttt(cfg, dinfo, [int(b) for b in args.batch_docs.split(",")], args.ttp_log or None)

@@ -33,9 +33,8 @@ class LayerKV:
         kept = rotate(self.k.view(-1, hkv, d), c.key_cos, c.key_sin).view(s, -1, hkv, d).to(k.dtype)
         keys = torch.cat([kept, k.view(s, -1, hkv, d)], 1).transpose(1, 2)  # (S, Hkv, W + 1 + L, D)
         vals = torch.cat([self.v.to(v.dtype), v.view(s, -1, hkv, d)], 1).transpose(1, 2)
-        if hkv != h:
-            keys, vals = keys.repeat_interleave(h // hkv, 1), vals.repeat_interleave(h // hkv, 1)
-        y = F.scaled_dot_product_attention(q.view(s, -1, h, d).transpose(1, 2), keys, vals, attn_mask=c.mask[:, None])
+        y = F.scaled_dot_product_attention(q.view(s, -1, h, d).transpose(1, 2), keys, vals, attn_mask=c.mask[:, None],
+                                           enable_gqa=hkv != h)  # GQA without copying the keys per query head
         if c.write:  # the scoring forward keeps its keys and values (pads go to the trash column)
             self.k.view(-1, hkv, d).index_copy_(0, c.cols, k_raw.detach().to(self.k.dtype))
             self.v.view(-1, hkv, d).index_copy_(0, c.cols, v.detach().to(self.v.dtype))
