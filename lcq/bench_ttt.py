@@ -190,10 +190,15 @@ def long_doc_val(val_tokens: np.ndarray, bos_id: int, window: int, seed: int) ->
 RECORD_WINDOW = 2048  # #1855's TTT context
 
 
+def cache_bytes(calls: int, slots: int, window: int, kv_heads: int, head_dim: int, dtype_bytes: int) -> int:
+    """Bytes of TTT_CONTEXT=reuse's rings (lcq/kvcache.py: keys and values, window + 1 entries per slot and per
+    attention call)."""
+    return 2 * calls * slots * (window + 1) * kv_heads * head_dim * dtype_bytes
+
+
 def cache_bytes_at_record(cfg: Config) -> dict:
-    """TTT_CONTEXT=reuse's cache per rank at the record preset's shapes (bf16 keys and values), by KVCache.nbytes."""
+    """TTT_CONTEXT=reuse's cache per rank at the record preset's shapes (bf16 keys and values)."""
     from .config import make_config
-    from .kvcache import KVCache
     from .recurrence import layer_sequence
 
     rec = make_config("record")
@@ -201,7 +206,7 @@ def cache_bytes_at_record(cfg: Config) -> dict:
     head_dim = rec.model_dim // rec.num_heads
     out = dict(attention_calls=calls, slots=rec.ttt_batch_docs, kv_heads=rec.num_kv_heads, head_dim=head_dim)
     for w in sorted({rec.window, RECORD_WINDOW, 3072}):  # the preset's window, #1855's 2048, #2135's 3072
-        out[f"window_{w}_bytes"] = KVCache.nbytes(calls, rec.ttt_batch_docs, w, rec.num_kv_heads, head_dim, 2)
+        out[f"window_{w}_bytes"] = cache_bytes(calls, rec.ttt_batch_docs, w, rec.num_kv_heads, head_dim, 2)
     return out
 
 

@@ -52,11 +52,6 @@ class KVCache:
                        for _ in range(calls)]
         self.kpos = torch.full((slots, window + 1), -1, dtype=torch.long, device=device)  # stream offset of each entry
 
-    @staticmethod
-    def nbytes(calls: int, slots: int, window: int, kv_heads: int, head_dim: int, dtype_bytes: int) -> int:
-        """Bytes of the rings (keys and values) for a model with `calls` attention calls per forward."""
-        return 2 * calls * slots * (window + 1) * kv_heads * head_dim * dtype_bytes
-
     def reset(self) -> None:
         """Every slot empty (a batch of new documents)."""
         self.kpos.fill_(-1)

@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 
 import lcq.model
+from lcq.bench_ttt import cache_bytes
 from lcq.config import make_config
 from lcq.data import doc_starts
 from lcq.evaluate import document_spans
-from lcq.kvcache import KVCache
 from lcq.lora import attach_lora, lora_modules
 from lcq.model import GPT
 from lcq.ttt import doc_chunks, evaluate_ttt, make_cache, prepare_adapter
@@ -142,7 +142,7 @@ def test_cache_reads_carry_no_gradient_and_its_bytes_are_its_buffers():
     kv = make_cache(m, spec(batch_docs=3, chunk_tokens=CHUNK, context="reuse"), WINDOW, CPU.device)
     assert len(kv.layers) == len(m.layer_order()) == 6  # 4 layers, layers 1-2 twice: one ring per pass
     att = m.blocks[0].attn.base if hasattr(m.blocks[0].attn, "base") else m.blocks[0].attn
-    assert sum(t.nbytes for lay in kv.layers for t in (lay.k, lay.v)) == KVCache.nbytes(
+    assert sum(t.nbytes for lay in kv.layers for t in (lay.k, lay.v)) == cache_bytes(
         6, 3, WINDOW, att.num_kv_heads, att.head_dim, 4)
     toks = torch.from_numpy(val_stream([40, 20, 9], seed=3).astype(np.int64))
     for rows in ([[0, 8, 0], [40, 48, 40], [0, 0, 0]], [[0, 16, 8], [40, 50, 48], [0, 0, 0]]):
