@@ -14,6 +14,9 @@ documents print their length range `dl:lo-hi`; the other batches' ranges are int
 printed ones, each batch's 64 lengths spread evenly over its range. On that split, the forward tokens and steps of our
 algorithm (lcq/ttt.py: windows, chunk plans and padded shapes) beside #1855's (chunk k of a batch is one
 [64, min((k+1)*48, 2048)] forward). A ratio of work, not a time.
+
+`--context` (issue 26, bench_context): TTT_CONTEXT recompute vs reuse at equal seconds on record-length documents, 2
+seeds, and the reuse cache's bytes at the record's shapes (docs/ttt-context.md).
 """
 from __future__ import annotations
 
@@ -69,22 +72,13 @@ def record_lengths(samples) -> np.ndarray:
     return np.exp(np.linspace(lo, hi, RECORD_SLOTS, axis=1)).round().astype(np.int64)
 
 
-def reuse_tokens(plans: list[np.ndarray], slots: int, window: int) -> int:
-    """Forward tokens of one batch if each chunk forward ran only its new targets' tokens (TTT_CONTEXT=reuse, issue 15:
-    keys and values of the earlier context kept from when they were scored), padded as batch_cost pads. Not built: the
-    upper bound of what reuse saves in the per-token layers (the attention over the kept context is not counted)."""
-    new = [p[:, 1] - p[:, 2] for p in plans]
-    return sum(slots * T.bucket(int(max(x[k] for x in new if k < len(x))), window)
-               for k in range(max(len(x) for x in new)))
-
-
 def projection(lengths: np.ndarray, window: int = 2048, chunk: int = 48) -> dict:
     """Forward tokens and chunk steps on batches of documents (rows of `lengths`), ours beside #1855's."""
     ours_tok = theirs_tok = ours_steps = theirs_steps = targets = reuse_tok = pairs = reuse_pairs = 0
     for row in lengths:
         plans = [T.doc_chunks(0, int(n), window, chunk, chunk) for n in row]
         ours_tok += T.batch_cost(plans, len(row), window)
-        reuse_tok += reuse_tokens(plans, len(row), window)
+        reuse_tok += T.batch_cost(plans, len(row), window, reuse=True)  # TTT_CONTEXT=reuse
         for p in plans:  # causal query-key pairs per layer, unpadded: the whole window vs only the new queries
             n, new = p[:, 1] - p[:, 0], p[:, 1] - p[:, 2]
             pairs += int((n * (n + 1) // 2).sum())
@@ -166,8 +160,8 @@ def bench_ttt(cfg: Config, dinfo, batch_list: list[int], log_path: str | None) -
     print(f"record projection ({proj['documents']:,} documents, {proj['targets']:,} targets; {source}): forward tokens "
           f"ours {proj['ours_forward_tokens']:,} vs #1855 {proj['ref_1855_forward_tokens']:,} "
           f"(x{proj['work_ratio_vs_1855']:.3f}), chunk steps ours {proj['ours_steps']:,} vs #1855 "
-          f"{proj['ref_1855_steps']:,} (x{proj['step_ratio_vs_1855']:.3f}); with the context's keys/values reused "
-          f"(not built) the per-token layers would run {proj['reuse_forward_tokens']:,} tokens "
+          f"{proj['ref_1855_steps']:,} (x{proj['step_ratio_vs_1855']:.3f}); with TTT_CONTEXT=reuse (issue 26) "
+          f"the per-token layers run {proj['reuse_forward_tokens']:,} tokens "
           f"(x{proj['reuse_over_recompute']:.3f} of recompute) and attention x{proj['reuse_pairs_over_recompute']:.3f} "
           "of its query-key pairs")
     return dict(bench="ttt", preset=cfg.preset, rows=rows, record_projection=proj)
