@@ -193,7 +193,9 @@ class Config:
     ttt_phase_cosine: bool = False  # phase lr cosine from TTT_PHASE_LR to 0 over the phase's steps (#1855)
     ttt_phase_tokens: int = 0  # tokens per phase SGD step, all ranks together; 0 = EVAL_BATCH_TOKENS (#1855: 32,768)
     # recompute: every chunk re-runs its whole window (#1855); reuse: only its new tokens, reading the keys and values
-    # kept from when the earlier chunks were scored (issue 26, lcq/kvcache.py; same key set and positions)
+    # kept from when the earlier chunks were scored (issue 26, lcq/kvcache.py; same key set and positions). The record
+    # preset stays on recompute until `python -m lcq.bench ttt --context` shows reuse no worse at equal seconds on both
+    # seeds (issue 26's rule; not yet measured on the demo, docs/ttt-context.md)
     ttt_context: str = "recompute"
 
     # --- quantization (GPTQ) ---
