@@ -10,6 +10,7 @@
     python -m lcq.bench compressors [--codes RUN.lcq]  # model section bytes/seconds: brotli vs auto vs group
     python -m lcq.bench step --preset record --world 8  # one training step's ATen ops, host reads, bytes sent (issue 18)
     python -m lcq.bench ttt      # batched TTT at TTT_BATCH_DOCS 1/8/32/64, and its work projected to #1855's val split
+    python -m lcq.bench ttt --context  # TTT_CONTEXT recompute vs reuse at equal seconds, 2 seeds (issue 26)
     python -m lcq.bench fit      # the fit (issue 25): bpb per KB of zeroing the cheapest +-1 codes, by fraction
     python -m lcq.bench ngram    # n-gram tilt hints: seconds on this CPU, one process and split over --world ranks
 
@@ -805,6 +806,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ngram-tokens", type=int, default=8_000_000,
                     help="ngram: tokens of the synthetic stream timed (projected to the record's 47,851,520)")
     ap.add_argument("--ttp-log", default="", help="ttt: a #1855-style log whose ttp: lines give the record's split")
+    ap.add_argument("--context", action="store_true",
+                    help="ttt: TTT_CONTEXT recompute vs reuse at equal seconds on record-length documents (issue 26); "
+                         "the last --batch-docs value is the batch")
+    ap.add_argument("--seeds", default="1337,42", help="ttt --context: comma-separated training seeds")
+    ap.add_argument("--max-steps", type=int, default=8, help="ttt --context: most TTT_STEPS the reuse arm may spend")
+    ap.add_argument("--chunk", type=int, default=12, help="ttt --context: TTT_CHUNK_TOKENS of every arm")
     args, rest = ap.parse_known_args(argv)
     # serialize, compressors: the record-size payload, no training
     default = "record" if args.kind in ("serialize", "compressors") else "demo"
@@ -827,6 +834,10 @@ def main(argv: list[str] | None = None) -> int:
                                      args.keep_backends)
         elif args.kind == "compressors":
             result = bench_compressors(cfg, args.codes, args.threads, tuple(args.compressors.split(",")))
+        elif args.kind == "ttt" and args.context:
+            from .bench_ttt import bench_context
+            result = bench_context(cfg, dinfo, [int(x) for x in args.seeds.split(",")],
+                                   int(args.batch_docs.split(",")[-1]), args.max_steps, args.chunk)
         elif args.kind == "ttt":
             from .bench_ttt import bench_ttt
             result = bench_ttt(cfg, dinfo, [int(b) for b in args.batch_docs.split(",")], args.ttp_log or None)

@@ -14,6 +14,9 @@ documents print their length range `dl:lo-hi`; the other batches' ranges are int
 printed ones, each batch's 64 lengths spread evenly over its range. On that split, the forward tokens and steps of our
 algorithm (lcq/ttt.py: windows, chunk plans and padded shapes) beside #1855's (chunk k of a batch is one
 [64, min((k+1)*48, 2048)] forward). A ratio of work, not a time.
+
+`--context` (issue 26, bench_context): TTT_CONTEXT recompute vs reuse at equal seconds on record-length documents, 2
+seeds, and the reuse cache's bytes at the record's shapes (docs/ttt-context.md).
 """
 from __future__ import annotations
 
@@ -69,22 +72,13 @@ def record_lengths(samples) -> np.ndarray:
     return np.exp(np.linspace(lo, hi, RECORD_SLOTS, axis=1)).round().astype(np.int64)
 
 
-def reuse_tokens(plans: list[np.ndarray], slots: int, window: int) -> int:
-    """Forward tokens of one batch if each chunk forward ran only its new targets' tokens (TTT_CONTEXT=reuse, issue 15:
-    keys and values of the earlier context kept from when they were scored), padded as batch_cost pads. Not built: the
-    upper bound of what reuse saves in the per-token layers (the attention over the kept context is not counted)."""
-    new = [p[:, 1] - p[:, 2] for p in plans]
-    return sum(slots * T.bucket(int(max(x[k] for x in new if k < len(x))), window)
-               for k in range(max(len(x) for x in new)))
-
-
 def projection(lengths: np.ndarray, window: int = 2048, chunk: int = 48) -> dict:
     """Forward tokens and chunk steps on batches of documents (rows of `lengths`), ours beside #1855's."""
     ours_tok = theirs_tok = ours_steps = theirs_steps = targets = reuse_tok = pairs = reuse_pairs = 0
     for row in lengths:
         plans = [T.doc_chunks(0, int(n), window, chunk, chunk) for n in row]
         ours_tok += T.batch_cost(plans, len(row), window)
-        reuse_tok += reuse_tokens(plans, len(row), window)
+        reuse_tok += T.batch_cost(plans, len(row), window, reuse=True)  # TTT_CONTEXT=reuse
         for p in plans:  # causal query-key pairs per layer, unpadded: the whole window vs only the new queries
             n, new = p[:, 1] - p[:, 0], p[:, 1] - p[:, 2]
             pairs += int((n * (n + 1) // 2).sum())
@@ -166,8 +160,110 @@ def bench_ttt(cfg: Config, dinfo, batch_list: list[int], log_path: str | None) -
     print(f"record projection ({proj['documents']:,} documents, {proj['targets']:,} targets; {source}): forward tokens "
           f"ours {proj['ours_forward_tokens']:,} vs #1855 {proj['ref_1855_forward_tokens']:,} "
           f"(x{proj['work_ratio_vs_1855']:.3f}), chunk steps ours {proj['ours_steps']:,} vs #1855 "
-          f"{proj['ref_1855_steps']:,} (x{proj['step_ratio_vs_1855']:.3f}); with the context's keys/values reused "
-          f"(not built) the per-token layers would run {proj['reuse_forward_tokens']:,} tokens "
+          f"{proj['ref_1855_steps']:,} (x{proj['step_ratio_vs_1855']:.3f}); with TTT_CONTEXT=reuse (issue 26) "
+          f"the per-token layers run {proj['reuse_forward_tokens']:,} tokens "
           f"(x{proj['reuse_over_recompute']:.3f} of recompute) and attention x{proj['reuse_pairs_over_recompute']:.3f} "
           "of its query-key pairs")
     return dict(bench="ttt", preset=cfg.preset, rows=rows, record_projection=proj)
+
+
+def long_doc_val(val_tokens: np.ndarray, bos_id: int, window: int, seed: int) -> np.ndarray:
+    """The val split re-cut into documents whose lengths follow the record's (#1855's ttp: quantiles, record_lengths,
+    scaled by window / 2048 so a document spans as many windows as it would at the record): the val text in order,
+    BOS removed, cut into consecutive pieces of drawn lengths, each opened by a BOS. Held-out text only."""
+    text = val_tokens[val_tokens != bos_id]
+    pool = np.maximum(2, (record_lengths(list(RECORD_TTP)).ravel() * window / RECORD_WINDOW).round().astype(np.int64))
+    g, out, i = np.random.default_rng(seed), [], 0
+    while i < text.size:
+        n = int(g.choice(pool)) - 1
+        out += [np.array([bos_id], dtype=val_tokens.dtype), text[i:i + n]]
+        i += n
+    return np.concatenate(out)
+
+
+RECORD_WINDOW = 2048  # #1855's TTT context
+
+
+def cache_bytes(calls: int, slots: int, window: int, kv_heads: int, head_dim: int, dtype_bytes: int) -> int:
+    """Bytes of TTT_CONTEXT=reuse's rings (lcq/kvcache.py: keys and values, window + 1 entries per slot and per
+    attention call)."""
+    return 2 * calls * slots * (window + 1) * kv_heads * head_dim * dtype_bytes
+
+
+def cache_bytes_at_record(cfg: Config) -> dict:
+    """TTT_CONTEXT=reuse's cache per rank at the record preset's shapes (bf16 keys and values)."""
+    from .config import make_config
+    from .recurrence import layer_sequence
+
+    rec = make_config("record")
+    calls = len(layer_sequence(rec.num_layers, rec.recur_start_layer, rec.recur_end_layer, rec.recur_passes))
+    head_dim = rec.model_dim // rec.num_heads
+    out = dict(attention_calls=calls, slots=rec.ttt_batch_docs, kv_heads=rec.num_kv_heads, head_dim=head_dim)
+    for w in sorted({rec.window, RECORD_WINDOW, 3072}):  # the preset's window, #1855's 2048, #2135's 3072
+        out[f"window_{w}_bytes"] = cache_bytes(calls, rec.ttt_batch_docs, w, rec.num_kv_heads, head_dim, 2)
+    return out
+
+
+def _context_arm(model, run, cfg: Config, val: np.ndarray, spec, window: int) -> tuple[float, float]:
+    """(bpb, CPU seconds) of one TTT pass over `val` from a fresh copy with a zero-started adapter. CPU seconds of this
+    process, not wall seconds: on a box shared with other jobs they are what the pass itself cost (with
+    OMP_NUM_THREADS=1, what an idle core's wall clock would read)."""
+    m = T.prepare_adapter(copy.deepcopy(model), "zero", cfg)
+    t0 = time.process_time()
+    res = T.evaluate_ttt(m, val, run.bos_id, run.tables, window, spec.chunk_tokens, cfg.eval_batch_tokens, run.dinfo,
+                         spec)
+    return res.val_bpb, time.process_time() - t0
+
+
+def bench_context(cfg: Config, dinfo, seeds: list[int], batch_docs: int, max_steps: int, chunk: int) -> dict:
+    """recompute vs reuse at equal seconds (issue 26): per seed, the demo model trained, the val split re-cut to the
+    record's document lengths (long_doc_val), chunks of `chunk` targets (12 at the demo's window 256: a reuse row pads
+    to 16 tokens, the record's 48 -> 64 efficiency; the record's window/chunk ratio, 6, would pad 6 -> 16). Arms, each
+    from the same zero start: recompute and reuse at the preset's TTT settings, then reuse spending the seconds it saves
+    on more epochs per chunk (TTT_STEPS: one step's cost measured as reuse at 2 steps minus 1; as many steps as fit in
+    recompute's seconds, at most max_steps)."""
+    from .bench import trained_run
+
+    window = cfg.window
+    base = dataclasses.replace(T.spec_from_config(cfg), chunk_tokens=chunk, batch_docs=batch_docs, steps=1)
+    rows = []
+    for seed in seeds:
+        run = trained_run(replace(cfg, seed=seed), dinfo, f"ttt_context_s{seed}")
+        val = long_doc_val(run.val_tokens, run.bos_id, window, seed)
+        arms = {}
+        for name, ctx, steps in (("recompute", "recompute", 1), ("reuse", "reuse", 1), ("reuse_2_steps", "reuse", 2)):
+            arms[name] = _context_arm(run.model, run, cfg, val, dataclasses.replace(base, context=ctx, steps=steps),
+                                      window)
+            print(f"seed {seed} {name:>14}: bpb {arms[name][0]:.5f}  {arms[name][1]:7.1f}s", flush=True)
+        (t_rc, t1, t2) = (arms[k][1] for k in ("recompute", "reuse", "reuse_2_steps"))
+        spent = int(min(max_steps, max(1, 1 + (t_rc - t1) // max(t2 - t1, 1e-9))))
+        arms["reuse_spent"] = arms["reuse_2_steps"] if spent == 2 else arms["reuse"] if spent == 1 else _context_arm(
+            run.model, run, cfg, val, dataclasses.replace(base, context="reuse", steps=spent), window)
+        print(f"seed {seed} {'reuse_spent':>14}: bpb {arms['reuse_spent'][0]:.5f}  {arms['reuse_spent'][1]:7.1f}s "
+              f"(TTT_STEPS={spent})", flush=True)
+        docs = np.diff(np.append(np.flatnonzero(val == run.bos_id), val.size))
+        plans = [T.doc_chunks(0, int(n), window, chunk, chunk) for n in docs]
+        work = [sum(T.batch_cost(plans[i:i + batch_docs], batch_docs, window, r) for i in range(0, len(plans),
+                                                                                                batch_docs))
+                for r in (False, True)]
+        rows.append(dict(seed=seed, documents=int(docs.size), targets=int(val.size - 1), spent_steps=spent,
+                         work_ratio=work[1] / work[0], **{f"{k}_bpb": v[0] for k, v in arms.items()},
+                         **{f"{k}_s": v[1] for k, v in arms.items()}))
+    print(f"\nTTT context at equal seconds ({cfg.preset} model, window {window}, chunk {chunk}, TTT_BATCH_DOCS "
+          f"{batch_docs}, val re-cut to the record's document lengths)")
+    print(f"CPU seconds of each TTT pass; spent = reuse at TTT_STEPS=steps; work = reuse / recompute padded forward tokens")
+    print(f"{'seed':>6} {'docs':>5} {'recompute':>10} {'reuse':>8} {'spent':>8} {'steps':>5} {'rc s':>7} {'reuse s':>7} "
+          f"{'spent s':>7} {'work':>6}")
+    for r in rows:
+        print(f"{r['seed']:>6} {r['documents']:>5} {r['recompute_bpb']:>10.5f} {r['reuse_bpb']:>8.5f} "
+              f"{r['reuse_spent_bpb']:>8.5f} {r['spent_steps']:>5} {r['recompute_s']:>7.1f} {r['reuse_s']:>7.1f} "
+              f"{r['reuse_spent_s']:>7.1f} {r['work_ratio']:>6.3f}")
+    mem = cache_bytes_at_record(cfg)
+    print(f"reuse cache per rank at the record's shapes ({mem['attention_calls']} attention calls x "
+          f"{mem['slots']} slots x (window + 1) x {mem['kv_heads']} KV heads x {mem['head_dim']} dims x 2 (K, V) x 2 bytes): "
+          + ", ".join(f"window {k.split('_')[1]}: {v / 1e9:.2f} GB" for k, v in mem.items() if k.endswith("_bytes")))
+    return dict(bench="ttt_context", preset=cfg.preset, window=window, chunk=chunk, batch_docs=batch_docs, rows=rows,
+                recompute_bpb=[r["recompute_bpb"] for r in rows], reuse_bpb=[r["reuse_bpb"] for r in rows],
+                reuse_spent_bpb=[r["reuse_spent_bpb"] for r in rows],
+                seconds={k: [r[f"{k}_s"] for r in rows] for k in ("recompute", "reuse", "reuse_2_steps", "reuse_spent")},
+                work_ratio=[r["work_ratio"] for r in rows], cache_bytes_record=mem)

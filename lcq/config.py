@@ -46,6 +46,7 @@ _BOUNDS = (
 # The values a string field may take.
 _CHOICES = dict(mlp_act="relu2 leaky_relu2", smear_gate="off blend input", init="default orthogonal",
                 muon_ns_coeffs="jordan polar_express", ttt_init="auto artifact zero", quant_method="gptq rtn",
+                ttt_context="recompute reuse",
                 lcq_init="zero svd act_svd grail", lcq_merge="side fused baked",
                 attention_backend="auto fa3 fa2 sdpa", compressor="brotli lzma auto group")
 
@@ -197,6 +198,11 @@ class Config:
     ttt_phase_clip: float = 0.0  # grad-norm clip of a global phase step; 0 = none (#1855: 1.0)
     ttt_phase_cosine: bool = False  # phase lr cosine from TTT_PHASE_LR to 0 over the phase's steps (#1855)
     ttt_phase_tokens: int = 0  # tokens per phase SGD step, all ranks together; 0 = EVAL_BATCH_TOKENS (#1855: 32,768)
+    # recompute: every chunk re-runs its whole window (#1855); reuse: only its new tokens, reading the keys and values
+    # kept from when the earlier chunks were scored (issue 26, lcq/kvcache.py; same key set and positions). The record
+    # preset stays on recompute until `python -m lcq.bench ttt --context` shows reuse no worse at equal seconds on both
+    # seeds (issue 26's rule; not yet measured on the demo, docs/ttt-context.md)
+    ttt_context: str = "recompute"
 
     # --- token-only n-gram tilt at eval (lcq/ngram.py, docs/ngram-tilt.md; #2130/#2135, the closed form of #1145):
     # each scored distribution tilted toward the hint of a causal n-gram state over the val stream; TTT trains untilted

@@ -114,19 +114,23 @@ class Attention(nn.Module):
         self.gate = SparseAttnGate(h, cfg.attn_gate_window, cfg.attn_gate_scale) if cfg.attn_gate_window else None
         self.in_features = self.out_features = d  # a LoRA may wrap the whole branch (#1855's o adapter, lcq/lora.py)
 
-    def forward(self, x, cos, sin, cu_seqlens, max_seqlen: int, backend: str):
+    def forward(self, x, cos, sin, cu_seqlens, max_seqlen: int, backend: str, kv=None):
         n = x.size(0)
         q = self.c_q(x).view(n, self.num_heads, self.head_dim)
         k = self.c_k(x).view(n, self.num_kv_heads, self.head_dim)
         v = self.c_v(x).view(n, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = rms_norm(q), rms_norm(k)
+        k_raw = k
         q = apply_rotary(q, cos, sin, self.rope_dims)
         k = apply_rotary(k, cos, sin, self.rope_dims)
         if self.qk_norm:
             q = q * self.q_gain.to(q.dtype)[None, :, None]
         # Autocast may run the norms in float32; flash-attn only takes bf16/fp16, so match the projections' dtype.
-        y = varlen_attention(q.to(v.dtype), k.to(v.dtype), v, cu_seqlens, max_seqlen, backend)
+        if kv is None:
+            y = varlen_attention(q.to(v.dtype), k.to(v.dtype), v, cu_seqlens, max_seqlen, backend)
+        else:  # TTT_CONTEXT=reuse: the new tokens attend to their slot's kept keys too (lcq/kvcache.py)
+            y = kv.attend(q.to(v.dtype), k_raw, k.to(v.dtype), v, lambda t, c, s: apply_rotary(t, c, s, self.rope_dims))
         if self.xsa:
             y = exclusive(y, v)
         if self.gate is not None:
@@ -177,14 +181,15 @@ class Block(nn.Module):
     def norm(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(x) * self.ln_scale if self.ln_scale != 1.0 else rms_norm(x)
 
-    def branches(self, attn_in, mlp_in, cos, sin, cu_seqlens, max_seqlen, backend):
+    def branches(self, attn_in, mlp_in, cos, sin, cu_seqlens, max_seqlen, backend, kv=None):
         """Attention on one stream and MLP on another, side by side (the parallel lanes); scaled branch outputs."""
-        a = self.attn_scale.to(attn_in.dtype) * self.attn(self.norm(attn_in), cos, sin, cu_seqlens, max_seqlen, backend)
+        a = self.attn_scale.to(attn_in.dtype) * self.attn(self.norm(attn_in), cos, sin, cu_seqlens, max_seqlen, backend,
+                                                          kv)
         return a, self.mlp_scale.to(mlp_in.dtype) * self.mlp(self.norm(mlp_in))
 
-    def forward(self, x, cos, sin, cu_seqlens, max_seqlen, backend, x0=None):
+    def forward(self, x, cos, sin, cu_seqlens, max_seqlen, backend, x0=None, kv=None):
         x = self.mix_in(x, x0)
-        x = x + self.attn_scale.to(x.dtype) * self.attn(self.norm(x), cos, sin, cu_seqlens, max_seqlen, backend)
+        x = x + self.attn_scale.to(x.dtype) * self.attn(self.norm(x), cos, sin, cu_seqlens, max_seqlen, backend, kv)
         return x + self.mlp_scale.to(x.dtype) * self.mlp(self.norm(x))
 
 
@@ -208,8 +213,13 @@ class SmearGate(nn.Module):
         else:
             self.gate = nn.Parameter(torch.zeros(dim))
 
-    def forward(self, x, input_ids, seg_start, bos_id: int):
-        prev = torch.cat([torch.zeros_like(x[:1]), x[:-1]], dim=0)
+    def forward(self, x, input_ids, seg_start, bos_id: int, first=None):
+        """first (S, d): the previous token of each of S equal rows' first token (a KV-cache forward), else none."""
+        if first is None:
+            prev = torch.cat([torch.zeros_like(x[:1]), x[:-1]], dim=0)
+        else:
+            rows = x.view(first.size(0), -1, x.size(-1))
+            prev = torch.cat([first[:, None].to(x.dtype), rows[:, :-1]], 1).view_as(x)
         keep = (~(seg_start | (input_ids == bos_id)))[:, None].to(x.dtype)
         if self.before_norm:
             g = self.lam.to(x.dtype) * torch.sigmoid(F.linear(x[:, :self.window], self.w.to(x.dtype)))
@@ -279,18 +289,20 @@ class GPT(nn.Module):
             return x + scaled
         return torch.lerp(scaled, x, torch.sigmoid(self.skip_gates[j]).to(x.dtype))
 
-    def hidden(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
-        """The head's input (N, d) for packed tokens (N,) with cu_seqlens (S+1,) int32 segment offsets."""
-        pos, seg_start = segment_positions(cu_seqlens, input_ids.numel())
+    def hidden(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, kv=None) -> torch.Tensor:
+        """The head's input (N, d) for packed tokens (N,) with cu_seqlens (S+1,) int32 segment offsets; with a KV cache
+        (lcq/kvcache.py) the rows are the S cache slots' new tokens and the cache gives positions and the previous token."""
+        pos, seg_start = segment_positions(cu_seqlens, input_ids.numel()) if kv is None else (kv.pos, kv.pos == 0)
         cos, sin = self.rotary(pos)
         # bf16 residual stream under bf16 autocast (#1855): the embedding output, and so every residual add, skip and lane,
         # is in the matmuls' dtype; the fp32 master weights and control tensors stay as they are.
         x, smear = self.tok_emb(input_ids).to(kernels.compute_dtype(self.tok_emb.weight)), self.smear
+        first = None if kv is None or smear is None else self.tok_emb(kv.prev_ids).to(x.dtype)
         if smear is not None and smear.before_norm:
-            x = smear(x, input_ids, seg_start, self.bos_id)
+            x = smear(x, input_ids, seg_start, self.bos_id, first)
         x = rms_norm(x)
         if smear is not None and not smear.before_norm:
-            x = smear(x, input_ids, seg_start, self.bos_id)
+            x = smear(x, input_ids, seg_start, self.bos_id, None if first is None else rms_norm(first))
         x0 = x  # what resid_mix mixes back in
         order = self.layer_order()
         n_enc = self._num_skips(len(order))  # the first half of the order is the encoder (#1855)
@@ -306,19 +318,21 @@ class GPT(nn.Module):
                 x = self._add_skip(x, skips[n_enc - 1 - k], k)
             if lane1 is not None:
                 # #1855 mixes x0 into the attention's read of lane 0 only; the lanes carry on unmixed.
-                a, m = block.branches(block.mix_in(x, x0), lane1, cos, sin, cu_seqlens, max_seqlen, self.attn_backend)
+                a, m = block.branches(block.mix_in(x, x0), lane1, cos, sin, cu_seqlens, max_seqlen, self.attn_backend,
+                                      kv and kv.layers[v])
                 x, lane1 = self.lanes.mix(i, x, lane1, a, m)
             else:
-                x = block(x, cos, sin, cu_seqlens, max_seqlen, self.attn_backend, x0)
+                x = block(x, cos, sin, cu_seqlens, max_seqlen, self.attn_backend, x0, kv and kv.layers[v])
             if v < n_enc:
                 skips.append(x)
         if lane1 is not None:
             x = self.lanes.merge(x, lane1)
         return rms_norm(x)
 
-    def forward(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
-        """input_ids: (N,) packed tokens; cu_seqlens: (S+1,) int32 segment offsets. Returns logits (N, vocab), float32."""
-        logits = self.lm_head(self.hidden(input_ids, cu_seqlens, max_seqlen)).float()
+    def forward(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, kv=None) -> torch.Tensor:
+        """input_ids: (N,) packed tokens; cu_seqlens: (S+1,) int32 segment offsets; kv: a KV cache (lcq/kvcache.py) or
+        None. Returns logits (N, vocab), float32."""
+        logits = self.lm_head(self.hidden(input_ids, cu_seqlens, max_seqlen, kv)).float()
         return kernels.softcap(logits, *self.caps()) if self.logit_softcap else logits
 
     def caps(self) -> tuple:

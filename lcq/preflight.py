@@ -47,7 +47,8 @@ from .script import shipped_script
 from .shipping import LORA_PREFIX, TIED, FitError, artifact_meta, least_count, prune, prune_order
 from .seq_schedule import SeqSchedule
 from .train import bucket_plan, train
-from .ttt import SlotAdapters, adapt_batch, batch_cost, global_phase, prepare_adapter, schedule, ttt_forward, warm_up
+from .ttt import (SlotAdapters, adapt_batch, batch_cost, global_phase, make_cache, prepare_adapter, schedule, ttt_forward,
+                  warm_up)
 from .ttt import spec_from_config as ttt_spec
 
 # A projected time must fit its budget with 10% to spare: a short measurement misses step-time jitter, data-loader
@@ -391,7 +392,7 @@ def serialize_plan(cfg: Config, gptq_s: float, m: dict) -> tuple[Row, list]:
 TTT_SAMPLE_CHUNKS = 2
 
 
-def ttt_projection(run) -> dict:
+def ttt_projection(run, context: str | None = None) -> dict:
     """The TTT pass's seconds on this box: lcq.ttt's own schedule of the configured val split (TTT_BATCH_DOCS per batch,
     longest first, phase segments, the cost-balanced rank split); pieces of its real batches (TTT_SAMPLE_CHUNKS) timed
     through lcq.ttt.adapt_batch on a copy of the model with a zero-started adapter (TTT_RANK on TTT_TARGETS: a shipped
@@ -399,22 +400,25 @@ def ttt_projection(run) -> dict:
     b x chunk forwards over them (lcq.ttt.batch_cost's count), applied to every batch; a rank's time is the sum over its
     batches, the pass the slowest rank's. Global phases: one timed SGD step
     (after an untimed one) times the phases' steps. The compile warm-up (CUDA with COMPILE=1) is timed and reported
-    apart: it runs before the eval clock."""
-    cfg, dinfo = run.cfg, run.dinfo
+    apart: it runs before the eval clock. context: a TTT_CONTEXT other than the configured one (with reuse the pieces
+    run through the KV cache and the fit's forward tokens are the chunks' new tokens)."""
+    cfg, dinfo = replace(run.cfg, ttt_context=context or run.cfg.ttt_context), run.dinfo
     spec, window, dev = ttt_spec(cfg), cfg.window, dinfo.device
+    reuse = spec.context == "reuse"
     model = prepare_adapter(copy.deepcopy(run.model), "zero", cfg)
     model.eval()
     val = ValStream(run.val_tokens, run.bos_id, run.tables, dev, run.val_bytes)
     spans, order, plans, segs = schedule(val, window, cfg.ttt_chunk_tokens, spec, dinfo.world_size)
     batches = [[plans[d] for d in b] for _, bs, _ in segs for b in bs]
     owner = np.array([r for _, _, o in segs for r in o])
-    feats = np.array([(batch_cost(p, spec.batch_docs, window), max(len(x) for x in p)) for p in batches], dtype=float)
+    feats = np.array([(batch_cost(p, spec.batch_docs, window, reuse), max(len(x) for x in p)) for p in batches],
+                     dtype=float)
     ad = SlotAdapters(model, spec.batch_docs, spec.lr, (spec.beta1, spec.beta2), spec.eps, spec.weight_decay)
-    fwd = ttt_forward(model, dev)
+    fwd, kv = ttt_forward(model, dev), make_cache(model, spec, window, dev)
     warm_s = 0.0
     if getattr(model, "compile_eval", False):
         t0 = time.perf_counter()
-        warm_up(fwd, ad, window, model.tok_emb.num_embeddings, dev, spec.steps > 0)
+        warm_up(fwd, ad, window, model.tok_emb.num_embeddings, dev, spec.steps > 0, kv, spec.chunk_tokens)
         D.sync(dev)
         warm_s = time.perf_counter() - t0
     by_cost = np.argsort(feats[:, 0], kind="stable")
@@ -437,14 +441,14 @@ def ttt_projection(run) -> dict:
     def timed(p: list[np.ndarray]) -> float:
         D.sync(dev)
         t0 = time.perf_counter()
-        adapt_batch(fwd, ad, val, p, spec, window, Scored.empty())
+        adapt_batch(fwd, ad, val, p, spec, window, Scored.empty(), kv)
         D.sync(dev)
         return time.perf_counter() - t0
 
     timed(piece(int(by_cost[0]), 0))  # untimed: first-call overheads
     secs = D.all_reduce_max(torch.tensor([timed(p) for p in picks.values()], dtype=torch.float64, device=dev))
     secs = secs.cpu().numpy()
-    X = np.array([(batch_cost(p, spec.batch_docs, window), len(p[0])) for p in picks.values()], dtype=float)
+    X = np.array([(batch_cost(p, spec.batch_docs, window, reuse), len(p[0])) for p in picks.values()], dtype=float)
     coef = np.linalg.lstsq(X, secs, rcond=None)[0] if len(X) > 1 else np.array([-1.0, 0.0])
     if (coef < 0).any():  # a fit the noise bent below zero: seconds proportional to forward tokens instead
         coef = np.array([secs.sum() / X[:, 0].sum(), 0.0])
@@ -521,8 +525,13 @@ def eval_row(run) -> Row:
     if cfg.ttt_enabled:
         ttt_data = ttt_projection(run)
         ttt_s = ttt_data["ttt_projected_s"]
-        ttt_text = f" + TTT pass {ttt_s:.1f}s" + (f" (+ {ttt_data['ttt_warmup_s']:.1f}s compile warm-up "
-                                                  "before the eval clock)" if ttt_data["ttt_warmup_s"] else "")
+        other = "reuse" if cfg.ttt_context == "recompute" else "recompute"  # issue 26: both modes, from timed pieces
+        ttt_data[f"ttt_projected_s_{cfg.ttt_context}"] = ttt_s
+        ttt_data[f"ttt_projected_s_{other}"] = ttt_projection(run, other)["ttt_projected_s"]
+        ttt_text = (f" + TTT pass {ttt_s:.1f}s (TTT_CONTEXT={cfg.ttt_context}; {other}: "
+                    f"{ttt_data[f'ttt_projected_s_{other}']:.1f}s)"
+                    + (f" (+ {ttt_data['ttt_warmup_s']:.1f}s compile warm-up before the eval clock)"
+                       if ttt_data["ttt_warmup_s"] else ""))
         ttt_basis = (f" TTT: {ttt_data['ttt_documents']:,} documents in {ttt_data['ttt_batches']:,} batches of "
                      f"TTT_BATCH_DOCS={cfg.ttt_batch_docs} (lcq.ttt.schedule, {dinfo.world_size} rank(s)), "
                      f"{ttt_data['ttt_forward_tokens']:,} padded forward tokens in {ttt_data['ttt_chunk_forwards']:,} "

@@ -37,7 +37,8 @@ from . import dist as D
 from .config import Config, replace
 from .evaluate import EvalResult, Scored, ValStream, _batches, document_spans, finish_scores, forward_rows, plan_doc
 from .lora import DEFAULT_TARGETS, LoRALinear, attach_lora, lora_modules, lora_parameters, match_targets, merge_lora
-from .model import autocast_for
+from .kvcache import KVCache
+from .model import Attention, autocast_for
 from .ngram import Tilt
 from .shipping import apply_lora, load_shipped
 from .tokenizer import token_bytes
@@ -62,6 +63,7 @@ class TTTSpec:
     phase_clip: float = 0.0
     phase_cosine: bool = False
     phase_tokens: int = 0
+    context: str = "recompute"
 
 
 def spec_from_config(cfg: Config) -> TTTSpec:
@@ -164,9 +166,10 @@ def buckets(window: int) -> list[int]:
     return sorted({bucket(n, window) for n in range(1, window + 1)})
 
 
-def batch_cost(plans: list[np.ndarray], slots: int, window: int) -> int:
-    """Forward tokens of one batch (padding included): the work split's estimate of its time."""
-    lens = [p[:, 1] - p[:, 0] for p in plans]
+def batch_cost(plans: list[np.ndarray], slots: int, window: int, reuse: bool = False) -> int:
+    """Forward tokens of one batch (padding included): the work split's estimate of its time. reuse: only the chunks'
+    new tokens run (TTT_CONTEXT=reuse)."""
+    lens = [p[:, 1] - p[:, 2 if reuse else 0] for p in plans]
     return sum(slots * bucket(int(max(x[k] for x in lens if k < len(x))), window)
                for k in range(max(len(x) for x in lens)))
 
@@ -182,6 +185,16 @@ def split_batches(costs: list[int], world: int) -> list[int]:
     return owner
 
 
+def make_cache(model: nn.Module, spec: TTTSpec, window: int, device: torch.device) -> KVCache | None:
+    """TTT_CONTEXT=reuse's cache for TTT_BATCH_DOCS slots over `window` tokens, in the attention's dtype; else None."""
+    if spec.context != "reuse":
+        return None
+    att = next(m for m in model.modules() if isinstance(m, Attention))
+    bf16 = device.type == "cuda" or getattr(model, "autocast_cpu_bf16", False)
+    return KVCache(model.rotary, len(model.layer_order()), spec.batch_docs, window, att.num_kv_heads, att.head_dim,
+                   device, torch.bfloat16 if bf16 else torch.float32)
+
+
 def ttt_forward(model: nn.Module, device: torch.device, backend: str | None = None):
     """The chunk forward: compiled with static shapes (dynamic=False; one graph per (slots, bucket) shape) when the
     model's compile_eval is set or a backend is given, eager otherwise; under autocast as the sliding eval."""
@@ -191,25 +204,35 @@ def ttt_forward(model: nn.Module, device: torch.device, backend: str | None = No
     fwd = torch.compile(model, dynamic=False, backend=backend) if backend else model
     autocast = autocast_for(device, getattr(model, "autocast_cpu_bf16", False))
 
-    def forward(x, cu, max_seqlen):
+    def forward(x, cu, max_seqlen, kv=None):
         with autocast:
-            return fwd(x, cu, max_seqlen)
+            return fwd(x, cu, max_seqlen, kv)
     return forward
 
 
-def warm_up(fwd, ad: SlotAdapters, window: int, vocab: int, device: torch.device, learn: bool) -> int:
+def warm_up(fwd, ad: SlotAdapters, window: int, vocab: int, device: torch.device, learn: bool,
+            kv: KVCache | None = None, chunk: int = 0) -> int:
     """Compile every chunk shape on synthetic tokens (never val tokens) before the eval clock; the adapters take no step
-    and their gradients are dropped, so the start point is unchanged. Returns the number of shapes."""
-    for L in buckets(window):
+    and their gradients are dropped, so the start point is unchanged (a cache is emptied after). Returns the number of
+    shapes: with a cache, the new-token rows of up to `chunk` tokens, each as a scoring and as a training forward."""
+    shapes = buckets(window) if kv is None else sorted({bucket(n, window) for n in range(1, chunk + 1)})
+    for L in shapes:
         x = torch.randint(0, vocab, (ad.slots * L,), device=device)
         cu = torch.arange(0, ad.slots * L + 1, L, dtype=torch.int32, device=device)
-        with torch.set_grad_enabled(learn):
-            loss = fwd(x, cu, L).float().logsumexp(-1).mean()
-        if learn:
-            loss.backward()
-        for p in ad.params:
-            p.grad = None
-    return len(buckets(window))
+        if kv is not None:
+            kv.plan(np.tile([0, L, 0], (ad.slots, 1)), x, L)
+        for write in (True, False) if kv is not None and learn else (True,):
+            if kv is not None:
+                kv.write = write
+            with torch.set_grad_enabled(learn):
+                loss = fwd(x, cu, L, kv).float().logsumexp(-1).mean()
+            if learn:
+                loss.backward()
+            for p in ad.params:
+                p.grad = None
+    if kv is not None:
+        kv.reset()
+    return len(shapes)
 
 
 def synthetic_stream(val: ValStream, window: int, vocab: int) -> tuple[ValStream, np.ndarray]:
@@ -221,20 +244,25 @@ def synthetic_stream(val: ValStream, window: int, vocab: int) -> tuple[ValStream
 
 
 def adapt_batch(fwd, ad: SlotAdapters, val: ValStream, plans: list[np.ndarray], spec: TTTSpec, window: int,
-                out: Scored) -> None:
+                out: Scored, kv: KVCache | None = None) -> None:
     """Score a batch of documents chunk by chunk, slot s holding document s, and step each slot's adapter after its
     chunk is scored. Chunk k of every document runs as one [slots, L] forward: rows are padded at their end (causal:
     nothing real reads a pad) and each row is its own segment. Pads, empty slots and finished documents are masked out
-    of the scores and the loss, and a slot only steps when its own document learns, so no document reads another."""
+    of the scores and the loss, and a slot only steps when its own document learns, so no document reads another.
+    With a KV cache (TTT_CONTEXT=reuse) a row holds only the chunk's new tokens; the rest of its window is read from
+    the cache, written by the scoring forward and read detached by the training steps."""
     S, dev = ad.slots, val.device
     n = np.array([len(p) for p in plans] + [0] * (S - len(plans)))
     ad.reset(spec.warm_start_a)
+    if kv is not None:
+        kv.reset()
     for k in range(int(n.max())):
         rows = np.array([p[k] if k < len(p) else (0, 0, 0) for p in plans] + [(0, 0, 0)] * (S - len(plans)))
-        L = bucket(int((rows[:, 1] - rows[:, 0]).max()), window)
+        first = rows[:, 2 if kv is not None else 0]  # the row's first input token
+        L = bucket(int((rows[:, 1] - first).max()), window)
         off = np.arange(L)
-        idx = rows[:, :1] + off
-        real = off < (rows[:, 1] - rows[:, 0])[:, None]
+        idx = first[:, None] + off
+        real = off < (rows[:, 1] - first)[:, None]
         keep = real & (idx >= rows[:, 2:])
         learn = (spec.steps > 0) & (k + 1 < n)  # a document's last chunk takes no step: its slot resets next
         w = keep * learn[:, None] / np.maximum(keep.sum(1, keepdims=True), 1)  # each document's mean chunk loss
@@ -246,10 +274,14 @@ def adapt_batch(fwd, ad: SlotAdapters, val: ValStream, plans: list[np.ndarray], 
         cu = torch.arange(0, S * L + 1, L, dtype=torch.int32, device=dev)
         w_t = torch.from_numpy(w.ravel().astype(np.float32)).to(dev)
         learn_t = torch.from_numpy(learn)
+        if kv is not None:
+            kv.plan(rows, val.tokens, L)
         for step in range(spec.steps if learn.any() else 1):
             with torch.set_grad_enabled(spec.steps > 0):  # one graph per shape: the last chunks run it too
-                logits = fwd(x, cu, L)
+                logits = fwd(x, cu, L, kv)
                 nll = F.cross_entropy(logits.float(), y, reduction="none")
+            if kv is not None:
+                kv.write = False  # the chunk's training steps re-read the cache its scoring forward wrote
             if step == 0:  # the score is fixed here, before any update sees it (C3); tilted if asked, trained untilted
                 score = nll.detach() if val.tilt is None else val.tilt.nll(nll.detach(), logits.detach(), y, idx_t + 1)
                 out.add(pos, score[kept], nbytes)
@@ -299,7 +331,8 @@ def schedule(val: ValStream, window: int, stride: int, spec: TTTSpec, world: int
     S, edges, segs = spec.batch_docs, [0, *phase_bounds(len(spans), spec), len(spans)], []
     for lo, hi in zip(edges[:-1], edges[1:]):
         batches = [order[i:min(i + S, hi)] for i in range(lo, hi, S)]  # never straddling a phase boundary
-        segs.append((hi, batches, split_batches([batch_cost([plans[d] for d in b], S, window) for b in batches], world)))
+        costs = [batch_cost([plans[d] for d in b], S, window, spec.context == "reuse") for b in batches]
+        segs.append((hi, batches, split_batches(costs, world)))
     return spans, order, plans, segs
 
 
@@ -315,9 +348,11 @@ def evaluate_ttt(model: nn.Module, val_tokens: np.ndarray, bos_id: int, tables, 
     spans, order, plans, segs = schedule(val, window, stride, spec, dinfo.world_size)
     ad = SlotAdapters(model, spec.batch_docs, spec.lr, (spec.beta1, spec.beta2), spec.eps, spec.weight_decay)
     fwd = ttt_forward(model, dinfo.device, backend)
+    kv = make_cache(model, spec, window, dinfo.device)
     if backend or getattr(model, "compile_eval", False):
         tw = time.perf_counter()
-        shapes = warm_up(fwd, ad, window, model.tok_emb.num_embeddings, dinfo.device, spec.steps > 0)
+        shapes = warm_up(fwd, ad, window, model.tok_emb.num_embeddings, dinfo.device, spec.steps > 0, kv,
+                         spec.chunk_tokens)
         if len(segs) > 1:  # the phases' graph (issue 27)
             ad.install(back=True)
             global_phase(model, *synthetic_stream(val, window, model.tok_emb.num_embeddings), window,
@@ -332,7 +367,7 @@ def evaluate_ttt(model: nn.Module, val_tokens: np.ndarray, bos_id: int, tables, 
     for i, (hi, batches, owner) in enumerate(segs):
         for b, r in zip(batches, owner):
             if r == dinfo.rank:
-                adapt_batch(fwd, ad, val, [plans[d] for d in b], spec, window, scored)
+                adapt_batch(fwd, ad, val, [plans[d] for d in b], spec, window, scored, kv)
         if hi < len(spans):  # a phase boundary
             ad.install(back=True)
             steps = global_phase(model, val, spans[order[:hi]], window, spec, spec.phase_tokens or batch_tokens, dinfo)

@@ -99,6 +99,17 @@ def test_ttt_bench_rows_and_record_projection(tmp_path, demo_data):
     assert proj["samples"] == 82 and proj["documents"] == 782 * 64 and proj["work_ratio_vs_1855"] > 0
 
 
+def test_ttt_context_bench_fields(tmp_path, demo_data):
+    """recompute vs reuse on record-length documents: the issue's JSON fields, one entry per seed; reuse runs a fraction
+    of recompute's forward tokens (a work count, not a time); the cache bytes at the record's shapes are its arithmetic."""
+    out = bench(tmp_path, demo_data, "ttt", "--context", "--seeds", "1", "--batch-docs", "4", "--chunk", "4",
+                "--max-steps", "2", "--val_max_tokens=1500")
+    assert all(len(out[k]) == 1 and 0 < out[k][0] < 10 for k in ("recompute_bpb", "reuse_bpb", "reuse_spent_bpb"))
+    assert set(out["seconds"]) == {"recompute", "reuse", "reuse_2_steps", "reuse_spent"} and 0 < out["work_ratio"][0] < 1
+    mem = out["cache_bytes_record"]
+    assert mem["window_2048_bytes"] == 2 * mem["attention_calls"] * 64 * 2049 * 4 * 64 * 2
+
+
 def test_lcq_equal_bytes_bench_ships_within_each_budget(tmp_path, demo_data):
     budget = 3000
     out = bench(tmp_path, demo_data, "lcq", "--equal-bytes", "--byte-budgets", str(budget), "--lcq-steps", "2",

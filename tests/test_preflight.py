@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROWS = ("setup", "attention", "compile", "collective", "train", "memory", "gptq", "serialize", "eval", "artifact", "ledger")
 
 
@@ -71,12 +73,16 @@ def test_no_go_under_torchrun_names_the_failing_rows(tmp_path, demo_data):
     ev = report["rows"]["eval"]
     assert ev["ttt_projected_s"] > 0 and ev["hint_s"] > 0 and ev["sliding_passes"] == 3  # tiny ships a LoRA
     assert abs(ev["whole_eval_projected_s"] - (3 * ev["projected_s"] + ev["hint_s"] + ev["ttt_projected_s"])) < 1e-9
+    # both TTT_CONTEXT modes are projected from their own timed pieces (issue 26)
+    assert ev["ttt_projected_s_recompute"] == ev["ttt_projected_s"] and ev["ttt_projected_s_reuse"] > 0
     assert any(line.startswith("verdict: NO-GO") and "artifact" in line for line in lines)
 
 
-def test_ttt_projection_counts_the_work_the_ttt_pass_does():
+@pytest.mark.parametrize("context", ["recompute", "reuse"])
+def test_ttt_projection_counts_the_work_the_ttt_pass_does(context):
     """The eval row's TTT projection scales timed pieces of real batches by the schedule's padded forward tokens, chunk
-    forwards and phase steps: those must be what lcq.ttt.evaluate_ttt really runs on the same split and knobs."""
+    forwards and phase steps: those must be what lcq.ttt.evaluate_ttt really runs on the same split and knobs (with
+    TTT_CONTEXT=reuse the forward tokens are the chunks' new tokens only)."""
     import copy
     import re
     import types
@@ -93,7 +99,7 @@ def test_ttt_projection_counts_the_work_the_ttt_pass_does():
 
     torch.manual_seed(0)
     cfg = make_config("tiny", vocab_size=V, ttt_rank=2, ttt_batch_docs=4, ttt_chunk_tokens=8, eval_seq_len=16,
-                      eval_stride=8, ttt_phases=2, ttt_phase_docs=6, ttt_phase_tokens=32)
+                      eval_stride=8, ttt_phases=2, ttt_phase_docs=6, ttt_phase_tokens=32, ttt_context=context)
     toks = val_stream([13, 7, 21, 12, 2, 30, 18, 9, 17, 5, 23, 11, 3, 14, 6, 8, 10, 4], seed=4)
     run = types.SimpleNamespace(cfg=cfg, dinfo=CPU, model=GPT(cfg, bos_id=BOS), val_tokens=toks, bos_id=BOS,
                                 tables=synthetic_tables(), val_bytes=None)
