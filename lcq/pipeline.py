@@ -30,7 +30,7 @@ from .checks import (NonFiniteError, StartupError, check_disk, check_output_fold
 from .config import Config, ConfigError
 from .data import (TrainLoader, file_sha256, list_shards, load_val_bytes, load_val_tokens, sidecar_files, train_pattern,
                    val_pattern)
-from .distill import DistillResult, lcq_diagnostic, lcq_stage
+from .distill import DistillResult, lcq_diagnostic, lcq_stage, lcq_target_names
 from .evaluate import EvalResult, dump_path, evaluate
 from .gptq import QuantSpec, collect_hessians, dequantize_state, quant_error_report, quantize_state
 from .model import GPT, autocast_for, build_model, configure_runtime, gptq_targets
@@ -40,6 +40,7 @@ from .script import shipped_script
 from .shipping import TIED, artifact_meta, check_artifact_fits, load_shipped, model_from_state
 from .tokenizer import ByteTables, byte_tables, check_byte_source, load_tokenizer
 from .train import TrainResult, train
+from .ttt import adapter_names as ttt_adapter_names
 from .ttt import evaluate_ttt, load_for_ttt
 from .ttt import spec_from_config as ttt_spec
 from .ttt import stage_name as ttt_stage_name
@@ -293,7 +294,24 @@ def build(run: Run) -> GPT:
             f"heads:{cfg.num_heads}/{cfg.num_kv_heads}")
     run.log.summary.update(model_params=n_params, attention_backend=model.attn_backend)
     run.model = model
+    check_before_step_1(run)
     return model
+
+
+def check_before_step_1(run: Run) -> None:
+    """Issue 28: what needs the built model is found here, not after training: LCQ_TARGETS and TTT_TARGETS resolved
+    against it (with LCQ_MERGE), and the ids of the calibration batches (each rank's first train tokens) < VOCAB_SIZE."""
+    cfg, problem = run.cfg, None
+    try:
+        if cfg.lcq_enabled:
+            lcq_target_names(run.model, cfg)
+        if cfg.ttt_enabled:
+            ttt_adapter_names(run.model, cfg)
+        calibration_runner(run, max(cfg.gptq_calib_tokens_per_rank(run.dinfo.world_size),
+                                    cfg.lcq_grail_tokens * (cfg.lcq_enabled and cfg.lcq_init == "grail")))()
+    except ValueError as e:
+        problem = (CONFIG_EXIT_CODE, f"{e} (found before training)")
+    agree(problem)  # a bad id on one rank's batches stops every rank
 
 
 def stage_dump(cfg: Config, stage: str | None) -> str | None:
@@ -354,7 +372,8 @@ def calibration_runner(run: Run, total_tokens: int):
 
     @torch.no_grad()
     def run_models(*models: nn.Module) -> None:
-        loader = TrainLoader(train_pattern(cfg.data_path), dinfo.rank, dinfo.world_size, dinfo.device)
+        loader = TrainLoader(train_pattern(cfg.data_path), dinfo.rank, dinfo.world_size, dinfo.device,
+                             vocab_size=cfg.vocab_size)
         done = 0
         while done < total_tokens:
             x, _, cu = loader.next_batch(min(batch, total_tokens - done), cfg.train_seq_len, run.bos_id)
