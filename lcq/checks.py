@@ -46,7 +46,7 @@ def check_shards(cfg: Config, with_train: bool = True) -> tuple[list[str], list[
         val = list_shards(val_pattern(cfg.data_path), "val")
         train = list_shards(train_pattern(cfg.data_path), "train") if with_train else []
     except FileNotFoundError as e:
-        raise StartupError(str(e)) from None
+        raise StartupError(f"{e} (this DATA_PATH: `{download_hint(cfg.data_path)}`)") from None
     bad = []
     for f in [*train, *val, *sidecar_files(cfg.data_path)]:
         try:
@@ -103,11 +103,17 @@ def check_train_ids(train_files: list[str], vocab_size: int, sample_tokens: int 
     return checked
 
 
+def download_hint(data_path: str) -> str:
+    """The download command for DATA_PATH's variant (issue 28: the record preset's CaseOps data needs its --variant)."""
+    variant = Path(data_path).name.removeprefix("fineweb10B_")
+    return "python -m lcq.corpus download --variant " + ("caseops" if "caseops" in variant else variant)
+
+
 def check_tokenizer_file(cfg: Config) -> None:
     if not os.path.isfile(cfg.tokenizer_path):
         demo = " (the demo presets build theirs only at the default demo paths)" * cfg.auto_build_demo
         raise StartupError(f"TOKENIZER_PATH={cfg.tokenizer_path}: no such file. Fix: set it to the .model DATA_PATH "
-                           f"was tokenized with (`python -m lcq.corpus download`){demo}")
+                           f"was tokenized with (`{download_hint(cfg.data_path)}`){demo}")
 
 
 def check_reserve(cfg: Config) -> float:

@@ -20,6 +20,11 @@ from .recurrence import recurrence_due
 from .seq_schedule import SeqSchedule
 
 
+# A step line at least this often, whatever TRAIN_LOG_EVERY says (issue 28: the demo's 25 steps were a minute apart on
+# a loaded box); the line costs one host sync.
+LOG_SECONDS = 10.0
+
+
 @dataclass
 class TrainResult:
     steps: int
@@ -157,7 +162,7 @@ def train(model: nn.Module, cfg: Config, dinfo: D.DistInfo, log, bos_id: int,
     D.sync(device)
     train_time = 0.0
     t0 = time.perf_counter()
-    step, stopped_by, last_loss = 0, "iterations", float("nan")
+    step, stopped_by, last_loss, t_logged = 0, "iterations", float("nan"), t0
     # [out of time, non-finite loss, recurrence due, context stage due]: agreed by every rank in the one all-reduce the
     # step already makes, so a NaN stops training at the step it appears (issue 10) and every rank switches the depth
     # loop on, and moves to a longer context, at the same step (each rank's own clock could put a switch one step
@@ -194,7 +199,8 @@ def train(model: nn.Module, cfg: Config, dinfo: D.DistInfo, log, bos_id: int,
         if agreed[1]:
             raise NonFiniteError(nonfinite_message(step, float(loss.item()), cfg))
         last_step = stop or step == cfg.iterations
-        if step % cfg.train_log_every == 0 or last_step or step <= 2:
+        if step % cfg.train_log_every == 0 or last_step or step <= 2 or now - t_logged >= LOG_SECONDS:
+            t_logged = now
             D.sync(device)
             last_loss = float(loss.item())
             elapsed = train_time + (time.perf_counter() - t0)
