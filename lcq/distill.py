@@ -372,6 +372,14 @@ def lcq_stage(run, calibrate, spec: QuantSpec) -> None:
         return
     D.sync(dinfo.device)
     t0 = time.perf_counter()
+    if run.post is not None:  # issue 28: the closed form is budgeted from the probe (lcq/clock.py), or skipped
+        slow = run.train_result.slowdown if run.train_result else 1.0
+        need, room = slow * run.post.lcq_s, run.clock_left - cfg.lcq_safety_seconds - slow * run.post.serialize_s
+        if need > room:
+            run.log(f"lcq: skipped: the closed form is projected to need {need:.2f}s and {room:.2f}s are left before "
+                    "serialize; shipping the GPTQ model alone")
+            run.charge("lcq", time.perf_counter() - t0, rank=0, skipped="no time")
+            return
     teacher = run.model
     student = model_from_state(cfg, run.bos_id, run.gptq_state, dinfo.device)
     names = lcq_target_names(student, cfg)

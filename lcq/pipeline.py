@@ -23,6 +23,8 @@ import torch.nn as nn
 
 from . import artifact
 from . import dist as D
+from .clock import PostTrainProbe
+from .clock import probe as clock_probe
 from . import grouping
 from .checks import (NonFiniteError, StartupError, check_disk, check_output_folders, check_reserve, check_shards,
                      check_submission_json, claim, release, run_outputs, sweep_temp_files,
@@ -148,6 +150,7 @@ class Run:
     script_job: Future | None = None  # rank 0: the single-file train_gpt.py (its bytes are the code bytes), built beside it
     claims: list[str] = field(default_factory=list)  # rank 0: outputs created empty at start-up (issue 17)
     serialize_budget: float | None = None  # seconds, projected by LCQ from the compression rate measured in this run
+    post: PostTrainProbe | None = None  # what the stages after the training stop were timed to need (lcq/clock.py)
 
     @property
     def clock_used(self) -> float:
@@ -358,17 +361,44 @@ def run_training(run: Run) -> TrainResult:
     if post <= 0:
         run.log("warning: TRAIN_RESERVE_SECONDS leaves no time for GPTQ/LCQ after SERIALIZE_RESERVE_SECONDS and "
                 "LCQ_SAFETY_SECONDS")
-    res = train(run.model, cfg, run.dinfo, run.log, run.bos_id, eval_fn=monitor)
+    run.post = probe_post_train(run)
+    spent = run.clock_used
+    reserve = cfg.max_wallclock_seconds - cfg.lcq_safety_seconds - spent
+
+    def budget(slowdown: float) -> float:  # the earlier of the reserve's stop and the projection's
+        return min(cfg.train_budget_seconds - spent, reserve - run.post.need(slowdown))
+    if budget(1.0) < cfg.train_budget_seconds - spent:
+        run.log(f"train_stop: {budget(1.0):.2f}s, moved {cfg.train_budget_seconds - spent - budget(1.0):.2f}s earlier "
+                "than TRAIN_RESERVE_SECONDS's: the stages after it are projected to need more")
+    res = train(run.model, cfg, run.dinfo, run.log, run.bos_id, eval_fn=monitor, budget_fn=budget)
+    run.log(run.post.line(res.slowdown))
     run.train_result = res
     run.charge("train", res.train_time_s, cfg.train_budget_seconds, steps=res.steps, stopped_by=res.stopped_by,
                step_avg_ms=f"{res.step_avg_ms:.2f}", train_budget=f"{cfg.train_budget_seconds:.1f}s")
     return res
 
 
+def probe_post_train(run: Run) -> PostTrainProbe:
+    """Time what the stages after the training stop do, on the real model before step 1 (lcq/clock.py); charged."""
+    cfg, dinfo = run.cfg, run.dinfo
+    start_script_job(run)
+    batch = calib_batch_tokens(cfg, dinfo.world_size, cfg.gptq_calib_tokens_per_rank(dinfo.world_size))
+    runner = calibration_runner(run, batch)
+    names = lcq_target_names(run.model, cfg) if cfg.lcq_enabled else []
+    post = clock_probe(run.model, cfg, dinfo.world_size, lambda: runner(run.model), batch, quant_spec(cfg), TIED, names)
+    run.charge("probe", post.seconds)
+    run.log(post.line())
+    return post
+
+
+def calib_batch_tokens(cfg: Config, world_size: int, total_tokens: int) -> int:
+    return min(total_tokens, max(cfg.train_seq_len, cfg.train_batch_tokens // (world_size * cfg.grad_accum_steps)))
+
+
 def calibration_runner(run: Run, total_tokens: int):
     """A function that runs given models over `total_tokens` fresh train tokens per rank (never val), batch by batch."""
     cfg, dinfo = run.cfg, run.dinfo
-    batch = min(total_tokens, max(cfg.train_seq_len, cfg.train_batch_tokens // (dinfo.world_size * cfg.grad_accum_steps)))
+    batch = calib_batch_tokens(cfg, dinfo.world_size, total_tokens)
 
     @torch.no_grad()
     def run_models(*models: nn.Module) -> None:
@@ -427,10 +457,7 @@ def start_base_section(run: Run) -> None:
         run.base_job.cancel()
     run.base_job = None
     if run.dinfo.is_master:
-        if run.script_job is None:  # packing the sources (lzma/brotli) takes seconds too; the code does not change
-            pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lcq-bundle")
-            run.script_job = pool.submit(shipped_script)
-            pool.shutdown(wait=False)
+        start_script_job(run)
         tensors = {k: v.detach().cpu() for k, v in run.qtensors.items()}
         if run.cfg.compressor == "group":
             run.log(grouping.describe_backends())
@@ -442,6 +469,15 @@ def start_base_section(run: Run) -> None:
         run.base_job = grouping.model_job(tensors, artifact_meta(run.cfg, run.bos_id, run.qmeta, None),
                                           run.cfg.compressor, threads, run.clock_left - run.cfg.lcq_safety_seconds
                                           - run.cfg.serialize_reserve_seconds)
+
+
+def start_script_job(run: Run) -> None:
+    """Rank 0: build the shipped script on a host thread, once (packing the sources takes seconds on a loaded box:
+    issue 28 starts it before training, where it overlaps the steps instead of the serialize stage)."""
+    if run.dinfo.is_master and run.script_job is None:
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lcq-bundle")
+        run.script_job = pool.submit(shipped_script)
+        pool.shutdown(wait=False)
 
 
 def lcq(run: Run) -> None:
