@@ -533,11 +533,14 @@ def parse_args(argv: list[str]) -> tuple[dict, list[str]]:
     return overrides, rest
 
 
-def resolve(argv: list[str] | None = None, env: dict | None = None, allow_extra: tuple[str, ...] = ()) -> tuple[Config, list[str]]:
+def resolve(argv: list[str] | None = None, env: dict | None = None, allow_extra: tuple[str, ...] = (),
+            recorded=None) -> tuple[Config, list[str]]:
     """Build the Config from preset, environment and argv. Returns (config, leftover argv).
 
     Leftover arguments must be in allow_extra (their names, e.g. '--eval_only'); anything else is an error, so a typo in a
-    knob name never silently runs with the default."""
+    knob name never silently runs with the default. recorded(path) -> {field: value}, if given, is what an artifact
+    recorded of its run (lcq.shipping.recorded_run): an eval-only run takes its preset from it (unless PRESET or
+    --preset names one) and its other fields above the preset's."""
     env = dict(os.environ if env is None else env)
     argv = list(argv or [])
     cli, rest = parse_args(argv)
@@ -557,10 +560,15 @@ def resolve(argv: list[str] | None = None, env: dict | None = None, allow_extra:
     if typos:  # issue 28: TTT_ENABLE=1 ran with TTT off
         raise ConfigError(f"environment variable {typos[0]} is no knob; did you mean {_did_you_mean(typos[0])}? "
                           "Rename or unset it")
-    preset = cli.get("preset") or env.get("PRESET") or "record"
+    seen = {k: v for k, v in env.items() if v}
+    seen.update({k.upper(): v for k, v in cli.items()})
+    run = {}
+    if recorded and seen.get("ARTIFACT_PATH") and _parse("eval_only", seen.get("EVAL_ONLY", "0"), "EVAL_ONLY"):
+        run = recorded(seen["ARTIFACT_PATH"])
+    preset = cli.get("preset") or env.get("PRESET") or run.pop("preset", None) or "record"
     if preset not in PRESETS:
         raise ConfigError(f"PRESET={preset!r}: unknown preset; choose one of {sorted(PRESETS)}")
-    values: dict = dict(PRESETS[preset])
+    values: dict = dict(PRESETS[preset], **{k: v for k, v in run.items() if k in _FIELDS and k != "preset"})
     values["preset"] = preset
     for name in _FIELDS:
         if name == "preset":
