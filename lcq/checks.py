@@ -46,7 +46,8 @@ def check_shards(cfg: Config, with_train: bool = True) -> tuple[list[str], list[
         val = list_shards(val_pattern(cfg.data_path), "val")
         train = list_shards(train_pattern(cfg.data_path), "train") if with_train else []
     except FileNotFoundError as e:
-        raise StartupError(f"{e} (this DATA_PATH: `{download_hint(cfg.data_path)}`)") from None
+        hint = download_hint(cfg.data_path)
+        raise StartupError(f"{e}" + f" (this DATA_PATH: `{hint}`)" * ("--variant" in hint)) from None
     bad = []
     for f in [*train, *val, *sidecar_files(cfg.data_path)]:
         try:
@@ -105,8 +106,10 @@ def check_train_ids(train_files: list[str], vocab_size: int, sample_tokens: int 
 
 def download_hint(data_path: str) -> str:
     """The download command for DATA_PATH's variant (issue 28: the record preset's CaseOps data needs its --variant)."""
-    variant = Path(data_path).name.removeprefix("fineweb10B_")
-    return "python -m lcq.corpus download --variant " + ("caseops" if "caseops" in variant else variant)
+    name = Path(data_path).name
+    variant = "caseops" if "caseops" in name else name.removeprefix("fineweb10B_")
+    return f"python -m lcq.corpus download --variant {variant}" if name.startswith("fineweb10B_") else \
+        "python -m lcq.corpus demo|download"
 
 
 def check_tokenizer_file(cfg: Config) -> None:

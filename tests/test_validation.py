@@ -102,6 +102,15 @@ def test_the_download_hint_names_the_record_preset_variant(tmp_path):
     assert checks.download_hint("./data/datasets/fineweb10B_sp1024").endswith("--variant sp1024")
 
 
+def test_preflight_on_missing_data_says_why_without_a_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "lcq.preflight", "--preset", "tiny", "--data_path",
+                           str(tmp_path / "none")], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env=dict(os.environ, PYTHONPATH=str(F.REPO), RUN_ID="pfmissing"))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "verdict: NO-GO: preflight stopped: StartupError: TOKENIZER_PATH=" in proc.stdout
+    assert not [p for p in (tmp_path / "logs").iterdir() if p.stat().st_size == 0]
+
+
 # ---------------------------------------------------------------------------------------------- against the model
 
 @pytest.mark.parametrize("run_id, env, needle", [
