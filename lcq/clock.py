@@ -41,8 +41,8 @@ class PostTrainProbe:
         return slowdown * (self.calib_s + self.solve_s + self.lcq_s + self.serialize_s)
 
     def line(self, slowdown: float = 1.0) -> str:
-        return (f"post_train_projection: {self.need(slowdown):.2f}s = slowdown {slowdown:.2f} x (GPTQ calibration "
-                f"{self.calib_s:.2f}s + solves {self.solve_s:.2f}s + LCQ closed form {self.lcq_s:.2f}s + serialize "
+        return (f"post_train_projection: {self.need(slowdown):.2f}s = x{slowdown:.2f} slowdown (GPTQ calibration "
+                f"{self.calib_s:.2f}s, solves {self.solve_s:.2f}s, LCQ closed form {self.lcq_s:.2f}s, serialize "
                 f"{self.serialize_s:.2f}s)")
 
 

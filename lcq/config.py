@@ -640,14 +640,14 @@ def knob_docs() -> list[dict]:
             for f in fields(Config)]
 
 
-def help_text(usage: str) -> str:
-    """`train_gpt.py --help`: the usage, then one line per knob (env name, default, record preset value, comment)."""
-    rows, group = [usage.strip(), "", "knob (FIELD_NAME=value or --field_name=value): default, record preset, comment"], None
+def help_text(usage: str | None) -> str:
+    """`train_gpt.py --help`: the usage (none in the shipped script, which drops docstrings), then one line per knob."""
+    rows, group = [(usage or "").strip(), "\nknobs: FIELD_NAME=default [record preset] comment; env or --field_name=value"], None
     for d in knob_docs():
         if d["group"] != group:
             group = d["group"]
-            rows.append(f"\n[{group}]")
-        rows.append(f"  {d['name']}={d['default']}  (record: {d['record']})  {d['comment']}".rstrip())
+            rows += [f"[{group}]"] * bool(group)
+        rows.append(f"  {d['name']}={d['default']} [{d['record']}] {d['comment']}".rstrip())
     return "\n".join(rows)
 
 

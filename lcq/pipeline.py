@@ -368,8 +368,7 @@ def run_training(run: Run) -> TrainResult:
     def budget(slowdown: float) -> float:  # the earlier of the reserve's stop and the projection's
         return min(cfg.train_budget_seconds - spent, reserve - run.post.need(slowdown))
     if budget(1.0) < cfg.train_budget_seconds - spent:
-        run.log(f"train_stop: {budget(1.0):.2f}s, moved {cfg.train_budget_seconds - spent - budget(1.0):.2f}s earlier "
-                "than TRAIN_RESERVE_SECONDS's: the stages after it are projected to need more")
+        run.log(f"train_stop: at {budget(1.0):.2f}s, before TRAIN_RESERVE_SECONDS's: the later stages need more")
     res = train(run.model, cfg, run.dinfo, run.log, run.bos_id, eval_fn=monitor, budget_fn=budget)
     run.log(run.post.line(res.slowdown))
     run.train_result = res
