@@ -697,7 +697,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m lcq.bench", description=__doc__, allow_abbrev=False,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("kind", choices=("quant", "lcq", "attribution", "features", "sizing", "serialize", "compressors",
-                                     "step", "ttt", "gptq"))
+                                     "step", "ttt", "gptq", "slowdown"))
     ap.add_argument("--bits", default=None, help="comma-separated bit widths (quant: 4,5,6,8; lcq: 4,6)")
     ap.add_argument("--ranks", default="4,16,64", help="lcq: comma-separated LoRA ranks")
     ap.add_argument("--inits", default="zero,svd,act_svd,grail", help="lcq: comma-separated inits")
@@ -738,6 +738,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", type=int, default=512, help="step: tokens per rank")
     ap.add_argument("--batch-docs", default="1,8,32,64", help="ttt: comma-separated TTT_BATCH_DOCS values")
     ap.add_argument("--ttp-log", default="", help="ttt: a #1855-style log whose ttp: lines give the record's split")
+    ap.add_argument("--factor", type=float, default=4.0, help="slowdown: the throttled arm gets 1/FACTOR of the CPU time")
     args, rest = ap.parse_known_args(argv)
     # serialize, compressors: the record-size payload, no training
     default = "record" if args.kind in ("serialize", "compressors") else "demo"
@@ -766,6 +767,10 @@ def main(argv: list[str] | None = None) -> int:
         elif args.kind == "step":
             from .bench_step import bench_step
             result = bench_step(cfg, args.world, args.tokens)
+        elif args.kind == "slowdown":
+            from .bench_slowdown import bench_slowdown
+            result = bench_slowdown(rest if any(a.startswith("--preset") for a in rest) else ["--preset", default, *rest],
+                                    args.factor)
         elif args.kind == "gptq":
             from .bench_gptq import bench_gptq
             result = bench_gptq(cfg, args.world)
