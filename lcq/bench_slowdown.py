@@ -21,17 +21,20 @@ ENTRY = Path(__file__).resolve().parents[1] / "train_gpt.py"
 PERIOD_MS = 40  # one run + stop cycle; FACTOR 4 = 10 ms running, 30 ms stopped
 
 
-def throttled(proc: subprocess.Popen, factor: float, timeout_s: float) -> list[str]:
-    """Duty-cycle `proc` (stdout piped, text) from its `startup_checks:` line until it exits: PERIOD_MS / factor
-    running, the rest stopped. Returns its output lines. factor 1 = no throttle."""
+def throttled(proc: subprocess.Popen, factor: float, timeout_s: float, until: str | None = None) -> list[str]:
+    """Duty-cycle `proc` (stdout piped, text) from its `startup_checks:` line until it exits (or prints a line
+    starting with `until`): PERIOD_MS / factor running, the rest stopped. Returns its output lines. factor 1 = no
+    throttle."""
     lines: list[str] = []
-    started = threading.Event()
+    started, done = threading.Event(), threading.Event()
 
     def read():
         for line in proc.stdout:
             lines.append(line)
             if line.startswith("startup_checks:"):
                 started.set()
+            if until and line.startswith(until):
+                done.set()
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
     end = time.monotonic() + timeout_s
@@ -39,7 +42,7 @@ def throttled(proc: subprocess.Popen, factor: float, timeout_s: float) -> list[s
         pass
     run_s = PERIOD_MS / 1000 / factor
     try:
-        while factor > 1 and proc.poll() is None and time.monotonic() < end:
+        while factor > 1 and proc.poll() is None and not done.is_set() and time.monotonic() < end:
             time.sleep(run_s)
             os.kill(proc.pid, signal.SIGSTOP)
             time.sleep(PERIOD_MS / 1000 - run_s)
@@ -54,11 +57,13 @@ def throttled(proc: subprocess.Popen, factor: float, timeout_s: float) -> list[s
     return lines
 
 
-def run_throttled(argv: list[str], env: dict, cwd: str | os.PathLike, factor: float, timeout_s: float = 1800):
-    """train_gpt.py with `argv` and `env`, throttled by `factor`: (exit status, output, JSON summary or None)."""
+def run_throttled(argv: list[str], env: dict, cwd: str | os.PathLike, factor: float, timeout_s: float = 1800,
+                  until: str | None = None):
+    """train_gpt.py with `argv` and `env`, throttled by `factor` (see throttled): (exit status, output, JSON summary
+    or None)."""
     proc = subprocess.Popen([sys.executable, str(ENTRY), *argv], env=env, cwd=cwd, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
-    out = "".join(throttled(proc, factor, timeout_s))
+    out = "".join(throttled(proc, factor, timeout_s, until))
     summary = Path(cwd, "logs", f"{env['RUN_ID']}.json")
     return proc.returncode, out, json.loads(summary.read_text()) if summary.exists() else None
 
