@@ -9,15 +9,19 @@ import sys
 import time
 
 from lcq import dist as D
-from lcq.config import ConfigError, resolve
+from lcq.config import ConfigError, help_text, resolve
+from lcq.shipping import recorded_run
 from lcq.pipeline import (CONFIG_EXIT_CODE, GATE_EXIT_CODE, build, eval_only, evaluate_shipped, fail, finish,
                           install_signal_handlers, lcq, open_run, quantize, run_training, ship)
 
 
 def main(argv: list[str]) -> int:
     t_launch = time.perf_counter()
+    if {"-h", "--help"} & set(argv):
+        print(help_text(__doc__))
+        return 0
     try:
-        cfg, _ = resolve(argv)
+        cfg, _ = resolve(argv, recorded=recorded_run)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return CONFIG_EXIT_CODE

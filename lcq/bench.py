@@ -761,7 +761,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m lcq.bench", description=__doc__, allow_abbrev=False,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("kind", choices=("quant", "lcq", "attribution", "features", "sizing", "serialize", "compressors",
-                                     "step", "ttt", "gptq", "fit", "ngram"))
+                                     "step", "ttt", "gptq", "fit", "ngram", "slowdown"))
     ap.add_argument("--bits", default=None, help="comma-separated bit widths (quant: 4,5,6,8; lcq: 4,6)")
     ap.add_argument("--ranks", default="4,16,64", help="lcq: comma-separated LoRA ranks")
     ap.add_argument("--inits", default="zero,svd,act_svd,grail", help="lcq: comma-separated inits")
@@ -812,6 +812,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", default="1337,42", help="ttt --context: comma-separated training seeds")
     ap.add_argument("--max-steps", type=int, default=8, help="ttt --context: most TTT_STEPS the reuse arm may spend")
     ap.add_argument("--chunk", type=int, default=12, help="ttt --context: TTT_CHUNK_TOKENS of every arm")
+    ap.add_argument("--factor", type=float, default=4.0, help="slowdown: the throttled arm gets 1/FACTOR of the CPU time")
     args, rest = ap.parse_known_args(argv)
     # serialize, compressors: the record-size payload, no training
     default = "record" if args.kind in ("serialize", "compressors") else "demo"
@@ -847,6 +848,10 @@ def main(argv: list[str] | None = None) -> int:
         elif args.kind == "ngram":
             from .bench_ngram import bench_ngram
             result = bench_ngram(cfg, args.ngram_tokens, args.world)
+        elif args.kind == "slowdown":
+            from .bench_slowdown import bench_slowdown
+            result = bench_slowdown(rest if any(a.startswith("--preset") for a in rest) else ["--preset", default, *rest],
+                                    args.factor)
         elif args.kind == "gptq":
             from .bench_gptq import bench_gptq
             result = bench_gptq(cfg, args.world)

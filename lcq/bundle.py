@@ -49,7 +49,7 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 # What a run imports, at module level or inside a function: train_gpt.py and everything it reaches, record preset and
 # --eval_only alike. A new module that a run imports must be listed here: tests/test_bundle.py derives the imports of
 # the entry script and fails naming any module that is neither here nor in LEFT_OUT.
-MODULES = ("lcq", "lcq.artifact", "lcq.attention", "lcq.checks", "lcq.config", "lcq.data", "lcq.dist", "lcq.distill",
+MODULES = ("lcq", "lcq.artifact", "lcq.attention", "lcq.checks", "lcq.clock", "lcq.config", "lcq.data", "lcq.dist", "lcq.distill",
            "lcq.evaluate", "lcq.gptq", "lcq.grouping", "lcq.kernels", "lcq.kvcache", "lcq.lanes", "lcq.lora", "lcq.model", "lcq.ngram", "lcq.optim", "lcq.pipeline", "lcq.record",
            "lcq.recurrence", "lcq.runlog", "lcq.script", "lcq.seq_schedule", "lcq.shipping", "lcq.tokenizer", "lcq.train",
            "lcq.ttt", "lcq.ttt_lora")

@@ -46,7 +46,8 @@ def check_shards(cfg: Config, with_train: bool = True) -> tuple[list[str], list[
         val = list_shards(val_pattern(cfg.data_path), "val")
         train = list_shards(train_pattern(cfg.data_path), "train") if with_train else []
     except FileNotFoundError as e:
-        raise StartupError(str(e)) from None
+        hint = download_hint(cfg.data_path)
+        raise StartupError(f"{e}" + f" (this DATA_PATH: `{hint}`)" * ("--variant" in hint)) from None
     bad = []
     for f in [*train, *val, *sidecar_files(cfg.data_path)]:
         try:
@@ -103,11 +104,19 @@ def check_train_ids(train_files: list[str], vocab_size: int, sample_tokens: int 
     return checked
 
 
+def download_hint(data_path: str) -> str:
+    """The download command for DATA_PATH's variant (issue 28: the record preset's CaseOps data needs its --variant)."""
+    name = Path(data_path).name
+    variant = "caseops" if "caseops" in name else name.removeprefix("fineweb10B_")
+    return f"python -m lcq.corpus download --variant {variant}" if name.startswith("fineweb10B_") else \
+        "python -m lcq.corpus demo|download"
+
+
 def check_tokenizer_file(cfg: Config) -> None:
     if not os.path.isfile(cfg.tokenizer_path):
         demo = " (the demo presets build theirs only at the default demo paths)" * cfg.auto_build_demo
         raise StartupError(f"TOKENIZER_PATH={cfg.tokenizer_path}: no such file. Fix: set it to the .model DATA_PATH "
-                           f"was tokenized with (`python -m lcq.corpus download`){demo}")
+                           f"was tokenized with (`{download_hint(cfg.data_path)}`){demo}")
 
 
 def check_reserve(cfg: Config) -> float:

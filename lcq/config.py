@@ -20,27 +20,37 @@ class ConfigError(ValueError):
     """A knob with a value that does not parse or is out of range."""
 
 
-
-
-# Range checks by field (Config.__post_init__): each entry is (test, what the message says, the fields it holds for).
-# What 0 means where it is special (off, all, TRAIN_SEQ_LEN) is in the field's comment and the README.
+# Range checks by field (Config.__post_init__; issue 28: one pass every field goes through, so no value that is
+# knowable before step 1 is refused after training): each entry is (test, what the message says, the fields it holds
+# for). Every float field is also finite. tests/test_config.py fails on an int/float field missing here or a str field
+# in none of _CHOICES, _CHECKED, _TEXT. What 0 means where it is special (off, all, TRAIN_SEQ_LEN) is in the field's
+# comment and the README.
 _BOUNDS = (
-    (lambda v: v > 0, "> 0", "vocab_size max_wallclock_seconds eval_budget_seconds iterations mlp_mult gptq_damp "
-     "artifact_cap_bytes lcq_alpha lcq_temperature ttt_eps"),
+    (lambda v: v > 0, "> 0", "vocab_size max_wallclock_seconds eval_budget_seconds iterations mlp_mult "
+     "artifact_cap_bytes lcq_alpha ttt_eps adam_eps tied_embed_init_std rope_base qk_gain_init attn_gate_scale "
+     "matrix_clip_sigmas embed_clip_sigmas"),
     (lambda v: v >= 0, ">= 0", "gptq_min_seconds warmup_steps lr_warmup_steps val_loss_every logit_softcap "
      "grad_clip_norm eval_seq_len val_max_tokens ttt_steps ttt_lr ttt_weight_decay ttt_phases ttt_phase_lr "
      "gptq_calib_batches serialize_reserve_seconds serialize_threads lcq_lr lcq_max_steps lcq_seconds "
      "lcq_safety_seconds lcq_grail_ridge lcq_auto_headroom_bytes matrix_lr embed_lr scalar_lr embed_weight_decay "
-     "scalar_weight_decay muon_weight_decay ttt_alpha ttt_phase_momentum ttt_phase_clip ttt_phase_tokens ngram_boost"),
+     "scalar_weight_decay muon_weight_decay ttt_alpha ttt_phase_momentum ttt_phase_clip ttt_phase_tokens seed "
+     "train_reserve_seconds rope_dims xsa_last_n recur_start_layer recur_end_layer parallel_start_layer "
+     "attn_gate_window muon_momentum_warmup_steps ttt_phase_docs ngram_boost"),
     (lambda v: v >= 1, ">= 1", "grad_accum_steps train_log_every num_layers recur_passes muon_backend_steps "
-     "ttt_chunk_tokens ttt_rank gptq_block_size lcq_factor_group lcq_grail_tokens "
-     "lcq_log_every ttt_batch_docs"),
+     "ttt_chunk_tokens ttt_rank gptq_block_size lcq_factor_group lcq_grail_tokens lcq_log_every ttt_batch_docs "
+     "train_batch_tokens model_dim num_heads num_kv_heads eval_stride eval_batch_tokens gptq_calib_tokens "
+     "lcq_batch_tokens"),
     (lambda v: v >= 2, ">= 2", "train_seq_len ngram_order"),
     (lambda v: 0 <= v < 1, "in [0, 1)", "muon_momentum muon_momentum_warmup_start adam_beta1 adam_beta2 ema_decay "
      "ttt_beta1 ttt_beta2"),
     (lambda v: 0 <= v <= 1, "in [0, 1]", "warmdown_frac recur_from_progress min_lr_frac lcq_warmdown_frac "
-     "fit_max_fraction"),
-    (lambda v: 0 < v <= 1, "in (0, 1]", "ngram_threshold"),
+     "leaky_relu_slope fit_max_fraction"),
+    # a damping above the Hessian's mean diagonal is no longer GPTQ (the solve becomes round-to-nearest)
+    (lambda v: 0 < v <= 1, "in (0, 1]", "gptq_damp"),
+    (lambda v: 0 < v <= 1, "in (0, 1]", "ngram_threshold"),  # a share of the context's count (#2135: 0.8)
+    # issue 28: the KL's logits are divided by it; below 0.1 the teacher is one-hot and fp32 overflows near 1e-30
+    (lambda v: 0.1 <= v <= 10, "in [0.1, 10]", "lcq_temperature"),
+    (lambda v: v > 0 or v < 0, "> 0, or negative for MATRIX_CLIP_SIGMAS", "attn_clip_sigmas mlp_clip_sigmas"),
     (lambda v: 2 <= v <= 8, "in 2..8", "matrix_bits embed_bits lcq_factor_bits"),
 )
 # The values a string field may take.
@@ -49,6 +59,12 @@ _CHOICES = dict(mlp_act="relu2 leaky_relu2", smear_gate="off blend input", init=
                 ttt_context="recompute reuse",
                 lcq_init="zero svd act_svd grail", lcq_merge="side fused baked",
                 attention_backend="auto fa3 fa2 sdpa", compressor="brotli lzma auto group")
+# String fields with their own check: below in __post_init__, or module patterns resolved against the built model
+# before step 1 (lcq.pipeline.build).
+_CHECKED = "preset run_id train_seq_schedule lcq_rank lcq_bytes lcq_targets ttt_targets"
+# Free text: paths the start-up checks open or create (lcq/checks.py), and submission.json's names.
+_TEXT = "data_path tokenizer_path log_dir artifact_path eval_dump submission_json author github_id submission_name " \
+    "submission_blurb"
 
 
 @dataclass(frozen=True)
@@ -286,6 +302,18 @@ class Config:
                 raise ConfigError(f"{name.upper()}={getattr(self, name)!r}: {msg}")
 
         need(self.preset in PRESETS, "preset", f"unknown preset; choose one of {sorted(PRESETS)}")
+        if isinstance(self.smear_gate, bool):  # artifacts written before issue 19 record the on/off bool
+            object.__setattr__(self, "smear_gate", "blend" if self.smear_gate else "off")
+        for f in fields(self):
+            if f.type in ("float", float):
+                need(math.isfinite(getattr(self, f.name)), f.name, "must be a finite number")
+            if f.type in ("bool", bool):
+                need(isinstance(getattr(self, f.name), bool), f.name, "must be 0 or 1")
+        for test, what, names in _BOUNDS:
+            for name in names.split():
+                need(test(getattr(self, name)), name, "must be " + what)
+        for name, values in _CHOICES.items():
+            need(getattr(self, name) in values.split(), name, "choose one of " + values)
         # A run's name names files in LOG_DIR, never a path (issue 17: RUN_ID=../x wrote outside LOG_DIR; 240
         # characters failed on the artifact's temp name after LCQ).
         need(re.fullmatch(r"\w[\w.-]{,99}", self.run_id or "x", re.A), "run_id", r"must match \w[\w.-]{,99}")
@@ -305,13 +333,6 @@ class Config:
         need(head_dim % 2 == 0, "model_dim", "MODEL_DIM / NUM_HEADS must be even for RoPE")
         need(0 <= self.rope_dims <= head_dim and self.rope_dims % 2 == 0, "rope_dims",
              f"must be even and in [0, head_dim={head_dim}] (0 = full RoPE)")
-        if isinstance(self.smear_gate, bool):  # artifacts written before issue 19 record the on/off bool
-            object.__setattr__(self, "smear_gate", "blend" if self.smear_gate else "off")
-        for test, what, names in _BOUNDS:
-            for name in names.split():
-                need(test(getattr(self, name)), name, "must be " + what)
-        for name, values in _CHOICES.items():
-            need(getattr(self, name) in values.split(), name, "choose one of " + values)
         need(0 <= self.xsa_last_n <= self.num_layers, "xsa_last_n", f"must be in [0, NUM_LAYERS={self.num_layers}]")
         if self.recur_passes > 1:
             need(0 <= self.recur_start_layer <= self.recur_end_layer < self.num_layers, "recur_end_layer",
@@ -324,9 +345,6 @@ class Config:
                  f"must be 0 (off) or in [{first}, NUM_LAYERS={self.num_layers}): the decoder half, after any looped layer")
         need(0 <= self.attn_gate_window <= self.model_dim, "attn_gate_window",
              f"must be in [0, MODEL_DIM={self.model_dim}] (0 = off)")
-        need(math.isfinite(self.attn_gate_scale) and self.attn_gate_scale > 0, "attn_gate_scale", "must be > 0")
-        need(math.isfinite(self.ngram_boost), "ngram_boost", "must be a finite log-odds (#2135: 2.625)")
-        need(isinstance(self.autocast_cpu_bf16, bool), "autocast_cpu_bf16", "must be 0 or 1")
         need(1 <= self.eval_stride <= self.window, "eval_stride", f"must be in [1, eval window={self.window}]")
         need(self.eval_batch_tokens >= self.window, "eval_batch_tokens",
              f"must hold at least one eval window ({self.window} tokens)")
@@ -339,8 +357,6 @@ class Config:
              "artifact needs LoRA factors in the artifact: LCQ on (LCQ_RANK != 0) with LCQ_MERGE=side or fused; "
              "or set TTT_INIT=zero/auto")
         need(self.gptq_calib_tokens >= self.train_seq_len, "gptq_calib_tokens", "must hold at least one TRAIN_SEQ_LEN sequence")
-        for name in ("matrix_clip_sigmas", "attn_clip_sigmas", "mlp_clip_sigmas", "embed_clip_sigmas"):
-            need(math.isfinite(getattr(self, name)), name, "must be a finite number of row standard deviations")
         need(self.lcq_rank == "auto" or (self.lcq_rank.isdigit() and int(self.lcq_rank) >= 0), "lcq_rank",
              "must be an integer >= 0 (0 turns LCQ off) or auto")
         need(self.lcq_batch_tokens >= self.train_seq_len, "lcq_batch_tokens", "must hold at least one TRAIN_SEQ_LEN sequence")
@@ -550,17 +566,22 @@ def parse_args(argv: list[str]) -> tuple[dict, list[str]]:
     return overrides, rest
 
 
-def resolve(argv: list[str] | None = None, env: dict | None = None, allow_extra: tuple[str, ...] = ()) -> tuple[Config, list[str]]:
+def resolve(argv: list[str] | None = None, env: dict | None = None, allow_extra: tuple[str, ...] = (),
+            recorded=None) -> tuple[Config, list[str]]:
     """Build the Config from preset, environment and argv. Returns (config, leftover argv).
 
     Leftover arguments must be in allow_extra (their names, e.g. '--eval_only'); anything else is an error, so a typo in a
-    knob name never silently runs with the default."""
+    knob name never silently runs with the default. recorded(path) -> {field: value}, if given, is what an artifact
+    recorded of its run (lcq.shipping.recorded_run): an eval-only run takes its preset from it (unless PRESET or
+    --preset names one) and its other fields above the preset's."""
     env = dict(os.environ if env is None else env)
     argv = list(argv or [])
     cli, rest = parse_args(argv)
     for arg in rest:
         if arg.split("=", 1)[0] not in allow_extra:
-            raise ConfigError(f"unknown argument {arg!r}; knobs are --field_name=value with fields: {', '.join(sorted(_FIELDS))}")
+            near = _did_you_mean(arg.lstrip("-").split("=")[0]).lower()
+            raise ConfigError(f"unknown argument {arg!r}" + f"; did you mean --{near}?" * bool(near) +
+                              "; knobs are --field_name=value (train_gpt.py --help lists them)")
     gone = [k for k, v in env.items() if k.startswith("LQER_") and v]
     if gone:  # issue 16: README "LQER is LCQ's closed form" maps each knob
         raise ConfigError(f"{gone[0]}: LQER is now LCQ with no distillation; use LCQ_BYTES, LCQ_FACTOR_BITS=4, "
@@ -568,10 +589,19 @@ def resolve(argv: list[str] | None = None, env: dict | None = None, allow_extra:
     gone = [k for k in ("LCQ_OBJECTIVE", "LCQ_TEACHER_TOPK", "LCQ_RANK_ALLOC") if env.get(k)]
     if gone:  # removed in issue 16's round (BENCHMARKS: the first two lost on the demo; LCQ_BYTES allocates by bytes)
         raise ConfigError(f"{gone[0]}: this knob is gone; unset it (LCQ_BYTES replaces LCQ_RANK_ALLOC=rho)")
-    preset = cli.get("preset") or env.get("PRESET") or "record"
+    typos = [k for k, v in env.items() if v and k not in _ENV_NAMES and _did_you_mean(k)]
+    if typos:  # issue 28: TTT_ENABLE=1 ran with TTT off
+        raise ConfigError(f"environment variable {typos[0]} is no knob; did you mean {_did_you_mean(typos[0])}? "
+                          "Rename or unset it")
+    seen = {k: v for k, v in env.items() if v}
+    seen.update({k.upper(): v for k, v in cli.items()})
+    run = {}
+    if recorded and seen.get("ARTIFACT_PATH") and _parse("eval_only", seen.get("EVAL_ONLY", "0"), "EVAL_ONLY"):
+        run = recorded(seen["ARTIFACT_PATH"])
+    preset = cli.get("preset") or env.get("PRESET") or run.pop("preset", None) or "record"
     if preset not in PRESETS:
         raise ConfigError(f"PRESET={preset!r}: unknown preset; choose one of {sorted(PRESETS)}")
-    values: dict = dict(PRESETS[preset])
+    values: dict = dict(PRESETS[preset], **{k: v for k, v in run.items() if k in _FIELDS and k != "preset"})
     values["preset"] = preset
     for name in _FIELDS:
         if name == "preset":
@@ -583,6 +613,75 @@ def resolve(argv: list[str] | None = None, env: dict | None = None, allow_extra:
     if not values.get("run_id"):
         values["run_id"] = time.strftime("%Y%m%d_%H%M%S") + f"_{preset}"
     return Config(**values), rest
+
+
+_ENV_NAMES = {n.upper() for n in _FIELDS}
+# Environment names that look like ours: a prefix three or more knobs share (TTT_, LCQ_, GPTQ_, ...).
+_PREFIXES = tuple(p for p in {n.split("_")[0] + "_" for n in _ENV_NAMES}
+                  if sum(n.startswith(p) for n in _ENV_NAMES) >= 3)
+
+
+def _distance(a: str, b: str) -> int:
+    """Levenshtein distance."""
+    row = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        prev, row[0] = row[0], i
+        for j, cb in enumerate(b, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
+    return row[-1]
+
+
+def _did_you_mean(name: str) -> str:
+    """The knob (FIELD_NAME) a name is a typo of: within edit distance 2 of it (names of 5+ characters, so HOME or
+    USER never match), or the nearest knob of the prefix it carries; '' for any other name."""
+    key = name.upper().replace("-", "_")
+    near = sorted((_distance(key, n), n) for n in _ENV_NAMES if abs(len(n) - len(key)) <= 2)
+    if near and near[0][0] <= 2 and len(key) >= 5:
+        return near[0][1]
+    if key.startswith(_PREFIXES):
+        near = sorted((_distance(key, n), n) for n in _ENV_NAMES if n.startswith(key.split("_")[0] + "_"))
+        return near[0][1]
+    return ""
+
+
+def _shown(v) -> str:
+    return str(int(v)) if isinstance(v, bool) else str(v) if v != "" else '""'
+
+
+def knob_docs() -> list[dict]:
+    """Every knob in field order: group (the `# --- group ---` it sits under), name (FIELD_NAME), default (the field
+    default as the environment takes it), record (the record preset's value), comment (the field's comment in this
+    file's source: the lines above it and its own; empty where the source is not on disk, as in the shipped script)."""
+    try:
+        with open(__file__) as f:
+            src = f.read().split("class Config", 1)[1].split("def __post_init__", 1)[0]
+    except (OSError, IndexError):
+        src = ""
+    notes, group, above = {}, "", []
+    for line in src.splitlines():
+        line = line.strip()
+        m = re.match(r"(\w+): \w+ = [^#]*(?:# (.*))?$", line)
+        if line.startswith("# ---"):
+            group, above = line.strip("# -"), []
+        elif line.startswith("#"):
+            above.append(line[1:].strip())
+        elif m:
+            notes[m[1]], above = (group, " ".join(above + [m[2] or ""]).strip()), []
+    base, record = Config(), PRESETS["record"]
+    return [dict(group=notes.get(f.name, ("", ""))[0], name=f.name.upper(), default=_shown(getattr(base, f.name)),
+                 record=_shown(record.get(f.name, getattr(base, f.name))), comment=notes.get(f.name, ("", ""))[1])
+            for f in fields(Config)]
+
+
+def help_text(usage: str | None) -> str:
+    """`train_gpt.py --help`: the usage (none in the shipped script, which drops docstrings), then one line per knob."""
+    rows, group = [(usage or "").strip(), "\nknobs: FIELD_NAME=default [record preset] comment; env or --field_name=value"], None
+    for d in knob_docs():
+        if d["group"] != group:
+            group = d["group"]
+            rows += [f"[{group}]"] * bool(group)
+        rows.append(f"  {d['name']}={d['default']} [{d['record']}] {d['comment']}".rstrip())
+    return "\n".join(rows)
 
 
 def replace(cfg: Config, **changes) -> Config:

@@ -23,6 +23,8 @@ import torch.nn as nn
 
 from . import artifact
 from . import dist as D
+from .clock import PostTrainProbe
+from .clock import probe as clock_probe
 from . import grouping
 from .checks import (NonFiniteError, StartupError, check_disk, check_output_folders, check_reserve, check_shards,
                      check_submission_json, claim, release, run_outputs, sweep_temp_files,
@@ -30,7 +32,7 @@ from .checks import (NonFiniteError, StartupError, check_disk, check_output_fold
 from .config import Config, ConfigError
 from .data import (TrainLoader, file_sha256, list_shards, load_val_bytes, load_val_tokens, sidecar_files, train_pattern,
                    val_pattern)
-from .distill import DistillResult, lcq_diagnostic, lcq_stage
+from .distill import DistillResult, lcq_diagnostic, lcq_stage, lcq_target_names
 from .evaluate import EvalResult, dump_path, evaluate
 from .gptq import QuantSpec, collect_hessians, dequantize_state, quant_error_report, quantize_state
 from .model import GPT, autocast_for, build_model, configure_runtime, gptq_targets
@@ -41,6 +43,7 @@ from .script import shipped_script
 from .shipping import TIED, artifact_meta, check_artifact_fits, fit_to_cap, load_shipped, model_from_state
 from .tokenizer import ByteTables, byte_tables, check_byte_source, load_tokenizer
 from .train import TrainResult, train
+from .ttt import adapter_names as ttt_adapter_names
 from .ttt import evaluate_ttt, load_for_ttt
 from .ttt import spec_from_config as ttt_spec
 from .ttt import stage_name as ttt_stage_name
@@ -149,6 +152,7 @@ class Run:
     claims: list[str] = field(default_factory=list)  # rank 0: outputs created empty at start-up (issue 17)
     serialize_budget: float | None = None  # seconds, projected by LCQ from the compression rate measured in this run
     tilt: Tilt | None = None  # NGRAM_TILT's hints, built at the first scored stage (lcq/ngram.py)
+    post: PostTrainProbe | None = None  # what the stages after the training stop were timed to need (lcq/clock.py)
 
     @property
     def clock_used(self) -> float:
@@ -295,7 +299,24 @@ def build(run: Run) -> GPT:
             f"heads:{cfg.num_heads}/{cfg.num_kv_heads}")
     run.log.summary.update(model_params=n_params, attention_backend=model.attn_backend)
     run.model = model
+    check_before_step_1(run)
     return model
+
+
+def check_before_step_1(run: Run) -> None:
+    """Issue 28: what needs the built model is found here, not after training: LCQ_TARGETS and TTT_TARGETS resolved
+    against it (with LCQ_MERGE), and the ids of the calibration batches (each rank's first train tokens) < VOCAB_SIZE."""
+    cfg, problem = run.cfg, None
+    try:
+        if cfg.lcq_enabled:
+            lcq_target_names(run.model, cfg)
+        if cfg.ttt_enabled:
+            ttt_adapter_names(run.model, cfg)
+        calibration_runner(run, max(cfg.gptq_calib_tokens_per_rank(run.dinfo.world_size),
+                                    cfg.lcq_grail_tokens * (cfg.lcq_enabled and cfg.lcq_init == "grail")))()
+    except ValueError as e:
+        problem = (CONFIG_EXIT_CODE, f"{e} (found before training)")
+    agree(problem)  # a bad id on one rank's batches stops every rank
 
 
 def stage_dump(cfg: Config, stage: str | None) -> str | None:
@@ -356,22 +377,48 @@ def run_training(run: Run) -> TrainResult:
     if post <= 0:
         run.log("warning: TRAIN_RESERVE_SECONDS leaves no time for GPTQ/LCQ after SERIALIZE_RESERVE_SECONDS and "
                 "LCQ_SAFETY_SECONDS")
-    start_script(run)
-    res = train(run.model, cfg, run.dinfo, run.log, run.bos_id, eval_fn=monitor)
+    run.post = probe_post_train(run)
+    spent = run.clock_used
+    reserve = cfg.max_wallclock_seconds - cfg.lcq_safety_seconds - spent
+
+    def budget(slowdown: float) -> float:  # the earlier of the reserve's stop and the projection's
+        return min(cfg.train_budget_seconds - spent, reserve - run.post.need(slowdown))
+    if budget(1.0) < cfg.train_budget_seconds - spent:
+        run.log(f"train_stop: at {budget(1.0):.2f}s, before TRAIN_RESERVE_SECONDS's: the later stages need more")
+    res = train(run.model, cfg, run.dinfo, run.log, run.bos_id, eval_fn=monitor, budget_fn=budget)
+    run.log(run.post.line(res.slowdown))
     run.train_result = res
     run.charge("train", res.train_time_s, cfg.train_budget_seconds, steps=res.steps, stopped_by=res.stopped_by,
                step_avg_ms=f"{res.step_avg_ms:.2f}", train_budget=f"{cfg.train_budget_seconds:.1f}s")
     return res
 
 
+def probe_post_train(run: Run) -> PostTrainProbe:
+    """Time what the stages after the training stop do, on the real model before step 1 (lcq/clock.py); charged."""
+    cfg, dinfo = run.cfg, run.dinfo
+    start_script_job(run)
+    batch = calib_batch_tokens(cfg, dinfo.world_size, cfg.gptq_calib_tokens_per_rank(dinfo.world_size))
+    runner = calibration_runner(run, batch)
+    names = lcq_target_names(run.model, cfg) if cfg.lcq_enabled else []
+    post = clock_probe(run.model, cfg, dinfo.world_size, lambda: runner(run.model), batch, quant_spec(cfg), TIED, names)
+    run.charge("probe", post.seconds)
+    run.log(post.line())
+    return post
+
+
+def calib_batch_tokens(cfg: Config, world_size: int, total_tokens: int) -> int:
+    return min(total_tokens, max(cfg.train_seq_len, cfg.train_batch_tokens // (world_size * cfg.grad_accum_steps)))
+
+
 def calibration_runner(run: Run, total_tokens: int):
     """A function that runs given models over `total_tokens` fresh train tokens per rank (never val), batch by batch."""
     cfg, dinfo = run.cfg, run.dinfo
-    batch = min(total_tokens, max(cfg.train_seq_len, cfg.train_batch_tokens // (dinfo.world_size * cfg.grad_accum_steps)))
+    batch = calib_batch_tokens(cfg, dinfo.world_size, total_tokens)
 
     @torch.no_grad()
     def run_models(*models: nn.Module) -> None:
-        loader = TrainLoader(train_pattern(cfg.data_path), dinfo.rank, dinfo.world_size, dinfo.device)
+        loader = TrainLoader(train_pattern(cfg.data_path), dinfo.rank, dinfo.world_size, dinfo.device,
+                             vocab_size=cfg.vocab_size)
         done = 0
         while done < total_tokens:
             x, _, cu = loader.next_batch(min(batch, total_tokens - done), cfg.train_seq_len, run.bos_id)
@@ -418,15 +465,6 @@ def quantize(run: Run) -> None:
     run.log("gptq_worst_rel_err: " + " ".join(f"{n}:{e:.3e}" for n, e in worst))
 
 
-def start_script(run: Run) -> None:
-    """Rank 0: render the single-file script on a host thread (packing the sources takes seconds; the code does not
-    change), from the start of training, so that the fit (issue 25) and LCQ's room find its bytes ready."""
-    if run.dinfo.is_master and run.script_job is None:
-        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lcq-bundle")
-        run.script_job = pool.submit(shipped_script)
-        pool.shutdown(wait=False)
-
-
 def start_base_section(run: Run) -> None:
     """Rank 0: start compressing the quantized model's artifact section on host threads (issue 8), so that it runs
     while LCQ distils on the device. Only rank 0 writes the artifact; other ranks compressing too would slow it."""
@@ -434,7 +472,7 @@ def start_base_section(run: Run) -> None:
         run.base_job.cancel()
     run.base_job = None
     if run.dinfo.is_master:
-        start_script(run)
+        start_script_job(run)
         tensors = {k: v.detach().cpu() for k, v in run.qtensors.items()}
         if run.cfg.compressor == "group":
             run.log(grouping.describe_backends())
@@ -446,6 +484,15 @@ def start_base_section(run: Run) -> None:
         run.base_job = grouping.model_job(tensors, artifact_meta(run.cfg, run.bos_id, run.qmeta, None),
                                           run.cfg.compressor, threads, run.clock_left - run.cfg.lcq_safety_seconds
                                           - run.cfg.serialize_reserve_seconds)
+
+
+def start_script_job(run: Run) -> None:
+    """Rank 0: build the shipped script on a host thread, once (packing the sources takes seconds on a loaded box:
+    issue 28 starts it before training, where it overlaps the steps instead of the serialize stage)."""
+    if run.dinfo.is_master and run.script_job is None:
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lcq-bundle")
+        run.script_job = pool.submit(shipped_script)
+        pool.shutdown(wait=False)
 
 
 def lcq(run: Run) -> None:

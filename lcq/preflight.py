@@ -40,8 +40,9 @@ from .distill import lcq_target_names, lora_bytes_per_rank
 from .evaluate import Scored, ValStream, _batches, evaluate, plan_doc, plan_windows
 from .gptq import quantize_state, tensor_role
 from .lora import config_format, quantize_factors
+from .checks import release
 from .ngram import build_tilt
-from .pipeline import build, open_run, quant_spec, quantize
+from .pipeline import NAMED_ERRORS, build, open_run, quant_spec, quantize
 from .runlog import device_name
 from .script import shipped_script
 from .shipping import LORA_PREFIX, TIED, FitError, artifact_meta, least_count, prune, prune_order
@@ -160,7 +161,8 @@ class _Quiet:
         self._log = log
 
     def __call__(self, msg: str = "") -> None:
-        self._log(msg, console=False)
+        # step lines (at least every lcq.train.LOG_SECONDS) reach the console too: progress while steps are timed
+        self._log(msg, console=msg.startswith("step:"))
 
     def stage(self, name: str, seconds: float, **fields) -> None:
         self._log(f"stage:{name} time:{seconds:.2f}s " + " ".join(f"{k}:{v}" for k, v in fields.items()), console=False)
@@ -633,12 +635,22 @@ def preflight(cfg: Config, dinfo: D.DistInfo, steps: int) -> tuple[list[Row], ob
     if rows["setup"].status == NO_GO:  # before the model: a missing kernel would stop it with one piece named
         raise RuntimeError(rows["setup"].result)
     run = open_run(cfg, dinfo)
+    try:  # a preflight ships nothing: the empty artifact and script names open_run claimed are removed (issue 28)
+        return _rows(run, rows, steps), run
+    finally:
+        release(run.claims)
+
+
+def _rows(run, rows: dict[str, Row], steps: int) -> list[Row]:
+    cfg, dinfo = run.cfg, run.dinfo
     if dinfo.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dinfo.device)
     rows["collective"] = check_collective(dinfo)
     model = build(run)
     rows["attention"] = check_attention(cfg, model.attn_backend, dinfo.device, run.bos_id)
+    run.log(f"preflight: timing {steps} training steps after the warm-up")
     rows["train"], rows["compile"] = timed_steps(run, steps)
+    run.log("preflight: GPTQ over the calibration tokens")
     quantize(run)  # the real GPTQ stage over the configured calibration tokens; it logs its own stage line
     gptq_s, share = next((s, b) for stage, s, b in run.ledger if stage == "gptq")  # quantize's own time and budget
     calib = run.log.summary["stages"]["gptq"].get("calib_tokens_per_rank", "the configured")
@@ -649,6 +661,7 @@ def preflight(cfg: Config, dinfo: D.DistInfo, steps: int) -> tuple[list[Row], ob
                        f"x{1 + TIME_MARGIN:.2f} fits the share",
                        dict(seconds=gptq_s, share_s=share))
     measured = None
+    run.log("preflight: compressing the artifact, then timing the eval")
     if dinfo.is_master:  # only rank 0 serializes in the pipeline: other ranks compressing too would slow it down
         rows["artifact"], measured = artifact_rows(run)
         measured["cpu"] = dinfo.device.type != "cuda"
@@ -658,7 +671,7 @@ def preflight(cfg: Config, dinfo: D.DistInfo, steps: int) -> tuple[list[Row], ob
     if dinfo.is_master:
         rows["serialize"], stages = serialize_plan(cfg, gptq_s, measured)
         rows["ledger"] = ledger_row(cfg, stages, rows["gptq"].status == GO, rows["serialize"].status == GO)
-    return [rows[n] for n in ORDER if n in rows], run
+    return [rows[n] for n in ORDER if n in rows]
 
 
 def render(rows: list[Row], header: str) -> list[str]:
@@ -705,7 +718,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             rows, run = preflight(cfg, dinfo, args.steps)
         except Exception as e:  # missing data, a kernel that does not load, out of memory: a no-go with its reason
-            traceback.print_exc()
+            if not isinstance(e, NAMED_ERRORS):  # a named error says what and the fix; no traceback (issue 28)
+                traceback.print_exc()
             if dinfo.is_master:
                 print(f"verdict: NO-GO: preflight stopped: {type(e).__name__}: {e}", flush=True)
                 print(json.dumps(dict(preflight="no-go", failed=["error"], error=f"{type(e).__name__}: {e}",

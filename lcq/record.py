@@ -95,10 +95,11 @@ def seed_result(summary: dict) -> dict:
         train_under_600s=_within(entry["train_time_s"], TRAIN_SECONDS),
         eval_under_600s=_within(entry["eval_time_s"], EVAL_SECONDS),
         artifact_under_16mb=_within(entry["artifact_bytes"], CAP_BYTES),
-        within_run_budgets=(_within(entry["train_time_s"], budgets["max_wallclock_seconds"])
-                            and _within(entry["eval_time_s"], budgets["eval_budget_seconds"])
-                            and _within(entry["artifact_bytes"], budgets["artifact_cap_bytes"])),
-        gate_passed=entry["status"] == 0,
+        # issue 28: one meaning per field (gate_passed was "exit status 0" while the log's gate said ok)
+        train_within_run_cap=_within(entry["train_time_s"], budgets["max_wallclock_seconds"]),
+        eval_within_run_budget=_within(entry["eval_time_s"], budgets["eval_budget_seconds"]),
+        gate_passed=_within(entry["artifact_bytes"], budgets["artifact_cap_bytes"]),  # the byte gate, as the log's `gate:`
+        exit_status_0=entry["status"] == 0,
         hardware_8xh100=on_record_hardware(summary.get("device"), summary.get("world_size")))
     return entry
 

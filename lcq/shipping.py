@@ -57,9 +57,24 @@ def tokenizer_identity(path: str, vocab_size: int) -> dict:
     return {"sha256": _sha256_of(os.path.abspath(path), st.st_mtime_ns, st.st_size), "vocab_size": vocab_size}
 
 
+# What --eval_only takes from the artifact where PRESET/--preset, the environment and the command line say nothing
+# (issue 28: the demo's artifact was scored with the record preset's CaseOps tokenizer path and refused)
+RUN_FIELDS = ("preset", "tokenizer_path", "data_path", "vocab_size")
+
+
 def artifact_meta(cfg: Config, bos_id: int, qmeta: dict, lora: dict | None) -> dict:
     return {"format": FORMAT, "model": {f: getattr(cfg, f) for f in MODEL_FIELDS}, "bos_id": bos_id,
-            "tokenizer": tokenizer_identity(cfg.tokenizer_path, cfg.vocab_size), "qmeta": qmeta, "lora": lora}
+            "tokenizer": tokenizer_identity(cfg.tokenizer_path, cfg.vocab_size), "qmeta": qmeta, "lora": lora,
+            "run": {f: getattr(cfg, f) for f in RUN_FIELDS}}
+
+
+def recorded_run(path: str) -> dict:
+    """The artifact's RUN_FIELDS ({} for a file that does not decode: the start-up checks name what is wrong)."""
+    try:
+        run = artifact.load(path)[1].get("run")
+    except (OSError, ValueError):
+        return {}
+    return {k: v for k, v in run.items() if k in RUN_FIELDS} if isinstance(run, dict) else {}
 
 
 def check_artifact_fits(path: str, meta: dict, cfg: Config, bos_id: int) -> dict[str, tuple]:

@@ -87,6 +87,8 @@ def parse_log(text: str) -> dict:
     out["lcq"] = None if not lcq else dict(rank=lcq[0], init=lcq[1], merge=lcq[2], steps=int(lcq[3]),
                                            recovered_fraction=float(lcq[7]) if lcq[7] else None)
     out["gate_failed"] = "GATE FAILED" in text
+    status = last(r"^exit_status: (\d+)$")
+    out["exit_status"] = int(status) if status else None
     out["code_sha256"] = last(r"^code: \d+ bytes sha256=([0-9a-f]{64}) ")
     dev = last(r"^device: (.*) world_size:(\d+)$")
     out["device"], out["world_size"] = (dev[0], int(dev[1])) if dev else (None, None)
@@ -240,7 +242,10 @@ def render_readme(record: dict) -> str:
             f"- Evaluation <= 600 s on every seed: {yes(c['eval_under_600s'])} (max {_fmt(record['eval_time_seconds'], '.2f')} s)",
             f"- Code + model + LoRA <= 16,000,000 bytes on every seed: {yes(c['artifact_under_16mb'])} "
             f"(max {_fmt(record['bytes_total'], ',')})",
-            f"- Within the run's own budgets, gate passed: {yes(c['within_run_budgets'])}, {yes(c['gate_passed'])}",
+            f"- Training clock within the run's own MAX_WALLCLOCK_SECONDS: {yes(c['train_within_run_cap'])}",
+            f"- Evaluation within the run's own EVAL_BUDGET_SECONDS: {yes(c['eval_within_run_budget'])}",
+            f"- Byte gate passed (bytes within the run's ARTIFACT_CAP_BYTES, the log's `gate: ok`): {yes(c['gate_passed'])}",
+            f"- Exit status 0: {yes(c['exit_status_0'])}",
             f"- Ran on 8xH100 (the record track's hardware): {yes(c['hardware_8xh100'])} ({record['hardware']})",
             "- GPTQ calibration and LCQ distillation read train shards only (see `data_calibration_read` in the logs).",
             "", "Check this folder with `python -m lcq.submission audit <folder>`.", "",
@@ -419,12 +424,16 @@ def audit(folder: str | os.PathLike) -> list[Check]:
         worst = max(log["total"], recomputed or 0)
         add(f"artifact_cap{tag}", worst <= CAP_BYTES,
             f"{worst:,} B {'<=' if worst <= CAP_BYTES else '>'} {CAP_BYTES:,} (run cap {_fmt(cfg.get('artifact_cap_bytes'), ',')})")
+        # issue 28: a run over its own cap fails too (it ended with exit 4: "PASS 182.04 s vs 600 s (run cap 150 s)")
         train_s = _max_present(log["train_clock_s"], log["final_train_clock_s"])
-        add(f"train_time{tag}", train_s is not None and train_s <= TRAIN_SECONDS,
-            f"{_fmt(train_s, '.2f')} s vs {TRAIN_SECONDS:.0f} s (run cap {_fmt(cfg.get('max_wallclock_seconds'), '.0f')} s)")
+        cap = min(TRAIN_SECONDS, _number(cfg.get("max_wallclock_seconds"), TRAIN_SECONDS))
+        add(f"train_time{tag}", train_s is not None and train_s <= cap,
+            f"{_fmt(train_s, '.2f')} s vs {TRAIN_SECONDS:.0f} s and the run cap {_fmt(cfg.get('max_wallclock_seconds'), '.0f')} s")
         eval_s = _max_present(log["eval_s"].get(log["final_stage"]), log["final_eval_s"])
-        add(f"eval_time{tag}", eval_s is not None and eval_s <= EVAL_SECONDS,
-            f"{_fmt(eval_s, '.2f')} s vs {EVAL_SECONDS:.0f} s (run budget {_fmt(cfg.get('eval_budget_seconds'), '.0f')} s)")
+        cap = min(EVAL_SECONDS, _number(cfg.get("eval_budget_seconds"), EVAL_SECONDS))
+        add(f"eval_time{tag}", eval_s is not None and eval_s <= cap,
+            f"{_fmt(eval_s, '.2f')} s vs {EVAL_SECONDS:.0f} s and the run budget {_fmt(cfg.get('eval_budget_seconds'), '.0f')} s")
+        add(f"exit_status{tag}", log["exit_status"] == 0, f"the log's exit_status: {_fmt(log['exit_status'])}")
         if record is not None:
             bad = _json_vs_log(record.get("seed_results", {}).get(seed), log)
             add(f"json_matches_log{tag}", not bad, "; ".join(bad) if bad else
@@ -466,6 +475,10 @@ def _bpb_from_loss(tag: str, log: dict) -> tuple[str, bool, str]:
     return (f"bpb_from_loss{tag}", log["scored"] and not bad, "; ".join(bad) if bad else
             f"{len(log['scored'])} stage(s): val_bpb = val_loss / ln 2 x tokens / bytes" if log["scored"] else
             "no val_tokens/val_bytes/exact lines to check")
+
+
+def _number(x, default: float) -> float:
+    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else default
 
 
 def _max_present(*xs):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -20,6 +21,15 @@ from .recurrence import recurrence_due
 from .seq_schedule import SeqSchedule
 
 
+# A step line at least this often, whatever TRAIN_LOG_EVERY says (issue 28: the demo's 25 steps were a minute apart on
+# a loaded box); the line costs one host sync.
+LOG_SECONDS = 10.0
+# The step time a slowdown is measured against: the mean of steps 2..BASE_STEPS (step 1 pays one-off costs); later
+# steps are smoothed with weight SLOW_EMA each, so one slow step (a log line, a GC pause) does not stop training.
+BASE_STEPS = 5
+SLOW_EMA = 0.1
+
+
 @dataclass
 class TrainResult:
     steps: int
@@ -29,6 +39,7 @@ class TrainResult:
     stopped_by: str
     final_train_loss: float
     files_read: list[str] = field(default_factory=list)
+    slowdown: float = 1.0  # the last step time against the first steps' (budget_fn's argument)
 
 
 def local_batch_tokens(cfg: Config, world_size: int) -> int:
@@ -96,10 +107,12 @@ def nonfinite_message(step: int, loss: float, cfg: Config) -> str:
 
 
 def train(model: nn.Module, cfg: Config, dinfo: D.DistInfo, log, bos_id: int,
-          eval_fn=None) -> TrainResult:
+          eval_fn=None, budget_fn: Callable[[float], float] | None = None) -> TrainResult:
     """Train `model` in place and load the EMA weights into it at the end.
 
-    eval_fn(step) -> str, if given, runs every VAL_LOSS_EVERY steps for monitoring; its time is not charged."""
+    eval_fn(step) -> str, if given, runs every VAL_LOSS_EVERY steps for monitoring; its time is not charged.
+    budget_fn(slowdown) -> seconds, if given, is the train budget given how many times slower a step is now than over
+    the first BASE_STEPS (smoothed; at least 1), asked every step from then on (lcq/clock.py); else TRAIN_BUDGET."""
     device = dinfo.device
     params = [p for p in model.parameters() if p.requires_grad]
     optimizers = build_optimizers(model, cfg, dinfo.world_size)
@@ -158,13 +171,14 @@ def train(model: nn.Module, cfg: Config, dinfo: D.DistInfo, log, bos_id: int,
     loader = TrainLoader(train_pattern(cfg.data_path), dinfo.rank, dinfo.world_size, device, buckets,
                          vocab_size=cfg.vocab_size)
     ema = EMA(model, cfg.ema_decay) if cfg.ema_decay else None
-    budget_s = cfg.train_budget_seconds
+    budget_s = cfg.train_budget_seconds if budget_fn is None else budget_fn(1.0)
+    slowdown = 1.0
     tokens_per_step = local_tokens * dinfo.world_size * cfg.grad_accum_steps
     D.barrier()
     D.sync(device)
     train_time = 0.0
     t0 = time.perf_counter()
-    step, stopped_by, last_loss = 0, "iterations", float("nan")
+    step, stopped_by, last_loss, t_logged = 0, "iterations", float("nan"), t0
     # [out of time, non-finite loss, recurrence due, context stage due]: agreed by every rank in the one all-reduce the
     # step already makes, so a NaN stops training at the step it appears (issue 10) and every rank switches the depth
     # loop on, and moves to a longer context, at the same step (each rank's own clock could put a switch one step
@@ -196,12 +210,21 @@ def train(model: nn.Module, cfg: Config, dinfo: D.DistInfo, log, bos_id: int,
             progress = training_progress(step, elapsed, cfg)
             stop_flag[2] = float(looped and recurrence_due(progress, cfg.recur_from_progress))
             stop_flag[3] = seq.due(progress)
+        if budget_fn is not None and step >= BASE_STEPS:
+            if step == BASE_STEPS:
+                base_s = smooth_s = (elapsed - t_step1) / (BASE_STEPS - 1)
+            smooth_s += SLOW_EMA * (now - t_step - smooth_s)
+            slowdown = max(1.0, smooth_s / base_s)
+            budget_s = budget_fn(slowdown)
+        elif step == 1:
+            t_step1 = elapsed
         agreed = agree(stop_flag, elapsed, step, now - t_step, budget_s)
         stop = bool(agreed[0]) and step < cfg.iterations
         if agreed[1]:
             raise NonFiniteError(nonfinite_message(step, float(loss.item()), cfg))
         last_step = stop or step == cfg.iterations
-        if step % cfg.train_log_every == 0 or last_step or step <= 2:
+        if step % cfg.train_log_every == 0 or last_step or step <= 2 or now - t_logged >= LOG_SECONDS:
+            t_logged = now
             D.sync(device)
             last_loss = float(loss.item())
             elapsed = train_time + (time.perf_counter() - t0)
@@ -224,4 +247,4 @@ def train(model: nn.Module, cfg: Config, dinfo: D.DistInfo, log, bos_id: int,
         model.recur_active = True  # what ships runs the loop, however early training stopped
     return TrainResult(steps=step, train_time_s=train_time, step_avg_ms=1000 * train_time / max(step, 1),
                        tokens_per_step=tokens_per_step, stopped_by=stopped_by, final_train_loss=last_loss,
-                       files_read=list(loader.files_read))
+                       files_read=list(loader.files_read), slowdown=slowdown)

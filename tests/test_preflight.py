@@ -55,6 +55,9 @@ def test_tiny_preflight_prints_every_row_and_goes(tmp_path, demo_data):
     assert (tmp_path / "logs" / "preflight_pf.txt").exists()
     summary = json.loads((tmp_path / "logs" / "preflight_pf.json").read_text())
     assert summary["preflight"]["rows"].keys() == report["rows"].keys() and summary["status"] == 0
+    # issue 28: progress while it times steps, and no empty .lcq/.train_gpt.py claims left behind
+    assert "preflight: timing 2 training steps after the warm-up" in lines and any(ln.startswith("step:1/2") for ln in lines)
+    assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == ["preflight_pf.json", "preflight_pf.txt"]
 
 
 def test_no_go_under_torchrun_names_the_failing_rows(tmp_path, demo_data):

@@ -259,6 +259,27 @@ def test_build_one_seed_then_audit_passes(runs, one_seed):
     assert "0 failed" in proc.stdout
 
 
+def test_compliance_fields_mean_one_thing_each(one_seed):
+    """Issue 28: gate_passed is the byte gate (the log's `gate: ok`), exit_status_0 the exit status, and the run's own
+    caps are their own fields; the README says each on its own line."""
+    rec = json.loads((one_seed / "submission.json").read_text())
+    entry = rec["seed_results"]["1"]
+    assert entry["compliance"]["gate_passed"] == (entry["artifact_bytes"] <= entry["budgets"]["artifact_cap_bytes"])
+    assert entry["compliance"]["exit_status_0"] is True and entry["compliance"]["train_within_run_cap"] is True
+    readme = (one_seed / "README.md").read_text()
+    assert "- Byte gate passed (bytes within the run's ARTIFACT_CAP_BYTES, the log's `gate: ok`): yes" in readme
+    assert "- Exit status 0: yes" in readme
+
+
+
+def test_an_exit_4_run_keeps_its_gate_but_not_its_clock(runs):
+    """The shape of issue 28's run: bytes under the cap, training clock over the run's cap, exit 4."""
+    summary = json.loads((runs / "logs" / "seed1.json").read_text())
+    summary.update(status=4, train_clock_s=summary["config"]["max_wallclock_seconds"] + 1.0)
+    c = R.seed_result(summary)["compliance"]
+    assert c["gate_passed"] and not c["exit_status_0"] and not c["train_within_run_cap"]
+
+
 def test_build_refuses_to_overwrite_unless_forced(runs, one_seed, capsys):
     before = (one_seed / "submission.json").read_text()
     assert S.main(["build", "--run", "seed1", "--log-dir", str(runs / "logs"), "--out", str(runs / "out1")]) == 2
@@ -291,6 +312,17 @@ def tamper_train_time(folder):
     log.write_text(re.sub(r"^  total(\s+)[0-9.]+", r"  total\g<1>612.00", log.read_text(), flags=re.M))
 
 
+def tamper_train_over_run_cap(folder):
+    """Issue 28: under 600 s but over the run's own MAX_WALLCLOCK_SECONDS (tiny: 60 s), as an exit-4 run."""
+    log = folder / "train_seed1.log"
+    log.write_text(re.sub(r"^  total(\s+)[0-9.]+", r"  total\g<1>61.00", log.read_text(), flags=re.M))
+
+
+def tamper_exit_status(folder):
+    log = folder / "train_seed1.log"
+    log.write_text(re.sub(r"^exit_status: 0$", "exit_status: 4", log.read_text(), flags=re.M))
+
+
 def tamper_script_larger(folder):
     with open(folder / "train_gpt.py", "a") as f:
         f.write("# one more line of code\n")
@@ -301,6 +333,8 @@ def tamper_script_larger(folder):
     (tamper_total_over_cap, "artifact_cap[seed 1]", "16,000,123 B > 16,000,000"),
     (tamper_missing_file, "files", "missing: requirements.txt"),
     (tamper_train_time, "train_time[seed 1]", "612.00 s vs 600 s"),
+    (tamper_train_over_run_cap, "train_time[seed 1]", "61.00 s vs 600 s and the run cap 60 s"),
+    (tamper_exit_status, "exit_status[seed 1]", "exit_status: 4"),
     (tamper_script_larger, "code_bytes[seed 1]", "logged code"),
 ])
 def test_audit_names_each_kind_of_tampering(one_seed, tmp_path, tamper, check, words, capsys):
