@@ -9,6 +9,7 @@
     python -m lcq.bench serialize  # record-size artifact: bytes and charged seconds, serial vs parallel vs overlapped
     python -m lcq.bench compressors [--codes RUN.lcq]  # model section bytes/seconds: brotli vs auto vs group
     python -m lcq.bench step --preset record --world 8  # one training step's ATen ops, host reads, bytes sent (issue 18)
+    python -m lcq.bench fidelity --seed 1337  # the record preset at demo dims: float, quantized, eval-stage bpb (issue 24)
     python -m lcq.bench ttt      # batched TTT at TTT_BATCH_DOCS 1/8/32/64, and its work projected to #1855's val split
     python -m lcq.bench ttt --context  # TTT_CONTEXT recompute vs reuse at equal seconds, 2 seeds (issue 26)
     python -m lcq.bench fit      # the fit (issue 25): bpb per KB of zeroing the cheapest +-1 codes, by fraction
@@ -761,7 +762,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m lcq.bench", description=__doc__, allow_abbrev=False,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("kind", choices=("quant", "lcq", "attribution", "features", "sizing", "serialize", "compressors",
-                                     "step", "ttt", "gptq", "fit", "ngram", "slowdown"))
+                                     "step", "ttt", "gptq", "fit", "ngram", "slowdown", "fidelity"))
     ap.add_argument("--bits", default=None, help="comma-separated bit widths (quant: 4,5,6,8; lcq: 4,6)")
     ap.add_argument("--ranks", default="4,16,64", help="lcq: comma-separated LoRA ranks")
     ap.add_argument("--inits", default="zero,svd,act_svd,grail", help="lcq: comma-separated inits")
@@ -783,7 +784,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--plot", default="attribution.png", help="attribution: PNG path ('' = no plot)")
     ap.add_argument("--arms", default="abc", help="attribution: which arms to run (letters of a, b, c; a lever on one arm)")
     ap.add_argument("--clock", type=float, default=75.0, help="features: wallclock seconds per arm (train + GPTQ + serialize)")
-    ap.add_argument("--steps", type=int, default=0, help="features: > 0 = this many training steps per arm instead of a clock")
+    ap.add_argument("--steps", type=int, default=0, help="features: > 0 = this many training steps per arm instead of a clock; "
+                                                         "fidelity: training steps (default 300)")
+    ap.add_argument("--lcq-bytes", type=int, default=None,
+                    help="fidelity: LCQ_BYTES of the closed-form correction (default: bench_fidelity.FIDELITY_LCQ_BYTES)")
     ap.add_argument("--features", default="", help="features: comma-separated subset to switch off (default: all)")
     ap.add_argument("--lcq-window", type=float, default=None,
                     help="serialize: seconds LCQ runs on the device while the model section compresses (default: "
@@ -857,6 +861,10 @@ def main(argv: list[str] | None = None) -> int:
             result = bench_gptq(cfg, args.world)
         elif args.kind == "fit":
             result = bench_fit(cfg, dinfo, [float(f) for f in args.fractions.split(",")])
+        elif args.kind == "fidelity":
+            from .bench_fidelity import FIDELITY_LCQ_BYTES, bench_fidelity
+            result = bench_fidelity(cfg, dinfo, args.steps or 300,
+                                    FIDELITY_LCQ_BYTES if args.lcq_bytes is None else args.lcq_bytes)
         elif args.kind == "sizing":
             result = bench_sizing(cfg)
         elif args.kind == "features":

@@ -74,7 +74,6 @@ def probe(model, cfg, world_size: int, one_batch, batch_tokens: int, spec, alias
         D.sync(device)
         solve_s += (time.perf_counter() - t) * len(names) / world_size
         qtensors.update(q)
-    t2 = time.perf_counter()
     mods = dict(model.named_modules())
     shapes = [tuple(mods[n].weight.shape) for n in lcq_names]
     svd = {s: _timed(lambda: (torch.linalg.svd(torch.randn(s, device=device)), D.sync(device))) for s in set(shapes)}
