@@ -28,6 +28,17 @@ HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
 
 
+# The demo dataset's layout under one root (built by lcq/tools/corpus.py): the demo/tiny presets' default paths, and
+# the only place those presets build data themselves (lcq/from_repo.py).
+DEMO_NAME = "demo_sp1024"
+DEMO_ROOT = "data/demo"
+
+
+def demo_paths(root: str | os.PathLike = DEMO_ROOT) -> tuple[Path, Path]:
+    root = Path(root)
+    return root / "datasets" / DEMO_NAME, root / "tokenizers" / f"{DEMO_NAME}.model"
+
+
 class ShardError(ValueError):
     """A shard file that is not in the challenge's format."""
 

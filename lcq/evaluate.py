@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from . import dist as D
 from .data import doc_starts
 from .model import eval_forward
-from .runlog import atomic_write
+from .files import atomic_write
 from .tokenizer import token_bytes
 
 

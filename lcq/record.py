@@ -11,7 +11,7 @@ import math
 import os
 import statistics
 
-from .runlog import atomic_write
+from .files import atomic_write
 
 # The competition's limits. The audit holds every run to these, whatever caps the run configured for itself.
 CAP_BYTES = 16_000_000

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lcq.bench import scaled_features
+from lcq.tools.bench import scaled_features
 from lcq.config import RECORD_FEATURES, ConfigError, make_config
 from lcq.data import segment_bounds
 from lcq.dist import DistInfo
@@ -202,7 +202,7 @@ def test_tiny_pipeline_with_every_new_flag(tmp_path, demo_data):
 
 def test_features_bench_end_to_end(tmp_path, demo_data, monkeypatch, capsys):
     """`python -m lcq.bench features` on the tiny preset (4 layers so every feature fits), the int7 embedding switched off: the table and the JSON line with one row per arm, deltas against the all-on arm."""
-    from lcq.bench import main
+    from lcq.tools.bench import main
 
     data_path, tok = demo_data
     for k, v in dict(DATA_PATH=str(data_path), TOKENIZER_PATH=str(tok), LOG_DIR=str(tmp_path)).items():

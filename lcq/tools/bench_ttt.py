@@ -27,8 +27,8 @@ import types
 import numpy as np
 import torch
 
-from . import ttt as T
-from .config import Config, replace
+from .. import ttt as T
+from ..config import Config, replace
 
 # (batch, shortest, longest document) from the `ttp: bN/782 ... dl:lo-hi` lines of #1855's train_seed42.log
 RECORD_BATCHES = 782
@@ -138,7 +138,7 @@ def _row(model, run, cfg: Config, batch_docs: int, dump: str) -> dict:
 
 
 def bench_ttt(cfg: Config, dinfo, batch_list: list[int], log_path: str | None) -> dict:
-    from .bench import trained_run
+    from .bench_run import trained_run
     run = trained_run(cfg, dinfo, "ttt")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
