@@ -5,7 +5,7 @@
 - rendered_script: a run from the repo counts its code bytes by rendering the single-file script it ships
   (lcq/tools/bundle.py); a bundled run reads its own file instead (lcq/script.py).
 Both import the tool inside the function, so this module loads in the single-file script too; there a call gets the
-loader's ImportError ("run from the lcq repo"). tests/test_layout.py holds the rule: no other runtime module imports
+loader's ImportError ("lcq.tools is not bundled: run from the lcq repo"). tests/test_layout.py holds the rule: no other runtime module imports
 lcq.tools, and this one only inside functions.
 """
 from __future__ import annotations

@@ -9,9 +9,9 @@ How the bytes are spent (measured by `lcq bundle --compare`, figures in BENCHMAR
 - Sources are minified without changing the program: docstrings and comments dropped, indentation 1 space, annotations
   dropped from undecorated functions' signatures (a decorator may read them: torch.library.custom_op, triton.jit) and
   from assignments in function bodies (`x: T = v`: Python never evaluates those, PEP 526), no
-  space the tokenizer does not need, and each function's local names (never its parameters) shortened to names the
-  module does not use (rename_locals; alpha_mismatch checks every render against the documented tree). The re-indented
-  and squeezed texts must parse to the same tree (else that step is skipped); tests/test_bundle.py checks that every
+  space the tokenizer does not need, a suite of one simple statement on its header's line, and each function's local names (never its parameters) shortened to names the
+  module does not use (rename_locals; alpha_mismatch checks every render against the documented tree). The re-indented,
+  squeezed and joined texts must parse to the same tree (else that step is skipped); tests/test_bundle.py checks that every
   shipped module parses to the documented source's tree minus exactly those changes.
 - Modules joined as `\\0name\\nsource` records (JSON escaping of every newline and quote cost ~0.5%).
 - brotli quality 11 (window 2^24), a few percent smaller than lzma -9e (raw LZMA2, lc3 pb0) on this text; a run already
@@ -54,13 +54,13 @@ TOOLS = "lcq.tools"
 
 HEADER = b'''\
 #coding:latin-1
-# lcq's sources, brotli in a latin-1 string (made by lcq bundle: do not edit)
+# lcq's sources in brotli (made by lcq bundle; do not edit)
 import brotli,importlib.abc as A,importlib.util as U,sys
 class _Bundle(A.MetaPathFinder,A.Loader):
  def __init__(s,p,b):s.lcq_bundle_path=p;s.sources=dict(r.split("\\n",1)for r in brotli.decompress(b).decode().split("\\0")[1:])
  def find_spec(s,n,*a):
   if n in s.sources and n!="__entry__":return U.spec_from_loader(n,s,is_package=n=="lcq")
-  if n[:4]=="lcq.":raise ImportError(n+" is not in this single-file script: run from the lcq repo")
+  if n[:4]=="lcq.":raise ImportError(n+" is not bundled: run from the lcq repo")
  def get_source(s,n):return s.sources[n]
  def exec_module(s,m):m.__file__="<lcq-bundle>/"+m.__name__.replace(".","/")+".py";exec(compile(s.sources[m.__name__],m.__file__,"exec"),m.__dict__)
 _b=_Bundle(__file__,'''
@@ -115,7 +115,7 @@ def strip_source(code: str, squeeze: bool = True, rename: bool = True) -> str:
             raise AssertionError(f"lcq.bundle: renaming changed the program: {mismatch}")
     out = ast.unparse(renamed)
     want = ast.dump(ast.parse(out))  # each step below is kept only if its text parses to this same tree
-    for step in (_reindent, _squeeze) if squeeze else (_reindent,):
+    for step in (_reindent, _squeeze, _join_suites) if squeeze else (_reindent,):
         shorter = step(out)
         if ast.dump(ast.parse(shorter)) == want:
             out = shorter
@@ -163,6 +163,30 @@ def _squeeze(src: str) -> str:
         out.append(text)
         prev_end = text
     return "".join(out).rstrip("\n")
+
+
+_COMPOUND = ("if ", "if(", "for ", "for(", "while ", "while(", "with ", "with(", "try:", "def ", "class ", "async ", "@",
+             "match ", "match(")
+
+
+def _join_suites(src: str) -> str:
+    """A suite of one simple statement moves up onto its header line (`if x:\n  return y` -> `if x:return y`), saving
+    its newline and indentation. On the 1-space text: a line ending in `:` is a compound statement's header (the
+    unparsed text has one statement per line and no comments), the next line is one level deeper, the line after it
+    is not. The caller checks that the result parses to the same tree."""
+    lines = src.split("\n")
+    depth = [len(line) - len(line.lstrip(" ")) for line in lines]
+    out, i = [], 0
+    while i < len(lines):
+        line = lines[i]
+        if line.endswith(":") and i + 1 < len(lines) and depth[i + 1] == depth[i] + 1 \
+                and (i + 2 == len(lines) or depth[i + 2] <= depth[i]) and not lines[i + 1].lstrip(" ").startswith(_COMPOUND):
+            out.append(line + lines[i + 1].lstrip(" "))
+            i += 2
+            continue
+        out.append(line)
+        i += 1
+    return "\n".join(out)
 
 
 # Renaming: inside each function (a method, or a function at module level), the names it binds become the shortest
