@@ -550,6 +550,31 @@ def resolve(argv: list[str] | None = None, env: dict | None = None, allow_extra:
     return Config(**values), rest
 
 
+def knob_docs() -> list[dict]:
+    """Every knob in field order: group (its `# --- name ---` heading), name (the environment form), default, record
+    (the record preset's value) and comment (the field's source comment: the lines above it, then the one after it)."""
+    import inspect
+
+    group, notes, out = "", [], []
+    for line in inspect.getsource(Config).split("\n"):
+        line = line.strip()
+        m = re.match(r"(\w+): *\w+ *= *.*?(?:  # (.*))?$", line)
+        if line.startswith("def "):
+            break
+        if line.startswith("# ---"):
+            group, notes = line.strip("# -"), []
+        elif line.startswith("#"):
+            notes.append(line[1:].strip())
+        elif m and m[1] in _FIELDS:
+            default = _FIELDS[m[1]].default
+            out.append(dict(group=group, name=m[1].upper(), default=default,
+                            record=PRESETS["record"].get(m[1], default), comment=" ".join(notes + [m[2] or ""]).strip()))
+            notes = []
+        else:
+            notes = []
+    return out
+
+
 def replace(cfg: Config, **changes) -> Config:
     return dataclasses.replace(cfg, **changes)
 

@@ -143,3 +143,34 @@ def test_lcq_demo_runs_the_repo_entry_with_the_demo_preset(monkeypatch, capsys):
     assert cli.demo(["--print_config", "--seed=7"]) == 0
     out = capsys.readouterr().out
     assert '"preset": "demo"' in out and '"seed": 7' in out
+
+
+def test_knob_docs_follow_the_config_fields():
+    """knob_docs: one entry per Config field in field order, with its group heading, default, record value and
+    comment (the README table and --help read it)."""
+    import dataclasses
+
+    from lcq.config import PRESETS, Config, knob_docs
+
+    docs = knob_docs()
+    fields = dataclasses.fields(Config)
+    assert [d["name"] for d in docs] == [f.name.upper() for f in fields]
+    assert all(set(d) == {"group", "name", "default", "record", "comment"} and d["group"] for d in docs)
+    by_name = {d["name"]: d for d in docs}
+    for f in fields:
+        assert by_name[f.name.upper()]["default"] == f.default
+        assert by_name[f.name.upper()]["record"] == PRESETS["record"].get(f.name, f.default)
+    assert by_name["MAX_WALLCLOCK_SECONDS"]["group"] == "budgets"
+    assert by_name["MAX_WALLCLOCK_SECONDS"]["comment"].startswith("the challenge's training cap")
+    # a comment above the field, then the one after it on its line
+    assert by_name["TRAIN_RESERVE_SECONDS"]["comment"].startswith("seconds of the cap kept back")
+
+
+def test_readme_knob_table_is_current():
+    """The README's knob table is what `python -m lcq.tools.knobs` generates from lcq/config.py today."""
+    from lcq.tools import knobs
+
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    assert knobs.render(readme) == readme, "README.md's knob table is stale: run python -m lcq.tools.knobs"
+    with pytest.raises(ValueError, match="knob table markers"):
+        knobs.render("no markers")
