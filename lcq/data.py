@@ -1,6 +1,6 @@
 """Token shards in the challenge's format, per-rank train streams, val tokens, document boundaries.
 
-Shard format (DESIGN.md): 256 little-endian int32 header ints ([0]=magic 20240520, [1]=version 1,
+Shard format (docs/competition.md): 256 little-endian int32 header ints ([0]=magic 20240520, [1]=version 1,
 [2]=num_tokens), then num_tokens little-endian uint16 token ids.
 
 Per-token byte sidecar (CaseOps data, PR #1729; records/track_10min_16mb/2026-04-18_PR1626_CaseOps_Taper and

@@ -103,7 +103,7 @@ def test_document_isolation_with_every_feature_on(recur_active):
 
 def test_eval_isolation_with_every_feature_on():
     """The doc-isolated eval of a packed val stream scores each document exactly as the eval of it alone (followed by
-    the next document's BOS, which is its last target: DESIGN.md, "Which targets")."""
+    the next document's BOS, which is its last target: docs/scoring.md)."""
     from lcq.evaluate import evaluate
     from lcq.tokenizer import ByteTables
 
