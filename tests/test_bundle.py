@@ -24,6 +24,8 @@ def test_strip_source_keeps_the_program():
     # one space per indentation level, no spaces the tokenizer does not need, a one-statement suite on its header's
     # line; the local `y: int = 1` lost its annotation
     assert re.search(r"\n (\w+)=1\n if x:return x\+\1\n return 0\n", out) and "\ndef deco(g):return g\n" in out
+    # consecutive simple statements share a line, and such a line joins its header
+    assert strip_source("def f(a):\n    if a:\n        a = 2\n        a += 1\n    return a\n") == "def f(a):\n if a:a=2;a+=1\n return a\n"
     ns = {}
     exec(compile(out, "<t>", "exec"), ns)
     assert ns["f"](2) == 3 and ns["f"](0) == 0 and isinstance(ns["C"](), ns["C"]) and ns["h"](5) == 5

@@ -9,7 +9,8 @@ How the bytes are spent (measured by `lcq bundle --compare`, figures in BENCHMAR
 - Sources are minified without changing the program: docstrings and comments dropped, indentation 1 space, annotations
   dropped from undecorated functions' signatures (a decorator may read them: torch.library.custom_op, triton.jit) and
   from assignments in function bodies (`x: T = v`: Python never evaluates those, PEP 526), no
-  space the tokenizer does not need, a suite of one simple statement on its header's line, and each function's local names (never its parameters) shortened to names the
+  space the tokenizer does not need, consecutive simple statements on one line (`;`) and a suite of them on its
+  header's line, and each function's local names (never its parameters) shortened to names the
   module does not use (rename_locals; alpha_mismatch checks every render against the documented tree). The re-indented,
   squeezed and joined texts must parse to the same tree (else that step is skipped); tests/test_bundle.py checks that every
   shipped module parses to the documented source's tree minus exactly those changes.
@@ -115,7 +116,7 @@ def strip_source(code: str, squeeze: bool = True, rename: bool = True) -> str:
             raise AssertionError(f"lcq.bundle: renaming changed the program: {mismatch}")
     out = ast.unparse(renamed)
     want = ast.dump(ast.parse(out))  # each step below is kept only if its text parses to this same tree
-    for step in (_reindent, _squeeze, _join_suites) if squeeze else (_reindent,):
+    for step in (_reindent, _squeeze, _semicolons, _join_suites) if squeeze else (_reindent,):
         shorter = step(out)
         if ast.dump(ast.parse(shorter)) == want:
             out = shorter
@@ -169,8 +170,29 @@ _COMPOUND = ("if ", "if(", "for ", "for(", "while ", "while(", "with ", "with(",
              "match ", "match(")
 
 
+_CLAUSES = _COMPOUND + ("else", "elif ", "elif(", "except", "finally")
+
+
+def _semicolons(src: str) -> str:
+    """Consecutive simple statements at one depth share a line (`a=1\n  b=2` -> `a=1;b=2`), saving each one's newline
+    and indentation. A line that ends in `:` or starts a compound statement or clause takes no part. The caller checks
+    that the result parses to the same tree."""
+    out = []
+    for line in src.split("\n"):
+        text = line.lstrip(" ")
+        if out and not line.endswith(":") and not text.startswith(_CLAUSES):
+            prev = out[-1]
+            before = prev.lstrip(" ")
+            if len(prev) - len(before) == len(line) - len(text) and not prev.endswith(":") \
+                    and not before.startswith(_CLAUSES):
+                out[-1] = prev + ";" + text
+                continue
+        out.append(line)
+    return "\n".join(out)
+
+
 def _join_suites(src: str) -> str:
-    """A suite of one simple statement moves up onto its header line (`if x:\n  return y` -> `if x:return y`), saving
+    """A suite of one line of simple statements moves up onto its header line (`if x:\n  return y` -> `if x:return y`), saving
     its newline and indentation. On the 1-space text: a line ending in `:` is a compound statement's header (the
     unparsed text has one statement per line and no comments), the next line is one level deeper, the line after it
     is not. The caller checks that the result parses to the same tree."""
