@@ -1,4 +1,4 @@
-"""Token shards in the challenge's format, per-rank train streams, val tokens, document boundaries.
+"""Token shards in the challenge's format, per-rank train streams, val tokens, document boundaries, the demo layout.
 
 Shard format (docs/competition.md): 256 little-endian int32 header ints ([0]=magic 20240520, [1]=version 1,
 [2]=num_tokens), then num_tokens little-endian uint16 token ids.
