@@ -1,4 +1,5 @@
-"""`python -m lcq.preflight` on the tiny preset: the go/no-go table, its JSON line, and a no-go that exits non-zero."""
+"""`lcq preflight` on the tiny preset, run as `python -m lcq.tools preflight` (the form torchrun takes): the go/no-go
+table, its JSON line, and a no-go that exits non-zero."""
 import json
 import os
 import subprocess
@@ -12,7 +13,7 @@ def preflight(tmp_path, demo_data, *args, nproc=1, extra_env=None):
     env = dict(os.environ, PRESET="tiny", DATA_PATH=str(data_path), TOKENIZER_PATH=str(tokenizer_path),
                LOG_DIR=str(tmp_path / "logs"), OMP_NUM_THREADS="1", **(extra_env or {}))
     launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    cmd = [sys.executable, *launcher, "-m", "lcq.tools.preflight", "--steps", "2", *args]
+    cmd = [sys.executable, *launcher, "-m", "lcq.tools", "preflight", "--steps", "2", *args]  # `lcq preflight`
     proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     lines = proc.stdout.strip().splitlines()
     report = json.loads(lines[-1]) if lines and lines[-1].startswith("{") else None
