@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from .config import Config
-from .data import HEADER_BYTES, ShardError, demo_paths, list_shards, read_header, sidecar_files, train_pattern, val_pattern
+from .data import (HEADER_BYTES, ShardError, demo_paths, list_shards, read_header, sidecar_files, train_pattern,
+                   val_pattern)
 
 # Train ids are range-checked on at most this many tokens in all (spread over every shard, a few chunks each): ~2 MB
 # of reads at record scale, enough to catch a shard tokenized with another vocabulary (its ids spread over the range).
