@@ -29,7 +29,7 @@ section's meta, with each later section's meta under that section's name (the pi
 so meta["lora"] is the LoRA section's meta). The checksum covers the header fields too, so a flipped byte anywhere
 after the magic is reported before any decompression or parsing happens.
 
-Why sections (issue 8, DESIGN.md "Serialization"): the quantized base model is compressed on host threads while LCQ
+Why sections (issue 8, docs/time-and-bytes.md): the quantized base model is compressed on host threads while LCQ
 distils on the device, and after distillation only the LoRA is compressed. A section's bytes are its bytes, so the
 LoRA's share of the artifact is exact, with no attribution estimate. Why chunks: a chunk is compressed by its own
 thread, so a large payload uses the host's cores; the split point is fixed (CHUNK_BYTES), never the core count, so

@@ -8,7 +8,6 @@ train id range is checked on a bounded sample; only the val split, which the run
 from __future__ import annotations
 
 import json
-import math
 import os
 import resource
 import shutil
@@ -16,10 +15,10 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from .config import Config
-from .data import HEADER_BYTES, ShardError, list_shards, read_header, sidecar_files, train_pattern, val_pattern
+from .data import (HEADER_BYTES, ShardError, demo_paths, list_shards, read_header, sidecar_files, train_pattern,
+                   val_pattern)
 
 # Train ids are range-checked on at most this many tokens in all (spread over every shard, a few chunks each): ~2 MB
 # of reads at record scale, enough to catch a shard tokenized with another vocabulary (its ids spread over the range).
@@ -34,10 +33,6 @@ DISK_MARGIN_BYTES = 16 << 20
 
 class StartupError(RuntimeError):
     """Bad input found before training: the message names the file or knob and the fix."""
-
-
-class NonFiniteError(RuntimeError):
-    """A loss or weights that are NaN/inf: nothing built from them may be quantized, shipped or scored."""
 
 
 def check_shards(cfg: Config, with_train: bool = True) -> tuple[list[str], list[str]]:
@@ -240,20 +235,5 @@ def sweep_temp_files(cfg: Config) -> tuple[list[str], list[str]]:
 def demo_layout(data_path: str, tokenizer_path: str) -> bool:
     """True when the two paths are the demo dataset's layout under one root, the only place the demo/tiny presets
     build data themselves (anywhere else a missing file is the user's to fix, and the check says which)."""
-    from .corpus import demo_paths  # the corpus module is only needed here, when a preset may build the demo data
-
     data, tok = demo_paths(Path(data_path).parent.parent)
     return Path(data).resolve() == Path(data_path).resolve() and Path(tok).resolve() == Path(tokenizer_path).resolve()
-
-
-def check_finite_weights(model: torch.nn.Module, where: str) -> None:
-    """Every parameter and buffer finite; otherwise NonFiniteError naming the first bad tensors."""
-    bad = [n for n, t in [*model.named_parameters(), *model.named_buffers()]
-           if t.is_floating_point() and not bool(torch.isfinite(t).all())]
-    if bad:
-        raise NonFiniteError(f"{where}: non-finite weights in {bad[:5]}; nothing shipped. Fix: lower MATRIX_LR/"
-                             "EMBED_LR/SCALAR_LR or set GRAD_CLIP_NORM")
-
-
-def finite(x) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)

@@ -1,6 +1,6 @@
-"""Token shards in the challenge's format, per-rank train streams, val tokens, document boundaries.
+"""Token shards in the challenge's format, per-rank train streams, val tokens, document boundaries, the demo layout.
 
-Shard format (DESIGN.md): 256 little-endian int32 header ints ([0]=magic 20240520, [1]=version 1,
+Shard format (docs/competition.md): 256 little-endian int32 header ints ([0]=magic 20240520, [1]=version 1,
 [2]=num_tokens), then num_tokens little-endian uint16 token ids.
 
 Per-token byte sidecar (CaseOps data, PR #1729; records/track_10min_16mb/2026-04-18_PR1626_CaseOps_Taper and
@@ -26,6 +26,17 @@ MAGIC = 20240520
 VERSION = 1
 HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
+
+
+# The demo dataset's layout under one root (built by lcq/tools/corpus.py): the demo/tiny presets' default paths, and
+# the only place those presets build data themselves (lcq/from_repo.py).
+DEMO_NAME = "demo_sp1024"
+DEMO_ROOT = "data/demo"
+
+
+def demo_paths(root: str | os.PathLike = DEMO_ROOT) -> tuple[Path, Path]:
+    root = Path(root)
+    return root / "datasets" / DEMO_NAME, root / "tokenizers" / f"{DEMO_NAME}.model"
 
 
 class ShardError(ValueError):

@@ -1,6 +1,6 @@
 """Sliding-window bits-per-byte evaluation that never lets a document see another.
 
-Scored tokens (the leaderboard's convention, DESIGN.md): every token of the val stream except its very first is a target
+Scored tokens (the leaderboard's convention, docs/scoring.md): every token of the val stream except its very first is a target
 exactly once. Document d (from its BOS up to the next BOS) predicts its own tokens after the first and, as its last
 target, the BOS that opens document d+1: that BOS is predicted from document d's tokens only, so no document ever reads
 another (the records' `eval_val` counts every `y`; their TTT split extends each document by one token for the same BOS).
@@ -28,7 +28,7 @@ from . import dist as D
 from .data import doc_starts
 from .model import eval_forward
 from .ngram import Tilt
-from .runlog import atomic_write
+from .files import atomic_write
 from .tokenizer import token_bytes
 
 

@@ -26,19 +26,21 @@ from . import dist as D
 from .clock import PostTrainProbe
 from .clock import probe as clock_probe
 from . import grouping
-from .checks import (NonFiniteError, StartupError, check_disk, check_output_folders, check_reserve, check_shards,
+from .checks import (StartupError, check_disk, check_output_folders, check_reserve, check_shards,
                      check_submission_json, claim, release, run_outputs, sweep_temp_files,
-                     check_tokenizer_file, check_train_ids, check_val_ids, demo_layout, finite)
+                     check_tokenizer_file, check_train_ids, check_val_ids, demo_layout)
 from .config import Config, ConfigError
-from .data import (TrainLoader, file_sha256, list_shards, load_val_bytes, load_val_tokens, sidecar_files, train_pattern,
-                   val_pattern)
+from .data import TrainLoader, file_sha256, load_val_bytes, load_val_tokens, sidecar_files, train_pattern
 from .distill import DistillResult, lcq_diagnostic, lcq_stage, lcq_target_names
 from .evaluate import EvalResult, dump_path, evaluate
+from .files import atomic_write
+from .from_repo import ensure_demo
 from .gptq import QuantSpec, collect_hessians, dequantize_state, quant_error_report, quantize_state
+from .guards import NonFiniteError, finite
 from .model import GPT, autocast_for, build_model, configure_runtime, gptq_targets
 from .ngram import Tilt, build_tilt
 from .record import run_record, write_submission_json
-from .runlog import RunLog, atomic_write
+from .runlog import RunLog
 from .script import shipped_script
 from .shipping import TIED, artifact_meta, check_artifact_fits, fit_to_cap, load_shipped, model_from_state
 from .tokenizer import ByteTables, byte_tables, check_byte_source, load_tokenizer
@@ -172,11 +174,10 @@ def open_run(cfg: Config, dinfo: D.DistInfo) -> Run:
     (lcq.checks: files, shards, token ids, reserve split, disk, outputs) before anything trains, load tokenizer and
     val. A failure after the log is open is logged (an `error:` line, the JSON summary with status and error) and
     raised as StartupError; nothing a previous run wrote is touched."""
-    # Existence first: demo_layout imports lcq.corpus, which the single-file script does not carry (lcq/bundle.py).
+    # The build is a tool (lcq/tools/corpus.py), reached from the repo only (lcq/from_repo.py).
     if cfg.auto_build_demo and not (os.path.isdir(cfg.data_path) and os.path.exists(cfg.tokenizer_path)) and \
             demo_layout(cfg.data_path, cfg.tokenizer_path):
         if dinfo.is_master:
-            from .corpus import ensure_demo
             t = time.perf_counter()
             ensure_demo(cfg.data_path, cfg.tokenizer_path)
             print(f"built demo dataset in {time.perf_counter() - t:.1f}s: {cfg.data_path}", flush=True)

@@ -1,6 +1,6 @@
 """submission.json for a run: a pure function of the run's JSON summary, and an atomic writer.
 
-Bundled with the training script (every run writes the root submission.json); lcq.submission builds record folders and
+Bundled with the training script (every run writes the root submission.json); lcq/tools/submission.py builds record folders and
 audits them on top of it. Field names follow the challenge's own records (openai/parameter-golf,
 records/track_10min_16mb/*/submission.json); ours sit beside them.
 """
@@ -11,7 +11,7 @@ import math
 import os
 import statistics
 
-from .runlog import atomic_write
+from .files import atomic_write
 
 # The competition's limits. The audit holds every run to these, whatever caps the run configured for itself.
 CAP_BYTES = 16_000_000

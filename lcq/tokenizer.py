@@ -1,6 +1,6 @@
 """SentencePiece loading and the per-token byte tables behind val_bpb.
 
-The byte rule (DESIGN.md, the challenge's scorer): a target token is worth the UTF-8 length of its piece
+The byte rule (docs/scoring.md, the challenge's scorer): a target token is worth the UTF-8 length of its piece
 without a leading '▁', plus one byte for that leading space unless the previous token is a boundary
 token. Control, unknown and unused pieces are boundary tokens worth 0 bytes; byte-fallback pieces
 (<0x..>) are worth 1 byte. Ids past the tokenizer's own vocabulary (padding up to VOCAB_SIZE) are

@@ -12,9 +12,9 @@ import torch.nn as nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from . import dist as D
-from .checks import NonFiniteError, check_finite_weights
 from .config import Config
 from .data import TrainLoader, cu_buckets, max_segments, pad_cu, segment_bounds, train_pattern
+from .guards import NonFiniteError, check_finite_weights
 from .model import autocast_for
 from .optim import EMA, GradSync, apply_schedule, build_optimizers, training_progress
 from .recurrence import recurrence_due

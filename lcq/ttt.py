@@ -1,6 +1,6 @@
 """Score-first test-time training (TTT) at eval, started from what the artifact ships.
 
-The records' eval (PRs #1626 -> #1736 -> #1855, DESIGN.md) adapts a per-document LoRA while it scores, plus optional
+The records' eval (PRs #1626 -> #1736 -> #1855, docs/ttt.md) adapts a per-document LoRA while it scores, plus optional
 global SGD phases on the base weights. Here, per document (inputs from its BOS up to the next BOS, which is its last
 target, exactly as lcq/evaluate.py defines the targets):
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lcq import artifact as A
-from lcq import artifact_tools as AT
+from lcq.tools import artifact_tools as AT
 from artifact_bounds import compressor_of, max_compressed_bytes, max_section_bytes
 
 DTYPES = [torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64, torch.float16, torch.bfloat16,

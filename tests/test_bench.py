@@ -12,7 +12,7 @@ def bench(tmp_path, demo_data, *args):
     data_path, tok = demo_data
     env = dict(os.environ, DATA_PATH=str(data_path), TOKENIZER_PATH=str(tok), LOG_DIR=str(tmp_path / "logs"),
                OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "lcq.bench", *args, "--preset", "tiny"], env=env, cwd=tmp_path,
+    proc = subprocess.run([sys.executable, "-m", "lcq.tools.bench", *args, "--preset", "tiny"], env=env, cwd=tmp_path,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])

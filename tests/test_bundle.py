@@ -7,8 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from lcq import bundle
-from lcq.bundle import LEFT_OUT, MODULES, entry_imports, latin1_literal, package_sources, render, strip_source
+from lcq.tools import bundle
+from lcq.tools.bundle import TOOLS, entry_imports, latin1_literal, package_sources, render, strip_source
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -21,8 +21,11 @@ def test_strip_source_keeps_the_program():
     # docstrings, comments, plain signatures' annotations and function-local ones
     assert "doc" not in out and "#" not in out and "int" not in out
     assert "'keep'" in out and "'kept'" in out  # a decorator may read annotations (custom_op, triton.jit): kept
-    # one space per indentation level, no spaces the tokenizer does not need; the local `y: int = 1` lost its annotation
-    assert re.search(r"\n (\w+)=1\n if x:\n  return x\+\1\n", out)
+    # one space per indentation level, no spaces the tokenizer does not need, a one-statement suite on its header's
+    # line; the local `y: int = 1` lost its annotation
+    assert re.search(r"\n (\w+)=1\n if x:return x\+\1\n return 0\n", out) and "\ndef deco(g):return g\n" in out
+    # consecutive simple statements share a line, and such a line joins its header
+    assert strip_source("def f(a):\n    if a:\n        a = 2\n        a += 1\n    return a\n") == "def f(a):\n if a:a=2;a+=1\n return a\n"
     ns = {}
     exec(compile(out, "<t>", "exec"), ns)
     assert ns["f"](2) == 3 and ns["f"](0) == 0 and isinstance(ns["C"](), ns["C"]) and ns["h"](5) == 5
@@ -132,15 +135,18 @@ def test_squeeze_keeps_the_tokens_apart_where_it_must():
     assert len(out) < len(src)
 
 
-def test_module_list_is_what_the_entry_imports():
-    """A module that train_gpt.py reaches (at module level or in a function, through any lcq module) must be shipped or
-    left out on purpose; MODULES lists nothing a run never imports."""
+def test_what_ships_is_what_the_entry_imports():
+    """The bundle ships every module directly in lcq/ (no list to keep), and that is exactly the runtime: what
+    train_gpt.py reaches (at module level or in a function, through any lcq module) outside the tools wing. A module in
+    lcq/ that no run imports belongs in lcq/tools/."""
     reached = entry_imports((REPO / "train_gpt.py").read_text(encoding="utf-8"))
-    missing = reached - set(MODULES) - set(LEFT_OUT)
-    assert not missing, f"add {sorted(missing)} to lcq.bundle.MODULES (or LEFT_OUT with why a run never needs them)"
-    assert set(MODULES) <= reached, f"{sorted(set(MODULES) - reached)} are shipped but never imported by a run"
-    assert not set(MODULES) & set(LEFT_OUT)
-    assert {"lcq.bench", "lcq.submission", "lcq.corpus", "lcq.bundle"} <= set(LEFT_OUT)
+    shipped = set(package_sources())
+    runtime = {m for m in reached if m != TOOLS and not m.startswith(TOOLS + ".")}
+    assert shipped == {"lcq"} | {f"lcq.{p.stem}" for p in (REPO / "lcq").glob("*.py") if p.stem != "__init__"}
+    assert runtime <= shipped, f"{sorted(runtime - shipped)} are imported by a run but not shipped"
+    assert shipped <= runtime, f"{sorted(shipped - runtime)} are shipped but never imported by a run: move to lcq/tools/"
+    # the run reaches the tools wing only through lcq/from_repo.py (tests/test_layout.py): the demo build, the renderer
+    assert reached - runtime == {"lcq.tools.corpus", "lcq.tools.bundle"}
 
 
 def test_latin1_literal_round_trips_every_byte(tmp_path):
@@ -158,7 +164,7 @@ def test_latin1_literal_round_trips_every_byte(tmp_path):
 
 def test_render_is_deterministic_and_leaves_out_tooling():
     sources = package_sources()
-    assert set(sources) == set(MODULES)
+    assert not any(name.startswith(TOOLS) for name in sources)
     few = {k: sources[k] for k in ("lcq", "lcq.dist", "lcq.script")}
     assert render("print(1)\n", few) == render("print(1)\n", dict(reversed(list(few.items()))))
 
@@ -178,19 +184,22 @@ def test_bundle_runs_from_an_empty_dir_without_lcq(tmp_path):
              "except SystemExit as e:assert e.code==0,e\nimport lcq.script\nassert lcq.script.running_bundle()\n"
              # triton.jit reads its kernels' source: the loader serves it (get_source), else the import fails on CUDA
              "import lcq.kernels as k\nassert k.triton is None or 'tl.dot' in k._up_kernel.src\n"
-             "try:import lcq.corpus\nexcept ImportError as e:print(e,file=sys.stderr)\n")
+             "try:import lcq.tools.corpus\nexcept ImportError as e:print(e,file=sys.stderr)\n")
     proc = subprocess.run([sys.executable, "-c", probe, str(script)], cwd=run_dir, capture_output=True, text=True,
                           env=dict(os.environ, PYTHONPATH=str(poison.parent), OMP_NUM_THREADS="1"), timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(proc.stdout)["preset"] == "record"
-    assert "lcq.corpus is not in this single-file script" in proc.stderr, proc.stderr[-2000:]
+    assert "lcq.tools is not bundled: run from the lcq repo" in proc.stderr, proc.stderr[-2000:]
 
 
 def test_a_package_tool_as_main_ships_the_repo_entry(monkeypatch):
-    """`python -m lcq.bench` / `lcq.preflight` run the pipeline with their own module as __main__: the code bytes they
-    count are those of the script a run ships (the repo's train_gpt.py as entry), not a bundle of the tool."""
+    """`lcq bench` / `lcq preflight` (the console script) and `python -m lcq.tools.bench` run the pipeline with their own
+    file as __main__: the code bytes they count are those of the script a run ships (the repo's train_gpt.py as
+    entry), not a bundle of the tool."""
     from lcq import script
 
     main = sys.modules["__main__"]
-    monkeypatch.setattr(main, "__file__", str(REPO / "lcq" / "bench.py"), raising=False)
-    assert script.shipped_script() == script.shipped_script(REPO / "train_gpt.py")
+    want = script.shipped_script(REPO / "train_gpt.py")
+    for tool in (REPO / "lcq" / "tools" / "bench.py", Path(sys.executable).parent / "lcq"):
+        monkeypatch.setattr(main, "__file__", str(tool), raising=False)
+        assert script.shipped_script() == want, tool

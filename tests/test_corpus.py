@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from lcq import corpus, data
+from lcq import data
+from lcq.tools import corpus
 from lcq.tokenizer import byte_tables, load_tokenizer, token_bytes
 
 BOS = 1

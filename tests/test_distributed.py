@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 
-from lcq.bench_step import reference_muon_step
+from lcq.tools.bench_step import reference_muon_step
 from lcq.optim import GradSync, Muon, row_normalize
 
 SHAPES = [(16, 8)] * 3 + [(8, 24)] * 8 + [(6, 14)] * 9
@@ -103,7 +103,7 @@ def test_row_normalize_gives_unit_rows_in_the_direction_of_each_row():
 
 
 def test_step_bench_counts_one_host_read_and_fewer_optimizer_ops_after_banking():
-    from lcq.bench_step import bench_step
+    from lcq.tools.bench_step import bench_step
     from lcq.config import make_config
 
     r = bench_step(make_config("tiny"), world=2, tokens=128)

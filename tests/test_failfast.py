@@ -22,7 +22,7 @@ import torch
 
 from lcq import artifact, pipeline
 from lcq import record as R
-from lcq import submission as S
+from lcq.tools import submission as S
 from lcq.checks import StartupError, check_train_ids
 from lcq.config import Config, make_config
 from lcq.data import HEADER_BYTES, MAGIC
@@ -30,9 +30,9 @@ from lcq.dist import DistInfo
 from lcq.evaluate import EvalResult
 from lcq.pipeline import (CLOCK_EXIT_CODE, CONFIG_EXIT_CODE, NONFINITE_EXIT_CODE, Interrupted, finish,
                           install_signal_handlers, open_run)
-from lcq.runlog import atomic_write
+from lcq.files import atomic_write
 from lcq.shipping import check_artifact_fits
-from lcq import artifact_tools
+from lcq.tools import artifact_tools
 
 REPO = Path(__file__).resolve().parents[1]
 GOOD_ROOT_JSON = b'{"val_bpb": 1.2345, "note": "a good earlier result"}\n'

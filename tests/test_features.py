@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lcq.bench import scaled_features
+from lcq.tools.bench import scaled_features
 from lcq.config import RECORD_FEATURES, ConfigError, make_config
 from lcq.data import segment_bounds
 from lcq.dist import DistInfo
@@ -103,7 +103,7 @@ def test_document_isolation_with_every_feature_on(recur_active):
 
 def test_eval_isolation_with_every_feature_on():
     """The doc-isolated eval of a packed val stream scores each document exactly as the eval of it alone (followed by
-    the next document's BOS, which is its last target: DESIGN.md, "Which targets")."""
+    the next document's BOS, which is its last target: docs/scoring.md)."""
     from lcq.evaluate import evaluate
     from lcq.tokenizer import ByteTables
 
@@ -203,7 +203,7 @@ def test_tiny_pipeline_with_every_new_flag(tmp_path, demo_data):
 
 def test_features_bench_end_to_end(tmp_path, demo_data, monkeypatch, capsys):
     """`python -m lcq.bench features` on the tiny preset (4 layers so every feature fits), the int7 embedding switched off: the table and the JSON line with one row per arm, deltas against the all-on arm."""
-    from lcq.bench import main
+    from lcq.tools.bench import main
 
     data_path, tok = demo_data
     for k, v in dict(DATA_PATH=str(data_path), TOKENIZER_PATH=str(tok), LOG_DIR=str(tmp_path)).items():

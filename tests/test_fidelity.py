@@ -1,8 +1,8 @@
 """`bench fidelity`'s config (lcq/bench_fidelity.py): the record preset laid over the demo, scaled to its dimensions.
 Known answers from the preset itself, so the test holds after the record preset changes."""
 from lcq import config as C
-from lcq.bench import scaled_features
-from lcq.bench_fidelity import FIDELITY_KEEP, FIDELITY_MLP_MULT, RECORD_VAL_DOCS, fidelity_config
+from lcq.tools.bench import scaled_features
+from lcq.tools.bench_fidelity import FIDELITY_KEEP, FIDELITY_MLP_MULT, RECORD_VAL_DOCS, fidelity_config
 
 
 def demo():

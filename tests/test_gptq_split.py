@@ -149,7 +149,7 @@ def test_solve_plan_is_balanced_and_deterministic():
 
 
 def test_gptq_bench_splits_the_tiny_model_bit_identically(capsys):
-    from lcq.bench_gptq import bench_gptq
+    from lcq.tools.bench_gptq import bench_gptq
     from lcq.config import make_config
 
     r = bench_gptq(make_config("tiny"), world=2)

@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_gpu_check_dry_run_on_cpu_runs_every_section(tmp_path):
     env = dict(os.environ, PRESET="tiny", TTT_ENABLED="1", DATA_PATH=str(tmp_path / "none"), OMP_NUM_THREADS="1",
                PYTHONPATH=str(REPO))
-    proc = subprocess.run([sys.executable, "-m", "lcq.preflight", "--gpu-check", "--steps", "2"], cwd=tmp_path,
+    proc = subprocess.run([sys.executable, "-m", "lcq.tools.preflight", "--gpu-check", "--steps", "2"], cwd=tmp_path,
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]

@@ -21,7 +21,7 @@ from lcq.config import ConfigError, make_config
 from lcq.gptq import dequantize_state, quantize_state
 from lcq.model import build_model
 from lcq.pipeline import TIED, quant_spec
-from lcq import artifact_tools as AT
+from lcq.tools import artifact_tools as AT
 from artifact_bounds import compressor_of
 
 HAVE_LRZIP = shutil.which("lrzip") is not None

@@ -137,7 +137,8 @@ def test_bf16_autocast_keeps_the_residual_in_bf16():
 def test_gpu_box_recipe_is_one_recipe_and_preflight_names_each_missing_piece(monkeypatch):
     from pathlib import Path
 
-    from lcq import artifact, attention, preflight
+    from lcq import artifact, attention
+    from lcq.tools import preflight
     from lcq.config import make_config
 
     repo = Path(__file__).resolve().parents[1]

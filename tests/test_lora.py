@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lcq import artifact, lora
-from lcq import artifact_tools
+from lcq.tools import artifact_tools
 
 
 # ---- a small stand-in with the real model's module names and tied head -------------------------------------------

@@ -1,4 +1,5 @@
-"""`python -m lcq.preflight` on the tiny preset: the go/no-go table, its JSON line, and a no-go that exits non-zero."""
+"""`lcq preflight` on the tiny preset, run as `python -m lcq.tools preflight` (the form torchrun takes): the go/no-go
+table, its JSON line, and a no-go that exits non-zero."""
 import json
 import os
 import subprocess
@@ -14,7 +15,7 @@ def preflight(tmp_path, demo_data, *args, nproc=1, extra_env=None):
     env = dict(os.environ, PRESET="tiny", DATA_PATH=str(data_path), TOKENIZER_PATH=str(tokenizer_path),
                LOG_DIR=str(tmp_path / "logs"), OMP_NUM_THREADS="1", **(extra_env or {}))
     launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    cmd = [sys.executable, *launcher, "-m", "lcq.preflight", "--steps", "2", *args]
+    cmd = [sys.executable, *launcher, "-m", "lcq.tools", "preflight", "--steps", "2", *args]  # `lcq preflight`
     proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     lines = proc.stdout.strip().splitlines()
     report = json.loads(lines[-1]) if lines and lines[-1].startswith("{") else None
@@ -95,7 +96,7 @@ def test_ttt_projection_counts_the_work_the_ttt_pass_does(context):
     from lcq.config import make_config
     from lcq.evaluate import ValStream
     from lcq.model import GPT
-    from lcq.preflight import ttt_projection
+    from lcq.tools.preflight import ttt_projection
     from lcq.ttt import evaluate_ttt, prepare_adapter, schedule, spec_from_config
     from test_evaluate import BOS, V, synthetic_tables, val_stream
     from test_ttt import CPU

@@ -196,7 +196,7 @@ def test_eval_only_missing_artifact_names_it(tmp_path, demo_data):
 
 def test_bundled_script_runs_with_the_repo_not_importable(tmp_path, demo_data):
     bundle = tmp_path / "train_gpt.py"
-    made = subprocess.run([sys.executable, "-m", "lcq.bundle", "--out", str(bundle)], cwd=REPO, capture_output=True, text=True)
+    made = subprocess.run([sys.executable, "-m", "lcq.tools.bundle", "--out", str(bundle)], cwd=REPO, capture_output=True, text=True)
     assert made.returncode == 0, made.stderr
     poison = tmp_path / "poison" / "lcq"
     poison.mkdir(parents=True)

@@ -1,10 +1,10 @@
 """Issue 28: a slow box never turns a finished run into a lost one. A real run is throttled to a quarter of the CPU
-time (lcq.bench_slowdown: a SIGSTOP/SIGCONT duty cycle, as a cgroup CPU quota would be), so everything it does after
+time (lcq.tools.bench_slowdown: a SIGSTOP/SIGCONT duty cycle, as a cgroup CPU quota would be), so everything it does after
 its start-up checks is about 4x slower, and it must still end with exit 0 inside its training clock: fewer steps,
 not a lost run."""
 import os
 
-from lcq.bench_slowdown import run_throttled
+from lcq.tools.bench_slowdown import run_throttled
 
 
 def test_a_4x_slower_box_still_ends_with_exit_0(demo_data, tmp_path):

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from lcq import record as R
-from lcq import submission as S
+from lcq.tools import submission as S
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -250,7 +250,7 @@ def test_build_one_seed_then_audit_passes(runs, one_seed):
     assert "- Ran on 8xH100 (the record track's hardware): **NO** (1x cpu" in readme
     assert rec["reproduce"]["1"]["command"] in readme and "SEED=1 RUN_ID=seed1" in readme
     assert "AUTHOR='Ada Tester'" in readme  # the env the logged command did not show
-    proc = subprocess.run([sys.executable, "-m", "lcq.submission", "audit", str(one_seed)], cwd=REPO,
+    proc = subprocess.run([sys.executable, "-m", "lcq.tools.submission", "audit", str(one_seed)], cwd=REPO,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     for name in ("files", "code_bytes[seed 1]", "code_sha256[seed 1]", "bytes_recomputed[seed 1]", "artifact_cap[seed 1]",

@@ -239,7 +239,7 @@ def test_record_adapters_are_1855s_o_and_mlp_read_the_blocks_normed_input():
 def test_bench_counts_what_reusing_the_context_would_save():
     """bench ttt's TTT_CONTEXT=reuse estimate on one 100-target document (window 64, chunks 16): 7 chunk forwards whose
     rows read 16, 32, 48, 64, 64, 64, 52 tokens (padded 16, 32, 48, 64, 64, 64, 64) for 16 x 6 + 4 new targets."""
-    from lcq.bench_ttt import projection
+    from lcq.tools.bench_ttt import projection
 
     p = projection(np.array([[100]]), window=64, chunk=16)
     assert p["ours_forward_tokens"] == 352 and p["reuse_forward_tokens"] == 16 * 7  # bucket(4) = 16

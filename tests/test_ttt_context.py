@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import lcq.model
-from lcq.bench_ttt import cache_bytes
+from lcq.tools.bench_ttt import cache_bytes
 from lcq.config import make_config
 from lcq.data import doc_starts
 from lcq.evaluate import document_spans

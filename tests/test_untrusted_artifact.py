@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from lcq import artifact as A
-from lcq import artifact_tools as AT
+from lcq.tools import artifact_tools as AT
 from lcq.config import make_config
 from lcq.pipeline import CONFIG_EXIT_CODE
 from lcq.shipping import FORMAT, load_shipped

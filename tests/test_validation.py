@@ -103,7 +103,7 @@ def test_the_download_hint_names_the_record_preset_variant(tmp_path):
 
 
 def test_preflight_on_missing_data_says_why_without_a_traceback(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "lcq.preflight", "--preset", "tiny", "--data_path",
+    proc = subprocess.run([sys.executable, "-m", "lcq.tools.preflight", "--preset", "tiny", "--data_path",
                            str(tmp_path / "none")], capture_output=True, text=True, timeout=300, cwd=tmp_path,
                           env=dict(os.environ, PYTHONPATH=str(F.REPO), RUN_ID="pfmissing"))
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr

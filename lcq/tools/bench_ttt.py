@@ -28,10 +28,9 @@ import time
 import types
 
 import numpy as np
-import torch
 
-from . import ttt as T
-from .config import Config, replace
+from .. import ttt as T
+from ..config import Config, replace
 
 # (batch, shortest, longest document) from the `ttp: bN/782 ... dl:lo-hi` lines of #1855's train_seed42.log
 RECORD_BATCHES = 782
@@ -132,7 +131,7 @@ def _row(model, run, cfg: Config, batch_docs: int, dump: str) -> dict:
 
 
 def bench_ttt(cfg: Config, dinfo, batch_list: list[int], log_path: str | None) -> dict:
-    from .bench import trained_run
+    from .bench_run import trained_run
     run = trained_run(cfg, dinfo, "ttt")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -192,8 +191,8 @@ def cache_bytes(calls: int, slots: int, window: int, kv_heads: int, head_dim: in
 
 def cache_bytes_at_record(cfg: Config) -> dict:
     """TTT_CONTEXT=reuse's cache per rank at the record preset's shapes (bf16 keys and values)."""
-    from .config import make_config
-    from .recurrence import layer_sequence
+    from ..config import make_config
+    from ..recurrence import layer_sequence
 
     rec = make_config("record")
     calls = len(layer_sequence(rec.num_layers, rec.recur_start_layer, rec.recur_end_layer, rec.recur_passes))

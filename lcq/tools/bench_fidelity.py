@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from . import dist as D
-from .config import PRESETS, RECORD_FEATURES, Config, replace
+from .. import dist as D
+from ..config import PRESETS, RECORD_FEATURES, Config, replace
 
 # What the record preset sets that stays the demo's: the data, its tokenizer and the MLP width (below). Everything the
 # record preset leaves unset is the demo's already (batch of 4,096 tokens at 256, eval batch, the 60,000-token val prefix).
@@ -53,8 +53,8 @@ def fidelity_config(cfg: Config, steps: int, n_val_docs: int, lcq_bytes: int) ->
 
 def bench_fidelity(cfg: Config, dinfo: D.DistInfo, steps: int, lcq_bytes: int) -> dict:
     from .bench import trained_run
-    from .data import doc_starts, load_val_tokens
-    from .pipeline import evaluate_shipped, lcq, quantize, ship
+    from ..data import doc_starts, load_val_tokens
+    from ..pipeline import evaluate_shipped, lcq, quantize, ship
 
     if cfg.auto_build_demo and dinfo.is_master:
         from .corpus import ensure_demo

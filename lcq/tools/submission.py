@@ -27,7 +27,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .record import (CAP_BYTES, EVAL_SECONDS, RECORD_TRACK, TRAIN_SECONDS, SubmissionError, _within, on_record_hardware,
+from ..record import (CAP_BYTES, EVAL_SECONDS, RECORD_TRACK, TRAIN_SECONDS, SubmissionError, _within, on_record_hardware,
                      combine,
                      mean8, std8, write_submission_json)
 
@@ -574,7 +574,7 @@ def format_checks(checks: list[Check]) -> str:
 # ---------------------------------------------------------------------------------------------- CLI
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m lcq.submission", description=__doc__,
+    ap = argparse.ArgumentParser(prog="lcq submission", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="create submission/<date>_<name>/ from run logs")

@@ -26,16 +26,16 @@ import time
 
 import torch
 
-from . import artifact, grouping
+from .. import artifact, grouping
+from .. import dist as D
+from ..config import Config, replace
+from ..distill import distill, init_factors, lcq_target_names, quant_errors
+from ..gptq import EMBED_NAME, _damped, _gptq_codes
+from ..lora import LORA_SECTION_BYTES, allocate_bytes, weighted_error, attach_lora, factor_format, merge_lora, set_format
+from ..gptq import dequantize_state, quantize_state
+from ..pipeline import Run, build, open_run, quant_spec, quantize, run_training, score
+from ..shipping import TIED, apply_lora, artifact_meta, model_from_state, pack_lora
 from . import artifact_tools
-from . import dist as D
-from .config import Config, replace
-from .distill import distill, init_factors, lcq_target_names, quant_errors
-from .gptq import EMBED_NAME, _damped, _gptq_codes
-from .lora import LORA_SECTION_BYTES, allocate_bytes, weighted_error, attach_lora, factor_format, merge_lora, set_format
-from .gptq import dequantize_state, quantize_state
-from .pipeline import Run, build, open_run, quant_spec, quantize, run_training, score
-from .shipping import TIED, apply_lora, artifact_meta, model_from_state, pack_lora
 
 BUDGETS = (2_000, 4_000, 8_000, 16_000, 32_000)
 METHODS = ("lqer_today", "lcq_uniform_int8", "alloc_closed", "alloc_distilled")

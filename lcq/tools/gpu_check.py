@@ -27,21 +27,21 @@ import traceback
 import numpy as np
 import torch
 
-from . import artifact, grouping, kernels
-from . import dist as D
-from .attention import _flash
-from .config import Config, replace
-from .data import cu_buckets, list_shards, train_pattern
-from .evaluate import evaluate
-from .gptq import quantize_state
-from .model import GPT, autocast_for, gptq_targets
-from .optim import GradSync, build_optimizers
-from .pipeline import quant_spec
+from .. import artifact, grouping, kernels
+from .. import dist as D
+from ..attention import _flash
+from ..config import Config, replace
+from ..data import cu_buckets, list_shards, train_pattern
+from ..evaluate import evaluate
+from ..gptq import quantize_state
+from ..model import GPT, autocast_for, gptq_targets
+from ..optim import GradSync, build_optimizers
+from ..pipeline import quant_spec
 from .preflight import fa3_scratch_bytes, gaussian_state
-from .shipping import TIED
-from .tokenizer import ByteTables
-from .train import bucket_plan, compile_loss, local_batch_tokens, warmup_batch
-from .ttt import evaluate_ttt, prepare_adapter, spec_from_config
+from ..shipping import TIED
+from ..tokenizer import ByteTables
+from ..train import bucket_plan, compile_loss, local_batch_tokens, warmup_batch
+from ..ttt import evaluate_ttt, prepare_adapter, spec_from_config
 
 ASSUMED_SEGMENTS = 256  # real 98,304-token rows hold ~100-200 segments (issue 27); used when no train shard is at hand
 TILES_1855 = dict(BM=256, BN=128, BK=64, num_warps=8, num_stages=3)  # #1855's MLP kernel tiles (without its TMA)

@@ -23,14 +23,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from .bench_step import _free_port
-from .config import Config
-from .gptq import clip_for, quantize_gptq, quantize_state, solve_cost, solve_plan, tensor_role
+from ..config import Config
+from ..gptq import clip_for, quantize_gptq, quantize_state, solve_cost, solve_plan, tensor_role
 
 
 def _inputs(cfg: Config):
-    from .model import GPT
-    from .pipeline import quant_spec
-    from .shipping import TIED
+    from ..model import GPT
+    from ..pipeline import quant_spec
+    from ..shipping import TIED
 
     torch.manual_seed(cfg.seed)
     model = GPT(cfg, bos_id=1)

@@ -26,9 +26,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .config import Config
-from .data import segment_bounds
-from .optim import newton_schulz, row_normalize
+from ..config import Config
+from ..data import segment_bounds
+from ..optim import newton_schulz, row_normalize
 
 # Reads of device memory by the host: on CUDA each blocks until the queue drains.
 SYNC_OPS = {"_local_scalar_dense", "item", "is_nonzero", "nonzero", "masked_select", "unique", "_unique2"}
@@ -86,9 +86,9 @@ def _free_port() -> int:
 
 
 def _one_step(cfg: Config, world: int, rank: int, tokens: int, path: str) -> dict:
-    from .model import GPT
-    from .optim import GradSync, build_optimizers
-    from .train import agree, all_reduce_grads
+    from ..model import GPT
+    from ..optim import GradSync, build_optimizers
+    from ..train import agree, all_reduce_grads
 
     torch.manual_seed(cfg.seed)
     model = GPT(cfg, bos_id=1)

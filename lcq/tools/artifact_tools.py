@@ -8,7 +8,7 @@ from typing import Mapping
 
 import torch
 
-from .artifact import CHUNK_BYTES, Section, SectionJob, assemble, write
+from ..artifact import CHUNK_BYTES, Section, SectionJob, assemble, write
 
 
 def compress_section(name: str, tensors: Mapping[str, torch.Tensor], meta: dict, compressor: str,

@@ -30,27 +30,27 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import artifact
-from . import dist as D
-from . import grouping, kernels
-from .attention import varlen_attention
-from .config import Config, ConfigError, replace, resolve
-from .data import doc_starts, list_shards, read_header, segment_bounds, val_pattern
-from .distill import lcq_target_names, lora_bytes_per_rank
-from .evaluate import Scored, ValStream, _batches, evaluate, plan_doc, plan_windows
-from .gptq import quantize_state, tensor_role
-from .lora import config_format, quantize_factors
-from .checks import release
-from .ngram import build_tilt
-from .pipeline import NAMED_ERRORS, build, open_run, quant_spec, quantize
-from .runlog import device_name
-from .script import shipped_script
-from .shipping import LORA_PREFIX, TIED, FitError, artifact_meta, least_count, prune, prune_order
-from .seq_schedule import SeqSchedule
-from .train import bucket_plan, train
-from .ttt import (SlotAdapters, adapt_batch, batch_cost, global_phase, make_cache, prepare_adapter, schedule, ttt_forward,
-                  warm_up)
-from .ttt import spec_from_config as ttt_spec
+from .. import artifact
+from .. import dist as D
+from .. import grouping, kernels
+from ..attention import varlen_attention
+from ..checks import release
+from ..config import Config, ConfigError, replace, resolve
+from ..data import doc_starts, list_shards, read_header, segment_bounds, val_pattern
+from ..distill import lcq_target_names, lora_bytes_per_rank
+from ..evaluate import Scored, ValStream, _batches, evaluate, plan_doc, plan_windows
+from ..gptq import quantize_state, tensor_role
+from ..lora import config_format, quantize_factors
+from ..ngram import build_tilt
+from ..pipeline import NAMED_ERRORS, build, open_run, quant_spec, quantize
+from ..runlog import device_name
+from ..script import shipped_script
+from ..shipping import LORA_PREFIX, TIED, FitError, artifact_meta, least_count, prune, prune_order
+from ..seq_schedule import SeqSchedule
+from ..train import bucket_plan, train
+from ..ttt import (SlotAdapters, adapt_batch, batch_cost, global_phase, make_cache, prepare_adapter, schedule, ttt_forward,
+                   warm_up)
+from ..ttt import spec_from_config as ttt_spec
 
 # A projected time must fit its budget with 10% to spare: a short measurement misses step-time jitter, data-loader
 # stalls and slow outliers that a 600 s run meets.
@@ -62,7 +62,7 @@ BYTES_MARGIN = 0.01
 # Peak device memory above this share of the device leaves no room for LCQ's teacher + student or fragmentation.
 MEMORY_SHARE = 0.90
 GO, NO_GO, WARN, INFO = "GO", "NO-GO", "WARN", "INFO"
-ENTRY = Path(__file__).resolve().parents[1] / "train_gpt.py"  # the script a run ships (not this module's __main__)
+ENTRY = Path(__file__).resolve().parents[2] / "train_gpt.py"  # the script a run ships (not this module's __main__)
 
 
 # The GPU box's pieces and their install lines (README "A record run", requirements-gpu.txt; #1855's README pins the same
@@ -694,7 +694,7 @@ def run_gpu_check(cfg: Config, steps: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m lcq.preflight", description=__doc__, allow_abbrev=False,
+    ap = argparse.ArgumentParser(prog="lcq preflight", description=__doc__, allow_abbrev=False,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=20, help="timed training steps after the warm-up (default 20)")
     ap.add_argument("--gpu-check", action="store_true",

@@ -20,9 +20,9 @@ import time
 
 import numpy as np
 
-from .config import Config
-from .data import load_val_tokens
-from .ngram import shard_hints
+from ..config import Config
+from ..data import load_val_tokens
+from ..ngram import shard_hints
 
 RECORD_TOKENS = 47_851_520  # #2135's val split (its seed-42 log: ngram_tilt:hints total=47851520)
 RECORD_VOCAB = 8192

@@ -33,19 +33,20 @@ from pathlib import Path
 
 import torch
 
-from . import artifact
-from . import artifact_tools
-from . import grouping
-from . import dist as D
-from .config import RECORD_FEATURES, Config, replace, resolve
-from .distill import lcq_target_names
-from .evaluate import EvalResult
-from .gptq import QuantSpec, clip_for, dequantize_state, quantize_rtn, quantize_state, tensor_role
-from .lora import LORA_ENTRY_BYTES, LORA_SECTION_BYTES, config_format, factor_bytes
-from .pipeline import (TIED, Run, build, evaluate_shipped, lcq, open_run, quant_spec, quantize,
+from .. import artifact
+from .. import grouping
+from .. import dist as D
+from ..config import RECORD_FEATURES, Config, replace, resolve
+from ..distill import lcq_target_names
+from ..evaluate import EvalResult
+from ..files import atomic_write
+from ..gptq import QuantSpec, clip_for, dequantize_state, quantize_rtn, quantize_state, tensor_role
+from ..lora import LORA_ENTRY_BYTES, LORA_SECTION_BYTES, config_format, factor_bytes
+from ..pipeline import (TIED, Run, build, evaluate_shipped, lcq, open_run, quant_spec, quantize,
                        run_training, score, score_ttt, ship)
-from .runlog import atomic_write
-from .shipping import artifact_meta, load_shipped, model_from_state, pack_lora, prune, prune_order
+from ..shipping import artifact_meta, load_shipped, model_from_state, pack_lora, prune, prune_order
+from . import artifact_tools
+from .bench_run import trained_run
 
 
 # Clip candidates in row standard deviations (0 = max-abs). The record default (12.85) is tuned for int6 and is far
@@ -87,14 +88,6 @@ def int8_zlib_bytes(state: dict[str, torch.Tensor]) -> int:
         else:
             chunks.append(t.detach().half().numpy().tobytes())
     return len(zlib.compress(b"".join(chunks), 9))
-
-
-def trained_run(cfg: Config, dinfo: D.DistInfo, tag: str) -> Run:
-    cfg = replace(cfg, run_id=f"bench_{tag}_{time.strftime('%Y%m%d_%H%M%S')}", submission_json="")
-    run = open_run(cfg, dinfo)
-    build(run)
-    run_training(run)
-    return run
 
 
 def bench_quant(cfg: Config, dinfo: D.DistInfo, bits_list: list[int]) -> dict:
@@ -422,8 +415,8 @@ def bench_sizing(cfg: Config) -> dict:
     One sample matrix per role and shape; control tensors at 2 bytes each, uncompressed; code = the shipped script."""
     import brotli
 
-    from .model import GPT
-    from .script import shipped_script
+    from ..model import GPT
+    from ..script import shipped_script
 
     spec = quant_spec(cfg)
     with torch.device("meta"):
@@ -493,10 +486,10 @@ def serialize_payload(cfg: Config) -> tuple[dict, dict, dict, dict, int]:
     bits; RTN, since a random model has no Hessians worth solving), and a LoRA of the preset's rank on its LCQ targets
     with random factors, packed by the real code (pack_lora). Returns (base tensors, base meta, LoRA tensors, LoRA
     meta, parameters quantized). The meta holds qmeta (not the tokenizer identity: no tokenizer file is needed)."""
-    from .lora import attach_lora, lora_modules
-    from .model import build_model
-    from .distill import lcq_target_names
-    from .pipeline import quant_spec
+    from ..lora import attach_lora, lora_modules
+    from ..model import build_model
+    from ..distill import lcq_target_names
+    from ..pipeline import quant_spec
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, 1, torch.device("cpu"))
     with torch.no_grad():
@@ -600,7 +593,7 @@ def _overlapped(tensors: dict, meta: dict, lora: dict, lora_meta: dict, comp: st
     c0 = _cpu_seconds()
     # the pipeline's job: one section, or group's several, due at the window's end
     base_job = grouping.model_job(tensors, meta, comp, workers, None if keep_backends else lcq_window)
-    from .shipping import RATE_WAIT_SECONDS
+    from ..shipping import RATE_WAIT_SECONDS
     projected = base_job.seconds_left(RATE_WAIT_SECONDS)  # what plan_serialize sees
     projected_at = time.perf_counter() - base_job.started
     lcq_end = base_job.started + lcq_window
@@ -655,7 +648,7 @@ def bench_fit(cfg: Config, dinfo: D.DistInfo, fractions: list[float]) -> dict:
     error) and by h_jj s^2 alone; each pruned model compressed by the shipped compressor and scored (the quantized
     model, no LoRA). bpb per KB saved, total and marginal (from the previous fraction), to set beside what a wider MLP
     buys per KB (issue 16's equal-bytes table: 0.0003 bpb/KB on the demo)."""
-    from .shipping import prune, prune_order, quant_errors
+    from ..shipping import prune, prune_order, quant_errors
 
     run = open_run(replace(cfg, run_id=f"bench_fit_{int(time.time())}", submission_json=""), dinfo)
     build(run)
@@ -701,7 +694,7 @@ def model_codes(cfg: Config, path: str) -> tuple[dict, dict, str]:
     """The model tensors and meta to compress: those of the artifact at `path` (e.g. a trained demo run's .lcq: real
     GPTQ codes compress differently from random ones), else the preset's record-size payload (serialize_payload).
     Returns (tensors, meta, a line naming the payload)."""
-    from .shipping import group_of
+    from ..shipping import group_of
     if path:
         tensors, meta = artifact.load(path)
         base = {k: v for k, v in tensors.items() if group_of(k) == "model"}
@@ -759,7 +752,7 @@ def bench_compressors(cfg: Config, path: str, threads: int, compressors: tuple[s
 
 def main(argv: list[str] | None = None) -> int:
     # allow_abbrev off: a config flag such as --compressor=group is not a prefix match for --compressors
-    ap = argparse.ArgumentParser(prog="python -m lcq.bench", description=__doc__, allow_abbrev=False,
+    ap = argparse.ArgumentParser(prog="lcq bench", description=__doc__, allow_abbrev=False,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("kind", choices=("quant", "lcq", "attribution", "features", "sizing", "serialize", "compressors",
                                      "step", "ttt", "gptq", "fit", "ngram", "slowdown", "fidelity"))

@@ -12,7 +12,7 @@
 Every dataset is built in a hidden staging folder next to its destination and renamed into place at the
 end, so an interrupted build never leaves half a dataset where a run would pick it up.
 
-CLI: `python -m lcq.corpus {demo,text,download} --help`.
+CLI: `lcq data {demo,text,download} --help`.
 """
 from __future__ import annotations
 
@@ -36,12 +36,11 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import sentencepiece as spm
 
-from . import data
-from .tokenizer import load_tokenizer
+from .. import data
+from ..data import DEMO_NAME, DEMO_ROOT, demo_paths
+from ..tokenizer import load_tokenizer
 
-DEMO_NAME = "demo_sp1024"
 DEMO_VOCAB_SIZE = 1024
-DEMO_ROOT = "data/demo"
 DEMO_SHARD_TOKENS = 150_000  # small enough that the demo train split spans several shards
 VAL_EVERY = 10               # every 10th document (index 0, 10, 20, ...) is a val document
 MAX_DOC_CHARS = 8000
@@ -311,11 +310,6 @@ def _build(train_docs: Sequence[str], val_docs: Sequence[str], data_dir: Path, t
 # Demo dataset
 # ----------------------------------------------------------------------------------------------------
 
-def demo_paths(root: str | os.PathLike = DEMO_ROOT) -> tuple[Path, Path]:
-    root = Path(root)
-    return root / "datasets" / DEMO_NAME, root / "tokenizers" / f"{DEMO_NAME}.model"
-
-
 def build_demo(root: str | os.PathLike = DEMO_ROOT, documents: Sequence[str] | None = None) -> tuple[str, str]:
     """Build the demo dataset under root: datasets/demo_sp1024/fineweb_{train,val}_*.bin and
     tokenizers/demo_sp1024.model (vocab 1024, trained on the train split only). `documents` replaces the
@@ -548,8 +542,10 @@ def download(variant: str = "sp1024", train_shards: int = 80, local_root: str | 
 # ----------------------------------------------------------------------------------------------------
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m lcq.corpus", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="lcq data", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="examples:\n  lcq data download --variant caseops   # the record preset's data (#1729)\n"
+                                       "  lcq data demo                         # the demo set, no network")
     sub = p.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="build the embedded demo dataset (CPython docs, no network)")
     d.add_argument("--root", default=DEMO_ROOT, help=f"folder for datasets/ and tokenizers/ (default {DEMO_ROOT})")
