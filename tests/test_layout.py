@@ -150,7 +150,7 @@ def test_knob_docs_follow_the_config_fields():
     comment (the README table and --help read it)."""
     import dataclasses
 
-    from lcq.config import PRESETS, Config, knob_docs
+    from lcq.config import PRESETS, Config, _shown, knob_docs
 
     docs = knob_docs()
     fields = dataclasses.fields(Config)
@@ -158,8 +158,9 @@ def test_knob_docs_follow_the_config_fields():
     assert all(set(d) == {"group", "name", "default", "record", "comment"} and d["group"] for d in docs)
     by_name = {d["name"]: d for d in docs}
     for f in fields:
-        assert by_name[f.name.upper()]["default"] == f.default
-        assert by_name[f.name.upper()]["record"] == PRESETS["record"].get(f.name, f.default)
+        # shown as the environment takes them (bools 1/0, an empty string "")
+        assert by_name[f.name.upper()]["default"] == _shown(f.default)
+        assert by_name[f.name.upper()]["record"] == _shown(PRESETS["record"].get(f.name, f.default))
     assert by_name["MAX_WALLCLOCK_SECONDS"]["group"] == "budgets"
     assert by_name["MAX_WALLCLOCK_SECONDS"]["comment"].startswith("the challenge's training cap")
     # a comment above the field, then the one after it on its line

@@ -89,7 +89,7 @@ def test_record_warmup_on_8_ranks_keeps_fa3_backward_scratch_under_1_gib(tmp_pat
     documents mean more segments), so a row has ~130 BOS plus 48 cuts at seq 2048. Every warm-up batch of the record
     preset on 8 ranks must stay under 1 GiB of scratch per attention backward (1.25% of an H100, beside the ~42 GB of
     activations #1855 measured), and every real row of those shards must fit a warmed bucket."""
-    from lcq.tools.preflight import fa3_scratch_bytes
+    from lcq.tools.estimates import fa3_scratch_bytes
     from lcq.train import bucket_plan, local_batch_tokens
 
     rng = np.random.default_rng(0)

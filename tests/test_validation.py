@@ -76,7 +76,7 @@ def test_knob_docs_is_the_field_list_with_its_comments():
     docs = knob_docs()
     assert [d["name"] for d in docs] == [f.name.upper() for f in dataclasses.fields(Config)]
     by = {d["name"]: d for d in docs}
-    assert by["TTT_LR"]["comment"] == "Adam on the adapter (#1855: 1e-4)" and by["TTT_LR"]["record"] == "0.0001"
+    assert by["TTT_LR"]["comment"] == "Adam on the adapter (#1855: 1e-4)" and by["TTT_LR"]["record"] == "8e-05"
     assert by["TTT_LR"]["group"].startswith("score-first test-time training")
     assert by["TTT_ENABLED"]["default"] == "0" and by["TTT_ENABLED"]["record"] == "1"
     assert by["RUN_ID"]["default"] == '""'

@@ -36,7 +36,7 @@ import torch
 from .. import artifact
 from .. import grouping
 from .. import dist as D
-from ..config import RECORD_FEATURES, Config, replace, resolve
+from ..config import Config, replace, resolve
 from ..distill import lcq_target_names
 from ..evaluate import EvalResult
 from ..files import atomic_write
@@ -46,7 +46,7 @@ from ..pipeline import (TIED, Run, build, evaluate_shipped, lcq, open_run, quant
                        run_training, score, score_ttt, ship)
 from ..shipping import artifact_meta, load_shipped, model_from_state, pack_lora, prune, prune_order
 from . import artifact_tools
-from .bench_run import trained_run
+from .bench_run import scaled_features, trained_run
 
 
 # Clip candidates in row standard deviations (0 = max-abs). The record default (12.85) is tuned for int6 and is far
@@ -316,25 +316,6 @@ def write_plot(rows: list[dict], budgets: list[float], path: str) -> str | None:
     atomic_write(path, buf.getvalue())
     print(f"wrote {path}")
     return path
-
-
-def scaled_features(cfg: Config) -> dict[str, dict]:
-    """RECORD_FEATURES (written for 11 layers) mapped onto cfg's depth and width: XSA on every layer, the looped span
-    and the lane start at the same relative depth (3-5 and 8 of 11), the gate window capped at MODEL_DIM. A feature
-    whose layer constraints cannot hold at this depth (lanes need a decoder layer after the loop) is left out."""
-    n = cfg.num_layers
-    out = {k: dict(v) for k, v in RECORD_FEATURES.items()}
-    out["xsa"]["xsa_last_n"] = n
-    start = min(n - 1, round(3 * n / 11))
-    end = min(n - 1, max(start, round(5 * n / 11)))
-    out["recurrence"].update(recur_start_layer=start, recur_end_layer=end)
-    lane = max(round(8 * n / 11), n // 2 if cfg.unet_skips else 1, end + 1)
-    if lane < n:
-        out["parallel_lanes"]["parallel_start_layer"] = lane
-    else:
-        del out["parallel_lanes"]
-    out["sparse_attn_gate"]["attn_gate_window"] = min(12, cfg.model_dim)
-    return out
 
 
 def _field_default(name: str):

@@ -34,7 +34,7 @@ FIDELITY_LCQ_BYTES = 4_000
 def fidelity_config(cfg: Config, steps: int, n_val_docs: int, lcq_bytes: int) -> Config:
     """`cfg` (the demo preset, with its seed and any overrides) with the record preset's values and features laid over
     it, scaled to cfg's dimensions; fixed steps, LCQ in closed form only (no distillation: deterministic, as LQER)."""
-    from .bench import scaled_features
+    from .bench_run import scaled_features
 
     record = {k: v for k, v in PRESETS["record"].items() if k not in FIDELITY_KEEP}
     feats = {k: v for group in scaled_features(cfg).values() for k, v in group.items()}
@@ -52,7 +52,7 @@ def fidelity_config(cfg: Config, steps: int, n_val_docs: int, lcq_bytes: int) ->
 
 
 def bench_fidelity(cfg: Config, dinfo: D.DistInfo, steps: int, lcq_bytes: int) -> dict:
-    from .bench import trained_run
+    from .bench_run import trained_run
     from ..data import doc_starts, load_val_tokens
     from ..pipeline import evaluate_shipped, lcq, quantize, ship
 

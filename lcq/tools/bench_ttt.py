@@ -221,7 +221,7 @@ def bench_context(cfg: Config, dinfo, seeds: list[int], batch_docs: int, max_ste
     from the same zero start: recompute and reuse at the preset's TTT settings, then reuse spending the seconds it saves
     on more epochs per chunk (TTT_STEPS: one step's cost measured as reuse at 2 steps minus 1; as many steps as fit in
     recompute's seconds, at most max_steps)."""
-    from .bench import trained_run
+    from .bench_run import trained_run
 
     window = cfg.window
     base = dataclasses.replace(T.spec_from_config(cfg), chunk_tokens=chunk, batch_docs=batch_docs, steps=1)

@@ -37,7 +37,7 @@ from ..gptq import quantize_state
 from ..model import GPT, autocast_for, gptq_targets
 from ..optim import GradSync, build_optimizers
 from ..pipeline import quant_spec
-from .preflight import fa3_scratch_bytes, gaussian_state
+from .estimates import fa3_scratch_bytes, gaussian_state
 from ..shipping import TIED
 from ..tokenizer import ByteTables
 from ..train import bucket_plan, compile_loss, local_batch_tokens, warmup_batch

@@ -39,7 +39,7 @@ from ..config import Config, ConfigError, replace, resolve
 from ..data import doc_starts, list_shards, read_header, segment_bounds, val_pattern
 from ..distill import lcq_target_names, lora_bytes_per_rank
 from ..evaluate import Scored, ValStream, _batches, evaluate, plan_doc, plan_windows
-from ..gptq import quantize_state, tensor_role
+from ..gptq import quantize_state
 from ..lora import config_format, quantize_factors
 from ..ngram import build_tilt
 from ..pipeline import NAMED_ERRORS, build, open_run, quant_spec, quantize
@@ -51,6 +51,7 @@ from ..train import bucket_plan, train
 from ..ttt import (SlotAdapters, adapt_batch, batch_cost, global_phase, make_cache, prepare_adapter, schedule, ttt_forward,
                    warm_up)
 from ..ttt import spec_from_config as ttt_spec
+from .estimates import gaussian_state
 
 # A projected time must fit its budget with 10% to spare: a short measurement misses step-time jitter, data-loader
 # stalls and slow outliers that a 600 s run meets.
@@ -93,13 +94,6 @@ def cpu_model() -> str:
 
 
 # ------------------------------------------------------------------------------------------------------ rows
-
-def fa3_scratch_bytes(tokens: int, segments: int, heads: int, kv_heads: int, head_dim: int) -> int:
-    """FA3's varlen backward scratch (issue 27): fp32 dq accumulators over round128(tokens + 128 * segments) rows for
-    every head, and dk/dv accumulators over as many rows for the KV heads when they are fewer (GQA)."""
-    rows = -(-(tokens + 128 * segments) // 128) * 128
-    return rows * head_dim * 4 * (heads + (2 * kv_heads if kv_heads < heads else 0))
-
 
 def check_collective(dinfo: D.DistInfo) -> Row:
     """All-reduce a known value (SUM of rank+1 and MAX of rank) and check the answer on every rank."""
@@ -209,20 +203,6 @@ def timed_steps(run, steps: int) -> tuple[Row, Row]:
                           "train row already measures)",
                           dict(enabled=True, graphs=graphs, training_graphs=want, breaks=breaks))
     return train_row, compile_row
-
-
-def gaussian_state(state: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
-    """Every quantized tensor refilled with N(0, 1) values of the same shape (tied weights stay tied)."""
-    gen = torch.Generator().manual_seed(seed)
-    out = {}
-    for name, t in state.items():
-        if name in TIED:
-            continue
-        out[name] = torch.randn(t.shape, generator=gen).to(t.device) if tensor_role(name, t) != "raw" else t
-    for alias, target in TIED.items():
-        if alias in state:
-            out[alias] = out[target]
-    return out
 
 
 def lora_ranks(run, code: int, model_bytes: int) -> tuple[dict[str, int], str]:
