@@ -17,7 +17,7 @@ import threading
 import time
 from pathlib import Path
 
-ENTRY = Path(__file__).resolve().parents[1] / "train_gpt.py"
+ENTRY = Path(__file__).resolve().parents[2] / "train_gpt.py"
 PERIOD_MS = 40  # one run + stop cycle; FACTOR 4 = 10 ms running, 30 ms stopped
 
 
