@@ -348,11 +348,12 @@ def fit_to_cap(run) -> None:
             raise artifact.ArtifactError("fit: the ranks pruned different entries")
         info.update(candidates=len(order[1]), cost=float(order[3][:n].sum()))
     seconds = time.perf_counter() - t0
-    if "before" in info or "stored" in info:
-        log(f"fit: pruned {n} of {info.get('candidates', 0)} ±1 entries, model bytes {info.get('before')} -> "
+    if "before" in info:
+        log(f"fit: pruned {n} of {info.get('candidates', 0)} ±1 entries, model bytes {info['before']} -> "
             f"{info.get('after')}, estimated error cost {info.get('cost', 0.0):.6g}"
-            + (f" ({info['probes']} probes; {n - 1} gave {info['below']})" if n else "")
-            + (f" (fits stored: {info['stored']} raw bytes)" if "stored" in info else ""))
+            + (f" ({info['probes']} probes; {n - 1} gave {info['below']})" if n else ""))
+    elif "stored" in info:
+        log(f"fit: pruned 0 of 0 ±1 entries: even uncompressed the codes fit ({info['stored']} raw bytes)")
     log.summary["fit"] = dict(pruned=n, candidates=info.get("candidates"), model_bytes_before=info.get("before"),
                               model_bytes_after=info.get("after"), error_cost=info.get("cost", 0.0),
                               probes=info.get("probes", 0), seconds=round(seconds, 3))
