@@ -99,3 +99,11 @@ def _timed(fn) -> float:
     t = time.perf_counter()
     fn()
     return time.perf_counter() - t
+
+
+def stop_budget(cfg, spent: float, post: PostTrainProbe):
+    """The train budget for a host `slowdown` times slower than during the probe: TRAIN_RESERVE_SECONDS's stop, or
+    earlier where the stages after it are projected to need more than the cap leaves. `spent`: the clock used before
+    step 1."""
+    reserve = cfg.max_wallclock_seconds - cfg.lcq_safety_seconds - spent
+    return lambda slowdown: min(cfg.train_budget_seconds - spent, reserve - post.need(slowdown))

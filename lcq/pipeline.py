@@ -25,6 +25,7 @@ from . import artifact
 from . import dist as D
 from .clock import PostTrainProbe
 from .clock import probe as clock_probe
+from .clock import stop_budget
 from . import grouping
 from .checks import (StartupError, check_disk, check_output_folders, check_reserve, check_shards,
                      check_submission_json, claim, release, run_outputs, sweep_temp_files,
@@ -380,10 +381,7 @@ def run_training(run: Run) -> TrainResult:
                 "LCQ_SAFETY_SECONDS")
     run.post = probe_post_train(run)
     spent = run.clock_used
-    reserve = cfg.max_wallclock_seconds - cfg.lcq_safety_seconds - spent
-
-    def budget(slowdown: float) -> float:  # the earlier of the reserve's stop and the projection's
-        return min(cfg.train_budget_seconds - spent, reserve - run.post.need(slowdown))
+    budget = stop_budget(cfg, spent, run.post)
     if budget(1.0) < cfg.train_budget_seconds - spent:
         run.log(f"train_stop: at {budget(1.0):.2f}s, before TRAIN_RESERVE_SECONDS's: the later stages need more")
     res = train(run.model, cfg, run.dinfo, run.log, run.bos_id, eval_fn=monitor, budget_fn=budget)
